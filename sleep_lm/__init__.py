@@ -1,0 +1,1 @@
+"""sleep_lm: offline sleep consolidation for hybrid language models."""

@@ -1,0 +1,150 @@
+"""Model configuration: one frozen dataclass, checked on construction.
+
+Every field that can be wrong raises a ValueError that names the field and the allowed values, so
+a typo in an ml-collections override fails at start-up rather than deep inside a jitted scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+
+from kernels import available_implementations
+
+BLOCK_TYPES = ("attn", "gdn")
+RULES = ("gdn", "gated_linear")
+EVICTIONS = ("hard", "sliding", "none")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
+CHUNK_SIZES = (16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The hybrid model and its sleep schedule.
+
+  Attributes:
+    vocab_size: number of token ids.
+    d_model: width of the residual stream.
+    layers: the layer pattern, one entry per layer, each "attn" or "gdn"; every layer is a mixer
+      (softmax attention or Gated DeltaNet) followed by a SwiGLU MLP, both pre-norm residual.
+    attn_head_dim: attention head size; heads = d_model / attn_head_dim.
+    gdn_head_dim: GDN key and value head size; heads = d_model / gdn_head_dim.
+    mlp_dim: SwiGLU hidden width (default 4 * d_model).
+    conv_kernel: GDN causal depthwise convolution width.
+    rule: fast-weight update: "gdn" (gated delta rule) or "gated_linear" (the paper's Eq. 3).
+    window: L, the number of tokens the KV cache holds; sequences are processed L at a time.
+    passes: N, passes over each consolidation window (N = 1 is the plain hybrid).
+    eviction: "hard" (drop the whole cache after each window), "sliding" (keep the last L-1
+      keys/values of the final pass) or "none" (one window over the whole sequence: the
+      full-cache attention baseline).
+    remat: jax.checkpoint policy around each pass: "none", "full" (save nothing), "dots" (save
+      matmul outputs) or "dots_no_batch" (save matmuls without batch dimensions).
+    dtype: activation dtype ("float32" or "bfloat16"); parameters and fast-weight states are
+      always float32.
+    rope_base: RoPE frequency base.
+    kernel_implementation: name passed to `kernels.gated_delta_rule(implementation=...)`, or
+      None for the backend's best.
+    chunk_size: largest chunk for the chunked op; shorter windows use the smallest allowed
+      chunk that covers them.
+    attention_implementation: passed to `jax.nn.dot_product_attention` (None, "xla", "cudnn").
+  """
+  vocab_size: int
+  d_model: int = 256
+  layers: tuple[str, ...] = ("attn", "gdn", "attn", "gdn")
+  attn_head_dim: int = 64
+  gdn_head_dim: int = 64
+  mlp_dim: int | None = None
+  conv_kernel: int = 4
+  rule: str = "gdn"
+  window: int = 24
+  passes: int = 1
+  eviction: str = "hard"
+  remat: str = "none"
+  dtype: str = "float32"
+  rope_base: float = 10_000.0
+  kernel_implementation: str | None = None
+  chunk_size: int = 64
+  attention_implementation: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "layers", tuple(self.layers))
+
+    def expect(cond, field, message):
+      if not cond:
+        raise ValueError(f"ModelConfig.{field}: {message}")
+
+    for field in ("vocab_size", "d_model", "attn_head_dim", "gdn_head_dim", "conv_kernel"):
+      value = getattr(self, field)
+      expect(isinstance(value, int) and value >= 1, field, f"must be an integer >= 1, got {value!r}")
+    expect(isinstance(self.window, int) and self.window >= 1, "window",
+           f"L must be an integer >= 1, got {self.window!r}")
+    expect(isinstance(self.passes, int) and self.passes >= 1, "passes",
+           f"N must be an integer >= 1, got {self.passes!r}")
+    expect(len(self.layers) >= 1, "layers", "needs at least one layer")
+    unknown = [b for b in self.layers if b not in BLOCK_TYPES]
+    expect(not unknown, "layers", f"unknown block name(s) {unknown}; allowed: {BLOCK_TYPES}")
+    expect(self.passes == 1 or "gdn" in self.layers, "passes",
+           f"N = {self.passes} > 1 needs at least one 'gdn' layer (only fast-weight states "
+           f"survive eviction), got layers {self.layers}")
+    for field in ("attn_head_dim", "gdn_head_dim"):
+      head = getattr(self, field)
+      expect(self.d_model % head == 0, field,
+             f"must divide d_model = {self.d_model}, got {head}")
+    expect(self.gdn_head_dim <= 256, "gdn_head_dim", f"must be <= 256, got {self.gdn_head_dim}")
+    expect(self.mlp_dim is None or (isinstance(self.mlp_dim, int) and self.mlp_dim >= 1),
+           "mlp_dim", f"must be None or an integer >= 1, got {self.mlp_dim!r}")
+    expect(self.rule in RULES, "rule", f"must be one of {RULES}, got {self.rule!r}")
+    expect(self.eviction in EVICTIONS, "eviction",
+           f"must be one of {EVICTIONS}, got {self.eviction!r}")
+    expect(self.eviction != "none" or self.passes == 1, "passes",
+           "eviction='none' keeps the whole sequence in one window: nothing to consolidate, "
+           f"so N must be 1, got {self.passes}")
+    expect(self.remat in REMAT_POLICIES, "remat",
+           f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    expect(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+    expect(self.chunk_size in CHUNK_SIZES, "chunk_size",
+           f"must be one of {CHUNK_SIZES}, got {self.chunk_size!r}")
+    impls = available_implementations()
+    expect(self.kernel_implementation is None or self.kernel_implementation in impls,
+           "kernel_implementation", f"must be None or one of {impls}, got "
+           f"{self.kernel_implementation!r}")
+    attn_impls = (None, "xla", "cudnn")
+    expect(self.attention_implementation in attn_impls, "attention_implementation",
+           f"must be one of {attn_impls}, got {self.attention_implementation!r}")
+
+  @property
+  def num_attn_heads(self) -> int:
+    return self.d_model // self.attn_head_dim
+
+  @property
+  def num_gdn_heads(self) -> int:
+    return self.d_model // self.gdn_head_dim
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.mlp_dim or 4 * self.d_model
+
+  @property
+  def num_gdn_layers(self) -> int:
+    return sum(b == "gdn" for b in self.layers)
+
+  @property
+  def num_attn_layers(self) -> int:
+    return sum(b == "attn" for b in self.layers)
+
+  @property
+  def activation_dtype(self):
+    return jax.numpy.dtype(self.dtype)
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a dict or ConfigDict, rejecting unknown keys by name."""
+    values = dict(values)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"ModelConfig: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    return cls(**values)

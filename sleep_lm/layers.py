@@ -1,0 +1,176 @@
+"""Building blocks of the hybrid model (Flax linen, pure functions of params and inputs).
+
+Shape legend: B batch, T tokens in the current pass, P retained prefix tokens, D d_model,
+H heads, K key head dim, V value head dim, F MLP hidden width.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) from this set, which
+`sleep_lm.sharding` maps to mesh axes:
+  "vocab", "embed" (d_model), "mlp" (F), "heads" (H * head dim, flattened), "head_dim" (per-head
+  norm gains), "gdn_heads" (one scalar per GDN head), "conv" (conv taps).
+Projections are 2-D matrices (heads flattened) so that Muon sees every weight matrix as 2-D.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import kernels
+from sleep_lm.config import ModelConfig
+
+P = nn.with_logical_partitioning
+Array = jax.Array
+f32 = jnp.float32
+
+
+def dense(features: int, axes: tuple[str, str], dtype: Any, name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=f32, name=name,
+                  kernel_init=P(nn.initializers.lecun_normal(), axes))
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation over the last axis, computed in float32, with a learned gain."""
+  dtype: Any = f32
+  axis_name: str = "embed"
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    gain = self.param("scale", P(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), f32)
+    x32 = x.astype(f32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * gain).astype(self.dtype)
+
+
+class SwiGLU(nn.Module):
+  """x -> W_down (SiLU(W_gate x) * W_up x)."""
+  hidden_dim: int
+  dtype: Any = f32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    gate = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, "gate")(x)
+    up = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, "up")(x)
+    return dense(x.shape[-1], ("mlp", "embed"), self.dtype, "down")(nn.silu(gate) * up)
+
+
+def apply_rope(x: Array, positions: Array, base: float) -> Array:
+  """Rotary embedding on [B,T,H,K] at absolute `positions` [T] (rotate-half convention)."""
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=f32) / half)
+  angles = positions.astype(f32)[:, None] * freqs[None, :]               # [T, K/2]
+  cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(f32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class CausalDepthwiseConv(nn.Module):
+  """Causal depthwise 1-D convolution that restarts at every segment boundary.
+
+  `segment_pos` [T] is each token's position inside its window: tap j (looking j tokens back)
+  only reads a token of the same window, i.e. when segment_pos >= j. Windows are evicted whole,
+  so no convolution history crosses a window boundary.
+  """
+  kernel_size: int
+  dtype: Any = f32
+
+  @nn.compact
+  def __call__(self, x: Array, segment_pos: Array) -> Array:
+    channels = x.shape[-1]
+    init = nn.initializers.normal(stddev=1.0 / math.sqrt(self.kernel_size))
+    w = self.param("kernel", P(init, ("conv", "heads")), (self.kernel_size, channels), f32)
+    w = w.astype(self.dtype)
+    out = x * w[0]
+    for j in range(1, self.kernel_size):
+      shifted = jnp.pad(x, ((0, 0), (j, 0), (0, 0)))[:, : x.shape[1]]
+      keep = (segment_pos >= j)[None, :, None]
+      out = out + jnp.where(keep, shifted, 0) * w[j]
+    return out
+
+
+class Attention(nn.Module):
+  """Causal softmax attention over the window's own keys/values and an optional prefix.
+
+  `mask` [1 or B, 1, T, P+T] says which keys each query sees. Returns the output and the
+  window's own (RoPE-rotated) keys and values, which the sliding variant retains.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               prefix: tuple[Array, Array] | None) -> tuple[Array, tuple[Array, Array]]:
+    cfg = self.config
+    b, t, _ = x.shape
+    h, d = cfg.num_attn_heads, cfg.attn_head_dim
+    dt = cfg.activation_dtype
+    proj = lambda name: dense(h * d, ("embed", "heads"), dt, name)(x).reshape(b, t, h, d)
+    q = apply_rope(proj("q"), positions, cfg.rope_base)
+    k = apply_rope(proj("k"), positions, cfg.rope_base)
+    v = proj("v")
+    keys, values = k, v
+    if prefix is not None:
+      keys = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
+      values = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
+    o = jax.nn.dot_product_attention(q, keys, values, mask=mask,
+                                     implementation=cfg.attention_implementation)
+    out = dense(cfg.d_model, ("heads", "embed"), dt, "out")(o.reshape(b, t, h * d))
+    return out, (k, v)
+
+
+def _inverse_softplus(x: Array) -> Array:
+  return x + jnp.log(-jnp.expm1(-x))
+
+
+class GatedDeltaNet(nn.Module):
+  """Gated DeltaNet mixer (paper.md, "Blocks"): fast-weight state S [B,H,K,V] in and out.
+
+  q, k, v: projection -> causal depthwise conv -> SiLU; q and k L2-normalised (inside the op),
+  q scaled by K^-1/2. g = -exp(A_log) * softplus(W_a x + dt_bias), beta = sigmoid(W_b x).
+  Output: RMSNorm(o) * SiLU(W_gate x) per head, heads concatenated, output projection.
+  Tokens with valid = False (padding) get g = 0 and beta = 0, so they leave S unchanged.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, state: Array, segment_pos: Array,
+               valid: Array) -> tuple[Array, Array]:
+    cfg = self.config
+    b, t, _ = x.shape
+    h, d = cfg.num_gdn_heads, cfg.gdn_head_dim
+    dt = cfg.activation_dtype
+
+    def conv_branch(name):
+      y = dense(h * d, ("embed", "heads"), dt, f"{name}_proj")(x)
+      y = CausalDepthwiseConv(cfg.conv_kernel, dt, name=f"{name}_conv")(y, segment_pos)
+      return nn.silu(y).reshape(b, t, h, d)
+
+    q, k, v = conv_branch("q"), conv_branch("k"), conv_branch("v")
+    a = dense(h, ("embed", "gdn_heads"), dt, "a_proj")(x).astype(f32)
+    beta_logit = dense(h, ("embed", "gdn_heads"), dt, "b_proj")(x).astype(f32)
+
+    def a_log_init(key, shape, dtype):
+      return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+
+    def dt_bias_init(key, shape, dtype):
+      step = jnp.exp(jax.random.uniform(key, shape, dtype, math.log(1e-3), math.log(1e-1)))
+      return _inverse_softplus(step)
+
+    a_log = self.param("A_log", P(a_log_init, ("gdn_heads",)), (h,), f32)
+    dt_bias = self.param("dt_bias", P(dt_bias_init, ("gdn_heads",)), (h,), f32)
+    g = -jnp.exp(a_log) * jax.nn.softplus(a + dt_bias)
+    beta = jax.nn.sigmoid(beta_logit)
+    keep = valid.astype(f32)[None, :, None]
+    g, beta = g * keep, beta * keep
+
+    chunk = next(c for c in (16, 32, 64) if c >= min(t, cfg.chunk_size))
+    o, state = kernels.RULES[cfg.rule](
+        q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, chunk_size=chunk,
+        implementation=cfg.kernel_implementation)
+    gate = dense(h * d, ("embed", "heads"), dt, "gate_proj")(x).reshape(b, t, h, d)
+    o = RMSNorm(dt, axis_name="head_dim", name="out_norm")(o) * nn.silu(gate)
+    out = dense(cfg.d_model, ("heads", "embed"), dt, "out_proj")(o.reshape(b, t, h * d))
+    return out, state

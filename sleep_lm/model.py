@@ -1,0 +1,110 @@
+"""The hybrid language model: embedding, one pass of the layer stack, output head.
+
+`HybridLM` is a linen module whose methods are the three stages that the sleep scan
+(`sleep_lm.sleep`) composes: `embed`, `run_pass` (one pass of every layer over a window, GDN
+states in and out) and `logits`. Each is a pure function of the parameters and its inputs, so the
+scan can call them through `model.apply(..., method=...)` inside `jax.lax.scan`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sleep_lm.config import ModelConfig
+from sleep_lm.layers import P, Attention, GatedDeltaNet, RMSNorm, SwiGLU, dense
+
+Array = jax.Array
+
+
+class PassContext(NamedTuple):
+  """Where the tokens of a pass sit, shared by every layer of that pass.
+
+  positions: [T] absolute token positions (RoPE).
+  segment_pos: [T] position inside the token's window (the GDN conv restarts at 0).
+  valid: [T] False for padding past the end of the sequence.
+  mask: [1, 1, T, P+T] bool, which keys (prefix then own) each query attends to.
+  prefix: per attention layer, retained (keys, values) [B,P,H,K] of the sliding variant, or None.
+  """
+  positions: Array
+  segment_pos: Array
+  valid: Array
+  mask: Array
+  prefix: tuple[tuple[Array, Array], ...] | None = None
+
+
+def zero_states(config: ModelConfig, batch: int) -> tuple[Array, ...]:
+  """Fresh fast-weight states, one float32 [B,H,K,V] per GDN layer."""
+  h, d = config.num_gdn_heads, config.gdn_head_dim
+  return tuple(jnp.zeros((batch, h, d, d), jnp.float32) for _ in range(config.num_gdn_layers))
+
+
+class HybridLM(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    dt = cfg.activation_dtype
+    self.embedding = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=jnp.float32,
+        embedding_init=P(nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
+    mixers, mixer_norms, mlps, mlp_norms = [], [], [], []
+    for i, kind in enumerate(cfg.layers):
+      mixer_cls = Attention if kind == "attn" else GatedDeltaNet
+      mixers.append(mixer_cls(cfg, name=f"layer_{i}_{kind}"))
+      mixer_norms.append(RMSNorm(dt, name=f"layer_{i}_mixer_norm"))
+      mlps.append(SwiGLU(cfg.hidden_dim, dt, name=f"layer_{i}_mlp"))
+      mlp_norms.append(RMSNorm(dt, name=f"layer_{i}_mlp_norm"))
+    self.mixers, self.mixer_norms, self.mlps, self.mlp_norms = mixers, mixer_norms, mlps, mlp_norms
+    self.final_norm = RMSNorm(dt, name="final_norm")
+    self.head = dense(cfg.vocab_size, ("embed", "vocab"), dt, "head")
+
+  def embed(self, tokens: Array) -> Array:
+    """[B,T] int -> [B,T,D] activations."""
+    return self.embedding(tokens)
+
+  def run_pass(self, h: Array, states: tuple[Array, ...], ctx: PassContext
+               ) -> tuple[Array, tuple[Array, ...], tuple[tuple[Array, Array], ...]]:
+    """One pass of every layer over h [B,T,D].
+
+    Returns the new h, the GDN states after the pass, and each attention layer's own (RoPE'd)
+    keys/values of this pass (what the sliding variant retains).
+    """
+    new_states, kvs = [], []
+    state_iter = iter(states)
+    prefix_iter = iter(ctx.prefix) if ctx.prefix is not None else None
+    for kind, mixer, mixer_norm, mlp, mlp_norm in zip(
+        self.config.layers, self.mixers, self.mixer_norms, self.mlps, self.mlp_norms):
+      x = mixer_norm(h)
+      if kind == "attn":
+        prefix = next(prefix_iter) if prefix_iter is not None else None
+        y, kv = mixer(x, ctx.positions, ctx.mask, prefix)
+        kvs.append(kv)
+      else:
+        y, state = mixer(x, next(state_iter), ctx.segment_pos, ctx.valid)
+        new_states.append(state)
+      h = h + y
+      h = h + mlp(mlp_norm(h))
+    return h, tuple(new_states), tuple(kvs)
+
+  def logits(self, h: Array) -> Array:
+    """[B,T,D] -> [B,T,vocab] float32 logits."""
+    return self.head(self.final_norm(h)).astype(jnp.float32)
+
+  def __call__(self, tokens: Array) -> Array:
+    """Plain single-window forward; used to create parameters (`init`)."""
+    t = tokens.shape[1]
+    pos = jnp.arange(t)
+    ctx = PassContext(pos, pos, jnp.ones((t,), bool),
+                      jnp.tril(jnp.ones((t, t), bool))[None, None])
+    h, _, _ = self.run_pass(self.embed(tokens), zero_states(self.config, tokens.shape[0]), ctx)
+    return self.logits(h)
+
+
+def init_params(config: ModelConfig, rng: Array, batch: int = 1):
+  """Boxed (logically partitioned) parameters; `nn.meta.unbox` gives plain arrays."""
+  tokens = jnp.zeros((batch, min(config.window, 8)), jnp.int32)
+  return HybridLM(config).init(rng, tokens)["params"]
