@@ -1,0 +1,1 @@
+"""Task data for sleep_lm (generators, grain training input, TFDS evaluation sets)."""

@@ -1,0 +1,224 @@
+"""Rule 110 task (paper Task 1): recall-and-compute over evicted context.
+
+One example is SEQ_LEN = 104 tokens over the vocabulary {ZERO=0, ONE=1, QUERY=2}:
+
+  position  0 ..  23   state 0, 24 cells as ZERO/ONE tokens (cell 0 first)
+  position 24 ..  47   state 1
+  position 48 ..  71   state 2
+  position 72 ..  95   state 3
+  position 96 .. 103   Q a0 Q a1 Q a2 Q a3
+
+a_i is cell 0 of state i after t steps of Rule 110 on a periodic ring. `targets[p]` is the token the
+model must predict at position p (the next token): a_i at the QUERY position before it, ZERO
+elsewhere; `loss_mask` is 1 exactly at the 4 QUERY positions (96, 98, 100, 102). With window
+L = 24 each state fills one window and is evicted before any question is asked.
+
+Every example is a pure function of (seed, split, index): a counter-based hash (splitmix64)
+keyed by those three values draws the states, so any worker, shard or resumed run can produce any
+example without carrying RNG state. Train and eval use different split keys, so the two streams
+never share an (index, key) pair; the contexts could only coincide by a 2^-96-per-pair accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import numpy as np
+
+ZERO = 0
+ONE = 1
+QUERY = 2
+VOCAB_SIZE = 3
+NUM_STATES = 4
+STATE_BITS = 24
+SEQ_LEN = NUM_STATES * STATE_BITS + NUM_STATES * 2  # 104
+
+SPLITS = ("train", "eval")
+# Stream keys mixed into the hash; arbitrary distinct 64-bit constants, fixed forever (changing
+# them changes every dataset).
+_SPLIT_KEYS = {"train": 0x7472_6169_6E00_0110, "eval": 0x6576_616C_0000_0110}
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+  """splitmix64 finaliser: a bijection on uint64 (arrays only, so overflow wraps silently)."""
+  z = (z ^ (z >> np.uint64(30))) * _MIX1
+  z = (z ^ (z >> np.uint64(27))) * _MIX2
+  return z ^ (z >> np.uint64(31))
+
+
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  value = int(value)
+  if value < minimum or (maximum is not None and value > maximum):
+    hi = "" if maximum is None else f" and <= {maximum}"
+    raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
+  return value
+
+
+def rule110_step(states: np.ndarray) -> np.ndarray:
+  """One Rule 110 step on a periodic ring. states: bool [..., bits] -> bool [..., bits]."""
+  states = np.asarray(states)
+  if states.dtype != np.bool_:
+    raise ValueError(f"states must be a bool array, got dtype {states.dtype}")
+  if states.ndim < 1 or states.shape[-1] < 1:
+    raise ValueError(f"states must have shape [..., bits] with bits >= 1, got {states.shape}")
+  left = np.roll(states, 1, axis=-1)  # cell j-1
+  right = np.roll(states, -1, axis=-1)  # cell j+1
+  # Rule 110 = 0b01101110: on iff (centre or right) and not all three on.
+  return (states | right) & ~(left & states & right)
+
+
+def evolve(states: np.ndarray, t: int) -> np.ndarray:
+  """Applies `rule110_step` t times. states: bool [..., bits]."""
+  t = _check_int("t", t, 0)
+  states = np.asarray(states)
+  if states.dtype != np.bool_:
+    raise ValueError(f"states must be a bool array, got dtype {states.dtype}")
+  for _ in range(t):
+    states = rule110_step(states)
+  return states
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule110Task:
+  """Rule 110 example generator for one (seed, t, split); hashable and picklable.
+
+  seed: non-negative int (< 2^64). t: automaton steps (0 = pure recall). split: "train" or
+  "eval" (disjoint seed streams). num_states / state_bits: layout sizes (paper: 4 x 24).
+  """
+
+  seed: int = 0
+  t: int = 8
+  split: str = "train"
+  num_states: int = NUM_STATES
+  state_bits: int = STATE_BITS
+
+  def __post_init__(self):
+    _check_int("seed", self.seed, 0, _MASK64)
+    _check_int("t", self.t, 0)
+    if self.split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+    _check_int("num_states", self.num_states, 1)
+    # One 64-bit hash word per state; 3 cells is the smallest ring with distinct neighbours.
+    _check_int("state_bits", self.state_bits, 3, 64)
+
+  @property
+  def seq_len(self) -> int:
+    return self.num_states * (self.state_bits + 2)
+
+  @property
+  def query_positions(self) -> np.ndarray:
+    """Positions of the QUERY tokens (where the loss is taken), int [num_states]."""
+    return self.num_states * self.state_bits + 2 * np.arange(self.num_states)
+
+  def replace(self, **changes) -> "Rule110Task":
+    return dataclasses.replace(self, **changes)
+
+  def states(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+    """Initial states for example indices: bool [n, num_states, state_bits]."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1:
+      raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
+    if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0):
+      raise ValueError(f"indices must be non-negative integers, got {idx!r}")
+    idx = idx.astype(np.uint64)
+    key = _mix64(np.array([self.seed], np.uint64) + _GOLDEN)
+    key = _mix64(key ^ np.uint64(_SPLIT_KEYS[self.split]))
+    h = _mix64(key ^ idx)  # [n]; injective in index for a fixed (seed, split)
+    word_ids = np.arange(1, self.num_states + 1, dtype=np.uint64) * _GOLDEN
+    words = _mix64(h[:, None] + word_ids[None, :])  # [n, num_states]
+    shifts = np.arange(self.state_bits, dtype=np.uint64)
+    return ((words[..., None] >> shifts) & np.uint64(1)).astype(np.bool_)
+
+  def batch(self, indices: Iterable[int] | np.ndarray) -> dict[str, np.ndarray]:
+    """Examples for `indices`, stacked: inputs/targets int32 [n, L], loss_mask float32 [n, L]."""
+    states = self.states(indices)
+    n = states.shape[0]
+    answers = evolve(states, self.t)[..., 0].astype(np.int32)  # [n, num_states]
+    ctx = self.num_states * self.state_bits
+    inputs = np.empty((n, self.seq_len), np.int32)
+    inputs[:, :ctx] = states.reshape(n, ctx)
+    inputs[:, ctx::2] = QUERY
+    inputs[:, ctx + 1::2] = answers
+    qpos = self.query_positions
+    targets = np.zeros((n, self.seq_len), np.int32)
+    targets[:, qpos] = answers
+    loss_mask = np.zeros((n, self.seq_len), np.float32)
+    loss_mask[:, qpos] = 1.0
+    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    """One example: inputs/targets int32 [L], loss_mask float32 [L]."""
+    index = _check_int("index", index, 0, _MASK64)
+    return {k: v[0] for k, v in self.batch(np.array([index], np.uint64)).items()}
+
+
+def _check_sharding(batch_size, shard_index, shard_count) -> tuple[int, int, int]:
+  batch_size = _check_int("batch_size", batch_size, 1)
+  shard_count = _check_int("shard_count", shard_count, 1)
+  shard_index = _check_int("shard_index", shard_index, 0, shard_count - 1)
+  if batch_size % shard_count:
+    raise ValueError(
+        f"batch_size must be divisible by shard_count, got {batch_size} and {shard_count}")
+  return batch_size, shard_index, shard_count
+
+
+def step_indices(step: int, batch_size: int, *, shard_index: int = 0,
+                 shard_count: int = 1) -> np.ndarray:
+  """Train example indices of one shard at `step`, uint64 [batch_size // shard_count].
+
+  Global batch `step` is examples [step * batch_size, (step + 1) * batch_size); shard k of K
+  takes the k-th contiguous slice.
+  """
+  batch_size, shard_index, shard_count = _check_sharding(batch_size, shard_index, shard_count)
+  step = _check_int("step", step, 0)
+  per_shard = batch_size // shard_count
+  start = step * batch_size + shard_index * per_shard
+  if start + per_shard > 2**63:
+    raise ValueError(f"step too large for batch_size {batch_size}: {step}")
+  return np.arange(start, start + per_shard, dtype=np.uint64)
+
+
+class _StepBatch:
+  """grain map fn: step -> this shard's slice of the global batch (module-level: picklable)."""
+
+  def __init__(self, task: Rule110Task, batch_size: int, shard_index: int, shard_count: int):
+    self.task = task
+    self.batch_size = batch_size
+    self.shard_index = shard_index
+    self.shard_count = shard_count
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    return self.task.batch(step_indices(
+        step, self.batch_size, shard_index=self.shard_index, shard_count=self.shard_count))
+
+
+def train_dataset(task: Rule110Task, batch_size: int, *, shard_index: int = 0,
+                  shard_count: int = 1, num_steps: int | None = None):
+  """grain.MapDataset whose item `step` is this shard's part of the global batch of `step`.
+
+  Global batch `step` holds train examples [step * batch_size, (step + 1) * batch_size); shard k
+  of K gets the k-th contiguous slice of batch_size // K examples (see `step_indices`). Items are
+  dicts of numpy arrays with a leading batch dim. Random access by step, so resuming at step s is
+  `ds[s]`, `ds[s + 1]`, ... (or `ds[s:].to_iter_dataset()`); no iterator state to checkpoint.
+  num_steps defaults to the largest count whose indices fit in int64; grain wraps indices past
+  the length (ds[num_steps] == ds[0]), so keep step < num_steps.
+  """
+  import grain  # Local import: the generator itself needs only numpy.
+
+  if not isinstance(task, Rule110Task):
+    raise ValueError(f"task must be a Rule110Task, got {type(task).__name__}")
+  if task.split != "train":
+    raise ValueError(f"task.split must be 'train' for the training stream, got {task.split!r}")
+  batch_size, shard_index, shard_count = _check_sharding(batch_size, shard_index, shard_count)
+  max_steps = 2**63 // batch_size
+  num_steps = max_steps if num_steps is None else _check_int("num_steps", num_steps, 1, max_steps)
+  return grain.MapDataset.range(num_steps).map(
+      _StepBatch(task, batch_size, shard_index, shard_count))
