@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -129,11 +130,12 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
   return jax.jit(step, donate_argnums=(0,), **jit_kw)
 
 
-def make_eval_step(model_cfg: ModelConfig, **jit_kw):
+@functools.cache
+def make_eval_step(model_cfg: ModelConfig):
   """Returns jitted (params, batch) -> (per-example exact-correct [B], per-answer correct [B,T])."""
   def step(params, batch):
     out = sleep_forward(model_cfg, params, batch["inputs"], batch["loss_mask"])
     mask = batch["loss_mask"].astype(bool)
     hit = jnp.argmax(out.logits, -1) == batch["targets"]
     return jnp.all(hit | ~mask, axis=-1), hit & mask
-  return jax.jit(step, **jit_kw)
+  return jax.jit(step)

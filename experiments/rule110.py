@@ -1,0 +1,96 @@
+r"""Rule 110 (paper Task 1, Fig. 2): does sleeping (N > 1) recover accuracy as t grows?
+
+`get_config(arg)`: arg is a comma-separated list of presets and key=value overrides.
+  presets:   paper (default: 4 layers attn/gdn/attn/gdn, width 256, L = 24, batch 512),
+             smoke (CPU, about 2 minutes: the README's main job)
+  overrides: N (passes), t (automaton steps), L (window), steps, batch, seed, eviction, dtype
+Any field can also be overridden on the command line: --config.model.d_model=128.
+
+Launch (single run):
+  python -m sleep_lm.train --config experiments/rule110.py:smoke --workdir /tmp/rule110_smoke
+  python -m sleep_lm.train --config experiments/rule110.py:N=4,t=8 --workdir runs/rule110_N4_t8
+  python -m sleep_lm.evaluate --workdir runs/rule110_N4_t8
+Sweeps (Fig. 2a: N = 1 over t; Fig. 2b: N = 1, 2, 4 at one hard t), several runs per GPU:
+  python -m experiments.sweep --config experiments/rule110.py --sweep fig2a --root runs/fig2a
+  python -m experiments.sweep --config experiments/rule110.py --sweep fig2b --root runs/fig2b
+"""
+
+import ml_collections
+
+# The paper's Fig. 2a budget: <= 40M tokens = 750 steps of 512 x 104 tokens.
+PAPER_STEPS = 750
+
+SWEEPS = {
+    "fig2a": [f"N=1,t={t}" for t in (4, 8, 10, 12, 14, 16)],
+    "fig2b": [f"N={n},t=16" for n in (1, 2, 4)],
+    "fig2b_t32": [f"N={n},t=32" for n in (1, 2, 3, 4)],
+}
+
+_SHORTCUTS = {"N": ("model", "passes"), "L": ("model", "window"), "t": ("task", "t"),
+              "steps": ("steps",), "batch": ("batch_size",), "seed": ("seed",),
+              "eviction": ("model", "eviction"), "dtype": ("model", "dtype")}
+_PRESETS = ("paper", "smoke")
+
+
+def _parse(arg):
+  presets, overrides = [], {}
+  for item in filter(None, (arg or "").split(",")):
+    if "=" in item:
+      key, value = item.split("=", 1)
+      if key not in _SHORTCUTS:
+        raise ValueError(f"rule110 config: unknown override {key!r}; allowed: "
+                         f"{sorted(_SHORTCUTS)} (or use --config.<field>=...)")
+      overrides[key] = value
+    elif item in _PRESETS:
+      presets.append(item)
+    else:
+      raise ValueError(f"rule110 config: unknown preset {item!r}; allowed: {_PRESETS}")
+  return presets, overrides
+
+
+def get_config(arg=None):
+  presets, overrides = _parse(arg)
+  c = ml_collections.ConfigDict()
+  c.name = "rule110"
+  c.seed = 0
+  c.task = dict(name="rule110", t=8, seed=0)
+  c.model = dict(
+      d_model=256, layers=("attn", "gdn", "attn", "gdn"), attn_head_dim=64, gdn_head_dim=64,
+      mlp_dim=1024, conv_kernel=4, rule="gdn", window=24, passes=1, eviction="hard",
+      remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
+      attention_implementation=None)
+  # Optional strings need a typed placeholder so that --config.model.X=... can set them.
+  c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
+  c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
+  c.optimizer = dict(muon_lr=2e-3, adamw_lr=5e-5, warmup_steps=50, decay_fraction=0.2,
+                     weight_decay=0.0, clip_norm=1.0)
+  c.batch_size = 512
+  c.steps = PAPER_STEPS
+  c.log_every = 10
+  c.eval_every = 250
+  c.eval_size = 4096
+  c.eval_batch_size = 1024
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 2
+  c.data_dir = ""                 # TFDS eval sets; "" means <workdir>/eval_data
+  c.mesh = dict(data=-1, model=1)
+
+  if "smoke" in presets:
+    c.model.update(d_model=64, attn_head_dim=32, gdn_head_dim=32, mlp_dim=128)
+    c.task.t = 0
+    c.batch_size = 32
+    c.steps = 120
+    c.log_every = 10
+    c.eval_every = 60
+    c.eval_size = 256
+    c.eval_batch_size = 256
+    c.checkpoint_every = 60
+    c.optimizer.warmup_steps = 10
+
+  for key, value in overrides.items():
+    *parents, leaf = _SHORTCUTS[key]
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
+  return c
