@@ -256,6 +256,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
               f"{last_eval['exact_accuracy']:.4f} | per answer "
               f"{[round(a, 3) for a in last_eval['answer_accuracy']]}", flush=True)
         interval_start = time.time()   # keep eval time out of tokens/s
+    if not last_eval:   # the run was already complete: report its accuracy again
+      last_eval = evaluate(config, state.params, mesh, data_dir=data_dir)
   except KeyboardInterrupt:
     print(f"interrupted at step {step}: checkpointing", flush=True)
     raise
