@@ -22,8 +22,11 @@ PAPER_STEPS = 750
 
 SWEEPS = {
     "fig2a": [f"N=1,t={t}" for t in (4, 8, 10, 12, 14, 16)],
-    "fig2b": [f"N={n},t=16" for n in (1, 2, 4)],
+    # Fig. 2a plus N = 2, 4 at t = 12: one GPU call gives both the t-curve and a first N-curve.
+    "fig2a_plus": [f"N=1,t={t}" for t in (4, 8, 10, 12, 14, 16)] + ["N=2,t=12", "N=4,t=12"],
+    "fig2b": [f"N={n},t=12" for n in (1, 2, 4)],
     "fig2b_t32": [f"N={n},t=32" for n in (1, 2, 3, 4)],
+    "smoke": ["smoke,N=1", "smoke,N=2"],
 }
 
 _SHORTCUTS = {"N": ("model", "passes"), "L": ("model", "window"), "t": ("task", "t"),

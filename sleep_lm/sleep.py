@@ -111,22 +111,16 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
     ctx = context(start, prefix)
     pass_fn = _remat(functools.partial(one_pass, ctx), config.remat)
 
-    def wake(h, states):
-      return pass_fn(h, states)
-
-    def consolidate(h, states):
+    # Pass 1 (the wake pass) runs for every window; passes 2..N only where the window sleeps.
+    # A cond per replay pass (not one cond between "1 pass" and "N passes") matters under
+    # autodiff: a cond keeps the residuals of both branches, and the identity branch has none,
+    # so memory stays at N passes per window instead of N + 1.
+    carry = pass_fn(h, states)
+    if config.passes > 1:
       def replay(carry, _):
-        h, states, _ = carry
-        return pass_fn(h, states), None
-      init = jax.eval_shape(pass_fn, h, states)
-      init = (h, states, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init[2]))
-      (h, states, kvs), _ = jax.lax.scan(replay, init, None, length=config.passes)
-      return h, states, kvs
-
-    if config.passes == 1:
-      h, states, kvs = wake(h, states)
-    else:
-      h, states, kvs = jax.lax.cond(sleep, consolidate, wake, h, states)
+        return jax.lax.cond(sleep, lambda c: pass_fn(c[0], c[1]), lambda c: c, carry), None
+      carry, _ = jax.lax.scan(replay, carry, None, length=config.passes - 1)
+    h, states, kvs = carry
     if sliding:
       # Keep the last L-1 keys/values of [prefix ; this window's final pass].
       prefix = tuple((jnp.concatenate([pk, k], 1)[:, -retained:],
