@@ -180,3 +180,7 @@ def gated_linear_rule(q, k, v, g, beta, *, scale: float | None = None,
 
 Rule = Callable[..., tuple[jax.Array, jax.Array]]
 RULES: dict[str, Rule] = {"gdn": gated_delta_rule, "gated_linear": gated_linear_rule}
+
+
+# Pallas kernels register themselves (and become the default on their backend) on import.
+from kernels.gated_delta_rule import pallas_mosaic_tpu, pallas_triton  # noqa: E402,F401

@@ -1,0 +1,233 @@
+"""Benchmark of the gated delta rule: Pallas kernels vs the pure-JAX chunked path vs fla (Triton).
+
+Run on the GPU machine from the repository root (fla's wheel and einops carried in .whl/):
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  PYTHONPATH=/tmp/site:. python3 -m kernels.benchmarks.gated_delta_rule --out $OUT/gdr.json
+
+Checks correctness first (fresh random inputs, relative RMS error of every output and gradient
+against the float32 recurrent oracle), then times forward and forward+backward (cotangents on both
+o and the final state; gradients of q, k, v, g, beta and the initial state) per registry shape:
+median with 20/80 percentiles. bf16 inputs, fp32 state, q/k L2 norm in the op, chunk 64.
+fla is skipped when it cannot be imported. Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.gated_delta_rule import api
+
+# name -> (B, T, H, D); K = V = D.
+SHAPES = {
+    "b4_t4096_h16_d128": (4, 4096, 16, 128),
+    "b2_t16384_h16_d128": (2, 16384, 16, 128),
+    "b16_t2048_h16_d128": (16, 2048, 16, 128),
+    "rule110_b512_t24_h4_d64": (512, 24, 4, 64),  # one 24-token window of the Rule 110 model
+}
+
+
+def make_inputs(key, b, t, h, d, dtype):
+  ks = jax.random.split(key, 8)
+  q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+  k = jax.random.normal(ks[1], (b, t, h, d), dtype)
+  v = jax.random.normal(ks[2], (b, t, h, d), dtype)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h), jnp.float32) + 2.0)
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h), jnp.float32))
+  s0 = 0.1 * jax.random.normal(ks[5], (b, h, d, d), jnp.float32)
+  do = jax.random.normal(ks[6], (b, t, h, d), dtype)
+  dsf = jax.random.normal(ks[7], (b, h, d, d), jnp.float32)
+  return (q, k, v, g, beta, s0), (do, dsf)
+
+
+def op(implementation):
+  def f(q, k, v, g, beta, s0):
+    return api.gated_delta_rule(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True,
+                                chunk_size=64, implementation=implementation)
+  return f
+
+
+def fwd_bwd(implementation):
+  def f(inputs, cotangents):
+    out, vjp = jax.vjp(op(implementation), *inputs)
+    return out, vjp(cotangents)
+  return f
+
+
+def rel_rms(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.sqrt(np.mean((x - ref) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30))
+
+
+NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_state")
+
+
+def check(implementation, shape, dtype, reference="recurrent", seed=0):
+  """Relative RMS error of every output and gradient vs `reference` run on float32 inputs."""
+  inputs, cots = make_inputs(jax.random.PRNGKey(seed), *shape, dtype)
+  up = lambda xs: tuple(x.astype(jnp.float32) for x in xs)
+  with jax.default_matmul_precision("highest"):
+    (o_r, s_r), grads_r = jax.jit(fwd_bwd(reference))(up(inputs), up(cots))
+  (o, s), grads = jax.jit(fwd_bwd(implementation))(inputs, cots)
+  errors = [rel_rms(a, b) for a, b in zip((o, s, *grads), (o_r, s_r, *grads_r))]
+  return dict(zip(NAMES, errors))
+
+
+def time_jax(fn, args, *, inner=10, samples=25):
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(samples):
+    start = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / inner * 1e3)
+  return summarize(times)
+
+
+def summarize(times_ms):
+  q = np.percentile(times_ms, [50, 20, 80])
+  return {"median_ms": float(q[0]), "p20_ms": float(q[1]), "p80_ms": float(q[2])}
+
+
+def load_fla():
+  try:
+    import torch  # noqa: F401
+    import fla.ops.common.chunk_o as chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"fla not available ({type(e).__name__}: {e}); skipping it")
+    return None
+  # Timing only: fla 0.6.0 refuses its backward on Hopper with triton < 3.7.1 (a guard for a
+  # Triton bug). Its gradients are never used as a reference here.
+  chunk_o.TRITON_ABOVE_3_7_1 = True
+  return chunk_gated_delta_rule
+
+
+def time_fla(fla_fn, shape):
+  import torch
+  from triton.testing import do_bench
+  b, t, h, d = shape
+  dev = "cuda"
+  torch.manual_seed(0)
+  mk = lambda *s, dt=torch.bfloat16: torch.randn(*s, device=dev, dtype=dt)
+  q, k, v = (mk(b, t, h, d).requires_grad_() for _ in range(3))
+  g = torch.nn.functional.logsigmoid(mk(b, t, h, dt=torch.float32) + 2.0).requires_grad_()
+  beta = torch.sigmoid(mk(b, t, h, dt=torch.float32)).requires_grad_()
+  s0 = (0.1 * mk(b, h, d, d, dt=torch.float32)).requires_grad_()
+  do, dsf = mk(b, t, h, d), mk(b, h, d, d, dt=torch.float32)
+
+  def fwd():
+    return fla_fn(q, k, v, g, beta, initial_state=s0, output_final_state=True,
+                  use_qk_l2norm_in_kernel=True)
+
+  def fwd_bwd_fla():
+    o, s = fwd()
+    torch.autograd.backward([o, s], [do, dsf])
+
+  res = {}
+  for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd_fla)):
+    with torch.no_grad() if name == "fwd" else torch.enable_grad():
+      ms = do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+    res[name] = {"median_ms": ms[0], "p20_ms": ms[1], "p80_ms": ms[2]}
+  return res
+
+
+def floors(shape, in_bytes=2):
+  """Minimum bytes and flops of one call (inputs read once, outputs written once)."""
+  b, t, h, d = shape
+  c = min(64, max(16, 1 << (t - 1).bit_length()))
+  tokens, state = b * t * h, b * h * d * d
+  fwd_bytes = in_bytes * 3 * tokens * d + 4 * 2 * tokens + in_bytes * tokens * d + 8 * state
+  bwd_bytes = fwd_bytes + (in_bytes * 4 * tokens * d + 4 * 2 * tokens + 8 * state)
+  # Per token: K K^T, Q K^T, W, U, intra output (2 C D each), W S, Q S, K^T Vnew (2 D^2 each),
+  # plus the product-form inverse (2 (2 log2 C - 2) C^2).
+  per_token = 2 * c * d * 5 + 2 * d * d * 3 + 2 * (2 * (c.bit_length() - 1) - 2) * c * c
+  fwd_flops = tokens * per_token
+  return {"fwd_bytes": fwd_bytes, "fwd_bwd_bytes": bwd_bytes, "fwd_flops": fwd_flops,
+          "fwd_bwd_flops": 3 * fwd_flops}
+
+
+def write_json(path, results):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+  parser.add_argument("--impls", nargs="*", default=["pallas_triton", "chunked"])
+  parser.add_argument("--no-fla", action="store_true")
+  parser.add_argument("--chunk-bwd-warps", nargs="*", type=int, default=[],
+                      help="also time fwd+bwd with these num_warps for Triton kernel 4")
+  parser.add_argument("--no-check", action="store_true")
+  parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gdr_bench.json"))
+  args = parser.parse_args()
+  print("device:", jax.devices()[0].device_kind, "| jax", jax.__version__)
+  results = {"device": jax.devices()[0].device_kind, "checks": {}, "timings": {}}
+
+  # Correctness first: small shapes with awkward T, both dtypes, vs the float32 oracle.
+  for impl in [] if args.no_check else args.impls:
+    for shape, dtype in (((2, 75, 2, 64), jnp.float32), ((2, 130, 2, 128), jnp.bfloat16),
+                         ((1, 24, 4, 64), jnp.bfloat16)):
+      errs = check(impl, shape, dtype)
+      results["checks"][f"{impl}/{shape}/{jnp.dtype(dtype).name}"] = errs
+      print(f"check {impl:14s} {shape} {jnp.dtype(dtype).name:8s} "
+            + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+
+  fla_fn = None if args.no_fla else load_fla()
+  for name in args.shapes:
+    shape = SHAPES[name]
+    inputs, cots = make_inputs(jax.random.PRNGKey(1), *shape, jnp.bfloat16)
+    row = {"shape": shape, "floors": floors(shape)}
+    outs = {}
+    for impl in args.impls:
+      f = jax.jit(op(impl))
+      fb = jax.jit(fwd_bwd(impl))
+      outs[impl] = f(*inputs)
+      row[impl] = {"fwd": time_jax(f, inputs), "fwd_bwd": time_jax(fb, (inputs, cots))}
+      print(f"{name} {impl}: {row[impl]}", flush=True)
+    for warps in args.chunk_bwd_warps:  # variants of the Triton kernel 4 (backward only)
+      from kernels.gated_delta_rule import pallas_triton
+      default, pallas_triton.CHUNK_BWD_NUM_WARPS = pallas_triton.CHUNK_BWD_NUM_WARPS, warps
+      fb = jax.jit(fwd_bwd("pallas_triton"))
+      row[f"pallas_triton_w{warps}"] = {"fwd_bwd": time_jax(fb, (inputs, cots))}
+      pallas_triton.CHUNK_BWD_NUM_WARPS = default
+      print(f"{name} kernel-4 warps {warps}: {row[f'pallas_triton_w{warps}']}", flush=True)
+    if len(args.impls) > 1:  # same inputs, bf16: ours vs chunked
+      a, ref = outs[args.impls[0]], outs[args.impls[1]]
+      row["agree"] = {"o": rel_rms(a[0], ref[0]), "final_state": rel_rms(a[1], ref[1])}
+      print(f"{name} agreement {args.impls[0]} vs {args.impls[1]}: {row['agree']}", flush=True)
+    if fla_fn is not None:
+      try:
+        row["fla"] = time_fla(fla_fn, shape)
+        print(f"{name} fla: {row['fla']}", flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"{name} fla failed: {type(e).__name__}: {e}")
+    results["timings"][name] = row
+    write_json(args.out, results)  # after every shape: a run cut off still leaves its numbers
+
+  cols = [*args.impls] + (["fla"] if fla_fn is not None else [])
+  print("\nmedian ms (p20-p80)  " + " | ".join(cols))
+  for name, row in results["timings"].items():
+    for mode in ("fwd", "fwd_bwd"):
+      cells = []
+      for c in cols:
+        r = row.get(c, {}).get(mode)
+        cells.append(f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})" if r else "-")
+      ours = row[args.impls[0]][mode]["median_ms"]
+      ratios = [f"{ours / row[c][mode]['median_ms']:.2f}x {c}" for c in cols[1:] if c in row]
+      print(f"{name:26s} {mode:7s} " + " | ".join(cells) + "   ours/: " + ", ".join(ratios))
+  print("wrote", args.out)
+
+
+if __name__ == "__main__":
+  main()

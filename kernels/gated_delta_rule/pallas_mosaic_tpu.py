@@ -1,0 +1,231 @@
+"""Pallas Mosaic TPU kernels for the gated delta rule, forward and backward.
+
+NEVER RUN ON A TPU: validated only on CPU in TPU interpret mode (`pltpu.InterpretParams()`), by
+tests/kernels/test_pallas.py. The chunk math is shared with the Triton kernels
+(`_pallas_common`); what differs is the TPU idiom:
+  - arrays go to a [B,H,T,*] layout (the last two block dims must tile (8,128) or be whole), and
+    the per-token vectors gamma, beta to [B,H,T,1] columns;
+  - the chunk chain is the last grid axis ("arbitrary", sequential) with the [K,BV] state carried
+    in a VMEM scratch across grid steps, instead of a loop inside one program;
+  - the backward chain reverses that axis through its index maps.
+Expected gaps on real hardware (unchecked): the layout transposes cost a pass over the inputs,
+K/V of 64 fill half of a 128-lane vreg, and Mosaic may reject the transposed-operand matmuls or
+the [C,1] -> [1,C] transpose at some shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.gated_delta_rule import _pallas_common as common
+from kernels.gated_delta_rule import api
+
+f32 = jnp.float32
+NAME = "pallas_mosaic_tpu"
+
+
+def _to_heads(x):
+  """[B,T,H,*] -> [B,H,T,*]; [B,T,H] -> [B,H,T,1]."""
+  return jnp.swapaxes(x, 1, 2) if x.ndim == 4 else jnp.swapaxes(x, 1, 2)[..., None]
+
+
+def _from_heads(x):
+  return jnp.swapaxes(x, 1, 2) if x.shape[-1] != 1 else jnp.swapaxes(x[..., 0], 1, 2)
+
+
+def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, semantics, scratch=()):
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=list(scratch), interpret=cfg.interpret,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+
+
+def _vectors(g_col):
+  return g_col, jnp.transpose(g_col)
+
+
+def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, t_ref, p_ref, *, cfg):
+  g_col, g_row = _vectors(g_ref[...])
+  w, u, t_inv, scores = common.intra_chunk_fwd(q_ref[...], k_ref[...], v_ref[...], g_col, g_row,
+                                               b_ref[...], cfg)
+  w_ref[...] = w.astype(w_ref.dtype)
+  u_ref[...] = u.astype(u_ref.dtype)
+  t_ref[...] = t_inv
+  p_ref[...] = scores.astype(p_ref.dtype)
+
+
+def intra_fwd(cfg, q, k, v, gamma, beta):
+  b, t, h, dk = q.shape
+  dv, c = v.shape[-1], cfg.chunk_size
+  chunk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, n: (i, j, n, 0))
+  dtype = jnp.dtype(cfg.compute_dtype)
+  outs = _call(
+      functools.partial(_intra_fwd_kernel, cfg=cfg), cfg, (b, h, t // c),
+      [chunk(dk), chunk(dk), chunk(dv), chunk(1), chunk(1)],
+      [chunk(dk), chunk(dv), chunk(c), chunk(c)],
+      [jax.ShapeDtypeStruct((b, h, t, dk), dtype), jax.ShapeDtypeStruct((b, h, t, dv), dtype),
+       jax.ShapeDtypeStruct((b, h, t, c), f32), jax.ShapeDtypeStruct((b, h, t, c), dtype)],
+      ("parallel", "parallel", "parallel"),
+  )(*map(_to_heads, (q, k, v, gamma, beta)))
+  return tuple(map(_from_heads, outs))
+
+
+def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, sf_ref,
+                      *rest, cfg, n_chunks):
+  states_ref, state_ref = (rest[0], rest[1]) if cfg.save_states else (None, rest[0])
+  n = pl.program_id(3)
+
+  @pl.when(n == 0)
+  def _():
+    state_ref[...] = s0_ref[...]
+
+  state = state_ref[...]
+  if cfg.save_states:
+    states_ref[...] = state
+  o, state = common.state_fwd_step(state, q_ref[...], k_ref[...], w_ref[...], u_ref[...],
+                                   p_ref[...], g_ref[...], cfg)
+  o_ref[...] = o.astype(o_ref.dtype)
+  state_ref[...] = state
+
+  @pl.when(n == n_chunks - 1)
+  def _():
+    sf_ref[...] = state
+
+
+def state_fwd(cfg, q, k, w, u, scores, gamma, s0):
+  b, t, h, dk = q.shape
+  dv, c = u.shape[-1], cfg.chunk_size
+  bv = min(cfg.block_v, dv)
+  n_chunks = t // c
+  chunk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, m, n: (i, j, n, 0))
+  tile = pl.BlockSpec((None, None, c, bv), lambda i, j, m, n: (i, j, n, m))
+  state = pl.BlockSpec((None, None, dk, bv), lambda i, j, m, n: (i, j, 0, m))
+  out_specs = [tile, state]
+  out_shape = [jax.ShapeDtypeStruct((b, h, t, dv), q.dtype),
+               jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
+  if cfg.save_states:
+    out_specs.append(pl.BlockSpec((None, None, None, dk, bv), lambda i, j, m, n: (i, j, n, 0, m)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32))
+  outs = _call(
+      functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
+      (b, h, dv // bv, n_chunks),
+      [chunk(dk), chunk(dk), chunk(dk), tile, chunk(c), chunk(1), state], out_specs, out_shape,
+      ("parallel", "parallel", "parallel", "arbitrary"), [pltpu.VMEM((dk, bv), f32)],
+  )(*map(_to_heads, (q, k, w, u, scores, gamma)), s0)
+  return _from_heads(outs[0]), outs[1], (outs[2] if cfg.save_states else None)
+
+
+def _state_bwd_kernel(q_ref, k_ref, w_ref, p_ref, g_ref, do_ref, dsf_ref, dvn_ref, ds_ref,
+                      ds0_ref, d_state_ref, *, cfg, n_chunks):
+  i = pl.program_id(3)  # chunk n_chunks - 1 - i
+
+  @pl.when(i == 0)
+  def _():
+    d_state_ref[...] = dsf_ref[...]
+
+  d_state = d_state_ref[...]
+  ds_ref[...] = d_state
+  dv_new, d_state = common.state_bwd_step(d_state, q_ref[...], k_ref[...], w_ref[...],
+                                          do_ref[...], p_ref[...], g_ref[...], cfg)
+  dvn_ref[...] = dv_new
+  d_state_ref[...] = d_state
+
+  @pl.when(i == n_chunks - 1)
+  def _():
+    ds0_ref[...] = d_state
+
+
+def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
+  b, t, h, dk = q.shape
+  dv, c = do.shape[-1], cfg.chunk_size
+  bv = min(cfg.block_v, dv)
+  n_chunks = t // c
+  rev = lambda i: n_chunks - 1 - i
+  chunk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, m, n: (i, j, rev(n), 0))
+  tile = pl.BlockSpec((None, None, c, bv), lambda i, j, m, n: (i, j, rev(n), m))
+  state = pl.BlockSpec((None, None, dk, bv), lambda i, j, m, n: (i, j, 0, m))
+  states = pl.BlockSpec((None, None, None, dk, bv), lambda i, j, m, n: (i, j, rev(n), 0, m))
+  dv_new, d_states, ds0 = _call(
+      functools.partial(_state_bwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
+      (b, h, dv // bv, n_chunks),
+      [chunk(dk), chunk(dk), chunk(dk), chunk(c), chunk(1), tile, state], [tile, states, state],
+      [jax.ShapeDtypeStruct((b, h, t, dv), f32),
+       jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32),
+       jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
+      ("parallel", "parallel", "parallel", "arbitrary"), [pltpu.VMEM((dk, bv), f32)],
+  )(*map(_to_heads, (q, k, w, scores, gamma, do)), ds_final)
+  return _from_heads(dv_new), d_states, ds0
+
+
+def _chunk_bwd_kernel(q_ref, k_ref, v_ref, w_ref, u_ref, t_ref, g_ref, b_ref, do_ref, s_ref,
+                      ds_ref, dvn_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, cfg):
+  c = cfg.chunk_size
+  dk_dim, dv_dim = q_ref.shape[-1], v_ref.shape[-1]
+  bv = min(cfg.block_v, dv_dim)
+  g_col, g_row = _vectors(g_ref[...])
+  b_col = b_ref[...]
+  q, k, w, t_inv = q_ref[...], k_ref[...], w_ref[...], t_ref[...]
+  acc = common.chunk_bwd_init(c, dk_dim)
+  for j in range(dv_dim // bv):
+    cols = pl.ds(j * bv, bv)
+    acc, dv = common.chunk_bwd_vtile(acc, w, t_inv, b_col, u_ref[:, cols], v_ref[:, cols],
+                                     do_ref[:, cols], dvn_ref[:, cols], s_ref[:, cols],
+                                     ds_ref[:, cols], cfg)
+    dv_ref[:, cols] = dv
+  dq, dk, dg_col, dg_row, dbeta = common.chunk_bwd_finish(acc, q, k, t_inv, g_col, g_row, b_col,
+                                                          cfg)
+  dq_ref[...] = dq
+  dk_ref[...] = dk
+  dg_ref[...] = dg_col + jnp.transpose(dg_row)
+  db_ref[...] = dbeta
+
+
+def chunk_bwd(cfg, q, k, v, w, u, t_inv, gamma, beta, do, states, d_states, dv_new):
+  b, t, h, dk = q.shape
+  dv, c = v.shape[-1], cfg.chunk_size
+  chunk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, n: (i, j, n, 0))
+  state = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, n, 0, 0))
+  outs = _call(
+      functools.partial(_chunk_bwd_kernel, cfg=cfg), cfg, (b, h, t // c),
+      [chunk(dk), chunk(dk), chunk(dv), chunk(dk), chunk(dv), chunk(c), chunk(1), chunk(1),
+       chunk(dv), state, state, chunk(dv)],
+      [chunk(dk), chunk(dk), chunk(dv), chunk(1), chunk(1)],
+      [jax.ShapeDtypeStruct((b, h, t, dk), f32), jax.ShapeDtypeStruct((b, h, t, dk), f32),
+       jax.ShapeDtypeStruct((b, h, t, dv), f32), jax.ShapeDtypeStruct((b, h, t, 1), f32),
+       jax.ShapeDtypeStruct((b, h, t, 1), f32)],
+      ("parallel", "parallel", "parallel"),
+  )(*map(_to_heads, (q, k, v, w, u, t_inv, gamma, beta, do)), states, d_states,
+    _to_heads(dv_new))
+  return tuple(map(_from_heads, outs))
+
+
+BACKEND = common.Backend(intra_fwd, state_fwd, state_bwd, chunk_bwd)
+_core = common.make_core(BACKEND)
+
+
+def _make_config(chunk, dk, dv, dtype):
+  on_tpu = jax.default_backend() == "tpu"
+  return common.KernelConfig(
+      chunk_size=chunk, block_v=min(128, dv), compute_dtype=jnp.dtype(dtype).name,
+      fp32_precision=jax.lax.Precision.HIGHEST,
+      interpret=False if on_tpu else pltpu.InterpretParams())
+
+
+def gated_delta_rule_mosaic_tpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
+                                chunk_size, delta):
+  """Implementation fn (see api.ImplementationFn). TPU interpret mode off-TPU."""
+  return common.run_gated_delta_rule(_core, q, k, v, g, beta, initial_state, scale=scale,
+                                     use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
+                                     delta=delta, make_config=_make_config)
+
+
+api.register_implementation(
+    api.Implementation(NAME, gated_delta_rule_mosaic_tpu,
+                       "Pallas Mosaic TPU kernels (fwd + bwd, custom VJP); never run on a TPU, "
+                       "validated in TPU interpret mode"),
+    default_on=("tpu",))

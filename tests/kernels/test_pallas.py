@@ -1,0 +1,171 @@
+"""Pallas kernels of the gated delta rule vs the float32 token-by-token oracle.
+
+On a CPU (CI) the kernels run interpreted (Triton kernels with interpret=True, the TPU kernel in
+TPU interpret mode); on the GPU machine the same tests run the compiled Triton kernel:
+  python3 -m pytest tests/kernels/test_pallas.py -q      (on either machine)
+Errors are relative RMS errors per output and per gradient, with random cotangents on both o and
+the final state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels.gated_delta_rule import api
+
+BACKEND = jax.default_backend()
+# Compiled where the hardware is, interpreted on a CPU; the TPU kernel has no GPU interpreter.
+IMPLS = {"gpu": ["pallas_triton"], "tpu": ["pallas_mosaic_tpu"],
+         "cpu": ["pallas_triton", "pallas_mosaic_tpu"]}[BACKEND]
+NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_state")
+TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+
+
+def make_inputs(seed, b, t, h, dk, dv, dtype, *, g_offset=2.0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  q = jax.random.normal(ks[0], (b, t, h, dk), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (b, t, h, dk), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, dv), jnp.float32).astype(dtype)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h)) + g_offset)
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h)))
+  s0 = jax.random.normal(ks[5], (b, h, dk, dv))
+  do = jax.random.normal(ks[6], (b, t, h, dv), jnp.float32).astype(dtype)
+  dsf = jax.random.normal(ks[7], (b, h, dk, dv))
+  return (q, k, v, g, beta, s0), (do, dsf)
+
+
+def outputs_and_grads(impl, inputs, cotangents, **kwargs):
+  def f(q, k, v, g, beta, s0):
+    return kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, implementation=impl,
+                                    **kwargs)
+  out, vjp = jax.vjp(f, *inputs)
+  return (*out, *vjp(cotangents))
+
+
+def reference(inputs, cotangents, **kwargs):
+  up = lambda xs: tuple(x.astype(jnp.float32) for x in xs)
+  with jax.default_matmul_precision("highest"):
+    return outputs_and_grads("recurrent", up(inputs), up(cotangents), **kwargs)
+
+
+def rel_rms(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return np.sqrt(np.mean((x - ref) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30)
+
+
+def assert_close(got, want, tolerance, names=NAMES):
+  errors = {n: rel_rms(a, b) for n, a, b in zip(names, got, want)}
+  for name, a in zip(names, got):
+    assert np.all(np.isfinite(np.asarray(a, np.float32))), f"{name} is not finite"
+  bad = {n: e for n, e in errors.items() if not e <= tolerance}
+  assert not bad, f"relative RMS error above {tolerance}: {bad} (all: {errors})"
+
+
+# (B, T, H, K, V, chunk, dtype, l2norm): awkward T, every chunk size, non-power-of-2 K and V.
+CASES = [
+    (1, 1, 2, 32, 16, 64, jnp.float32, True),
+    (1, 63, 1, 16, 32, 16, jnp.float32, False),
+    (2, 75, 1, 48, 24, 32, jnp.float32, True),
+    (1, 130, 2, 32, 32, 64, jnp.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}K{c[3]}V{c[4]}"
+                         f"C{c[5]}{jnp.dtype(c[6]).name}{'-l2' if c[7] else ''}")
+def test_matches_reference(impl, case):
+  b, t, h, dk, dv, chunk, dtype, l2norm = case
+  inputs, cotangents = make_inputs(t, b, t, h, dk, dv, dtype)
+  kwargs = dict(use_qk_l2norm=l2norm, chunk_size=chunk)
+  if not l2norm:  # keep the un-normalised recurrence well scaled
+    inputs = (inputs[0] * 0.3, inputs[1] * 0.3, *inputs[2:])
+  got = outputs_and_grads(impl, inputs, cotangents, **kwargs)
+  assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+  assert_close(got, reference(inputs, cotangents, **kwargs), TOLERANCE[dtype])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matches_reference_larger(impl, dtype):
+  inputs, cotangents = make_inputs(7, 2, 300, 2, 128, 128, dtype)
+  kwargs = dict(use_qk_l2norm=True, chunk_size=64)
+  if impl == "pallas_triton" and BACKEND == "gpu" and dtype == jnp.float32:
+    # Compiled, this case needs 320 KB of shared memory: the kernel must refuse it by name.
+    with pytest.raises(NotImplementedError, match="shared memory"):
+      outputs_and_grads(impl, inputs, cotangents, **kwargs)
+    return
+  got = outputs_and_grads(impl, inputs, cotangents, **kwargs)
+  assert_close(got, reference(inputs, cotangents, **kwargs), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_state_round_trip(impl):
+  """Prefix then suffix, with the state handed over, equals one pass."""
+  (q, k, v, g, beta, s0), _ = make_inputs(3, 1, 90, 2, 32, 32, jnp.float32)
+  run = lambda sl, s: kernels.gated_delta_rule(
+      q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], initial_state=s, use_qk_l2norm=True,
+      chunk_size=32, implementation=impl)
+  o_full, s_full = run(slice(None), s0)
+  o_a, s_a = run(slice(0, 37), s0)
+  o_b, s_b = run(slice(37, None), s_a)
+  assert rel_rms(jnp.concatenate([o_a, o_b], axis=1), o_full) < 1e-4
+  assert rel_rms(s_b, s_full) < 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extreme_gates(impl):
+  """g = -30 (decay to ~0) stays finite; beta = 0 with g = 0 leaves the state unchanged."""
+  inputs, cotangents = make_inputs(5, 1, 40, 1, 16, 16, jnp.float32)
+  q, k, v, g, beta, s0 = inputs
+  kwargs = dict(use_qk_l2norm=True, chunk_size=16)
+  tiny = (q, k, v, jnp.full_like(g, -30.0), beta, s0)
+  got = outputs_and_grads(impl, tiny, cotangents, **kwargs)
+  want = reference(tiny, cotangents, **kwargs)
+  dg_index = NAMES.index("dg")  # dg ~ exp(-30): compare it absolutely, the rest relatively
+  np.testing.assert_allclose(got[dg_index], want[dg_index], atol=1e-6)
+  drop = lambda xs: xs[:dg_index] + xs[dg_index + 1:]
+  assert_close(drop(got), drop(want), 1e-4, names=drop(NAMES))
+  _, s = kernels.gated_delta_rule(q, k, v, jnp.zeros_like(g), jnp.zeros_like(beta),
+                                  initial_state=s0, implementation=impl, **kwargs)
+  np.testing.assert_allclose(s, s0, rtol=1e-6, atol=1e-6)
+
+
+def test_registered_and_dispatched():
+  names = kernels.available_implementations()
+  assert {"pallas_triton", "pallas_mosaic_tpu"} <= set(names)
+  assert kernels.default_implementations("gpu") == ("chunked",)   # pallas_triton is opt-in
+  assert kernels.default_implementations("tpu")[0] == "pallas_mosaic_tpu"
+  assert kernels.default_implementations("cpu") == ("chunked",)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_rule_not_implemented(impl):
+  (q, k, v, g, beta, _), _ = make_inputs(0, 1, 8, 1, 16, 16, jnp.float32)
+  with pytest.raises(NotImplementedError, match="gated delta rule only"):
+    kernels.gated_linear_rule(q, k, v, g, beta, implementation=impl)
+  # Without a name the dispatcher falls back to the chunked path.
+  o, _ = kernels.gated_linear_rule(q, k, v, g, beta)
+  assert np.all(np.isfinite(o))
+
+
+def test_l2norm_is_applied_before_the_kernel():
+  """The kernels take normalised q/k from api.prepare_qk (JAX, differentiated by autodiff)."""
+  x = jnp.arange(1.0, 7.0).reshape(1, 1, 1, 6)
+  np.testing.assert_allclose(jnp.sum(api.l2_normalize(x) ** 2), 1.0, rtol=1e-5)
+
+
+def test_dispatcher_falls_back_when_a_kernel_refuses(monkeypatch):
+  """On TPU the Mosaic kernel is tried first; it refuses the linear rule, so "chunked" runs."""
+  from kernels.gated_delta_rule import api
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
+  assert kernels.default_implementations()[0] == "pallas_mosaic_tpu"
+  (q, k, v, g, beta, s0), _ = make_inputs(1, 1, 20, 2, 16, 16, jnp.float32)
+  got = kernels.gated_linear_rule(q, k, v, g, beta, initial_state=s0)
+  want = kernels.gated_linear_rule(q, k, v, g, beta, initial_state=s0, implementation="chunked")
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
