@@ -103,7 +103,9 @@ def main():
   print(f"{'run':<16}{'step':>8}{'exact acc':>12}  per answer")
   for arg in runs:
     r = last_eval(root / arg.replace(",", "_").replace("=", ""))
-    if r:
+    if arg in failed:
+      print(f"{arg:<16}{'FAILED: see its train.log':>34}")
+    elif r:
       print(f"{arg:<16}{r['step']:>8}{r['exact_accuracy']:>12.4f}  "
             f"{[round(a, 3) for a in r['answer_accuracy']]}")
     else:

@@ -226,8 +226,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   def to_device(batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x), batch)
 
-  # A SIGTERM (preemption) unwinds like Ctrl-C so that the `finally` below checkpoints.
-  previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+  # A SIGTERM (preemption, `timeout`) asks the loop to stop between two steps, so that the
+  # state it checkpoints is whole (a step in flight has already consumed its donated input).
+  stop_requested = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
   last_eval: dict = {}
   step, saved = start, start
   pending, t0, interval_start = [], time.time(), time.time()
@@ -256,13 +258,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
               f"{last_eval['exact_accuracy']:.4f} | per answer "
               f"{[round(a, 3) for a in last_eval['answer_accuracy']]}", flush=True)
         interval_start = time.time()   # keep eval time out of tokens/s
-    if not last_eval:   # the run was already complete: report its accuracy again
+      if stop_requested:
+        print(f"SIGTERM: stopping at step {step}", flush=True)
+        break
+    if not last_eval and not stop_requested:   # already complete: report its accuracy again
       last_eval = evaluate(config, state.params, mesh, data_dir=data_dir)
   except KeyboardInterrupt:
-    print(f"interrupted at step {step}: checkpointing", flush=True)
+    print(f"interrupted at step {step}", flush=True)
     raise
   finally:
-    if saved != step and step > start:
+    whole = not any(x.is_deleted() for x in jax.tree.leaves(state))
+    if saved != step and step > start and whole:
       save(manager, state, step)
     manager.wait_until_finished()
     manager.close()
