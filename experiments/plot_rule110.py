@@ -47,7 +47,7 @@ def fig2a(runs, ax):
   for r in runs:
     by_n[r["N"]].append((r["t"], r["evals"][-1]["exact_accuracy"]))
   for n, points in sorted(by_n.items()):
-    ts, accs = zip(*sorted(points))
+    ts, accs = zip(*sorted(points), strict=True)
     ax.plot(ts, accs, "o-", label=f"N = {n}")
   ax.axhline(CHANCE, color="grey", ls="--", lw=1, label="chance (1/16)")
   ax.set_xlabel("automaton steps t")

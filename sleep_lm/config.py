@@ -7,7 +7,8 @@ a typo in an ml-collections override fails at start-up rather than deep inside a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -78,7 +79,8 @@ class ModelConfig:
 
     for field in ("vocab_size", "d_model", "attn_head_dim", "gdn_head_dim", "conv_kernel"):
       value = getattr(self, field)
-      expect(isinstance(value, int) and value >= 1, field, f"must be an integer >= 1, got {value!r}")
+      expect(isinstance(value, int) and value >= 1, field,
+             f"must be an integer >= 1, got {value!r}")
     expect(isinstance(self.window, int) and self.window >= 1, "window",
            f"L must be an integer >= 1, got {self.window!r}")
     expect(isinstance(self.passes, int) and self.passes >= 1, "passes",
@@ -140,7 +142,7 @@ class ModelConfig:
     return jax.numpy.dtype(self.dtype)
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+  def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
     """Builds a config from a dict or ConfigDict, rejecting unknown keys by name."""
     values = dict(values)
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -17,7 +17,6 @@ from absl import app, flags, logging
 from sleep_lm import sharding, train
 
 
-
 def evaluate_workdir(workdir: str | Path, *, step: int | None = None,
                      t: int | None = None) -> dict:
   workdir = Path(workdir)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sleep_lm.config import ModelConfig
-from sleep_lm.layers import P, Attention, GatedDeltaNet, RMSNorm, SwiGLU, dense
+from sleep_lm.layers import Attention, GatedDeltaNet, P, RMSNorm, SwiGLU, dense
 
 Array = jax.Array
 
@@ -77,7 +77,7 @@ class HybridLM(nn.Module):
     state_iter = iter(states)
     prefix_iter = iter(ctx.prefix) if ctx.prefix is not None else None
     for kind, mixer, mixer_norm, mlp, mlp_norm in zip(
-        self.config.layers, self.mixers, self.mixer_norms, self.mlps, self.mlp_norms):
+        self.config.layers, self.mixers, self.mixer_norms, self.mlps, self.mlp_norms, strict=True):
       x = mixer_norm(h)
       if kind == "attn":
         prefix = next(prefix_iter) if prefix_iter is not None else None

@@ -7,7 +7,7 @@ data, maps each logical axis (see `sleep_lm.layers`) to a mesh axis or to None (
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -62,7 +62,7 @@ def check_divisible(batch_size: int, mesh: Mesh, boxed_params, rules=DEFAULT_RUL
   leaves = jax.tree_util.tree_leaves_with_path(
       boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   for path, leaf in leaves:
-    for size, name in zip(leaf.value.shape, leaf.names):
+    for size, name in zip(leaf.value.shape, leaf.names, strict=True):
       axis = rule.get(name)
       if axis is not None and size % mesh.shape[axis]:
         raise ValueError(

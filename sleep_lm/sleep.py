@@ -125,7 +125,7 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
       # Keep the last L-1 keys/values of [prefix ; this window's final pass].
       prefix = tuple((jnp.concatenate([pk, k], 1)[:, -retained:],
                       jnp.concatenate([pv, v], 1)[:, -retained:])
-                     for (pk, pv), (k, v) in zip(prefix, kvs))
+                     for (pk, pv), (k, v) in zip(prefix, kvs, strict=True))
     return (states, prefix), h
 
   prefix = ()

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -31,8 +30,13 @@ from ml_collections import config_flags
 from sleep_lm import sharding
 from sleep_lm.config import ModelConfig
 from sleep_lm.data import rule110, tfds_rule110
-from sleep_lm.training import (OptimizerConfig, create_train_state, make_eval_step,
-                               make_optimizer, make_train_step)
+from sleep_lm.training import (
+  OptimizerConfig,
+  create_train_state,
+  make_eval_step,
+  make_optimizer,
+  make_train_step,
+)
 
 TASKS = ("rule110",)
 
@@ -229,7 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   # A SIGTERM (preemption, `timeout`) asks the loop to stop between two steps, so that the
   # state it checkpoints is whole (a step in flight has already consumed its donated input).
   stop_requested = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+  on_main_thread = threading.current_thread() is threading.main_thread()  # signal needs it
+  if on_main_thread:
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
   last_eval: dict = {}
   step, saved = start, start
   pending, t0, interval_start = [], time.time(), time.time()
@@ -272,7 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       save(manager, state, step)
     manager.wait_until_finished()
     manager.close()
-    signal.signal(signal.SIGTERM, previous)
+    if on_main_thread:
+      signal.signal(signal.SIGTERM, previous)
   return last_eval
 
 

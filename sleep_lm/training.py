@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -46,7 +47,7 @@ class OptimizerConfig:
     expect(self.clip_norm > 0, "clip_norm", f"must be > 0, got {self.clip_norm}")
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "OptimizerConfig":
+  def from_mapping(cls, values: Mapping[str, Any]) -> OptimizerConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:

@@ -15,8 +15,8 @@ from sleep_lm.data.rule110 import QUERY, SEQ_LEN, Rule110Task, evolve, rule110_s
 def _ref_step(x: int, n: int) -> int:
   out = 0
   for j in range(n):
-    l, c, r = (x >> ((j - 1) % n)) & 1, (x >> j) & 1, (x >> ((j + 1) % n)) & 1
-    out |= ((110 >> (l << 2 | c << 1 | r)) & 1) << j
+    left, c, r = (x >> ((j - 1) % n)) & 1, (x >> j) & 1, (x >> ((j + 1) % n)) & 1
+    out |= ((110 >> (left << 2 | c << 1 | r)) & 1) << j
   return out
 
 
@@ -40,7 +40,7 @@ def test_step_matches_reference():
     states = rng.integers(0, 2, (50, n)).astype(bool)
     for t in (1, 2, 7):
       got = evolve(states, t)
-      for s, g in zip(states, got):
+      for s, g in zip(states, got, strict=True):
         assert _to_int(g) == _ref_evolve(_to_int(s), n, t)
 
 

@@ -1,6 +1,5 @@
 """The hybrid model and the sleep scan: equivalences, information flow, baselines, dtypes."""
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -10,10 +9,14 @@ import pytest
 
 from sleep_lm.config import ModelConfig
 from sleep_lm.model import HybridLM, PassContext, init_params, zero_states
-from sleep_lm.sleep import (parallel_forward, sleep_forward, sleep_forward_embedded,
-                            sleep_schedule)
-from sleep_lm.training import (OptimizerConfig, create_train_state, make_optimizer,
-                               masked_loss_and_metrics, train_step)
+from sleep_lm.sleep import parallel_forward, sleep_forward, sleep_forward_embedded, sleep_schedule
+from sleep_lm.training import (
+  OptimizerConfig,
+  create_train_state,
+  make_optimizer,
+  masked_loss_and_metrics,
+  train_step,
+)
 
 L = 6          # window
 T = 20         # 4 windows, the last one partial
@@ -177,7 +180,7 @@ def test_remat_policy_keeps_values_and_gradients(params, policy):
   base = jax.value_and_grad(loss)(params, small_config(passes=2))
   remat = jax.value_and_grad(loss)(params, small_config(passes=2, remat=policy))
   assert rel_err(remat[0], base[0]) < 1e-6
-  for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(base[1])):
+  for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(base[1]), strict=True):
     assert rel_err(a, b) < 1e-4
 
 

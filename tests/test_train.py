@@ -163,3 +163,24 @@ def test_sharded_training_on_a_2x2_mesh_matches_one_device(tmp_path):
   b = [r["loss"] for r in records(tmp_path / "single", "train")]
   assert len(a) == len(b) == 3
   np.testing.assert_allclose(a, b, rtol=2e-4)
+
+
+def test_sigterm_stops_between_steps_and_checkpoints(uninterrupted, tmp_path):
+  """Preemption: SIGTERM ends the run cleanly with a checkpoint at the step where it stopped."""
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "sleep_lm.train", *cli_args(uninterrupted / "data"),
+         f"--workdir={workdir}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 600
+  while not (workdir / "checkpoints" / "10").is_dir():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  stopped = [line for line in out.splitlines() if line.startswith("SIGTERM: stopping at step")]
+  assert stopped, out[-3000:]
+  step = int(stopped[0].split()[-1])
+  assert 10 <= step < STEPS
+  assert (workdir / "checkpoints" / str(step)).is_dir()

@@ -75,8 +75,8 @@ def check(implementation, shape, dtype, reference="recurrent", seed=0):
   with jax.default_matmul_precision("highest"):
     (o_r, s_r), grads_r = jax.jit(fwd_bwd(reference))(up(inputs), up(cots))
   (o, s), grads = jax.jit(fwd_bwd(implementation))(inputs, cots)
-  errors = [rel_rms(a, b) for a, b in zip((o, s, *grads), (o_r, s_r, *grads_r))]
-  return dict(zip(NAMES, errors))
+  errors = [rel_rms(a, b) for a, b in zip((o, s, *grads), (o_r, s_r, *grads_r), strict=True)]
+  return dict(zip(NAMES, errors, strict=True))
 
 
 def time_jax(fn, args, *, inner=10, samples=25):
@@ -99,8 +99,8 @@ def summarize(times_ms):
 
 def load_fla():
   try:
-    import torch  # noqa: F401
     import fla.ops.common.chunk_o as chunk_o
+    import torch  # noqa: F401
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
   except Exception as e:  # pylint: disable=broad-except
     print(f"fla not available ({type(e).__name__}: {e}); skipping it")

@@ -15,7 +15,8 @@ tried. Asked for by name, an implementation's NotImplementedError reaches the ca
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ never share an (index, key) pair; the contexts could only coincide by a 2^-96-pe
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -118,7 +118,7 @@ class Rule110Task:
     """Positions of the QUERY tokens (where the loss is taken), int [num_states]."""
     return self.num_states * self.state_bits + 2 * np.arange(self.num_states)
 
-  def replace(self, **changes) -> "Rule110Task":
+  def replace(self, **changes) -> Rule110Task:
     return dataclasses.replace(self, **changes)
 
   def states(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:

@@ -15,11 +15,11 @@ the NumPy parser. Configs: `t{t}` for the default size/seed, `t{t}_n{size}_s{see
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from sleep_lm.data import rule110
 

@@ -280,7 +280,7 @@ def test_gradients_match_float64(rng, rule, impl, t, chunk_size, use_qk_l2norm):
   assert_close(o, o_ref, FWD_TOL, "o")
   assert_close(s, s_ref, FWD_TOL, "final_state")
   for name, grad, grad_ref in zip(("q", "k", "v", "g", "beta", "initial_state"), grads,
-                                  grads_ref):
+                                  grads_ref, strict=True):
     assert grad.dtype == jnp.float32, name
     assert_close(grad, grad_ref, GRAD_TOL, f"d{name}")
 
@@ -336,7 +336,7 @@ def test_tiny_decay_stays_finite(rng, rule, impl, g_mode):
          jnp.asarray(rng.standard_normal((b, h, 16, 32)), jnp.float32))
   (o, s), grads = op_vjp(args, cts, rule=rule, impl=impl, chunk_size=16)  # as a gradient case
   assert np.all(np.isfinite(o)) and np.all(np.isfinite(s))
-  for name, grad in zip(("q", "k", "v", "g", "beta", "initial_state"), grads):
+  for name, grad in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, strict=True):
     assert np.all(np.isfinite(grad)), f"d{name} is not finite"
   o_ref, s_ref = ref(args, rule=rule)
   assert_close(o, o_ref, FWD_TOL, "o")

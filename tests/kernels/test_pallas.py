@@ -58,8 +58,8 @@ def rel_rms(x, ref):
 
 
 def assert_close(got, want, tolerance, names=NAMES):
-  errors = {n: rel_rms(a, b) for n, a, b in zip(names, got, want)}
-  for name, a in zip(names, got):
+  errors = {n: rel_rms(a, b) for n, a, b in zip(names, got, want, strict=True)}
+  for name, a in zip(names, got, strict=True):
     assert np.all(np.isfinite(np.asarray(a, np.float32))), f"{name} is not finite"
   bad = {n: e for n, e in errors.items() if not e <= tolerance}
   assert not bad, f"relative RMS error above {tolerance}: {bad} (all: {errors})"
