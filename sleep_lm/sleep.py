@@ -4,10 +4,11 @@
 
     carry = (S_1..S_G fast-weight states, retained prefix K/V (sliding only))
     scan over windows c = 0..W-1:
-        consolidation window (no supervised token anywhere in the batch):
-            scan over N passes:  h, S <- run_pass(h, S)      # attention over the window's own
+        h, S <- run_pass(h, S)                               # pass 1 (wake), every window
+        scan over passes 2..N:                               # only if window c sleeps (no
+            h, S <- run_pass(h, S) if sleeps[c] else (h, S)  # supervised token in the batch)
+                                                            # attention over the window's own
                                                             # recomputed K/V; each GDN rescans
-        prediction window:       h, S <- run_pass(h, S)      # exactly one pass
         emit h;  drop h and the KV cache;  keep S             # hard eviction
         (sliding: keep the final pass's last L-1 keys/values as the next window's prefix)
     logits = head(h of every window)                          # loss is masked to answers
