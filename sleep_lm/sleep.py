@@ -123,9 +123,10 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
       carry, _ = jax.lax.scan(replay, carry, None, length=config.passes - 1)
     h, states, kvs = carry
     if sliding:
-      # Keep the last L-1 keys/values of [prefix ; this window's final pass].
-      prefix = tuple((jnp.concatenate([pk, k], 1)[:, -retained:],
-                      jnp.concatenate([pv, v], 1)[:, -retained:])
+      # Keep the last L-1 keys/values of [prefix ; this window's final pass]. (Not x[:, -n:]:
+      # with L = 1, n = 0 and that would keep everything.)
+      last = lambda a, b: (x := jnp.concatenate([a, b], 1))[:, x.shape[1] - retained:]
+      prefix = tuple((last(pk, k), last(pv, v))
                      for (pk, pv), (k, v) in zip(prefix, kvs, strict=True))
     return (states, prefix), h
 

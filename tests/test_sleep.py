@@ -254,3 +254,13 @@ def test_config_from_mapping_rejects_unknown_keys():
   with pytest.raises(ValueError, match="unknown field.*windw"):
     ModelConfig.from_mapping(dict(vocab_size=3, windw=4))
   assert ModelConfig.from_mapping(dict(vocab_size=3, layers=["gdn"])).layers == ("gdn",)
+
+
+def test_sliding_with_one_token_window_retains_nothing():
+  """L = 1: the sliding cache keeps L-1 = 0 keys, so it equals hard eviction."""
+  tokens, mask = tokens_and_mask(10, seq=7)
+  sliding = small_config(window=1, passes=2, eviction="sliding")
+  p = nn.meta.unbox(init_params(sliding, jax.random.key(3)))
+  got = sleep_forward(sliding, p, tokens, mask).logits
+  want = sleep_forward(small_config(window=1, passes=2), p, tokens, mask).logits
+  assert rel_err(got, want) < 1e-6
