@@ -17,18 +17,16 @@ import time
 import jax
 import numpy as np
 
+from experiments.sweep import load_module
 from sleep_lm import sharding, train
 from sleep_lm.data import rule110
 from sleep_lm.training import make_train_step
 
 
 def load_config(path_and_arg: str):
-  import importlib.util
+  """'experiments/rule110.py:smoke' -> that file's get_config('smoke')."""
   path, _, arg = path_and_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("experiment_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return load_module(path).get_config(arg or None)
 
 
 def time_step(config, *, warmup: int, iters: int) -> dict:
