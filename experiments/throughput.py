@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from experiments.sweep import load_module
-from sleep_lm import sharding, train
+from sleep_lm import profiling, sharding, train
 from sleep_lm.data import rule110
 from sleep_lm.training import make_train_step
 
@@ -29,7 +29,7 @@ def load_config(path_and_arg: str):
   return load_module(path).get_config(arg or None)
 
 
-def time_step(config, *, warmup: int, iters: int) -> dict:
+def time_step(config, *, warmup: int, iters: int, profile_dir: str | None = None) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   state, optimizer = train.initial_state(config, mesh)
   step = make_train_step(train.model_config(config), optimizer)
@@ -49,7 +49,17 @@ def time_step(config, *, warmup: int, iters: int) -> dict:
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
   ms = 1e3 * float(np.median(times))
-  return {"ms_per_step": ms, "p20_ms": 1e3 * float(np.percentile(times, 20)),
+  extra = {}
+  if profile_dir:  # where the step's device time goes, by kernel
+    holder = [state]
+
+    def one_step():
+      holder[0], _ = step(holder[0], batch)  # the state is donated: carry the new one
+      return holder[0]
+
+    extra["profile"] = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir)
+    print(profiling.format_table(extra["profile"]), flush=True)
+  return {**extra, "ms_per_step": ms, "p20_ms": 1e3 * float(np.percentile(times, 20)),
           "p80_ms": 1e3 * float(np.percentile(times, 80)), "compile_s": compile_s,
           "tokens_per_s": config.batch_size * rule110.SEQ_LEN / (ms / 1e3)}
 
@@ -64,6 +74,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--json", default=None)
+  parser.add_argument("--profile-dir", default=None,
+                      help="also trace 3 steps per row and print device time by kernel")
   args = parser.parse_args()
 
   rows = []
@@ -76,9 +88,10 @@ def main():
         config.model.dtype = args.dtype
       row = {"passes": n, "implementation": impl, "dtype": config.model.dtype,
              "batch_size": config.batch_size, **time_step(config, warmup=args.warmup,
-                                                          iters=args.iters)}
+                                                          iters=args.iters,
+                                                          profile_dir=args.profile_dir)}
       rows.append(row)
-      print(json.dumps(row), flush=True)
+      print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
   base = rows[0]["tokens_per_s"]
   device = jax.devices()[0].device_kind
   print(f"\ndevice: {device}   config: {args.config}   batch {rows[0]['batch_size']} x "

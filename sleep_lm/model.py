@@ -48,8 +48,11 @@ class HybridLM(nn.Module):
   def setup(self):
     cfg = self.config
     dt = cfg.activation_dtype
+    # The lookup runs on the float32 table and casts after: its gradient is a scatter-add into
+    # the table, which in bfloat16 (a few rows, thousands of colliding updates) took 150 ms of a
+    # 200 ms step on an H200 (docs/kernels.md, end to end).
     self.embedding = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=jnp.float32,
+        cfg.vocab_size, cfg.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
         embedding_init=P(nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
     mixers, mixer_norms, mlps, mlp_norms = [], [], [], []
     for i, kind in enumerate(cfg.layers):
@@ -64,7 +67,7 @@ class HybridLM(nn.Module):
 
   def embed(self, tokens: Array) -> Array:
     """[B,T] int -> [B,T,D] activations."""
-    return self.embedding(tokens)
+    return self.embedding(tokens).astype(self.config.activation_dtype)
 
   def run_pass(self, h: Array, states: tuple[Array, ...], ctx: PassContext
                ) -> tuple[Array, tuple[Array, ...], tuple[tuple[Array, Array], ...]]:

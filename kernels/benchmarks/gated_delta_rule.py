@@ -14,6 +14,7 @@ fla is skipped when it cannot be imported. Prints a table last and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -166,9 +167,13 @@ def main():
   parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
   parser.add_argument("--impls", nargs="*", default=["pallas_triton", "chunked"])
   parser.add_argument("--no-fla", action="store_true")
-  parser.add_argument("--chunk-bwd-warps", nargs="*", type=int, default=[],
-                      help="also time fwd+bwd with these num_warps for Triton kernel 4")
+  parser.add_argument("--variants", nargs="*", default=[],
+                      help="also time pallas_triton fwd+bwd with these settings of "
+                           "pallas_triton.TUNING, each like 'qk_grads_warps=8,block_k=128'")
   parser.add_argument("--no-check", action="store_true")
+  parser.add_argument("--profile-dir", default=None,
+                      help="also trace fwd+bwd per shape and implementation; print device time "
+                           "by kernel")
   parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gdr_bench.json"))
   args = parser.parse_args()
   print("device:", jax.devices()[0].device_kind, "| jax", jax.__version__)
@@ -195,13 +200,27 @@ def main():
       outs[impl] = f(*inputs)
       row[impl] = {"fwd": time_jax(f, inputs), "fwd_bwd": time_jax(fb, (inputs, cots))}
       print(f"{name} {impl}: {row[impl]}", flush=True)
-    for warps in args.chunk_bwd_warps:  # variants of the Triton kernel 4 (backward only)
+      if args.profile_dir:
+        from sleep_lm import profiling
+        table = profiling.device_time_table(functools.partial(fb, inputs, cots), calls=3,
+                                            log_dir=os.path.join(args.profile_dir, name, impl))
+        row[impl]["profile"] = table
+        print(profiling.format_table(table), flush=True)
+    for variant in args.variants:  # other tunings of the Triton kernels
       from kernels.gated_delta_rule import pallas_triton
-      default, pallas_triton.CHUNK_BWD_NUM_WARPS = pallas_triton.CHUNK_BWD_NUM_WARPS, warps
-      fb = jax.jit(fwd_bwd("pallas_triton"))
-      row[f"pallas_triton_w{warps}"] = {"fwd_bwd": time_jax(fb, (inputs, cots))}
-      pallas_triton.CHUNK_BWD_NUM_WARPS = default
-      print(f"{name} kernel-4 warps {warps}: {row[f'pallas_triton_w{warps}']}", flush=True)
+      default = dict(pallas_triton.TUNING)
+      pallas_triton.TUNING.update({k: int(v) for k, v in
+                                   (kv.split("=") for kv in variant.split(","))})
+      try:
+        row[f"pallas_triton[{variant}]"] = {
+            "fwd": time_jax(jax.jit(op("pallas_triton")), inputs),
+            "fwd_bwd": time_jax(jax.jit(fwd_bwd("pallas_triton")), (inputs, cots))}
+        print(f"{name} pallas_triton[{variant}]: {row[f'pallas_triton[{variant}]']}", flush=True)
+      except Exception as e:  # pylint: disable=broad-except  (a tuning that does not compile)
+        print(f"{name} pallas_triton[{variant}] failed: {type(e).__name__}: {e}"[:400])
+      finally:
+        pallas_triton.TUNING.clear()
+        pallas_triton.TUNING.update(default)
     if len(args.impls) > 1:  # same inputs, bf16: ours vs chunked
       a, ref = outs[args.impls[0]], outs[args.impls[1]]
       row["agree"] = {"o": rel_rms(a[0], ref[0]), "final_state": rel_rms(a[1], ref[1])}

@@ -16,9 +16,14 @@ normalised and scaled, D_rs = exp(gamma_r - gamma_s) for r >= s (masked before e
 Backward: kernel 3 walks the chunks in reverse carrying dS (seeded by dS_final):
   dVnew = (Q K^T * D)^T dO + (K exp(g_last - gamma)) dS'
   dS    = exp(g_last) dS' + (Q exp(gamma))^T dO - W^T dVnew
-and stores dS' per chunk and dVnew; kernel 4 (parallel over chunks) turns S, dS', dVnew into
-dq, dk, dv, dgamma, dbeta, including the backward of kernel 1 through T:
-  dT = dW X^T + dU Y^T,  dA = -T^T dT T^T  (X = diag(beta exp(gamma)) K, Y = diag(beta) V).
+and stores dS' per chunk and dVnew. Two kernels, parallel over chunks, finish the job (split so
+that each holds few float32 accumulators: one kernel holding them all spilled its registers):
+  4a, per K-tile: the sums over V (dO S^T, dO Vnew^T, Vnew dS'^T, dW = -dVnew S^T), then dq,
+      kernel 2's part of dk and the K-tile's share of dgamma;
+  4b: the backward of kernel 1 through T, from dW and dU = dVnew:
+      dT = dW X^T + dU Y^T,  dA = -T^T dT T^T  (X = diag(beta exp(gamma)) K, Y = diag(beta) V),
+      adding kernel 1's part of dk, and dv, dbeta, the rest of dgamma.
+Under a VJP the forward saves the state entering each chunk and Vnew for kernel 4a.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ f32 = jnp.float32
 class KernelConfig:
   """Static choices of one call. `compute_dtype` is the dtype of the matmul operands."""
   chunk_size: int
-  block_v: int
+  block_v: int  # V-tile of the sequential kernels 2 and 3 (a grid axis: more programs)
+  block_k: int  # K-tile of kernel 4a (grid axis) and of kernel 4b's loops
+  grads_block_v: int  # V-tile of the loops inside kernels 4a and 4b
   compute_dtype: str  # "bfloat16" / "float16" / "float32"
   fp32_precision: object  # precision of float32 matmuls (tf32x3 on GPU, HIGHEST interpreted)
   interpret: object  # False, True or pltpu.InterpretParams()
@@ -113,7 +120,7 @@ def qk_decayed(q, k, g_col, g_row, cfg: KernelConfig):
 
 
 def state_fwd_step(state, q, k, w, u, scores, g_col, cfg: KernelConfig):
-  """One chunk of kernel 2 on a V-tile: returns (o [C,BV], new state [K,BV]).
+  """One chunk of kernel 2 on a V-tile: returns (o [C,BV], new state [K,BV], Vnew [C,BV]).
 
   `scores` = Q K^T * D comes from kernel 1, so it is not recomputed per V-tile.
   """
@@ -123,7 +130,7 @@ def state_fwd_step(state, q, k, w, u, scores, g_col, cfg: KernelConfig):
   o = mm(q_gated, state, cfg) + mm(scores, v_new, cfg)
   k_to_end = k.astype(f32) * jnp.exp(g_last - g_col)
   state = state * jnp.exp(g_last) + mm(k_to_end, v_new, cfg, trans_a=True)
-  return o, state
+  return o, state, v_new
 
 
 def state_bwd_step(d_state, q, k, w, do, scores, g_col, cfg: KernelConfig):
@@ -138,88 +145,100 @@ def state_bwd_step(d_state, q, k, w, do, scores, g_col, cfg: KernelConfig):
   return dv_new, d_state
 
 
-@dataclasses.dataclass
-class ChunkBwdAcc:
-  """Sums over V-tiles inside kernel 4."""
-  dq_state: jax.Array  # dO S^T            [C,K]
-  d_scores: jax.Array  # dO Vnew^T         [C,C]
-  dk_to_end: jax.Array  # Vnew dS'^T       [C,K]
-  dw: jax.Array  # -dVnew S^T              [C,K]
-  dt: jax.Array  # dU Y^T                  [C,C]  (dW X^T added at the end)
-  dbeta_col: jax.Array  # sum_v dY * v     [C,1]
-  d_state_decay: jax.Array  # sum(dS' * S) [1,1]
+def qk_grads_vtile(acc, do, v_new, dv_new, state, d_state, cfg: KernelConfig):
+  """Kernel 4a, one V-tile of one K-tile: accumulates the sums over V of the chunk's gradients.
+
+  acc = (dq_state = dO S^T [C,BK], d_scores = dO Vnew^T [C,C], dk_to_end = Vnew dS'^T [C,BK],
+         dw = -dVnew S^T [C,BK], state_decay = sum(dS' * S) [1,1]); `state`, `d_state` are the
+  K-tile's rows [BK,BV] of the state entering the chunk and of dS' leaving it.
+  """
+  dq_state, d_scores, dk_to_end, dw, state_decay = acc
+  return (dq_state + mm(do, state, cfg, trans_b=True),
+          d_scores + mm(do, v_new, cfg, trans_b=True),
+          dk_to_end + mm(v_new, d_state, cfg, trans_b=True),
+          dw - mm(dv_new, state, cfg, trans_b=True),
+          state_decay + jnp.sum(jnp.sum(d_state * state, axis=1, keepdims=True), axis=0,
+                                keepdims=True))
 
 
-jax.tree_util.register_dataclass(
-    ChunkBwdAcc, data_fields=[f.name for f in dataclasses.fields(ChunkBwdAcc)], meta_fields=[])
-
-
-def chunk_bwd_init(c: int, dk: int) -> ChunkBwdAcc:
+def qk_grads_init(c: int, bk: int):
   z = lambda *s: jnp.zeros(s, f32)
-  return ChunkBwdAcc(z(c, dk), z(c, c), z(c, dk), z(c, dk), z(c, c), z(c, 1), z(1, 1))
+  return z(c, bk), z(c, c), z(c, bk), z(c, bk), z(1, 1)
 
 
-def chunk_bwd_vtile(acc: ChunkBwdAcc, w, t_inv, b_col, u, v, do, dv_new, state, d_state,
-                    cfg: KernelConfig):
-  """Kernel 4, one V-tile: accumulates into `acc`; returns (acc, dv tile [C,BV])."""
-  dv_new = dv_new.astype(f32)
-  v_new = u.astype(f32) - mm(w, state, cfg)
-  y = v.astype(f32) * b_col
-  d_y = mm(t_inv, dv_new, cfg, trans_a=True, fp32=True)
-  acc = ChunkBwdAcc(
-      dq_state=acc.dq_state + mm(do, state, cfg, trans_b=True),
-      d_scores=acc.d_scores + mm(do, v_new, cfg, trans_b=True),
-      dk_to_end=acc.dk_to_end + mm(v_new, d_state, cfg, trans_b=True),
-      dw=acc.dw - mm(dv_new, state, cfg, trans_b=True),
-      dt=acc.dt + mm(dv_new, y, cfg, trans_b=True, fp32=True),
-      dbeta_col=acc.dbeta_col + jnp.sum(d_y * v.astype(f32), axis=1, keepdims=True),
-      d_state_decay=acc.d_state_decay + jnp.sum(
-          jnp.sum(d_state * state, axis=1, keepdims=True), axis=0, keepdims=True),
-  )
-  return acc, d_y * b_col
+def qk_grads_finish(acc, q, k, g_col, g_row, cfg: KernelConfig):
+  """Kernel 4a after the V-tiles, on one K-tile (q, k [C,BK]): the gradients through kernel 2.
 
-
-def chunk_bwd_finish(acc: ChunkBwdAcc, q, k, t_inv, g_col, g_row, b_col, cfg: KernelConfig):
-  """Kernel 4 after the V-tiles: returns dq, dk [C,K]; dgamma as ([C,1], [1,C]); dbeta [C,1]."""
+  Returns dq [C,BK] (complete), dk [C,BK] (kernel 2's part), dw [C,BK] and this K-tile's share
+  of dgamma as ([C,1], [1,C]): every dgamma term is a sum over K, so the shares add up.
+  """
+  dq_state, d_scores, dk_to_end, dw, state_decay = acc
   c = q.shape[0]
-  causal, strict = masks(c)
+  causal, _ = masks(c)
   qf, kf = q.astype(f32), k.astype(f32)
   g_last = last_of(g_col)
   is_last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-  # Kernel 2's part.
   exp_g = jnp.exp(g_col)
-  decay = decay_matrix(g_col, g_row, causal)
-  d_qk = acc.d_scores * decay
-  dq = acc.dq_state * exp_g + mm(d_qk, k, cfg)
+  d_qk = d_scores * decay_matrix(g_col, g_row, causal)
+  dq = dq_state * exp_g + mm(d_qk, k, cfg)
   to_end = jnp.exp(g_last - g_col)
-  dk = mm(d_qk, q, cfg, trans_a=True) + acc.dk_to_end * to_end
-  e_scores = d_qk * mm(q, k, cfg, trans_b=True)  # d(score) * score, masked
-  dk_end_term = jnp.sum(acc.dk_to_end * kf * to_end, axis=1, keepdims=True)  # [C,1]
-  dg_col = (jnp.sum(acc.dq_state * qf * exp_g, axis=1, keepdims=True)
-            + jnp.sum(e_scores, axis=1, keepdims=True) - dk_end_term)
-  dg_last = jnp.sum(dk_end_term, axis=0, keepdims=True) + acc.d_state_decay * jnp.exp(g_last)
+  dk = mm(d_qk, q, cfg, trans_a=True) + dk_to_end * to_end
+  e_scores = d_qk * mm(q, k, cfg, trans_b=True)  # d(score) * score over this K-tile, masked
+  dk_end_term = jnp.sum(dk_to_end * kf * to_end, axis=1, keepdims=True)  # [C,1]
+  dg_last = jnp.sum(dk_end_term, axis=0, keepdims=True) + state_decay * jnp.exp(g_last)
+  dg_col = (jnp.sum(dq_state * qf * exp_g, axis=1, keepdims=True)
+            + jnp.sum(e_scores, axis=1, keepdims=True) - dk_end_term
+            + jnp.where(is_last, dg_last, 0.0))
   dg_row = -jnp.sum(e_scores, axis=0, keepdims=True)
-  # Kernel 1's part: W = T X, U = T Y, T = (I + A)^-1.
+  return dq, dk, dw, dg_col, dg_row
+
+
+def wy_grads(load_k, load_v, load_dw, load_du, load_dk, store_dk, store_dv, n_ktiles, n_vtiles,
+             t_inv, g_col, g_row, b_col, cfg: KernelConfig):
+  """Kernel 4b: the backward of kernel 1 (W = T X, U = T Y, T = (I + A)^-1) for one chunk.
+
+  X = diag(beta exp(gamma)) K, Y = diag(beta) V; dW comes from kernel 4a and dU = dVnew.
+    dT = dW X^T + dU Y^T,  dA = -T^T dT T^T (strict lower),  dX = T^T dW,  dY = T^T dU.
+  Tiles are read and written through the `load_*(j)` / `store_*(j, value)` callbacks (K-tiles for
+  k, dw, dk; V-tiles for v, du, dv) so that no [C,K] or [C,V] float32 value is live at once.
+  `load_dk(j)` is kernel 4a's part of dk, to which this adds kernel 1's. Returns dgamma as
+  ([C,1], [1,C]) and dbeta [C,1].
+  """
+  c = t_inv.shape[0]
+  _, strict = masks(c)
+  exp_g = jnp.exp(g_col)
   x_scale = b_col * exp_g
-  x = kf * x_scale
-  d_t = acc.dt + mm(acc.dw, x, cfg, trans_b=True, fp32=True)
-  d_x = mm(t_inv, acc.dw, cfg, trans_a=True, fp32=True)
-  dk = dk + d_x * x_scale
-  dbeta = acc.dbeta_col + jnp.sum(d_x * kf * exp_g, axis=1, keepdims=True)
-  dg_col = dg_col + jnp.sum(d_x * x, axis=1, keepdims=True)
+  d_t = jnp.zeros((c, c), f32)
+  kk = jnp.zeros((c, c), f32)
+  for j in range(n_ktiles):
+    k = load_k(j)
+    d_t += mm(load_dw(j), k.astype(f32) * x_scale, cfg, trans_b=True, fp32=True)
+    kk += mm(k, k, cfg, trans_b=True)
+  for j in range(n_vtiles):
+    d_t += mm(load_du(j), load_v(j).astype(f32) * b_col, cfg, trans_b=True, fp32=True)
   d_a = -mm(mm(t_inv, d_t, cfg, trans_a=True, fp32=True), t_inv, cfg, trans_b=True, fp32=True)
   d_a = jnp.where(strict, d_a, 0.0)
   strict_decay = decay_matrix(g_col, g_row, strict)
-  kk_decayed = mm(k, k, cfg, trans_b=True) * strict_decay  # A / beta_r
-  dbeta = dbeta + jnp.sum(d_a * kk_decayed, axis=1, keepdims=True)
+  kk_decayed = kk * strict_decay  # A / beta_r
+  dbeta = jnp.sum(d_a * kk_decayed, axis=1, keepdims=True)
   d_b0 = d_a * b_col
   e_a = d_b0 * kk_decayed
-  dg_col = dg_col + jnp.sum(e_a, axis=1, keepdims=True)
-  dg_row = dg_row - jnp.sum(e_a, axis=0, keepdims=True)
+  dg_col = jnp.sum(e_a, axis=1, keepdims=True)
+  dg_row = -jnp.sum(e_a, axis=0, keepdims=True)
   d_kk = d_b0 * strict_decay
-  dk = dk + mm(d_kk, k, cfg) + mm(d_kk, k, cfg, trans_a=True)
-  dg_col = dg_col + jnp.where(is_last, dg_last, 0.0)
-  return dq, dk, dg_col, dg_row, dbeta
+  for j in range(n_ktiles):
+    k = load_k(j)
+    kf = k.astype(f32)
+    d_x = mm(t_inv, load_dw(j), cfg, trans_a=True, fp32=True)
+    dbeta += jnp.sum(d_x * kf * exp_g, axis=1, keepdims=True)
+    dg_col += jnp.sum(d_x * kf * x_scale, axis=1, keepdims=True)
+    store_dk(j, load_dk(j) + d_x * x_scale + mm(d_kk, k, cfg) + mm(d_kk, k, cfg, trans_a=True))
+  for j in range(n_vtiles):
+    v = load_v(j)
+    d_y = mm(t_inv, load_du(j), cfg, trans_a=True, fp32=True)
+    dbeta += jnp.sum(d_y * v.astype(f32), axis=1, keepdims=True)
+    store_dv(j, d_y * b_col)
+  return dg_col, dg_row, dbeta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,10 +264,11 @@ def chunk_local_cumsum(g, chunk: int):
 class Backend:
   """The four pallas_calls of one back end; each takes arrays in the [B,T,H,*] layout."""
   intra_fwd: Callable  # (cfg, q, k, v, gamma, beta) -> w, u, t_inv, scores
-  state_fwd: Callable  # (cfg, q, k, w, u, scores, gamma, s0) -> o, s_final, states|None
+  state_fwd: Callable  # (cfg, q, k, w, u, scores, gamma, s0)
+                       #   -> o, s_final, states|None, v_new|None (both under a VJP only)
   state_bwd: Callable  # (cfg, q, k, w, scores, gamma, do, ds_final) -> dv_new, d_states, ds0
-  chunk_bwd: Callable  # (cfg, q, k, v, w, u, t_inv, gamma, beta, do, states, d_states, dv_new)
-                       #   -> dq, dk, dv, dgamma, dbeta
+  chunk_bwd: Callable  # (cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new)
+                       #   -> dq, dk, dv, dgamma, dbeta  (kernels 4a and 4b)
 
 
 def make_core(backend: Backend):
@@ -258,22 +278,22 @@ def make_core(backend: Backend):
   def core(cfg, q, k, v, gamma, beta, s0):
     cfg = dataclasses.replace(cfg, save_states=False)
     w, u, _, scores = backend.intra_fwd(cfg, q, k, v, gamma, beta)
-    o, s_final, _ = backend.state_fwd(cfg, q, k, w, u, scores, gamma, s0)
+    o, s_final, _, _ = backend.state_fwd(cfg, q, k, w, u, scores, gamma, s0)
     return o, s_final
 
   def core_fwd(cfg, q, k, v, gamma, beta, s0):
     w, u, t_inv, scores = backend.intra_fwd(cfg, q, k, v, gamma, beta)
-    o, s_final, states = backend.state_fwd(cfg, q, k, w, u, scores, gamma, s0)
-    return (o, s_final), (q, k, v, gamma, beta, w, u, t_inv, scores, states)
+    o, s_final, states, v_new = backend.state_fwd(cfg, q, k, w, u, scores, gamma, s0)
+    return (o, s_final), (q, k, v, gamma, beta, w, t_inv, scores, states, v_new)
 
   def core_bwd(cfg, residuals, cotangents):
-    q, k, v, gamma, beta, w, u, t_inv, scores, states = residuals
+    q, k, v, gamma, beta, w, t_inv, scores, states, v_new = residuals
     do, ds_final = cotangents
     do = do.astype(q.dtype) if cfg.compute_dtype != "float32" else do.astype(f32)
     dv_new, d_states, ds0 = backend.state_bwd(cfg, q, k, w, scores, gamma, do,
                                                  ds_final.astype(f32))
-    dq, dk, dv, dgamma, dbeta = backend.chunk_bwd(cfg, q, k, v, w, u, t_inv, gamma, beta, do,
-                                                  states, d_states, dv_new)
+    dq, dk, dv, dgamma, dbeta = backend.chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states,
+                                                  d_states, v_new, dv_new)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgamma, dbeta, ds0)
 
   core.defvjp(core_fwd, core_bwd)

@@ -37,10 +37,16 @@ class ImplementationFn(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-  """One way to compute the op. `fn` gets validated inputs and a float32 initial state."""
+  """One way to compute the op. `fn` gets validated inputs and a float32 initial state.
+
+  `passed_over_by_default(q)` returns why dispatch with `implementation=None` should not pick this
+  implementation for these inputs although it can run them (measured slower), or None. Asked for
+  by name, the implementation runs regardless.
+  """
   name: str
   fn: ImplementationFn
   description: str
+  passed_over_by_default: Callable[[jax.Array], str | None] | None = None
 
 
 def l2_normalize(x: jax.Array, eps: float = L2NORM_EPS) -> jax.Array:
@@ -100,6 +106,20 @@ def default_implementations(backend: str | None = None) -> tuple[str, ...]:
   return tuple(_DEFAULT_ORDER.get(backend or jax.default_backend(), ["chunked"]))
 
 
+def default_candidates(q: jax.Array, backend: str | None = None
+                       ) -> tuple[tuple[str, ...], list[str]]:
+  """The implementations `implementation=None` tries for q, in order, and why others are skipped."""
+  names, skipped = [], []
+  for name in default_implementations(backend):
+    check = _REGISTRY[name].passed_over_by_default
+    why = check(q) if check is not None else None
+    if why:
+      skipped.append(f"{name}: {why}")
+    else:
+      names.append(name)
+  return tuple(names), skipped
+
+
 def _check_args(q, k, v, g, beta, initial_state, chunk_size, implementation):
   def expect(cond, message):
     if not cond:
@@ -143,8 +163,8 @@ def _run(q, k, v, g, beta, *, scale, initial_state, use_qk_l2norm, chunk_size, i
   if implementation is not None:
     o, final_state = _REGISTRY[implementation].fn(q, k, v, g, beta, state, **kwargs)
   else:
-    reasons = []
-    for name in default_implementations():
+    candidates, reasons = default_candidates(q)
+    for name in candidates:
       try:
         o, final_state = _REGISTRY[name].fn(q, k, v, g, beta, state, **kwargs)
         break

@@ -77,7 +77,7 @@ def intra_fwd(cfg, q, k, v, gamma, beta):
 
 def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, sf_ref,
                       *rest, cfg, n_chunks):
-  states_ref, state_ref = (rest[0], rest[1]) if cfg.save_states else (None, rest[0])
+  states_ref, vn_ref, state_ref = rest if cfg.save_states else (None, None, rest[0])
   n = pl.program_id(3)
 
   @pl.when(n == 0)
@@ -87,9 +87,11 @@ def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, s
   state = state_ref[...]
   if cfg.save_states:
     states_ref[...] = state
-  o, state = common.state_fwd_step(state, q_ref[...], k_ref[...], w_ref[...], u_ref[...],
-                                   p_ref[...], g_ref[...], cfg)
+  o, state, v_new = common.state_fwd_step(state, q_ref[...], k_ref[...], w_ref[...], u_ref[...],
+                                          p_ref[...], g_ref[...], cfg)
   o_ref[...] = o.astype(o_ref.dtype)
+  if cfg.save_states:
+    vn_ref[...] = v_new.astype(vn_ref.dtype)
   state_ref[...] = state
 
   @pl.when(n == n_chunks - 1)
@@ -109,15 +111,19 @@ def state_fwd(cfg, q, k, w, u, scores, gamma, s0):
   out_shape = [jax.ShapeDtypeStruct((b, h, t, dv), q.dtype),
                jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
   if cfg.save_states:
-    out_specs.append(pl.BlockSpec((None, None, None, dk, bv), lambda i, j, m, n: (i, j, n, 0, m)))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32))
+    out_specs += [pl.BlockSpec((None, None, None, dk, bv), lambda i, j, m, n: (i, j, n, 0, m)),
+                  tile]
+    out_shape += [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32),
+                  jax.ShapeDtypeStruct((b, h, t, dv), u.dtype)]
   outs = _call(
       functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
       (b, h, dv // bv, n_chunks),
       [chunk(dk), chunk(dk), chunk(dk), tile, chunk(c), chunk(1), state], out_specs, out_shape,
       ("parallel", "parallel", "parallel", "arbitrary"), [pltpu.VMEM((dk, bv), f32)],
   )(*map(_to_heads, (q, k, w, u, scores, gamma)), s0)
-  return _from_heads(outs[0]), outs[1], (outs[2] if cfg.save_states else None)
+  if not cfg.save_states:
+    return _from_heads(outs[0]), outs[1], None, None
+  return _from_heads(outs[0]), outs[1], outs[2], _from_heads(outs[3])
 
 
 def _state_bwd_kernel(q_ref, k_ref, w_ref, p_ref, g_ref, do_ref, dsf_ref, dvn_ref, ds_ref,
@@ -162,46 +168,76 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
   return _from_heads(dv_new), d_states, ds0
 
 
-def _chunk_bwd_kernel(q_ref, k_ref, v_ref, w_ref, u_ref, t_ref, g_ref, b_ref, do_ref, s_ref,
-                      ds_ref, dvn_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, cfg):
+def _qk_grads_kernel(q_ref, k_ref, g_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref,
+                     dw_ref, dg_ref, *, cfg):
   c = cfg.chunk_size
-  dk_dim, dv_dim = q_ref.shape[-1], v_ref.shape[-1]
-  bv = min(cfg.block_v, dv_dim)
+  bv = min(cfg.block_v, do_ref.shape[-1])
   g_col, g_row = _vectors(g_ref[...])
-  b_col = b_ref[...]
-  q, k, w, t_inv = q_ref[...], k_ref[...], w_ref[...], t_ref[...]
-  acc = common.chunk_bwd_init(c, dk_dim)
-  for j in range(dv_dim // bv):
+  acc = common.qk_grads_init(c, q_ref.shape[-1])
+  for j in range(do_ref.shape[-1] // bv):
     cols = pl.ds(j * bv, bv)
-    acc, dv = common.chunk_bwd_vtile(acc, w, t_inv, b_col, u_ref[:, cols], v_ref[:, cols],
-                                     do_ref[:, cols], dvn_ref[:, cols], s_ref[:, cols],
-                                     ds_ref[:, cols], cfg)
-    dv_ref[:, cols] = dv
-  dq, dk, dg_col, dg_row, dbeta = common.chunk_bwd_finish(acc, q, k, t_inv, g_col, g_row, b_col,
-                                                          cfg)
-  dq_ref[...] = dq
+    acc = common.qk_grads_vtile(acc, do_ref[:, cols], vn_ref[:, cols], dvn_ref[:, cols],
+                                s_ref[:, cols], ds_ref[:, cols], cfg)
+  dq, dk, dw, dg_col, dg_row = common.qk_grads_finish(acc, q_ref[...], k_ref[...], g_col, g_row,
+                                                      cfg)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk
+  dw_ref[...] = dw
+  dg_ref[...] = dg_col + jnp.transpose(dg_row)
+
+
+def _wy_grads_kernel(k_ref, v_ref, t_ref, g_ref, b_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref,
+                     dg_ref, db_ref, *, cfg):
+  bk = min(cfg.block_k, k_ref.shape[-1])
+  bv = min(cfg.block_v, v_ref.shape[-1])
+  g_col, g_row = _vectors(g_ref[...])
+  kcols = lambda j: pl.ds(j * bk, bk)
+  vcols = lambda j: pl.ds(j * bv, bv)
+
+  def store_dk(j, x):
+    dk_ref[:, kcols(j)] = x.astype(dk_ref.dtype)
+
+  def store_dv(j, x):
+    dv_ref[:, vcols(j)] = x.astype(dv_ref.dtype)
+
+  dg_col, dg_row, dbeta = common.wy_grads(
+      lambda j: k_ref[:, kcols(j)], lambda j: v_ref[:, vcols(j)], lambda j: dw_ref[:, kcols(j)],
+      lambda j: du_ref[:, vcols(j)], lambda j: dka_ref[:, kcols(j)], store_dk, store_dv,
+      k_ref.shape[-1] // bk, v_ref.shape[-1] // bv, t_ref[...], g_col, g_row, b_ref[...], cfg)
   dg_ref[...] = dg_col + jnp.transpose(dg_row)
   db_ref[...] = dbeta
 
 
-def chunk_bwd(cfg, q, k, v, w, u, t_inv, gamma, beta, do, states, d_states, dv_new):
+def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new):
   b, t, h, dk = q.shape
   dv, c = v.shape[-1], cfg.chunk_size
+  bk = min(cfg.block_k, dk)
+  n_k = dk // bk
+  # 4a: grid (B, H, N, K/BK).
+  ktile = pl.BlockSpec((None, None, c, bk), lambda i, j, n, m: (i, j, n, m))
+  rows = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, n, m: (i, j, n, 0))
+  state = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, n, m: (i, j, n, m, 0))
+  dq, dk_a, dw, dg_a = _call(
+      functools.partial(_qk_grads_kernel, cfg=cfg), cfg, (b, h, t // c, n_k),
+      [ktile, ktile, rows(1), rows(dv), rows(dv), rows(dv), state, state],
+      [ktile, ktile, ktile,
+       pl.BlockSpec((None, None, None, c, 1), lambda i, j, n, m: (i, j, m, n, 0))],
+      [jax.ShapeDtypeStruct((b, h, t, dk), q.dtype), jax.ShapeDtypeStruct((b, h, t, dk), f32),
+       jax.ShapeDtypeStruct((b, h, t, dk), f32), jax.ShapeDtypeStruct((b, h, n_k, t, 1), f32)],
+      ("parallel",) * 4,
+  )(*map(_to_heads, (q, k, gamma, do, v_new, dv_new)), states, d_states)
+  # 4b: grid (B, H, N).
   chunk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, n: (i, j, n, 0))
-  state = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, n, 0, 0))
-  outs = _call(
-      functools.partial(_chunk_bwd_kernel, cfg=cfg), cfg, (b, h, t // c),
-      [chunk(dk), chunk(dk), chunk(dv), chunk(dk), chunk(dv), chunk(c), chunk(1), chunk(1),
-       chunk(dv), state, state, chunk(dv)],
-      [chunk(dk), chunk(dk), chunk(dv), chunk(1), chunk(1)],
-      [jax.ShapeDtypeStruct((b, h, t, dk), f32), jax.ShapeDtypeStruct((b, h, t, dk), f32),
-       jax.ShapeDtypeStruct((b, h, t, dv), f32), jax.ShapeDtypeStruct((b, h, t, 1), f32),
-       jax.ShapeDtypeStruct((b, h, t, 1), f32)],
-      ("parallel", "parallel", "parallel"),
-  )(*map(_to_heads, (q, k, v, w, u, t_inv, gamma, beta, do)), states, d_states,
-    _to_heads(dv_new))
-  return tuple(map(_from_heads, outs))
+  dk_, dv_, dg_b, dbeta = _call(
+      functools.partial(_wy_grads_kernel, cfg=cfg), cfg, (b, h, t // c),
+      [chunk(dk), chunk(dv), chunk(c), chunk(1), chunk(1), chunk(dk), chunk(dv), chunk(dk)],
+      [chunk(dk), chunk(dv), chunk(1), chunk(1)],
+      [jax.ShapeDtypeStruct((b, h, t, dk), k.dtype), jax.ShapeDtypeStruct((b, h, t, dv), v.dtype),
+       jax.ShapeDtypeStruct((b, h, t, 1), f32), jax.ShapeDtypeStruct((b, h, t, 1), f32)],
+      ("parallel",) * 3,
+  )(*map(_to_heads, (k, v, t_inv, gamma, beta)), dw, _to_heads(dv_new), dk_a)
+  dgamma = _from_heads(jnp.sum(dg_a, axis=2) + dg_b)
+  return _from_heads(dq), _from_heads(dk_), _from_heads(dv_), dgamma, _from_heads(dbeta)
 
 
 BACKEND = common.Backend(intra_fwd, state_fwd, state_bwd, chunk_bwd)
@@ -211,7 +247,8 @@ _core = common.make_core(BACKEND)
 def _make_config(chunk, dk, dv, dtype):
   on_tpu = jax.default_backend() == "tpu"
   return common.KernelConfig(
-      chunk_size=chunk, block_v=min(128, dv), compute_dtype=jnp.dtype(dtype).name,
+      chunk_size=chunk, block_v=min(128, dv), block_k=min(128, dk), grads_block_v=min(128, dv),
+      compute_dtype=jnp.dtype(dtype).name,
       fp32_precision=jax.lax.Precision.HIGHEST,
       interpret=False if on_tpu else pltpu.InterpretParams())
 

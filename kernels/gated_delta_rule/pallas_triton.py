@@ -1,13 +1,15 @@
 """Pallas (Triton back end) kernels for the gated delta rule, forward and backward.
 
 Arrays stay in the op's [B,T,H,*] layout (BlockSpecs squeeze H; Triton loads strided rows), so
-no transposes are paid. Four kernels (math in `_pallas_common`):
+no transposes are paid. Five kernels (math in `_pallas_common`):
   1. intra_fwd   grid (B,H,N): W, U and T = (I+A)^-1 of every chunk.
   2. state_fwd   grid (B,H,V/BV): walks the chunks carrying the [K,BV] state in registers;
                  writes o, the final state and (under a VJP) the state entering each chunk.
   3. state_bwd   grid (B,H,V/BV): walks the chunks in reverse carrying dS; writes dVnew and the
                  dS leaving each chunk, and dS_initial.
-  4. chunk_bwd   grid (B,H,N): dq, dk, dv, dgamma, dbeta of each chunk from S, dS, dVnew.
+  4a. qk_grads   grid (B,H,N,K/BK): dq, kernel 2's part of dk, dW and dgamma of each chunk from
+                 S, dS, Vnew, dVnew.
+  4b. wy_grads   grid (B,H,N): the backward through T: dk, dv, dbeta, the rest of dgamma.
 On a machine without a GPU (CI) the same kernels run with `interpret=True`.
 """
 
@@ -25,9 +27,13 @@ from kernels.gated_delta_rule import api
 
 f32 = jnp.float32
 NAME = "pallas_triton"
-# Warps of kernel 4 (the heaviest: ~128 KB of fp32 accumulators per program at K=V=128);
-# module-level so that the benchmark can compare settings. Read at trace time.
-CHUNK_BWD_NUM_WARPS = 4  # measured on an H200: 4 warps 5.6 ms, 8: 8.1, 16: 15.2 (fwd+bwd, B4 T4096)
+# Tuning of the backward kernels, read at trace time; module-level so that the benchmark can
+# compare settings (`--variants`). Kernel 4a holds four fp32 accumulators of [C,BK] or [C,C].
+# float32 inputs use 8 warps there: with 4, Triton 3.6 miscompiled kernel 4a's tf32x3 products at
+# K = 128, chunk 32 (dq off by 6% on an H200; exact with 8 warps or with IEEE fp32 products, which
+# in turn made the fp32 K = V = 128 case run for minutes).
+TUNING = {"qk_grads_warps": 4, "qk_grads_warps_fp32": 8, "block_k": 64, "block_v": 32,
+          "grads_block_v": 64}
 
 
 def _params(cfg, num_warps):
@@ -78,7 +84,7 @@ def intra_fwd(cfg, q, k, v, gamma, beta):
 # Kernel 2: the forward state chain.
 
 
-def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, sf_ref, *states_ref,
+def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, sf_ref, *saved,
                       cfg, n_chunks):
   c = cfg.chunk_size
 
@@ -86,10 +92,12 @@ def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, s
     rows = pl.ds(pl.multiple_of(n * c, c), c)
     g_col = g_ref[rows][:, None]
     if cfg.save_states:
-      states_ref[0][n] = state
-    o, state = common.state_fwd_step(state, q_ref[rows, :], k_ref[rows, :], w_ref[rows, :],
-                                     u_ref[rows, :], p_ref[rows, :], g_col, cfg)
+      saved[0][n] = state
+    o, state, v_new = common.state_fwd_step(state, q_ref[rows, :], k_ref[rows, :], w_ref[rows, :],
+                                            u_ref[rows, :], p_ref[rows, :], g_col, cfg)
     o_ref[rows, :] = o.astype(o_ref.dtype)
+    if cfg.save_states:
+      saved[1][rows, :] = v_new.astype(saved[1].dtype)
     return state
 
   sf_ref[...] = jax.lax.fori_loop(0, n_chunks, step, s0_ref[...])
@@ -107,13 +115,14 @@ def state_fwd(cfg, q, k, w, u, scores, gamma, s0):
   out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), q.dtype),
                jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
   if cfg.save_states:
-    out_specs.append(pl.BlockSpec((None, None, n_chunks, dk, bv),
-                                  lambda i, j, m: (i, j, 0, 0, m)))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32))
+    out_specs += [pl.BlockSpec((None, None, n_chunks, dk, bv), lambda i, j, m: (i, j, 0, 0, m)),
+                  tile]
+    out_shape += [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32),
+                  jax.ShapeDtypeStruct((b, t, h, dv), u.dtype)]  # Vnew: only a matmul operand
   outs = _call(functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
                (b, h, dv // bv), [whole(dk), whole(dk), whole(dk), tile, whole(c), vec, state],
                out_specs, out_shape, num_warps=4)(q, k, w, u, scores, gamma, s0)
-  return outs[0], outs[1], (outs[2] if cfg.save_states else None)
+  return (outs[0], outs[1], *(outs[2:] if cfg.save_states else (None, None)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,46 +167,77 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernel 4: per-chunk gradients (parallel over chunks).
+# Kernels 4a and 4b: per-chunk gradients (parallel over chunks).
 
 
-def _chunk_bwd_kernel(q_ref, k_ref, v_ref, w_ref, u_ref, t_ref, g_ref, b_ref, do_ref, s_ref,
-                      ds_ref, dvn_ref, dq_ref, dk_ref, dv_ref, dg_ref, db_ref, *, cfg):
-  c, bv = cfg.chunk_size, cfg.block_v
-  dk_dim, dv_dim = q_ref.shape[-1], v_ref.shape[-1]
+def _qk_grads_kernel(q_ref, k_ref, g_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref,
+                     dw_ref, dg_ref, *, cfg):
+  c, bv = cfg.chunk_size, cfg.grads_block_v
   g_col, g_row = _vectors(g_ref[...])
-  b_col = b_ref[...][:, None]
-  q, k, w, t_inv = q_ref[...], k_ref[...], w_ref[...], t_ref[...]
-  acc = common.chunk_bwd_init(c, dk_dim)
-  for j in range(dv_dim // bv):  # static: V / BV <= 16
+  acc = common.qk_grads_init(c, q_ref.shape[-1])
+  for j in range(do_ref.shape[-1] // bv):  # static: V / BV <= 16
     cols = pl.ds(j * bv, bv)
-    acc, dv = common.chunk_bwd_vtile(acc, w, t_inv, b_col, u_ref[:, cols], v_ref[:, cols],
-                                     do_ref[:, cols], dvn_ref[:, cols], s_ref[:, cols],
-                                     ds_ref[:, cols], cfg)
-    dv_ref[:, cols] = dv
-  dq, dk, dg_col, dg_row, dbeta = common.chunk_bwd_finish(acc, q, k, t_inv, g_col, g_row, b_col,
-                                                          cfg)
-  dq_ref[...] = dq
+    acc = common.qk_grads_vtile(acc, do_ref[:, cols], vn_ref[:, cols], dvn_ref[:, cols],
+                                s_ref[:, cols], ds_ref[:, cols], cfg)
+  dq, dk, dw, dg_col, dg_row = common.qk_grads_finish(acc, q_ref[...], k_ref[...], g_col, g_row,
+                                                      cfg)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk
+  dw_ref[...] = dw
+  dg_ref[...] = jnp.sum(dg_col, axis=1) + jnp.sum(dg_row, axis=0)
+
+
+def _wy_grads_kernel(k_ref, v_ref, t_ref, g_ref, b_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref,
+                     dg_ref, db_ref, *, cfg):
+  bk, bv = cfg.block_k, cfg.grads_block_v
+  g_col, g_row = _vectors(g_ref[...])
+  kcols = lambda j: pl.ds(j * bk, bk)
+  vcols = lambda j: pl.ds(j * bv, bv)
+
+  def store_dk(j, x):
+    dk_ref[:, kcols(j)] = x.astype(dk_ref.dtype)
+
+  def store_dv(j, x):
+    dv_ref[:, vcols(j)] = x.astype(dv_ref.dtype)
+
+  dg_col, dg_row, dbeta = common.wy_grads(
+      lambda j: k_ref[:, kcols(j)], lambda j: v_ref[:, vcols(j)], lambda j: dw_ref[:, kcols(j)],
+      lambda j: du_ref[:, vcols(j)], lambda j: dka_ref[:, kcols(j)], store_dk, store_dv,
+      k_ref.shape[-1] // bk, v_ref.shape[-1] // bv, t_ref[...], g_col, g_row, b_ref[...][:, None],
+      cfg)
   dg_ref[...] = jnp.sum(dg_col, axis=1) + jnp.sum(dg_row, axis=0)
   db_ref[...] = jnp.sum(dbeta, axis=1)
 
 
-def chunk_bwd(cfg, q, k, v, w, u, t_inv, gamma, beta, do, states, d_states, dv_new):
+def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new):
   b, t, h, dk = q.shape
-  dv, c = v.shape[-1], cfg.chunk_size
+  dv, c, bk = v.shape[-1], cfg.chunk_size, cfg.block_k
+  n_k = dk // bk
+  # 4a: grid (B, H, N, K/BK).
+  ktile = pl.BlockSpec((None, c, None, bk), lambda i, j, n, m: (i, n, j, m))
+  rows = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n, m: (i, n, j, 0))
+  state = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, n, m: (i, j, n, m, 0))
+  dq, dk_a, dw, dg_a = _call(
+      functools.partial(_qk_grads_kernel, cfg=cfg), cfg, (b, h, t // c, n_k),
+      [ktile, ktile, pl.BlockSpec((None, c, None), lambda i, j, n, m: (i, n, j)), rows(dv),
+       rows(dv), rows(dv), state, state],
+      [ktile, ktile, ktile, pl.BlockSpec((None, None, c, None), lambda i, j, n, m: (i, m, n, j))],
+      [jax.ShapeDtypeStruct((b, t, h, dk), q.dtype), jax.ShapeDtypeStruct((b, t, h, dk), f32),
+       jax.ShapeDtypeStruct((b, t, h, dk), f32), jax.ShapeDtypeStruct((b, n_k, t, h), f32)],
+      num_warps=TUNING["qk_grads_warps_fp32" if q.dtype == f32 else "qk_grads_warps"],
+  )(q, k, gamma, do, v_new, dv_new, states, d_states)
+  # 4b: grid (B, H, N).
   chunk = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
   vec = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
-  state = pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, n, 0, 0))
-  return _call(
-      functools.partial(_chunk_bwd_kernel, cfg=cfg), cfg, (b, h, t // c),
-      [chunk(dk), chunk(dk), chunk(dv), chunk(dk), chunk(dv), chunk(c), vec, vec, chunk(dv),
-       state, state, chunk(dv)],
-      [chunk(dk), chunk(dk), chunk(dv), vec, vec],
-      [jax.ShapeDtypeStruct((b, t, h, dk), f32), jax.ShapeDtypeStruct((b, t, h, dk), f32),
-       jax.ShapeDtypeStruct((b, t, h, dv), f32), jax.ShapeDtypeStruct((b, t, h), f32),
-       jax.ShapeDtypeStruct((b, t, h), f32)], num_warps=CHUNK_BWD_NUM_WARPS,
-  )(q, k, v, w, u, t_inv, gamma, beta, do, states, d_states, dv_new)
+  dk_, dv_, dg_b, dbeta = _call(
+      functools.partial(_wy_grads_kernel, cfg=cfg), cfg, (b, h, t // c),
+      [chunk(dk), chunk(dv), chunk(c), vec, vec, chunk(dk), chunk(dv), chunk(dk)],
+      [chunk(dk), chunk(dv), vec, vec],
+      [jax.ShapeDtypeStruct((b, t, h, dk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
+       jax.ShapeDtypeStruct((b, t, h), f32), jax.ShapeDtypeStruct((b, t, h), f32)],
+      num_warps=4,
+  )(k, v, t_inv, gamma, beta, dw, dv_new, dk_a)
+  return dq, dk_, dv_, jnp.sum(dg_a, axis=1) + dg_b, dbeta
 
 
 BACKEND = common.Backend(intra_fwd, state_fwd, state_bwd, chunk_bwd)
@@ -210,14 +250,8 @@ def _on_gpu() -> bool:
 
 def _make_config(chunk, dk, dv, dtype):
   interpret = not _on_gpu()
-  if not interpret and jnp.dtype(dtype) == f32 and max(dk, dv) >= 128:
-    # Measured on an H200: kernel 4 at fp32, K = V = 128, chunk 64 asks for 320 KB of shared
-    # memory (227 KB available). bf16 inputs and fp32 with K, V <= 64 fit.
-    raise NotImplementedError(
-        f"pallas_triton: float32 q/k/v with K or V of 128 or more (padded K={dk}, V={dv}) need "
-        "more shared memory than a GPU block has in the backward kernel; use bfloat16 inputs or "
-        "implementation='chunked'")
-  # float32 inputs keep float32 accuracy (3 tf32 passes); bf16/fp16 inputs need no more than tf32.
+  # float32 inputs keep float32 accuracy (3 tf32 passes; see TUNING for a Triton miscompile);
+  # bf16/fp16 inputs need no more than tf32 for their fp32 products.
   if interpret:
     precision = jax.lax.Precision.HIGHEST
   elif jnp.dtype(dtype) == f32:
@@ -225,7 +259,9 @@ def _make_config(chunk, dk, dv, dtype):
   else:
     precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
   # BV = 32: twice the programs of the sequential kernels (B*H*V/BV), which fill the GPU poorly.
-  return common.KernelConfig(chunk_size=chunk, block_v=min(32, dv),
+  return common.KernelConfig(chunk_size=chunk, block_v=min(TUNING["block_v"], dv),
+                             block_k=min(TUNING["block_k"], dk),
+                             grads_block_v=min(TUNING["grads_block_v"], dv),
                              compute_dtype=jnp.dtype(dtype).name, fp32_precision=precision,
                              interpret=interpret)
 
@@ -238,8 +274,18 @@ def gated_delta_rule_triton(q, k, v, g, beta, initial_state, *, scale, use_qk_l2
                                      delta=delta, make_config=_make_config)
 
 
-# Opt-in, not the GPU default: in the Rule 110 training step (H200) it is slower than "chunked"
-# in float32 (88.4 vs 57.0 ms) and only 1.09x faster in bfloat16 (docs/kernels.md, end to end).
+def _passed_over_by_default(q) -> str | None:
+  # Rule 110 training step on an H200 (docs/kernels.md, end to end): bfloat16 0.69x the chunked
+  # path's time, float32 1.6x. Small fp32 products are where XLA's chunked path is better.
+  if q.dtype == f32:
+    return ("float32 inputs run faster on 'chunked' (measured, docs/kernels.md); ask for "
+            "'pallas_triton' by name to use it anyway")
+  return None
+
+
+# The GPU default for bfloat16/float16 inputs; float32 inputs go to "chunked" by default.
 api.register_implementation(
     api.Implementation(NAME, gated_delta_rule_triton,
-                       "Pallas Triton kernels (fwd + bwd, custom VJP); interpreted off-GPU"))
+                       "Pallas Triton kernels (fwd + bwd, custom VJP); interpreted off-GPU",
+                       passed_over_by_default=_passed_over_by_default),
+    default_on=("gpu",))

@@ -1,0 +1,34 @@
+"""sleep_lm.profiling on a real (CPU) trace: parsing works, a CPU run has no device events."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sleep_lm import profiling
+
+
+def test_cpu_trace_has_no_device_rows(tmp_path):
+  f = jax.jit(lambda x: jnp.sin(x @ x).sum())
+  x = jnp.ones((64, 64))
+  table = profiling.device_time_table(lambda: f(x), calls=2, log_dir=str(tmp_path))
+  assert list(tmp_path.rglob("*.xplane.pb")), "the trace was not written"
+  assert table == {"total_ms_per_call": 0.0, "rows": []}
+  assert "no device events" in profiling.format_table(table)
+
+
+def test_bad_calls_and_missing_trace(tmp_path):
+  with pytest.raises(ValueError, match="calls must be >= 1"):
+    profiling.device_time_table(lambda: None, calls=0, log_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no \\*.xplane.pb"):
+    profiling.device_events(profiling._latest_xplane(str(tmp_path)))
+
+
+def test_format_table_rows():
+  table = {"total_ms_per_call": 2.0, "rows": [
+      {"name": "kernel_a", "ms_per_call": 1.5, "count_per_call": 2.0, "share": 0.75},
+      {"name": "x" * 100, "ms_per_call": 0.5, "count_per_call": 1.0, "share": 0.25}]}
+  text = profiling.format_table(table, width=20)
+  assert "2.000 ms" in text and "kernel_a" in text and "75.0%" in text
+  assert "x" * 17 + "..." in text and "x" * 21 not in text
