@@ -262,7 +262,7 @@ def chunk_local_cumsum(g, chunk: int):
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-  """The four pallas_calls of one back end; each takes arrays in the [B,T,H,*] layout."""
+  """The kernels of one back end (chunk_bwd is two pallas_calls); arrays in the [B,T,H,*] layout."""
   intra_fwd: Callable  # (cfg, q, k, v, gamma, beta) -> w, u, t_inv, scores
   state_fwd: Callable  # (cfg, q, k, w, u, scores, gamma, s0)
                        #   -> o, s_final, states|None, v_new|None (both under a VJP only)
