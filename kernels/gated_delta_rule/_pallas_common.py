@@ -1,7 +1,8 @@
 """Chunk math and JAX glue shared by the Pallas kernels of the gated delta rule.
 
-The per-chunk math is written once, on values (not refs), so that the Triton and the Mosaic TPU
-kernels only differ in how they load and store. Vectors over the C tokens of a chunk are kept 2-D:
+The per-chunk math is written once, on values (not refs), and so are the tile loops of kernels 4a
+and 4b (on refs), so that the Triton and the Mosaic TPU kernels only differ in their block specs
+and in how they load and store. Vectors over the C tokens of a chunk are kept 2-D:
 `*_col` is [C,1] and `*_row` is [1,C] (Mosaic TPU wants 2-D values; Triton takes either).
 
 Per chunk, with gamma the chunk-local cumulative log decay (g_last its last entry), q already
@@ -34,6 +35,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 f32 = jnp.float32
 
@@ -239,6 +241,46 @@ def wy_grads(load_k, load_v, load_dw, load_du, load_dk, store_dk, store_dv, n_kt
     dbeta += jnp.sum(d_y * v.astype(f32), axis=1, keepdims=True)
     store_dv(j, d_y * b_col)
   return dg_col, dg_row, dbeta
+
+
+def qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref, dw_ref,
+                  g_col, g_row, cfg: KernelConfig):
+  """Kernel 4a's body on refs (both back ends): loops over V-tiles, stores dq, dk, dw.
+
+  Returns this K-tile's share of dgamma as ([C,1], [1,C]).
+  """
+  dv = do_ref.shape[-1]
+  bv = min(cfg.grads_block_v, dv)
+  acc = qk_grads_init(cfg.chunk_size, q_ref.shape[-1])
+  for j in range(dv // bv):  # static: V / BV <= 16
+    cols = pl.ds(j * bv, bv)
+    acc = qk_grads_vtile(acc, do_ref[:, cols], vn_ref[:, cols], dvn_ref[:, cols], s_ref[:, cols],
+                         ds_ref[:, cols], cfg)
+  dq, dk, dw, dg_col, dg_row = qk_grads_finish(acc, q_ref[...], k_ref[...], g_col, g_row, cfg)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk
+  dw_ref[...] = dw
+  return dg_col, dg_row
+
+
+def wy_grads_refs(k_ref, v_ref, t_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref, g_col, g_row, b_col,
+                  cfg: KernelConfig):
+  """Kernel 4b's body on refs (both back ends): `wy_grads` over K- and V-tiles of the refs."""
+  bk = min(cfg.block_k, k_ref.shape[-1])
+  bv = min(cfg.grads_block_v, v_ref.shape[-1])
+  kcols = lambda j: pl.ds(j * bk, bk)
+  vcols = lambda j: pl.ds(j * bv, bv)
+
+  def store_dk(j, x):
+    dk_ref[:, kcols(j)] = x.astype(dk_ref.dtype)
+
+  def store_dv(j, x):
+    dv_ref[:, vcols(j)] = x.astype(dv_ref.dtype)
+
+  return wy_grads(
+      lambda j: k_ref[:, kcols(j)], lambda j: v_ref[:, vcols(j)], lambda j: dw_ref[:, kcols(j)],
+      lambda j: du_ref[:, vcols(j)], lambda j: dka_ref[:, kcols(j)], store_dk, store_dv,
+      k_ref.shape[-1] // bk, v_ref.shape[-1] // bv, t_ref[...], g_col, g_row, b_col, cfg)
 
 
 # ------------------------------------------------------------------------------------------------

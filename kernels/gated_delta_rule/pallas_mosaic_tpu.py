@@ -170,40 +170,15 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
 
 def _qk_grads_kernel(q_ref, k_ref, g_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref,
                      dw_ref, dg_ref, *, cfg):
-  c = cfg.chunk_size
-  bv = min(cfg.block_v, do_ref.shape[-1])
-  g_col, g_row = _vectors(g_ref[...])
-  acc = common.qk_grads_init(c, q_ref.shape[-1])
-  for j in range(do_ref.shape[-1] // bv):
-    cols = pl.ds(j * bv, bv)
-    acc = common.qk_grads_vtile(acc, do_ref[:, cols], vn_ref[:, cols], dvn_ref[:, cols],
-                                s_ref[:, cols], ds_ref[:, cols], cfg)
-  dq, dk, dw, dg_col, dg_row = common.qk_grads_finish(acc, q_ref[...], k_ref[...], g_col, g_row,
-                                                      cfg)
-  dq_ref[...] = dq.astype(dq_ref.dtype)
-  dk_ref[...] = dk
-  dw_ref[...] = dw
+  dg_col, dg_row = common.qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref,
+                                        dq_ref, dk_ref, dw_ref, *_vectors(g_ref[...]), cfg)
   dg_ref[...] = dg_col + jnp.transpose(dg_row)
 
 
 def _wy_grads_kernel(k_ref, v_ref, t_ref, g_ref, b_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref,
                      dg_ref, db_ref, *, cfg):
-  bk = min(cfg.block_k, k_ref.shape[-1])
-  bv = min(cfg.block_v, v_ref.shape[-1])
-  g_col, g_row = _vectors(g_ref[...])
-  kcols = lambda j: pl.ds(j * bk, bk)
-  vcols = lambda j: pl.ds(j * bv, bv)
-
-  def store_dk(j, x):
-    dk_ref[:, kcols(j)] = x.astype(dk_ref.dtype)
-
-  def store_dv(j, x):
-    dv_ref[:, vcols(j)] = x.astype(dv_ref.dtype)
-
-  dg_col, dg_row, dbeta = common.wy_grads(
-      lambda j: k_ref[:, kcols(j)], lambda j: v_ref[:, vcols(j)], lambda j: dw_ref[:, kcols(j)],
-      lambda j: du_ref[:, vcols(j)], lambda j: dka_ref[:, kcols(j)], store_dk, store_dv,
-      k_ref.shape[-1] // bk, v_ref.shape[-1] // bv, t_ref[...], g_col, g_row, b_ref[...], cfg)
+  dg_col, dg_row, dbeta = common.wy_grads_refs(k_ref, v_ref, t_ref, dw_ref, du_ref, dka_ref, dk_ref,
+                                               dv_ref, *_vectors(g_ref[...]), b_ref[...], cfg)
   dg_ref[...] = dg_col + jnp.transpose(dg_row)
   db_ref[...] = dbeta
 
