@@ -156,6 +156,17 @@ def floors(shape, in_bytes=2):
           "fwd_bwd_flops": 3 * fwd_flops}
 
 
+def parse_variant(variant: str, tuning: dict) -> dict:
+  """'qk_grads_warps=8,block_k=128' -> {'qk_grads_warps': 8, 'block_k': 128}; keys of `tuning`."""
+  out = {}
+  for item in variant.split(","):
+    key, sep, value = item.partition("=")
+    if not sep or key not in tuning or not value.isdigit():
+      raise SystemExit(f"--variants: {item!r} must be KEY=INT with KEY one of {sorted(tuning)}")
+    out[key] = int(value)
+  return out
+
+
 def write_json(path, results):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
@@ -209,8 +220,7 @@ def main():
     for variant in args.variants:  # other tunings of the Triton kernels
       from kernels.gated_delta_rule import pallas_triton
       default = dict(pallas_triton.TUNING)
-      pallas_triton.TUNING.update({k: int(v) for k, v in
-                                   (kv.split("=") for kv in variant.split(","))})
+      pallas_triton.TUNING.update(parse_variant(variant, default))
       try:
         row[f"pallas_triton[{variant}]"] = {
             "fwd": time_jax(jax.jit(op("pallas_triton")), inputs),
