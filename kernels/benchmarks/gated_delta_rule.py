@@ -112,9 +112,9 @@ def load_fla():
   return chunk_gated_delta_rule
 
 
-def time_fla(fla_fn, shape):
+def fla_calls(fla_fn, shape):
+  """fla's fwd and fwd+bwd on bf16 inputs like ours, as argument-less callables."""
   import torch
-  from triton.testing import do_bench
   b, t, h, d = shape
   dev = "cuda"
   torch.manual_seed(0)
@@ -133,12 +133,46 @@ def time_fla(fla_fn, shape):
     o, s = fwd()
     torch.autograd.backward([o, s], [do, dsf])
 
+  return fwd, fwd_bwd_fla
+
+
+def time_fla(fla_fn, shape):
+  """triton.testing.do_bench medians of fla's fwd and fwd+bwd (wall time between CUDA events)."""
+  import torch
+  from triton.testing import do_bench
   res = {}
-  for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd_fla)):
+  for name, fn in zip(("fwd", "fwd_bwd"), fla_calls(fla_fn, shape), strict=True):
     with torch.no_grad() if name == "fwd" else torch.enable_grad():
       ms = do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
     res[name] = {"median_ms": ms[0], "p20_ms": ms[1], "p80_ms": ms[2]}
   return res
+
+
+def torch_device_time_table(fn, *, calls, top=25):
+  """Device time per call by CUDA kernel name, as sleep_lm.profiling.device_time_table returns.
+
+  Run it after every JAX trace of the process: once torch's profiler has subscribed to CUPTI,
+  jax.profiler cannot (CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED)."""
+  import torch
+  from torch.profiler import ProfilerActivity
+  fn()
+  torch.cuda.synchronize()
+  with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(calls):
+      fn()
+    torch.cuda.synchronize()
+  events = [(e.key, e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+  events.sort(key=lambda e: -e[1])
+  total = sum(ms for _, ms, _ in events)
+  rows = [{"name": n, "ms_per_call": ms / calls, "count_per_call": c / calls,
+           "share": ms / total if total else 0.0} for n, ms, c in events[:top]]
+  rest = events[top:]
+  if rest:
+    rows.append({"name": "(other)", "ms_per_call": sum(ms for _, ms, _ in rest) / calls,
+                 "count_per_call": sum(c for *_, c in rest) / calls,
+                 "share": sum(ms for _, ms, _ in rest) / total})
+  return {"total_ms_per_call": total / calls, "rows": rows}
 
 
 def floors(shape, in_bytes=2):
@@ -244,6 +278,15 @@ def main():
     results["timings"][name] = row
     write_json(args.out, results)  # after every shape: a run cut off still leaves its numbers
 
+  if args.profile_dir and fla_fn is not None:  # last: see torch_device_time_table
+    from sleep_lm import profiling
+    for name, row in results["timings"].items():
+      if "fla" in row:
+        row["fla"]["profile"] = torch_device_time_table(fla_calls(fla_fn, row["shape"])[1],
+                                                        calls=3)
+        print(f"{name} fla fwd+bwd\n" + profiling.format_table(row["fla"]["profile"]), flush=True)
+    write_json(args.out, results)
+
   cols = [*args.impls] + (["fla"] if fla_fn is not None else [])
   print("\nmedian ms (p20-p80)  " + " | ".join(cols))
   for name, row in results["timings"].items():
@@ -255,6 +298,17 @@ def main():
       ours = row[args.impls[0]][mode]["median_ms"]
       ratios = [f"{ours / row[c][mode]['median_ms']:.2f}x {c}" for c in cols[1:] if c in row]
       print(f"{name:26s} {mode:7s} " + " | ".join(cells) + "   ours/: " + ", ".join(ratios))
+  profiled = {name: {c: row[c]["profile"]["total_ms_per_call"] for c in cols
+                     if "profile" in row.get(c, {})}
+              for name, row in results["timings"].items()}
+  if any(profiled.values()):
+    print("\nfwd+bwd device time per call, ms (kernels summed; no launch gaps)  "
+          + " | ".join(cols))
+    for name, dev in profiled.items():
+      cells = [f"{dev[c]:.3f}" if c in dev else "-" for c in cols]
+      ratios = [f"{dev[cols[0]] / dev[c]:.2f}x {c}" for c in cols[1:]
+                if c in dev and cols[0] in dev]
+      print(f"{name:26s} " + " | ".join(cells) + "   ours/: " + ", ".join(ratios))
   print("wrote", args.out)
 
 

@@ -25,6 +25,12 @@ that each holds few float32 accumulators: one kernel holding them all spilled it
       dT = dW X^T + dU Y^T,  dA = -T^T dT T^T  (X = diag(beta exp(gamma)) K, Y = diag(beta) V),
       adding kernel 1's part of dk, and dv, dbeta, the rest of dgamma.
 Under a VJP the forward saves the state entering each chunk and Vnew for kernel 4a.
+
+Precision: the carried states and every accumulator are float32; T is inverted with float32 products
+(cfg.fp32_precision). What
+passes between kernels (T, per-chunk states, dS', dVnew, dW, partial dk) is stored in
+`intermediate_dtype`, the input dtype by default (bf16 for bf16 inputs, as fla does), which is
+also the operand dtype of the WY products; the consumers cast their matmul operands to bf16 anyway.
 """
 
 from __future__ import annotations
@@ -48,22 +54,29 @@ class KernelConfig:
   block_k: int  # K-tile of kernel 4a (grid axis) and of kernel 4b's loops
   grads_block_v: int  # V-tile of the loops inside kernels 4a and 4b
   compute_dtype: str  # "bfloat16" / "float16" / "float32"
+  # dtype of the per-chunk arrays handed between kernels (T, states, dS', dVnew, dW, dk) and of
+  # the operands of the WY products (W = T X, U = T Y and their backward). The input dtype by
+  # default, as in fla; "float32" keeps them wide (TUNING["wide_intermediates"] on GPU).
+  intermediate_dtype: str
   fp32_precision: object  # precision of float32 matmuls (tf32x3 on GPU, HIGHEST interpreted)
   interpret: object  # False, True or pltpu.InterpretParams()
   save_states: bool = True
+  # q/k L2 norm fused into kernel 1 (eps of the norm), or None: q, k arrive normalised and scaled.
+  qk_l2norm_eps: float | None = None
+  scale: float = 1.0  # applied to q by kernel 1 when it normalises
 
 
 # ------------------------------------------------------------------------------------------------
 # Chunk math on values.
 
 
-def mm(a, b, cfg: KernelConfig, *, trans_a=False, trans_b=False, fp32=False):
+def mm(a, b, cfg: KernelConfig, *, trans_a=False, trans_b=False, dtype=None):
   """a @ b (optionally transposed) with float32 accumulation.
 
-  Operands go to cfg.compute_dtype (bf16 runs the tensor cores at full rate), unless `fp32`, which
-  keeps them in float32 at cfg.fp32_precision (the triangular inverse and its gradient need it).
+  Operands go to `dtype`, by default cfg.compute_dtype (bf16 runs the tensor cores at full rate);
+  float32 operands run at cfg.fp32_precision (the triangular inverse needs them).
   """
-  dtype = f32 if fp32 else jnp.dtype(cfg.compute_dtype)
+  dtype = jnp.dtype(cfg.compute_dtype if dtype is None else dtype)
   a, b = a.astype(dtype), b.astype(dtype)
   precision = cfg.fp32_precision if dtype == f32 else None
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
@@ -98,22 +111,39 @@ def unit_lower_inverse(a, cfg: KernelConfig):
   inverse = eye + power
   steps = c.bit_length() - 2  # N^c = 0: factors for 2^1 .. 2^(log2 c - 1)
   for _ in range(steps):
-    power = mm(power, power, cfg, fp32=True)
-    inverse = inverse + mm(inverse, power, cfg, fp32=True)
+    power = mm(power, power, cfg, dtype=f32)
+    inverse = inverse + mm(inverse, power, cfg, dtype=f32)
   return inverse
 
 
-def intra_chunk_fwd(q, k, v, g_col, g_row, b_col, cfg: KernelConfig):
-  """Kernel 1's math: returns W [C,K], U [C,V], T [C,C], Q K^T * D [C,C] (all float32)."""
+def normalize_rows(x, scale, eps):
+  """x * scale / sqrt(sum(x^2) + eps) over each row, in x's dtype, and 1 / sqrt(...) [C,1]."""
+  xf = x.astype(f32)
+  r = 1.0 / jnp.sqrt(jnp.sum(xf * xf, axis=1, keepdims=True) + eps)
+  return (xf * (r * scale)).astype(x.dtype), r
+
+
+def intra_chunk_fwd(q, k, v, g_col, g_row, b_col, b_row, cfg: KernelConfig):
+  """Kernel 1's math: returns W [C,K], U [C,V], T [C,C], Q K^T * D [C,C] (all float32), and q, k,
+  r_q, r_k: with cfg.qk_l2norm_eps, q and k normalised (q scaled) in their dtype and the
+  reciprocal norms [C,1]; else q, k as given and None.
+
+  The diagonal scalings of X and Y are applied to T's columns ([C,C]) rather than to K and V's
+  rows ([C,K], [C,V]): fewer elementwise ops, and K and V enter the products as loaded.
+  """
+  r_q = r_k = None
+  if cfg.qk_l2norm_eps is not None:
+    q, r_q = normalize_rows(q, cfg.scale, cfg.qk_l2norm_eps)
+    k, r_k = normalize_rows(k, 1.0, cfg.qk_l2norm_eps)
   c = k.shape[0]
   _, strict = masks(c)
   kk = mm(k, k, cfg, trans_b=True)
   a = kk * decay_matrix(g_col, g_row, strict) * b_col
   t_inv = unit_lower_inverse(a, cfg)
-  x = k.astype(f32) * (b_col * jnp.exp(g_col))
-  y = v.astype(f32) * b_col
-  return (mm(t_inv, x, cfg, fp32=True), mm(t_inv, y, cfg, fp32=True), t_inv,
-          qk_decayed(q, k, g_col, g_row, cfg))
+  wy = cfg.intermediate_dtype
+  w = mm(t_inv * (b_row * jnp.exp(g_row)), k, cfg, dtype=wy)
+  u = mm(t_inv * b_row, v, cfg, dtype=wy)
+  return w, u, t_inv, qk_decayed(q, k, g_col, g_row, cfg), q, k, r_q, r_k
 
 
 def qk_decayed(q, k, g_col, g_row, cfg: KernelConfig):
@@ -124,25 +154,21 @@ def qk_decayed(q, k, g_col, g_row, cfg: KernelConfig):
 def state_fwd_step(state, q, k, w, u, scores, g_col, cfg: KernelConfig):
   """One chunk of kernel 2 on a V-tile: returns (o [C,BV], new state [K,BV], Vnew [C,BV]).
 
-  `scores` = Q K^T * D comes from kernel 1, so it is not recomputed per V-tile.
+  `scores` = Q K^T * D comes from kernel 1, so it is not recomputed per V-tile. The decays scale
+  the [C,BV] operands and results, not q and k ([C,K]).
   """
   g_last = last_of(g_col)
   v_new = u.astype(f32) - mm(w, state, cfg)
-  q_gated = q.astype(f32) * jnp.exp(g_col)
-  o = mm(q_gated, state, cfg) + mm(scores, v_new, cfg)
-  k_to_end = k.astype(f32) * jnp.exp(g_last - g_col)
-  state = state * jnp.exp(g_last) + mm(k_to_end, v_new, cfg, trans_a=True)
+  o = mm(q, state, cfg) * jnp.exp(g_col) + mm(scores, v_new, cfg)
+  state = state * jnp.exp(g_last) + mm(k, v_new * jnp.exp(g_last - g_col), cfg, trans_a=True)
   return o, state, v_new
 
 
 def state_bwd_step(d_state, q, k, w, do, scores, g_col, cfg: KernelConfig):
   """One chunk of kernel 3 on a V-tile, in reverse: returns (dVnew [C,BV], dS entering [K,BV])."""
   g_last = last_of(g_col)
-  k_to_end = k.astype(f32) * jnp.exp(g_last - g_col)
-  dv_new = (mm(scores, do, cfg, trans_a=True)
-            + mm(k_to_end, d_state, cfg))
-  q_gated = q.astype(f32) * jnp.exp(g_col)
-  d_state = (d_state * jnp.exp(g_last) + mm(q_gated, do, cfg, trans_a=True)
+  dv_new = mm(scores, do, cfg, trans_a=True) + mm(k, d_state, cfg) * jnp.exp(g_last - g_col)
+  d_state = (d_state * jnp.exp(g_last) + mm(q, do.astype(f32) * jnp.exp(g_col), cfg, trans_a=True)
              - mm(w, dv_new, cfg, trans_a=True))
   return dv_new, d_state
 
@@ -196,7 +222,7 @@ def qk_grads_finish(acc, q, k, g_col, g_row, cfg: KernelConfig):
 
 
 def wy_grads(load_k, load_v, load_dw, load_du, load_dk, store_dk, store_dv, n_ktiles, n_vtiles,
-             t_inv, g_col, g_row, b_col, cfg: KernelConfig):
+             t_inv, g_col, g_row, b_col, b_row, cfg: KernelConfig):
   """Kernel 4b: the backward of kernel 1 (W = T X, U = T Y, T = (I + A)^-1) for one chunk.
 
   X = diag(beta exp(gamma)) K, Y = diag(beta) V; dW comes from kernel 4a and dU = dVnew.
@@ -204,21 +230,24 @@ def wy_grads(load_k, load_v, load_dw, load_du, load_dk, store_dk, store_dv, n_kt
   Tiles are read and written through the `load_*(j)` / `store_*(j, value)` callbacks (K-tiles for
   k, dw, dk; V-tiles for v, du, dv) so that no [C,K] or [C,V] float32 value is live at once.
   `load_dk(j)` is kernel 4a's part of dk, to which this adds kernel 1's. Returns dgamma as
-  ([C,1], [1,C]) and dbeta [C,1].
+  ([C,1], [1,C]), dbeta [C,1] and the row sums of dk * k [C,1] (for the L2 norm's backward).
   """
   c = t_inv.shape[0]
   _, strict = masks(c)
+  wy = cfg.intermediate_dtype
   exp_g = jnp.exp(g_col)
   x_scale = b_col * exp_g
-  d_t = jnp.zeros((c, c), f32)
+  d_t_x = jnp.zeros((c, c), f32)  # dW K^T, then scaled by X's diagonal (columns)
+  d_t_y = jnp.zeros((c, c), f32)  # dU V^T, then scaled by Y's
   kk = jnp.zeros((c, c), f32)
   for j in range(n_ktiles):
     k = load_k(j)
-    d_t += mm(load_dw(j), k.astype(f32) * x_scale, cfg, trans_b=True, fp32=True)
+    d_t_x += mm(load_dw(j), k, cfg, trans_b=True, dtype=wy)
     kk += mm(k, k, cfg, trans_b=True)
   for j in range(n_vtiles):
-    d_t += mm(load_du(j), load_v(j).astype(f32) * b_col, cfg, trans_b=True, fp32=True)
-  d_a = -mm(mm(t_inv, d_t, cfg, trans_a=True, fp32=True), t_inv, cfg, trans_b=True, fp32=True)
+    d_t_y += mm(load_du(j), load_v(j), cfg, trans_b=True, dtype=wy)
+  d_t = d_t_x * (b_row * jnp.exp(g_row)) + d_t_y * b_row
+  d_a = -mm(mm(t_inv, d_t, cfg, trans_a=True, dtype=wy), t_inv, cfg, trans_b=True, dtype=wy)
   d_a = jnp.where(strict, d_a, 0.0)
   strict_decay = decay_matrix(g_col, g_row, strict)
   kk_decayed = kk * strict_decay  # A / beta_r
@@ -228,26 +257,31 @@ def wy_grads(load_k, load_v, load_dw, load_du, load_dk, store_dk, store_dv, n_kt
   dg_col = jnp.sum(e_a, axis=1, keepdims=True)
   dg_row = -jnp.sum(e_a, axis=0, keepdims=True)
   d_kk = d_b0 * strict_decay
+  dk_dot_k = jnp.zeros((c, 1), f32)
   for j in range(n_ktiles):
     k = load_k(j)
     kf = k.astype(f32)
-    d_x = mm(t_inv, load_dw(j), cfg, trans_a=True, fp32=True)
-    dbeta += jnp.sum(d_x * kf * exp_g, axis=1, keepdims=True)
-    dg_col += jnp.sum(d_x * kf * x_scale, axis=1, keepdims=True)
-    store_dk(j, load_dk(j) + d_x * x_scale + mm(d_kk, k, cfg) + mm(d_kk, k, cfg, trans_a=True))
+    d_x = mm(t_inv, load_dw(j), cfg, trans_a=True, dtype=wy)
+    d_x_dot_k = jnp.sum(d_x * kf, axis=1, keepdims=True)
+    dbeta += d_x_dot_k * exp_g
+    dg_col += d_x_dot_k * x_scale
+    dk = load_dk(j) + d_x * x_scale + mm(d_kk, k, cfg) + mm(d_kk, k, cfg, trans_a=True)
+    dk_dot_k += jnp.sum(dk * kf, axis=1, keepdims=True)
+    store_dk(j, dk)
   for j in range(n_vtiles):
     v = load_v(j)
-    d_y = mm(t_inv, load_du(j), cfg, trans_a=True, fp32=True)
+    d_y = mm(t_inv, load_du(j), cfg, trans_a=True, dtype=wy)
     dbeta += jnp.sum(d_y * v.astype(f32), axis=1, keepdims=True)
     store_dv(j, d_y * b_col)
-  return dg_col, dg_row, dbeta
+  return dg_col, dg_row, dbeta, dk_dot_k
 
 
 def qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref, dw_ref,
                   g_col, g_row, cfg: KernelConfig):
   """Kernel 4a's body on refs (both back ends): loops over V-tiles, stores dq, dk, dw.
 
-  Returns this K-tile's share of dgamma as ([C,1], [1,C]).
+  Returns this K-tile's share of dgamma as ([C,1], [1,C]) and of the row sums of dq * q [C,1]
+  (for the L2 norm's backward).
   """
   dv = do_ref.shape[-1]
   bv = min(cfg.grads_block_v, dv)
@@ -256,15 +290,16 @@ def qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, 
     cols = pl.ds(j * bv, bv)
     acc = qk_grads_vtile(acc, do_ref[:, cols], vn_ref[:, cols], dvn_ref[:, cols], s_ref[:, cols],
                          ds_ref[:, cols], cfg)
-  dq, dk, dw, dg_col, dg_row = qk_grads_finish(acc, q_ref[...], k_ref[...], g_col, g_row, cfg)
+  q = q_ref[...]
+  dq, dk, dw, dg_col, dg_row = qk_grads_finish(acc, q, k_ref[...], g_col, g_row, cfg)
   dq_ref[...] = dq.astype(dq_ref.dtype)
-  dk_ref[...] = dk
-  dw_ref[...] = dw
-  return dg_col, dg_row
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dw_ref[...] = dw.astype(dw_ref.dtype)
+  return dg_col, dg_row, jnp.sum(dq * q.astype(f32), axis=1, keepdims=True)
 
 
 def wy_grads_refs(k_ref, v_ref, t_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref, g_col, g_row, b_col,
-                  cfg: KernelConfig):
+                  b_row, cfg: KernelConfig):
   """Kernel 4b's body on refs (both back ends): `wy_grads` over K- and V-tiles of the refs."""
   bk = min(cfg.block_k, k_ref.shape[-1])
   bv = min(cfg.grads_block_v, v_ref.shape[-1])
@@ -280,7 +315,7 @@ def wy_grads_refs(k_ref, v_ref, t_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref, 
   return wy_grads(
       lambda j: k_ref[:, kcols(j)], lambda j: v_ref[:, vcols(j)], lambda j: dw_ref[:, kcols(j)],
       lambda j: du_ref[:, vcols(j)], lambda j: dka_ref[:, kcols(j)], store_dk, store_dv,
-      k_ref.shape[-1] // bk, v_ref.shape[-1] // bv, t_ref[...], g_col, g_row, b_col, cfg)
+      k_ref.shape[-1] // bk, v_ref.shape[-1] // bv, t_ref[...], g_col, g_row, b_col, b_row, cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,37 +340,54 @@ def chunk_local_cumsum(g, chunk: int):
 @dataclasses.dataclass(frozen=True)
 class Backend:
   """The kernels of one back end (chunk_bwd is two pallas_calls); arrays in the [B,T,H,*] layout."""
-  intra_fwd: Callable  # (cfg, q, k, v, gamma, beta) -> w, u, t_inv, scores
+  intra_fwd: Callable  # (cfg, q, k, v, gamma, beta) -> w, u, t_inv, scores, q, k, r_q, r_k:
+                       #   with cfg.qk_l2norm_eps, q and k normalised (and q scaled) and the
+                       #   reciprocal norms r [B,T,H]; else q, k as given and r None
   state_fwd: Callable  # (cfg, q, k, w, u, scores, gamma, s0)
                        #   -> o, s_final, states|None, v_new|None (both under a VJP only)
   state_bwd: Callable  # (cfg, q, k, w, scores, gamma, do, ds_final) -> dv_new, d_states, ds0
   chunk_bwd: Callable  # (cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new)
-                       #   -> dq, dk, dv, dgamma, dbeta  (kernels 4a and 4b)
+                       #   -> dq, dk, dv, dgamma, dbeta, sum(dq*q), sum(dk*k) [B,T,H] (4a, 4b)
+
+
+def l2norm_bwd(x_hat, dx_hat, x_hat_dot_dx_hat, r, scale):
+  """Gradient through x_hat = scale * x * r, r = 1/sqrt(|x|^2 + eps), per row:
+  dx = r (scale dx_hat - n <n, scale dx_hat>) with n = x r = x_hat / scale, and
+  <n, scale dx_hat> = <x_hat, dx_hat>, which kernels 4a/4b return."""
+  n = x_hat.astype(f32) / scale
+  return r[..., None] * (scale * dx_hat.astype(f32) - n * x_hat_dot_dx_hat[..., None])
 
 
 def make_core(backend: Backend):
-  """(q, k, v, gamma, beta, s0) -> (o, s_final) with a custom VJP built from `backend`."""
+  """(q, k, v, gamma, beta, s0) -> (o, s_final) with a custom VJP built from `backend`.
+
+  With cfg.qk_l2norm_eps, q and k arrive raw: kernel 1 normalises them (and scales q), the other
+  kernels read its normalised copies, and the backward finishes the norm's gradient here.
+  """
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
   def core(cfg, q, k, v, gamma, beta, s0):
     cfg = dataclasses.replace(cfg, save_states=False)
-    w, u, _, scores = backend.intra_fwd(cfg, q, k, v, gamma, beta)
+    w, u, _, scores, q, k, _, _ = backend.intra_fwd(cfg, q, k, v, gamma, beta)
     o, s_final, _, _ = backend.state_fwd(cfg, q, k, w, u, scores, gamma, s0)
     return o, s_final
 
   def core_fwd(cfg, q, k, v, gamma, beta, s0):
-    w, u, t_inv, scores = backend.intra_fwd(cfg, q, k, v, gamma, beta)
+    w, u, t_inv, scores, q, k, r_q, r_k = backend.intra_fwd(cfg, q, k, v, gamma, beta)
     o, s_final, states, v_new = backend.state_fwd(cfg, q, k, w, u, scores, gamma, s0)
-    return (o, s_final), (q, k, v, gamma, beta, w, t_inv, scores, states, v_new)
+    return (o, s_final), (q, k, v, gamma, beta, w, t_inv, scores, states, v_new, r_q, r_k)
 
   def core_bwd(cfg, residuals, cotangents):
-    q, k, v, gamma, beta, w, t_inv, scores, states, v_new = residuals
+    q, k, v, gamma, beta, w, t_inv, scores, states, v_new, r_q, r_k = residuals
     do, ds_final = cotangents
     do = do.astype(q.dtype) if cfg.compute_dtype != "float32" else do.astype(f32)
     dv_new, d_states, ds0 = backend.state_bwd(cfg, q, k, w, scores, gamma, do,
                                                  ds_final.astype(f32))
-    dq, dk, dv, dgamma, dbeta = backend.chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states,
-                                                  d_states, v_new, dv_new)
+    dq, dk, dv, dgamma, dbeta, dq_dot_q, dk_dot_k = backend.chunk_bwd(
+        cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new)
+    if cfg.qk_l2norm_eps is not None:  # q, k are the normalised copies here
+      dq = l2norm_bwd(q, dq, dq_dot_q, r_q, cfg.scale)
+      dk = l2norm_bwd(k, dk, dk_dot_k, r_k, 1.0)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgamma, dbeta, ds0)
 
   core.defvjp(core_fwd, core_bwd)
@@ -344,11 +396,12 @@ def make_core(backend: Backend):
 
 def run_gated_delta_rule(core, q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
                          chunk_size, delta, make_config, min_dim=16):
-  """The Implementation fn: normalisation, scale and padding in JAX (autodiff), then `core`.
+  """The Implementation fn: padding in JAX (autodiff), then `core`.
 
-  q/k L2 norm and the scale are applied here, before the kernels (XLA fuses them into one pass
-  over q and k; their gradient comes from JAX). T pads to the chunk with g = beta = 0 (identity
-  steps); K and V pad with zeros to a power of 2 (>= min_dim), which changes nothing.
+  With `use_qk_l2norm` the norm and the scale are fused into kernel 1 (one pass fewer over q and
+  k each way); without it the scale is applied here. T pads to the chunk with g = beta = 0
+  (identity steps); K and V pad with zeros to a power of 2 (>= min_dim), which changes nothing,
+  the norms included.
   """
   from kernels.gated_delta_rule import api  # late import: api imports this package's kernels
   if not delta:
@@ -359,11 +412,14 @@ def run_gated_delta_rule(core, q, k, v, g, beta, initial_state, *, scale, use_qk
                               f"{q.dtype}, {k.dtype}, {v.dtype}")
   _, t, _, dk = q.shape
   dv = v.shape[-1]
-  q, k = api.prepare_qk(q, k, scale=scale, use_qk_l2norm=use_qk_l2norm)
+  if not use_qk_l2norm:
+    q, k = api.prepare_qk(q, k, scale=scale, use_qk_l2norm=False)
   chunk = effective_chunk(t, chunk_size)
   t_pad = -(-t // chunk) * chunk
   dk_pad, dv_pad = max(min_dim, next_power_of_2(dk)), max(min_dim, next_power_of_2(dv))
-  cfg = make_config(chunk, dk_pad, dv_pad, q.dtype)
+  cfg = make_config(chunk, dk_pad, dv_pad, q.dtype, batch_heads=q.shape[0] * q.shape[2])
+  if use_qk_l2norm:
+    cfg = dataclasses.replace(cfg, qk_l2norm_eps=api.L2NORM_EPS, scale=float(scale))
 
   def pad(x, dims):
     widths = [(0, 0)] * x.ndim

@@ -49,30 +49,41 @@ def _vectors(g_col):
   return g_col, jnp.transpose(g_col)
 
 
-def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, t_ref, p_ref, *, cfg):
+def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, t_ref, p_ref, *normed,
+                      cfg):
   g_col, g_row = _vectors(g_ref[...])
-  w, u, t_inv, scores = common.intra_chunk_fwd(q_ref[...], k_ref[...], v_ref[...], g_col, g_row,
-                                               b_ref[...], cfg)
+  w, u, t_inv, scores, q, k, r_q, r_k = common.intra_chunk_fwd(
+      q_ref[...], k_ref[...], v_ref[...], g_col, g_row, *_vectors(b_ref[...]), cfg)
   w_ref[...] = w.astype(w_ref.dtype)
   u_ref[...] = u.astype(u_ref.dtype)
-  t_ref[...] = t_inv
+  t_ref[...] = t_inv.astype(t_ref.dtype)
   p_ref[...] = scores.astype(p_ref.dtype)
+  if normed:  # the fused L2 norm: normalised q, k and the reciprocal norms
+    qn_ref, kn_ref, rq_ref, rk_ref = normed
+    qn_ref[...], kn_ref[...], rq_ref[...], rk_ref[...] = q, k, r_q, r_k
 
 
 def intra_fwd(cfg, q, k, v, gamma, beta):
   b, t, h, dk = q.shape
   dv, c = v.shape[-1], cfg.chunk_size
   chunk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, n: (i, j, n, 0))
-  dtype = jnp.dtype(cfg.compute_dtype)
+  dtype, wide = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.intermediate_dtype)
+  out_specs = [chunk(dk), chunk(dv), chunk(c), chunk(c)]
+  out_shape = [jax.ShapeDtypeStruct((b, h, t, dk), dtype),
+               jax.ShapeDtypeStruct((b, h, t, dv), dtype),
+               jax.ShapeDtypeStruct((b, h, t, c), wide), jax.ShapeDtypeStruct((b, h, t, c), dtype)]
+  normalize = cfg.qk_l2norm_eps is not None
+  if normalize:
+    out_specs += [chunk(dk), chunk(dk), chunk(1), chunk(1)]
+    out_shape += [jax.ShapeDtypeStruct((b, h, t, dk), q.dtype),
+                  jax.ShapeDtypeStruct((b, h, t, dk), k.dtype),
+                  jax.ShapeDtypeStruct((b, h, t, 1), f32), jax.ShapeDtypeStruct((b, h, t, 1), f32)]
   outs = _call(
       functools.partial(_intra_fwd_kernel, cfg=cfg), cfg, (b, h, t // c),
-      [chunk(dk), chunk(dk), chunk(dv), chunk(1), chunk(1)],
-      [chunk(dk), chunk(dv), chunk(c), chunk(c)],
-      [jax.ShapeDtypeStruct((b, h, t, dk), dtype), jax.ShapeDtypeStruct((b, h, t, dv), dtype),
-       jax.ShapeDtypeStruct((b, h, t, c), f32), jax.ShapeDtypeStruct((b, h, t, c), dtype)],
+      [chunk(dk), chunk(dk), chunk(dv), chunk(1), chunk(1)], out_specs, out_shape,
       ("parallel", "parallel", "parallel"),
   )(*map(_to_heads, (q, k, v, gamma, beta)))
-  return tuple(map(_from_heads, outs))
+  return (*map(_from_heads, outs), *(() if normalize else (q, k, None, None)))
 
 
 def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, sf_ref,
@@ -86,7 +97,7 @@ def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, s
 
   state = state_ref[...]
   if cfg.save_states:
-    states_ref[...] = state
+    states_ref[...] = state.astype(states_ref.dtype)
   o, state, v_new = common.state_fwd_step(state, q_ref[...], k_ref[...], w_ref[...], u_ref[...],
                                           p_ref[...], g_ref[...], cfg)
   o_ref[...] = o.astype(o_ref.dtype)
@@ -113,7 +124,7 @@ def state_fwd(cfg, q, k, w, u, scores, gamma, s0):
   if cfg.save_states:
     out_specs += [pl.BlockSpec((None, None, None, dk, bv), lambda i, j, m, n: (i, j, n, 0, m)),
                   tile]
-    out_shape += [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32),
+    out_shape += [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), cfg.intermediate_dtype),
                   jax.ShapeDtypeStruct((b, h, t, dv), u.dtype)]
   outs = _call(
       functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
@@ -135,10 +146,10 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, p_ref, g_ref, do_ref, dsf_ref, dvn_re
     d_state_ref[...] = dsf_ref[...]
 
   d_state = d_state_ref[...]
-  ds_ref[...] = d_state
+  ds_ref[...] = d_state.astype(ds_ref.dtype)
   dv_new, d_state = common.state_bwd_step(d_state, q_ref[...], k_ref[...], w_ref[...],
                                           do_ref[...], p_ref[...], g_ref[...], cfg)
-  dvn_ref[...] = dv_new
+  dvn_ref[...] = dv_new.astype(dvn_ref.dtype)
   d_state_ref[...] = d_state
 
   @pl.when(i == n_chunks - 1)
@@ -160,8 +171,8 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
       functools.partial(_state_bwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
       (b, h, dv // bv, n_chunks),
       [chunk(dk), chunk(dk), chunk(dk), chunk(c), chunk(1), tile, state], [tile, states, state],
-      [jax.ShapeDtypeStruct((b, h, t, dv), f32),
-       jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32),
+      [jax.ShapeDtypeStruct((b, h, t, dv), cfg.intermediate_dtype),
+       jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
       ("parallel", "parallel", "parallel", "arbitrary"), [pltpu.VMEM((dk, bv), f32)],
   )(*map(_to_heads, (q, k, w, scores, gamma, do)), ds_final)
@@ -169,18 +180,22 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
 
 
 def _qk_grads_kernel(q_ref, k_ref, g_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref,
-                     dw_ref, dg_ref, *, cfg):
-  dg_col, dg_row = common.qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref,
-                                        dq_ref, dk_ref, dw_ref, *_vectors(g_ref[...]), cfg)
+                     dw_ref, dg_ref, dqq_ref, *, cfg):
+  dg_col, dg_row, dq_dot_q = common.qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref,
+                                                  ds_ref, dq_ref, dk_ref, dw_ref,
+                                                  *_vectors(g_ref[...]), cfg)
   dg_ref[...] = dg_col + jnp.transpose(dg_row)
+  dqq_ref[...] = dq_dot_q
 
 
 def _wy_grads_kernel(k_ref, v_ref, t_ref, g_ref, b_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref,
-                     dg_ref, db_ref, *, cfg):
-  dg_col, dg_row, dbeta = common.wy_grads_refs(k_ref, v_ref, t_ref, dw_ref, du_ref, dka_ref, dk_ref,
-                                               dv_ref, *_vectors(g_ref[...]), b_ref[...], cfg)
+                     dg_ref, db_ref, dkk_ref, *, cfg):
+  dg_col, dg_row, dbeta, dk_dot_k = common.wy_grads_refs(
+      k_ref, v_ref, t_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref, *_vectors(g_ref[...]),
+      *_vectors(b_ref[...]), cfg)
   dg_ref[...] = dg_col + jnp.transpose(dg_row)
   db_ref[...] = dbeta
+  dkk_ref[...] = dk_dot_k
 
 
 def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new):
@@ -192,38 +207,42 @@ def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_
   ktile = pl.BlockSpec((None, None, c, bk), lambda i, j, n, m: (i, j, n, m))
   rows = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, n, m: (i, j, n, 0))
   state = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, n, m: (i, j, n, m, 0))
-  dq, dk_a, dw, dg_a = _call(
+  per_ktile = pl.BlockSpec((None, None, None, c, 1), lambda i, j, n, m: (i, j, m, n, 0))
+  dq, dk_a, dw, dg_a, dq_dot_q = _call(
       functools.partial(_qk_grads_kernel, cfg=cfg), cfg, (b, h, t // c, n_k),
       [ktile, ktile, rows(1), rows(dv), rows(dv), rows(dv), state, state],
-      [ktile, ktile, ktile,
-       pl.BlockSpec((None, None, None, c, 1), lambda i, j, n, m: (i, j, m, n, 0))],
-      [jax.ShapeDtypeStruct((b, h, t, dk), q.dtype), jax.ShapeDtypeStruct((b, h, t, dk), f32),
-       jax.ShapeDtypeStruct((b, h, t, dk), f32), jax.ShapeDtypeStruct((b, h, n_k, t, 1), f32)],
+      [ktile, ktile, ktile, per_ktile, per_ktile],
+      [jax.ShapeDtypeStruct((b, h, t, dk), q.dtype),
+       jax.ShapeDtypeStruct((b, h, t, dk), cfg.intermediate_dtype),
+       jax.ShapeDtypeStruct((b, h, t, dk), cfg.intermediate_dtype),
+       *[jax.ShapeDtypeStruct((b, h, n_k, t, 1), f32)] * 2],
       ("parallel",) * 4,
   )(*map(_to_heads, (q, k, gamma, do, v_new, dv_new)), states, d_states)
   # 4b: grid (B, H, N).
   chunk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, n: (i, j, n, 0))
-  dk_, dv_, dg_b, dbeta = _call(
+  dk_, dv_, dg_b, dbeta, dk_dot_k = _call(
       functools.partial(_wy_grads_kernel, cfg=cfg), cfg, (b, h, t // c),
       [chunk(dk), chunk(dv), chunk(c), chunk(1), chunk(1), chunk(dk), chunk(dv), chunk(dk)],
-      [chunk(dk), chunk(dv), chunk(1), chunk(1)],
+      [chunk(dk), chunk(dv), chunk(1), chunk(1), chunk(1)],
       [jax.ShapeDtypeStruct((b, h, t, dk), k.dtype), jax.ShapeDtypeStruct((b, h, t, dv), v.dtype),
-       jax.ShapeDtypeStruct((b, h, t, 1), f32), jax.ShapeDtypeStruct((b, h, t, 1), f32)],
+       *[jax.ShapeDtypeStruct((b, h, t, 1), f32)] * 3],
       ("parallel",) * 3,
   )(*map(_to_heads, (k, v, t_inv, gamma, beta)), dw, _to_heads(dv_new), dk_a)
   dgamma = _from_heads(jnp.sum(dg_a, axis=2) + dg_b)
-  return _from_heads(dq), _from_heads(dk_), _from_heads(dv_), dgamma, _from_heads(dbeta)
+  return (_from_heads(dq), _from_heads(dk_), _from_heads(dv_), dgamma, _from_heads(dbeta),
+          _from_heads(jnp.sum(dq_dot_q, axis=2)), _from_heads(dk_dot_k))
 
 
 BACKEND = common.Backend(intra_fwd, state_fwd, state_bwd, chunk_bwd)
 _core = common.make_core(BACKEND)
 
 
-def _make_config(chunk, dk, dv, dtype):
+def _make_config(chunk, dk, dv, dtype, batch_heads):
+  del batch_heads  # one block size
   on_tpu = jax.default_backend() == "tpu"
   return common.KernelConfig(
       chunk_size=chunk, block_v=min(128, dv), block_k=min(128, dk), grads_block_v=min(128, dv),
-      compute_dtype=jnp.dtype(dtype).name,
+      compute_dtype=jnp.dtype(dtype).name, intermediate_dtype=jnp.dtype(dtype).name,
       fp32_precision=jax.lax.Precision.HIGHEST,
       interpret=False if on_tpu else pltpu.InterpretParams())
 

@@ -32,20 +32,29 @@ NAME = "pallas_triton"
 # float32 inputs use 8 warps there: with 4, Triton 3.6 miscompiled kernel 4a's tf32x3 products at
 # K = 128, chunk 32 (dq off by 6% on an H200; exact with 8 warps or with IEEE fp32 products, which
 # in turn made the fp32 K = V = 128 case run for minutes).
-TUNING = {"qk_grads_warps": 4, "qk_grads_warps_fp32": 8, "block_k": 64, "block_v": 32,
-          "grads_block_v": 64}
+# wide_intermediates = 1 stores what passes between kernels in float32 (and runs the WY products
+# in tf32) for bf16/fp16 inputs too; 0 (the default, as in fla) stores it in the input dtype.
+# block_v = 0 picks the V-tile of the sequential kernels from the shape (`_state_block_v`).
+# state_stages pipelines the loads of the sequential kernels' loop; float32 inputs keep 2 (3 asked
+# for 305 KB of shared memory at K = V = 128, over the H100's 227 KB).
+TUNING = {"intra_warps": 4, "state_warps": 4, "state_stages": 3, "state_stages_fp32": 2,
+          "qk_grads_warps": 4, "qk_grads_warps_fp32": 8, "wy_grads_warps": 4, "block_k": 64,
+          "block_v": 0, "grads_block_v": 64, "wide_intermediates": 0}
+# The sequential kernels run B*H*V/BV programs: BV = 64 where that still gives about one program
+# per SM (H100/H200: 132), else 32 for more programs (measured, docs/kernels.md).
+_STATE_PROGRAMS = 128
 
 
-def _params(cfg, num_warps):
+def _params(cfg, num_warps, num_stages):
   if cfg.interpret:
     return None
-  return pltr.CompilerParams(num_warps=num_warps, num_stages=2)
+  return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, num_warps):
+def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, num_warps, num_stages=2):
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=cfg.interpret,
-                        compiler_params=_params(cfg, num_warps))
+                        compiler_params=_params(cfg, num_warps, num_stages))
 
 
 def _vectors(g_ref_value):
@@ -56,14 +65,19 @@ def _vectors(g_ref_value):
 # Kernel 1: W, U, T per chunk.
 
 
-def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, t_ref, p_ref, *, cfg):
+def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, t_ref, p_ref, *normed,
+                      cfg):
   g_col, g_row = _vectors(g_ref[...])
-  w, u, t_inv, scores = common.intra_chunk_fwd(q_ref[...], k_ref[...], v_ref[...], g_col, g_row,
-                                               b_ref[...][:, None], cfg)
+  w, u, t_inv, scores, q, k, r_q, r_k = common.intra_chunk_fwd(
+      q_ref[...], k_ref[...], v_ref[...], g_col, g_row, *_vectors(b_ref[...]), cfg)
   w_ref[...] = w.astype(w_ref.dtype)
   u_ref[...] = u.astype(u_ref.dtype)
-  t_ref[...] = t_inv
+  t_ref[...] = t_inv.astype(t_ref.dtype)
   p_ref[...] = scores.astype(p_ref.dtype)
+  if normed:  # the fused L2 norm: normalised q, k and the reciprocal norms
+    qn_ref, kn_ref, rq_ref, rk_ref = normed
+    qn_ref[...], kn_ref[...] = q, k
+    rq_ref[...], rk_ref[...] = jnp.sum(r_q, axis=1), jnp.sum(r_k, axis=1)
 
 
 def intra_fwd(cfg, q, k, v, gamma, beta):
@@ -71,17 +85,28 @@ def intra_fwd(cfg, q, k, v, gamma, beta):
   dv, c = v.shape[-1], cfg.chunk_size
   chunk = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
   vec = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
-  dtype = jnp.dtype(cfg.compute_dtype)
-  return _call(
-      functools.partial(_intra_fwd_kernel, cfg=cfg), cfg, (b, h, t // c),
-      [chunk(dk), chunk(dk), chunk(dv), vec, vec], [chunk(dk), chunk(dv), chunk(c), chunk(c)],
-      [jax.ShapeDtypeStruct((b, t, h, dk), dtype), jax.ShapeDtypeStruct((b, t, h, dv), dtype),
-       jax.ShapeDtypeStruct((b, t, h, c), f32), jax.ShapeDtypeStruct((b, t, h, c), dtype)],
-      num_warps=4)(q, k, v, gamma, beta)
+  dtype, wide = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.intermediate_dtype)
+  out_specs = [chunk(dk), chunk(dv), chunk(c), chunk(c)]
+  out_shape = [jax.ShapeDtypeStruct((b, t, h, dk), dtype),
+               jax.ShapeDtypeStruct((b, t, h, dv), dtype),
+               jax.ShapeDtypeStruct((b, t, h, c), wide), jax.ShapeDtypeStruct((b, t, h, c), dtype)]
+  normalize = cfg.qk_l2norm_eps is not None
+  if normalize:
+    out_specs += [chunk(dk), chunk(dk), vec, vec]
+    out_shape += [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                  jax.ShapeDtypeStruct((b, t, h), f32), jax.ShapeDtypeStruct((b, t, h), f32)]
+  outs = _call(functools.partial(_intra_fwd_kernel, cfg=cfg), cfg, (b, h, t // c),
+               [chunk(dk), chunk(dk), chunk(dv), vec, vec], out_specs, out_shape,
+               num_warps=TUNING["intra_warps"])(q, k, v, gamma, beta)
+  return (*outs, *(() if normalize else (q, k, None, None)))
 
 
 # ------------------------------------------------------------------------------------------------
 # Kernel 2: the forward state chain.
+
+
+def _state_stages(dtype):
+  return TUNING["state_stages_fp32" if dtype == f32 else "state_stages"]
 
 
 def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, sf_ref, *saved,
@@ -92,7 +117,7 @@ def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, s
     rows = pl.ds(pl.multiple_of(n * c, c), c)
     g_col = g_ref[rows][:, None]
     if cfg.save_states:
-      saved[0][n] = state
+      saved[0][n] = state.astype(saved[0].dtype)
     o, state, v_new = common.state_fwd_step(state, q_ref[rows, :], k_ref[rows, :], w_ref[rows, :],
                                             u_ref[rows, :], p_ref[rows, :], g_col, cfg)
     o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -117,11 +142,12 @@ def state_fwd(cfg, q, k, w, u, scores, gamma, s0):
   if cfg.save_states:
     out_specs += [pl.BlockSpec((None, None, n_chunks, dk, bv), lambda i, j, m: (i, j, 0, 0, m)),
                   tile]
-    out_shape += [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32),
+    out_shape += [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), cfg.intermediate_dtype),
                   jax.ShapeDtypeStruct((b, t, h, dv), u.dtype)]  # Vnew: only a matmul operand
   outs = _call(functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
                (b, h, dv // bv), [whole(dk), whole(dk), whole(dk), tile, whole(c), vec, state],
-               out_specs, out_shape, num_warps=4)(q, k, w, u, scores, gamma, s0)
+               out_specs, out_shape, num_warps=TUNING["state_warps"],
+               num_stages=_state_stages(q.dtype))(q, k, w, u, scores, gamma, s0)
   return (outs[0], outs[1], *(outs[2:] if cfg.save_states else (None, None)))
 
 
@@ -138,11 +164,11 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, p_ref, g_ref, do_ref, dsf_ref, dvn_re
     n = n_chunks - 1 - i
     rows = pl.ds(pl.multiple_of(n * c, c), c)
     g_col = g_ref[rows][:, None]
-    ds_ref[n] = d_state
+    ds_ref[n] = d_state.astype(ds_ref.dtype)
     dv_new, d_state = common.state_bwd_step(d_state, q_ref[rows, :], k_ref[rows, :],
                                             w_ref[rows, :], do_ref[rows, :], p_ref[rows, :],
                                             g_col, cfg)
-    dvn_ref[rows, :] = dv_new
+    dvn_ref[rows, :] = dv_new.astype(dvn_ref.dtype)
     return d_state
 
   ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dsf_ref[...])
@@ -160,10 +186,11 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
   return _call(
       functools.partial(_state_bwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg, (b, h, dv // bv),
       [whole(dk), whole(dk), whole(dk), whole(c), vec, tile, state], [tile, states, state],
-      [jax.ShapeDtypeStruct((b, t, h, dv), f32),
-       jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), f32),
+      [jax.ShapeDtypeStruct((b, t, h, dv), cfg.intermediate_dtype),
+       jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
-      num_warps=4)(q, k, w, scores, gamma, do, ds_final)
+      num_warps=TUNING["state_warps"], num_stages=_state_stages(q.dtype),
+  )(q, k, w, scores, gamma, do, ds_final)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,19 +198,22 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
 
 
 def _qk_grads_kernel(q_ref, k_ref, g_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref,
-                     dw_ref, dg_ref, *, cfg):
-  dg_col, dg_row = common.qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref,
-                                        dq_ref, dk_ref, dw_ref, *_vectors(g_ref[...]), cfg)
+                     dw_ref, dg_ref, dqq_ref, *, cfg):
+  dg_col, dg_row, dq_dot_q = common.qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref,
+                                                  ds_ref, dq_ref, dk_ref, dw_ref,
+                                                  *_vectors(g_ref[...]), cfg)
   dg_ref[...] = jnp.sum(dg_col, axis=1) + jnp.sum(dg_row, axis=0)
+  dqq_ref[...] = jnp.sum(dq_dot_q, axis=1)
 
 
 def _wy_grads_kernel(k_ref, v_ref, t_ref, g_ref, b_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref,
-                     dg_ref, db_ref, *, cfg):
-  dg_col, dg_row, dbeta = common.wy_grads_refs(k_ref, v_ref, t_ref, dw_ref, du_ref, dka_ref, dk_ref,
-                                               dv_ref, *_vectors(g_ref[...]),
-                                               b_ref[...][:, None], cfg)
+                     dg_ref, db_ref, dkk_ref, *, cfg):
+  dg_col, dg_row, dbeta, dk_dot_k = common.wy_grads_refs(
+      k_ref, v_ref, t_ref, dw_ref, du_ref, dka_ref, dk_ref, dv_ref, *_vectors(g_ref[...]),
+      *_vectors(b_ref[...]), cfg)
   dg_ref[...] = jnp.sum(dg_col, axis=1) + jnp.sum(dg_row, axis=0)
   db_ref[...] = jnp.sum(dbeta, axis=1)
+  dkk_ref[...] = jnp.sum(dk_dot_k, axis=1)
 
 
 def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new):
@@ -194,27 +224,31 @@ def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_
   ktile = pl.BlockSpec((None, c, None, bk), lambda i, j, n, m: (i, n, j, m))
   rows = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n, m: (i, n, j, 0))
   state = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, n, m: (i, j, n, m, 0))
-  dq, dk_a, dw, dg_a = _call(
+  per_ktile = pl.BlockSpec((None, None, c, None), lambda i, j, n, m: (i, m, n, j))
+  dq, dk_a, dw, dg_a, dq_dot_q = _call(
       functools.partial(_qk_grads_kernel, cfg=cfg), cfg, (b, h, t // c, n_k),
       [ktile, ktile, pl.BlockSpec((None, c, None), lambda i, j, n, m: (i, n, j)), rows(dv),
        rows(dv), rows(dv), state, state],
-      [ktile, ktile, ktile, pl.BlockSpec((None, None, c, None), lambda i, j, n, m: (i, m, n, j))],
-      [jax.ShapeDtypeStruct((b, t, h, dk), q.dtype), jax.ShapeDtypeStruct((b, t, h, dk), f32),
-       jax.ShapeDtypeStruct((b, t, h, dk), f32), jax.ShapeDtypeStruct((b, n_k, t, h), f32)],
+      [ktile, ktile, ktile, per_ktile, per_ktile],
+      [jax.ShapeDtypeStruct((b, t, h, dk), q.dtype),
+       jax.ShapeDtypeStruct((b, t, h, dk), cfg.intermediate_dtype),
+       jax.ShapeDtypeStruct((b, t, h, dk), cfg.intermediate_dtype),
+       jax.ShapeDtypeStruct((b, n_k, t, h), f32), jax.ShapeDtypeStruct((b, n_k, t, h), f32)],
       num_warps=TUNING["qk_grads_warps_fp32" if q.dtype == f32 else "qk_grads_warps"],
   )(q, k, gamma, do, v_new, dv_new, states, d_states)
   # 4b: grid (B, H, N).
   chunk = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
   vec = pl.BlockSpec((None, c, None), lambda i, j, n: (i, n, j))
-  dk_, dv_, dg_b, dbeta = _call(
+  dk_, dv_, dg_b, dbeta, dk_dot_k = _call(
       functools.partial(_wy_grads_kernel, cfg=cfg), cfg, (b, h, t // c),
       [chunk(dk), chunk(dv), chunk(c), vec, vec, chunk(dk), chunk(dv), chunk(dk)],
-      [chunk(dk), chunk(dv), vec, vec],
+      [chunk(dk), chunk(dv), vec, vec, vec],
       [jax.ShapeDtypeStruct((b, t, h, dk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
-       jax.ShapeDtypeStruct((b, t, h), f32), jax.ShapeDtypeStruct((b, t, h), f32)],
-      num_warps=4,
+       *[jax.ShapeDtypeStruct((b, t, h), f32)] * 3],
+      num_warps=TUNING["wy_grads_warps"],
   )(k, v, t_inv, gamma, beta, dw, dv_new, dk_a)
-  return dq, dk_, dv_, jnp.sum(dg_a, axis=1) + dg_b, dbeta
+  return (dq, dk_, dv_, jnp.sum(dg_a, axis=1) + dg_b, dbeta, jnp.sum(dq_dot_q, axis=1),
+          dk_dot_k)
 
 
 BACKEND = common.Backend(intra_fwd, state_fwd, state_bwd, chunk_bwd)
@@ -225,7 +259,13 @@ def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
-def _make_config(chunk, dk, dv, dtype):
+def _state_block_v(dv, batch_heads):
+  if TUNING["block_v"]:
+    return min(TUNING["block_v"], dv)
+  return min(64 if batch_heads * dv // 64 >= _STATE_PROGRAMS else 32, dv)
+
+
+def _make_config(chunk, dk, dv, dtype, batch_heads):
   interpret = not _on_gpu()
   # float32 inputs keep float32 accuracy (3 tf32 passes; see TUNING for a Triton miscompile);
   # bf16/fp16 inputs need no more than tf32 for their fp32 products.
@@ -235,11 +275,13 @@ def _make_config(chunk, dk, dv, dtype):
     precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   else:
     precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
-  # BV = 32: twice the programs of the sequential kernels (B*H*V/BV), which fill the GPU poorly.
-  return common.KernelConfig(chunk_size=chunk, block_v=min(TUNING["block_v"], dv),
+  return common.KernelConfig(chunk_size=chunk, block_v=_state_block_v(dv, batch_heads),
                              block_k=min(TUNING["block_k"], dk),
                              grads_block_v=min(TUNING["grads_block_v"], dv),
-                             compute_dtype=jnp.dtype(dtype).name, fp32_precision=precision,
+                             compute_dtype=jnp.dtype(dtype).name,
+                             intermediate_dtype="float32" if TUNING["wide_intermediates"]
+                             else jnp.dtype(dtype).name,
+                             fp32_precision=precision,
                              interpret=interpret)
 
 

@@ -38,12 +38,16 @@ def make_inputs(seed, b, t, h, dk, dv, dtype, *, g_offset=2.0):
   return (q, k, v, g, beta, s0), (do, dsf)
 
 
+def outputs_and_grads_of(f, inputs, cotangents):
+  out, vjp = jax.vjp(f, *inputs)
+  return (*out, *vjp(cotangents))
+
+
 def outputs_and_grads(impl, inputs, cotangents, **kwargs):
   def f(q, k, v, g, beta, s0):
     return kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, implementation=impl,
                                     **kwargs)
-  out, vjp = jax.vjp(f, *inputs)
-  return (*out, *vjp(cotangents))
+  return outputs_and_grads_of(f, inputs, cotangents)
 
 
 def reference(inputs, cotangents, **kwargs):
@@ -159,10 +163,24 @@ def test_linear_rule_not_implemented(impl):
   assert np.all(np.isfinite(o))
 
 
-def test_l2norm_is_applied_before_the_kernel():
-  """The kernels take normalised q/k from api.prepare_qk (JAX, differentiated by autodiff)."""
-  x = jnp.arange(1.0, 7.0).reshape(1, 1, 1, 6)
-  np.testing.assert_allclose(jnp.sum(api.l2_normalize(x) ** 2), 1.0, rtol=1e-5)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_l2norm_matches_jax_l2norm(impl):
+  """The norm fused into kernel 1 (and its hand-written backward) equals normalising in JAX
+  (api.prepare_qk, differentiated by autodiff) before the un-normalised kernels."""
+  inputs, cotangents = make_inputs(11, 1, 50, 2, 48, 32, jnp.float32)
+  scale = 0.37
+
+  def fused(q, k, *rest):
+    return kernels.gated_delta_rule(q, k, *rest[:3], initial_state=rest[3], scale=scale,
+                                    use_qk_l2norm=True, chunk_size=16, implementation=impl)
+
+  def in_jax(q, k, *rest):
+    q, k = api.prepare_qk(q, k, scale=scale, use_qk_l2norm=True)
+    return kernels.gated_delta_rule(q, k, *rest[:3], initial_state=rest[3], scale=1.0,
+                                    use_qk_l2norm=False, chunk_size=16, implementation=impl)
+
+  got, want = (outputs_and_grads_of(f, inputs, cotangents) for f in (fused, in_jax))
+  assert_close(got, want, 1e-5)
 
 
 def test_dispatcher_falls_back_when_a_kernel_refuses(monkeypatch):
