@@ -26,11 +26,11 @@ that each holds few float32 accumulators: one kernel holding them all spilled it
       adding kernel 1's part of dk, and dv, dbeta, the rest of dgamma.
 Under a VJP the forward saves the state entering each chunk and Vnew for kernel 4a.
 
-Precision: the carried states and every accumulator are float32; T is inverted with float32 products
-(cfg.fp32_precision). What
-passes between kernels (T, per-chunk states, dS', dVnew, dW, partial dk) is stored in
-`intermediate_dtype`, the input dtype by default (bf16 for bf16 inputs, as fla does), which is
-also the operand dtype of the WY products; the consumers cast their matmul operands to bf16 anyway.
+Precision: the carried states and every accumulator are float32; T is inverted with float32
+products (cfg.fp32_precision). What passes between kernels (T, per-chunk states, dS', dVnew, dW,
+partial dk) is stored in `intermediate_dtype`, the input dtype by default (bf16 for bf16 inputs,
+as fla does), which is also the operand dtype of the WY products; the consumers cast their matmul
+operands to bf16 anyway.
 """
 
 from __future__ import annotations
