@@ -8,7 +8,9 @@ Checks correctness first (fresh random inputs, relative RMS error of every outpu
 against the float32 recurrent oracle), then times forward and forward+backward (cotangents on both
 o and the final state; gradients of q, k, v, g, beta and the initial state) per registry shape:
 median with 20/80 percentiles. bf16 inputs, fp32 state, q/k L2 norm in the op, chunk 64.
-fla is skipped when it cannot be imported. Prints a table last and writes JSON.
+fla is skipped when it cannot be imported. Prints a table last and writes JSON. With
+--profile-dir it also prints device time by kernel (jax.profiler for ours, torch.profiler for fla)
+and a table of summed device times, which leaves out fla's PyTorch launch gaps.
 """
 
 from __future__ import annotations

@@ -294,8 +294,8 @@ def gated_delta_rule_triton(q, k, v, g, beta, initial_state, *, scale, use_qk_l2
 
 
 def _passed_over_by_default(q) -> str | None:
-  # Rule 110 training step on an H200 (docs/kernels.md, end to end): bfloat16 0.68x the chunked
-  # path's time, float32 2.4x (1.2x before the 8-warp miscompile workaround).
+  # Rule 110 training step on an H100 (docs/kernels.md, end to end): bfloat16 0.62x the chunked
+  # path's time, float32 2.56x (1.2x on an H200 before the 8-warp miscompile workaround).
   if q.dtype == f32:
     return ("float32 inputs run faster on 'chunked' (measured, docs/kernels.md); ask for "
             "'pallas_triton' by name to use it anyway")
