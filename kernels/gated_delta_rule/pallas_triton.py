@@ -2,7 +2,8 @@
 
 Arrays stay in the op's [B,T,H,*] layout (BlockSpecs squeeze H; Triton loads strided rows), so
 no transposes are paid. Five kernels (math in `_pallas_common`):
-  1. intra_fwd   grid (B,H,N): W, U and T = (I+A)^-1 of every chunk.
+  1. intra_fwd   grid (B,H,N): W, U and T = (I+A)^-1 of every chunk (and, with the fused L2
+                 norm, the normalised q, k and their reciprocal norms).
   2. state_fwd   grid (B,H,V/BV): walks the chunks carrying the [K,BV] state in registers;
                  writes o, the final state and (under a VJP) the state entering each chunk.
   3. state_bwd   grid (B,H,V/BV): walks the chunks in reverse carrying dS; writes dVnew and the
