@@ -1,6 +1,6 @@
 """Chunk math and JAX glue shared by the Pallas kernels of the gated delta rule.
 
-The per-chunk math is written once, on values (not refs), and so are the tile loops of kernels 4a
+The per-chunk math is written once, on values (not refs), and so are the bodies of kernels 1, 4a
 and 4b (on refs), so that the Triton and the Mosaic TPU kernels only differ in their block specs
 and in how they load and store. Vectors over the C tokens of a chunk are kept 2-D:
 `*_col` is [C,1] and `*_row` is [1,C] (Mosaic TPU wants 2-D values; Triton takes either).
@@ -274,6 +274,23 @@ def wy_grads(load_k, load_v, load_dw, load_du, load_dk, store_dk, store_dv, n_kt
     dbeta += jnp.sum(d_y * v.astype(f32), axis=1, keepdims=True)
     store_dv(j, d_y * b_col)
   return dg_col, dg_row, dbeta, dk_dot_k
+
+
+def intra_fwd_refs(q_ref, k_ref, v_ref, w_ref, u_ref, t_ref, p_ref, normed, g_col, g_row, b_col,
+                   b_row, cfg: KernelConfig, store_vector):
+  """Kernel 1's body on refs (both back ends). `normed` holds the refs of the fused L2 norm's
+  outputs (normalised q, k and the reciprocal norms) or is empty; `store_vector` turns a [C,1]
+  value into the back end's layout of a per-token vector."""
+  w, u, t_inv, scores, q, k, r_q, r_k = intra_chunk_fwd(
+      q_ref[...], k_ref[...], v_ref[...], g_col, g_row, b_col, b_row, cfg)
+  w_ref[...] = w.astype(w_ref.dtype)
+  u_ref[...] = u.astype(u_ref.dtype)
+  t_ref[...] = t_inv.astype(t_ref.dtype)
+  p_ref[...] = scores.astype(p_ref.dtype)
+  if normed:
+    qn_ref, kn_ref, rq_ref, rk_ref = normed
+    qn_ref[...], kn_ref[...] = q, k
+    rq_ref[...], rk_ref[...] = store_vector(r_q), store_vector(r_k)
 
 
 def qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref, dw_ref,

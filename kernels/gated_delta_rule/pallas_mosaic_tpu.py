@@ -51,16 +51,9 @@ def _vectors(g_col):
 
 def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, t_ref, p_ref, *normed,
                       cfg):
-  g_col, g_row = _vectors(g_ref[...])
-  w, u, t_inv, scores, q, k, r_q, r_k = common.intra_chunk_fwd(
-      q_ref[...], k_ref[...], v_ref[...], g_col, g_row, *_vectors(b_ref[...]), cfg)
-  w_ref[...] = w.astype(w_ref.dtype)
-  u_ref[...] = u.astype(u_ref.dtype)
-  t_ref[...] = t_inv.astype(t_ref.dtype)
-  p_ref[...] = scores.astype(p_ref.dtype)
-  if normed:  # the fused L2 norm: normalised q, k and the reciprocal norms
-    qn_ref, kn_ref, rq_ref, rk_ref = normed
-    qn_ref[...], kn_ref[...], rq_ref[...], rk_ref[...] = q, k, r_q, r_k
+  common.intra_fwd_refs(q_ref, k_ref, v_ref, w_ref, u_ref, t_ref, p_ref, normed,
+                        *_vectors(g_ref[...]), *_vectors(b_ref[...]), cfg,
+                        store_vector=lambda col: col)
 
 
 def intra_fwd(cfg, q, k, v, gamma, beta):
