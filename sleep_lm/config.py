@@ -43,14 +43,17 @@ class ModelConfig:
       full-cache attention baseline).
     remat: jax.checkpoint policy around each pass: "none", "full" (save nothing), "dots" (save
       matmul outputs) or "dots_no_batch" (save matmuls without batch dimensions).
-    dtype: activation dtype ("float32" or "bfloat16"); parameters and fast-weight states are
-      always float32.
+    dtype: compute dtype of matmuls, attention and the fast-weight op ("float32" or
+      "bfloat16"). Parameters, fast-weight states, norms and the residual stream (carried through
+      up to 4N + 1 window-passes) stay float32 whatever this says: mixed precision.
     rope_base: RoPE frequency base.
     kernel_implementation: name passed to `kernels.gated_delta_rule(implementation=...)`, or
       None for the backend's best.
     chunk_size: largest chunk for the chunked op; shorter windows use the smallest allowed
       chunk that covers them.
     attention_implementation: passed to `jax.nn.dot_product_attention` (None, "xla", "cudnn").
+    unroll: unroll the window and pass scans of a static schedule into straight-line code (no
+      loop carries or stacked residuals to copy; longer compiles).
   """
   vocab_size: int
   d_model: int = 256
@@ -69,6 +72,7 @@ class ModelConfig:
   kernel_implementation: str | None = None
   chunk_size: int = 64
   attention_implementation: str | None = None
+  unroll: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))
@@ -113,6 +117,7 @@ class ModelConfig:
     expect(self.kernel_implementation is None or self.kernel_implementation in impls,
            "kernel_implementation", f"must be None or one of {impls}, got "
            f"{self.kernel_implementation!r}")
+    expect(isinstance(self.unroll, bool), "unroll", f"must be True or False, got {self.unroll!r}")
     attn_impls = (None, "xla", "cudnn")
     expect(self.attention_implementation in attn_impls, "attention_implementation",
            f"must be one of {attn_impls}, got {self.attention_implementation!r}")

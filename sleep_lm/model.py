@@ -66,8 +66,9 @@ class HybridLM(nn.Module):
     self.head = dense(cfg.vocab_size, ("embed", "vocab"), dt, "head")
 
   def embed(self, tokens: Array) -> Array:
-    """[B,T] int -> [B,T,D] activations."""
-    return self.embedding(tokens).astype(self.config.activation_dtype)
+    """[B,T] int -> [B,T,D] float32: the residual stream stays float32 (mixed precision); each
+    layer's norm casts its input to the compute dtype and its bf16 output is added back in f32."""
+    return self.embedding(tokens)
 
   def run_pass(self, h: Array, states: tuple[Array, ...], ctx: PassContext
                ) -> tuple[Array, tuple[Array, ...], tuple[tuple[Array, Array], ...]]:
@@ -89,8 +90,8 @@ class HybridLM(nn.Module):
       else:
         y, state = mixer(x, next(state_iter), ctx.segment_pos, ctx.valid)
         new_states.append(state)
-      h = h + y
-      h = h + mlp(mlp_norm(h))
+      h = h + y.astype(h.dtype)
+      h = h + mlp(mlp_norm(h)).astype(h.dtype)
     return h, tuple(new_states), tuple(kvs)
 
   def logits(self, h: Array) -> Array:

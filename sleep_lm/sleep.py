@@ -1,20 +1,28 @@
-"""Sleep: the paper's Algorithm 1 as two nested `jax.lax.scan`s.
+"""Sleep: the paper's Algorithm 1 as `jax.lax.scan`s over windows and replay passes.
 
     tokens [B,T] --embed--> h [B,T,D] --split--> windows [W,B,L,D]   (W = ceil(T/L), last padded)
 
     carry = (S_1..S_G fast-weight states, retained prefix K/V (sliding only))
-    scan over windows c = 0..W-1:
-        h, S <- run_pass(h, S)                               # pass 1 (wake), every window
-        scan over passes 2..N:                               # only if window c sleeps (no
-            h, S <- run_pass(h, S) if sleeps[c] else (h, S)  # supervised token in the batch)
-                                                            # attention over the window's own
-                                                            # recomputed K/V; each GDN rescans
+    for each window c = 0..W-1:
+        h, S <- run_pass(h, S)            N times if window c sleeps (no supervised token), else once
+                                          (attention over the window's own recomputed K/V; each GDN
+                                           layer rescans the window from the current S)
         emit h;  drop h and the KV cache;  keep S             # hard eviction
         (sliding: keep the final pass's last L-1 keys/values as the next window's prefix)
     logits = head(h of every window)                          # loss is masked to answers
 
+Two ways to know which windows sleep, computing the same function (tested against each other):
+- **static** (`schedule=` a tuple of W bools, known before tracing): tasks with a fixed layout
+  (Rule 110, Depo) know it. Consecutive windows with the same pass count form one segment, a
+  `lax.scan` over its windows of a `lax.scan` over exactly N (or 1) passes: no cond anywhere.
+- **traced** (`schedule=None`): taken from the loss mask inside the program. Pass 1 (the wake pass)
+  runs for every window and passes 2..N each run under a `lax.cond` on the window's flag. One cond
+  per replay pass, not one between "1 pass" and "N passes": under autodiff a cond keeps the
+  residuals of both branches, and the identity branch has none, so memory stays at N passes.
+
 Gradients reach an earlier window only through S (and, for the sliding variant, the retained
-K/V). Each pass is wrapped in `jax.checkpoint` with the configured policy.
+K/V). Each pass is wrapped in `jax.checkpoint` with the configured policy; `config.unroll`
+unrolls the static scans (a straight-line program: no loop carries to copy, longer compiles).
 
 Batch schedule: all examples of a batch share one window schedule. A window is a prediction
 window if *any* example supervises a token in it; then every example gets one pass there (an
@@ -25,10 +33,13 @@ example that would have slept in that window does not). Tasks whose examples sha
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sleep_lm.config import ModelConfig
 from sleep_lm.model import HybridLM, PassContext, zero_states
@@ -44,13 +55,17 @@ REMAT_POLICIES = {
 
 class SleepOutput(NamedTuple):
   logits: Array        # [B,T,vocab] float32
-  hidden: Array        # [B,T,D] final-pass features of every window
+  hidden: Array        # [B,T,D] final-pass features of every window (float32 residual stream)
   states: tuple        # GDN states after the last window, float32 [B,H,K,V] each
   sleeps: Array        # [W] bool, True where the window was consolidated with N passes
 
 
 def window_length(config: ModelConfig, seq_len: int) -> int:
   return seq_len if config.eviction == "none" else config.window
+
+
+def num_windows(config: ModelConfig, seq_len: int) -> int:
+  return -(-seq_len // window_length(config, seq_len))
 
 
 def sleep_schedule(loss_mask: Array, window: int) -> Array:
@@ -61,6 +76,16 @@ def sleep_schedule(loss_mask: Array, window: int) -> Array:
   return ~jnp.any(supervised, axis=(0, 2))
 
 
+def static_schedule(config: ModelConfig, loss_mask) -> tuple[bool, ...]:
+  """The window schedule of a concrete (NumPy) loss mask [B,T] or [T], as a static tuple."""
+  mask = np.asarray(loss_mask)
+  mask = mask[None] if mask.ndim == 1 else mask
+  length = window_length(config, mask.shape[1])
+  pad = (-mask.shape[1]) % length
+  supervised = np.pad(mask.astype(bool), ((0, 0), (0, pad))).reshape(mask.shape[0], -1, length)
+  return tuple(bool(x) for x in ~supervised.any(axis=(0, 2)))
+
+
 def _remat(fn, policy: str):
   if policy == "none":
     return fn
@@ -68,24 +93,32 @@ def _remat(fn, policy: str):
 
 
 def sleep_forward(config: ModelConfig, params, tokens: Array, loss_mask: Array, *,
-                  initial_states: tuple | None = None) -> SleepOutput:
-  """Runs Algorithm 1 over tokens [B,T] with the window schedule taken from loss_mask [B,T]."""
+                  initial_states: tuple | None = None,
+                  schedule: Sequence[bool] | None = None) -> SleepOutput:
+  """Runs Algorithm 1 over tokens [B,T]; windows sleep as `schedule` says (static tuple of W
+  bools) or, if it is None, as the loss mask [B,T] says (traced)."""
   h = HybridLM(config).apply({"params": params}, tokens, method=HybridLM.embed)
-  return sleep_forward_embedded(config, params, h, loss_mask, initial_states=initial_states)
+  return sleep_forward_embedded(config, params, h, loss_mask, initial_states=initial_states,
+                                schedule=schedule)
 
 
 def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Array, *,
-                           initial_states: tuple | None = None) -> SleepOutput:
+                           initial_states: tuple | None = None,
+                           schedule: Sequence[bool] | None = None) -> SleepOutput:
   """`sleep_forward` from embedded inputs h [B,T,D] (lets tests differentiate w.r.t. them)."""
   model = HybridLM(config)
   b, t, d = h.shape
   length = window_length(config, t)
-  num_windows = -(-t // length)
-  pad = num_windows * length - t
-  windows = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, num_windows, length, d)
+  n_windows = -(-t // length)
+  if schedule is not None:
+    schedule = tuple(bool(s) for s in schedule)
+    if len(schedule) != n_windows:
+      raise ValueError(f"schedule: needs one flag per window ({n_windows} windows of {length} "
+                       f"tokens for T = {t}), got {len(schedule)}")
+  pad = n_windows * length - t
+  windows = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n_windows, length, d)
   windows = jnp.swapaxes(windows, 0, 1)                                  # [W,B,L,D]
-  sleeps = sleep_schedule(loss_mask, length)
-  starts = jnp.arange(num_windows) * length
+  starts = jnp.arange(n_windows) * length
   states = zero_states(config, b) if initial_states is None else tuple(initial_states)
   sliding = config.eviction == "sliding"
   retained = length - 1 if sliding else 0
@@ -106,37 +139,59 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   def one_pass(ctx, h, states):
     return model.apply({"params": params}, h, states, ctx, method=HybridLM.run_pass)
 
-  def window_step(carry, xs):
+  def evict(prefix, kvs):
+    if not sliding:
+      return prefix
+    # Keep the last L-1 keys/values of [prefix ; this window's final pass]. (Not x[:, -n:]:
+    # with L = 1, n = 0 and that would keep everything.)
+    last = lambda a, b: (x := jnp.concatenate([a, b], 1))[:, x.shape[1] - retained:]
+    return tuple((last(pk, k), last(pv, v)) for (pk, pv), (k, v) in zip(prefix, kvs, strict=True))
+
+  def traced_window(carry, xs):
     states, prefix = carry
     h, sleep, start = xs
-    ctx = context(start, prefix)
-    pass_fn = _remat(functools.partial(one_pass, ctx), config.remat)
-
-    # Pass 1 (the wake pass) runs for every window; passes 2..N only where the window sleeps.
-    # A cond per replay pass (not one cond between "1 pass" and "N passes") matters under
-    # autodiff: a cond keeps the residuals of both branches, and the identity branch has none,
-    # so memory stays at N passes per window instead of N + 1.
+    pass_fn = _remat(functools.partial(one_pass, context(start, prefix)), config.remat)
     carry = pass_fn(h, states)
     if config.passes > 1:
       def replay(carry, _):
         return jax.lax.cond(sleep, lambda c: pass_fn(c[0], c[1]), lambda c: c, carry), None
       carry, _ = jax.lax.scan(replay, carry, None, length=config.passes - 1)
     h, states, kvs = carry
-    if sliding:
-      # Keep the last L-1 keys/values of [prefix ; this window's final pass]. (Not x[:, -n:]:
-      # with L = 1, n = 0 and that would keep everything.)
-      last = lambda a, b: (x := jnp.concatenate([a, b], 1))[:, x.shape[1] - retained:]
-      prefix = tuple((last(pk, k), last(pv, v))
-                     for (pk, pv), (k, v) in zip(prefix, kvs, strict=True))
-    return (states, prefix), h
+    return (states, evict(prefix, kvs)), h
+
+  def static_window(passes, carry, xs):
+    states, prefix = carry
+    h, start = xs
+    pass_fn = _remat(functools.partial(one_pass, context(start, prefix)), config.remat)
+    carry = pass_fn(h, states)
+    if passes > 1:
+      carry, _ = jax.lax.scan(lambda c, _: (pass_fn(c[0], c[1]), None), carry, None,
+                              length=passes - 1, unroll=config.unroll)
+    h, states, kvs = carry
+    return (states, evict(prefix, kvs)), h
 
   prefix = ()
   if sliding:
     shape = (b, retained, config.num_attn_heads, config.attn_head_dim)
-    prefix = tuple((jnp.zeros(shape, h.dtype), jnp.zeros(shape, h.dtype))
+    prefix = tuple((jnp.zeros(shape, config.activation_dtype),) * 2
                    for _ in range(config.num_attn_layers))
-  (states, _), hidden = jax.lax.scan(window_step, (states, prefix), (windows, sleeps, starts))
-  hidden = jnp.swapaxes(hidden, 0, 1).reshape(b, num_windows * length, d)[:, :t]
+  carry = (states, prefix)
+  if schedule is None:
+    sleeps = sleep_schedule(loss_mask, length)
+    carry, hidden = jax.lax.scan(traced_window, carry, (windows, sleeps, starts))
+  else:
+    sleeps = jnp.asarray(schedule)
+    segments, first = [], 0
+    for sleeping, group in itertools.groupby(schedule):
+      count = len(list(group))
+      body = functools.partial(static_window, config.passes if sleeping else 1)
+      xs = (windows[first:first + count], starts[first:first + count])
+      carry, seg = jax.lax.scan(body, carry, xs, unroll=config.unroll)
+      segments.append(seg)
+      first += count
+    hidden = jnp.concatenate(segments, axis=0) if len(segments) > 1 else segments[0]
+  states = carry[0]
+  hidden = jnp.swapaxes(hidden, 0, 1).reshape(b, n_windows * length, d)[:, :t]
   logits = model.apply({"params": params}, hidden, method=HybridLM.logits)
   return SleepOutput(logits, hidden, states, sleeps)
 
