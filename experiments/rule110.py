@@ -31,6 +31,7 @@ SWEEPS = {
 
 _SHORTCUTS = {"N": ("model", "passes"), "L": ("model", "window"), "t": ("task", "t"),
               "steps": ("steps",), "batch": ("batch_size",), "seed": ("seed",),
+              "seeds": ("seeds",),
               "eviction": ("model", "eviction"), "dtype": ("model", "dtype")}
 _PRESETS = ("paper", "smoke")
 
@@ -55,18 +56,20 @@ def get_config(arg=None):
   presets, overrides = _parse(arg)
   c = ml_collections.ConfigDict()
   c.name = "rule110"
-  c.seed = 0
+  c.seed = 0                      # first model seed (init and data order)
+  c.seeds = 1                     # models trained at once, vmapped: seeds seed .. seed+seeds-1
   c.task = dict(name="rule110", t=8, seed=0)
   c.model = dict(
       d_model=256, layers=("attn", "gdn", "attn", "gdn"), attn_head_dim=64, gdn_head_dim=64,
       mlp_dim=1024, conv_kernel=4, rule="gdn", window=24, passes=1, eviction="hard",
       remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
-      attention_implementation=None)
+      attention_implementation=None, unroll=False)
   # Optional strings need a typed placeholder so that --config.model.X=... can set them.
   c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
   c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
   c.optimizer = dict(muon_lr=2e-3, adamw_lr=5e-5, warmup_steps=50, decay_fraction=0.2,
-                     weight_decay=0.0, clip_norm=1.0)
+                     weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.95, muon_momentum=0.95,
+                     muon_nesterov=True)
   c.batch_size = 512
   c.steps = PAPER_STEPS
   c.log_every = 10
@@ -77,6 +80,8 @@ def get_config(arg=None):
   c.keep_checkpoints = 2
   c.data_dir = ""                 # TFDS eval sets; "" means <workdir>/eval_data
   c.mesh = dict(data=-1, model=1)
+  c.skip_nonfinite = False        # True: skip steps with a non-finite loss instead of stopping
+  c.tensorboard = True            # event files in <workdir>/tensorboard/seed_<s>
 
   if "smoke" in presets:
     c.model.update(d_model=64, attn_head_dim=32, gdn_head_dim=32, mlp_dim=128)

@@ -1,9 +1,11 @@
-r"""Evaluate a trained run on its held-out set.
+r"""Evaluate a trained run on its held-out sets (every seed, then the mean).
 
-  python -m sleep_lm.evaluate --workdir runs/rule110_N4_t8 [--step 750] [--t 8]
+  python -m sleep_lm.evaluate --workdir runs/rule110_N4_t12 [--step 750] [--task t=16]
 
-Prints exact accuracy (all answers right) and per-answer accuracy, and writes
-<workdir>/eval_step<STEP>_t<T>.json.
+Prints, per eval set and seed, the masked loss, exact accuracy (all answers right) and the
+accuracy of each answer, with the set's majority-answer floor and chance level, and writes
+<workdir>/eval_step<STEP>[_<task override>].json. `--task KEY=VALUE,...` evaluates on a variant
+of the trained task (e.g. another Rule 110 depth t).
 """
 
 from __future__ import annotations
@@ -14,50 +16,77 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-from sleep_lm import sharding, train
+from sleep_lm import evaluation, trainer, workdir
+from sleep_lm.checkpointing import Checkpointer
+from sleep_lm.errors import UserError
+from sleep_lm.run_config import RunConfig
+from sleep_lm.train import user_errors_exit
 
 
-def evaluate_workdir(workdir: str | Path, *, step: int | None = None,
-                     t: int | None = None) -> dict:
-  workdir = Path(workdir)
-  config = train.load_workdir_config(workdir)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-  state, _ = train.initial_state(config, mesh)
-  manager = train.checkpoint_manager(workdir, config)
+def _parse_overrides(text: str) -> dict:
+  overrides = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise UserError(f"--task: expected KEY=VALUE items, got {item!r}")
+    overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+  return overrides
+
+
+def evaluate_workdir(path: str | Path, *, step: int | None = None,
+                     task_overrides: dict | None = None) -> dict:
+  """Restores the run in `path` (newest readable step, or `step`) and evaluates every seed."""
+  path = Path(path)
+  config = workdir.load_config(path)
+  if task_overrides:
+    config.task.update(task_overrides)
+  run = RunConfig.checked(config)
+  mesh, boxed = trainer.setup(run)
+  state, _ = trainer.initial_state(run, mesh, boxed)
+  ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints, read_only=True)
   try:
-    steps = manager.all_steps()
+    steps = ckpt.steps()
     if not steps:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    if step is not None and step not in steps:
-      raise ValueError(f"--step {step} has no checkpoint; available steps: {sorted(steps)}")
-    state, meta = train.restore(manager, state, step)
+      raise UserError(f"no checkpoint in {path / 'checkpoints'}")
+    if step is None:
+      state, meta = ckpt.restore_latest(state)
+    elif step not in steps:
+      raise UserError(f"--step {step} has no checkpoint; available steps: {steps}")
+    else:
+      state, meta = ckpt.restore(state, step)
   finally:
-    manager.close()
-  data_dir = Path(config.data_dir) if config.data_dir else workdir / "eval_data"
-  result = train.evaluate(config, state.params, mesh, data_dir=data_dir, t=t)
-  result = {"step": int(meta["step"]), **result}
-  out = workdir / f"eval_step{result['step']}_t{result['t']}.json"
-  out.write_text(json.dumps(result, indent=2))
-  return result
+    ckpt.close()
+  data_dir = Path(run.data_dir) if run.data_dir else path / "eval_data"
+  sets = evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
+  results = evaluation.evaluate(run.model, state.params, mesh, sets,
+                                batch_size=run.eval_batch_size,
+                                schedule=trainer.task_schedule(run))
+  out = {"step": int(meta["step"]), "seeds": list(run.model_seeds), "task": run.task.fields(),
+         "sets": results}
+  suffix = "".join(f"_{k}{v}" for k, v in sorted((task_overrides or {}).items()))
+  (path / f"eval_step{out['step']}{suffix}.json").write_text(json.dumps(out, indent=2))
+  return out
 
 
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  workdir = flags.FLAGS.workdir
-  r = evaluate_workdir(workdir, step=flags.FLAGS.step, t=flags.FLAGS.t)
-  print(f"workdir {workdir}  step {r['step']}  t={r['t']}  ({r['examples']} held-out "
-        f"examples, devices: {jax.device_count()})")
-  print(f"exact accuracy      {r['exact_accuracy']:.4f}   (chance 1/16 = 0.0625)")
-  for i, acc in enumerate(r["answer_accuracy"]):
-    print(f"answer {i} accuracy   {acc:.4f}")
-  return 0
+
+  def run():
+    r = evaluate_workdir(flags.FLAGS.workdir, step=flags.FLAGS.step,
+                         task_overrides=_parse_overrides(flags.FLAGS.task))
+    print(f"workdir {flags.FLAGS.workdir}  step {r['step']}  task {r['task']}  "
+          f"(devices: {jax.device_count()})")
+    print(evaluation.format_results(r["sets"], r["seeds"]))
+
+  return user_errors_exit(run, flags.FLAGS.debug)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A sleep_lm.train workdir.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_integer("t", None, "Evaluate at another automaton depth t (default: trained t).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
+  flags.DEFINE_string("task", "", "Task field overrides, KEY=VALUE[,...], e.g. t=16.")
+  flags.DEFINE_bool("debug", False, "Show tracebacks of user errors too.")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -1,10 +1,16 @@
-"""Loss, metrics, optimizer and the jitted train/eval steps (no I/O: see `sleep_lm.train`)."""
+"""Loss, metrics, optimizer and the jitted train step (no I/O: see `sleep_lm.trainer`).
+
+Several independent models (seeds) train in one program: the train state and the batch carry a
+leading seed axis [S, ...], and the step is `jax.vmap`ped over it (own init, own data, own
+optimizer state; nothing is shared but the compiled program).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -17,8 +23,11 @@ from sleep_lm.config import ModelConfig
 from sleep_lm.sleep import sleep_forward
 
 Array = jax.Array
-# Parameters that the paper trains with AdamW although they are 2-D.
-_ADAMW_2D = ("embedding", "head")
+# Muon updates the hidden layers' projection matrices and nothing else (paper: "Muon for 2-D
+# weight matrices", i.e. the projections; embeddings, head, norms, biases, the depthwise conv
+# taps, A_log and dt_bias get AdamW). Path: (layer module, projection module, "kernel").
+_MUON_PATH = re.compile(
+    r"layer_\d+_(attn/(q|k|v|out)|gdn/(q|k|v|a|b|gate|out)_proj|mlp/(gate|up|down))/kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,22 +38,39 @@ class OptimizerConfig:
   adamw_lr: float = 5e-5
   warmup_steps: int = 100
   decay_fraction: float = 0.2      # the last 20% of steps decay linearly to zero
-  weight_decay: float = 0.0
+  weight_decay: float = 0.0        # decoupled, for both optimizers
   clip_norm: float = 1.0
-  b1: float = 0.9
-  b2: float = 0.95
+  b1: float = 0.9                  # AdamW
+  b2: float = 0.95                 # AdamW
+  muon_momentum: float = 0.95
+  muon_nesterov: bool = True
 
   def __post_init__(self):
     def expect(cond, field, message):
       if not cond:
         raise ValueError(f"OptimizerConfig.{field}: {message}")
+
+    def number(x):
+      return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    for field in ("total_steps", "warmup_steps"):
+      expect(isinstance(getattr(self, field), int) and not isinstance(getattr(self, field), bool),
+             field, f"must be an integer, got {getattr(self, field)!r}")
     expect(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
     expect(0 <= self.warmup_steps <= self.total_steps, "warmup_steps",
            f"must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
-    expect(0.0 <= self.decay_fraction <= 1.0, "decay_fraction",
-           f"must be in [0, 1], got {self.decay_fraction}")
-    expect(self.muon_lr > 0 and self.adamw_lr > 0, "muon_lr/adamw_lr", "must be > 0")
-    expect(self.clip_norm > 0, "clip_norm", f"must be > 0, got {self.clip_norm}")
+    for field in ("muon_lr", "adamw_lr", "clip_norm"):
+      value = getattr(self, field)
+      expect(number(value) and value > 0, field, f"must be a finite number > 0, got {value!r}")
+    expect(number(self.decay_fraction) and 0.0 <= self.decay_fraction <= 1.0, "decay_fraction",
+           f"must be in [0, 1], got {self.decay_fraction!r}")
+    expect(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+           f"must be a finite number >= 0, got {self.weight_decay!r}")
+    for field in ("b1", "b2", "muon_momentum"):
+      value = getattr(self, field)
+      expect(number(value) and 0 <= value < 1, field, f"must be in [0, 1), got {value!r}")
+    expect(isinstance(self.muon_nesterov, bool), "muon_nesterov",
+           f"must be True or False, got {self.muon_nesterov!r}")
 
   @classmethod
   def from_mapping(cls, values: Mapping[str, Any]) -> OptimizerConfig:
@@ -66,19 +92,23 @@ def wsd_schedule(peak: float, cfg: OptimizerConfig) -> optax.Schedule:
       boundaries=[cfg.warmup_steps, cfg.warmup_steps + stable_steps])
 
 
+def param_path(path) -> str:
+  return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
 def param_labels(params) -> Any:
-  """'muon' for 2-D weight matrices (not embedding/head), 'adamw' for everything else."""
+  """'muon' for the hidden layers' projection matrices, 'adamw' for everything else."""
   def label(path, leaf):
-    names = [getattr(p, "key", str(p)) for p in path]
-    if leaf.ndim == 2 and not any(n in _ADAMW_2D for n in names):
-      return "muon"
-    return "adamw"
+    muon = _MUON_PATH.fullmatch(param_path(path)) is not None
+    if muon and leaf.ndim != 2:
+      raise ValueError(f"Muon parameter {param_path(path)} must be 2-D, got shape {leaf.shape}")
+    return "muon" if muon else "adamw"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  muon = optax.contrib.muon(wsd_schedule(cfg.muon_lr, cfg), beta=cfg.b1,
-                            weight_decay=cfg.weight_decay)
+  muon = optax.contrib.muon(wsd_schedule(cfg.muon_lr, cfg), beta=cfg.muon_momentum,
+                            nesterov=cfg.muon_nesterov, weight_decay=cfg.weight_decay)
   adamw = optax.adamw(wsd_schedule(cfg.adamw_lr, cfg), b1=cfg.b1, b2=cfg.b2,
                       weight_decay=cfg.weight_decay)
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
@@ -104,39 +134,52 @@ def masked_loss_and_metrics(logits: Array, targets: Array, loss_mask: Array):
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   n_tokens = jnp.maximum(mask.sum(), 1.0)
   loss = (ce * mask).sum() / n_tokens
-  correct = (jnp.argmax(logits, -1) == targets) | (mask == 0)
-  token_acc = ((jnp.argmax(logits, -1) == targets) * mask).sum() / n_tokens
-  exact = jnp.all(correct, axis=-1).astype(jnp.float32).mean()
+  hit = jnp.argmax(logits, -1) == targets
+  token_acc = (hit * mask).sum() / n_tokens
+  exact = jnp.all(hit | (mask == 0), axis=-1).astype(jnp.float32).mean()
   return loss, {"loss": loss, "token_accuracy": token_acc, "exact_accuracy": exact}
 
 
-def loss_fn(params, model_cfg: ModelConfig, batch: Mapping[str, Array]):
-  out = sleep_forward(model_cfg, params, batch["inputs"], batch["loss_mask"])
+def loss_fn(params, model_cfg: ModelConfig, batch: Mapping[str, Array],
+            schedule: tuple[bool, ...] | None = None):
+  out = sleep_forward(model_cfg, params, batch["inputs"], batch["loss_mask"], schedule=schedule)
   return masked_loss_and_metrics(out.logits, batch["targets"], batch["loss_mask"])
 
 
 def train_step(state: TrainState, batch, *, model_cfg: ModelConfig,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-  """One optimizer step; jit it with model_cfg and optimizer bound (see `make_train_step`)."""
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, model_cfg, batch)
+               optimizer: optax.GradientTransformation,
+               schedule: tuple[bool, ...] | None = None,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+  """One optimizer step of one model. With `skip_nonfinite`, a step whose loss or gradient norm
+  is not finite leaves the state as it was (counted in metrics["skipped"])."""
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, model_cfg, batch, schedule)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-  return TrainState(state.step + 1, params, opt_state), metrics
+  new = TrainState(state.step + 1, params, opt_state)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    keep = lambda a, b: jnp.where(finite, a, b)
+    new = new.replace(params=jax.tree.map(keep, params, state.params),
+                      opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+  metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+  return new, metrics
 
 
-def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, **jit_kw):
+def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, *,
+                    schedule: Sequence[bool] | None = None, skip_nonfinite: bool = False,
+                    **jit_kw):
+  """Jitted (state, batch) -> (state, metrics) over a leading seed axis [S, ...] of both."""
+  schedule = None if schedule is None else tuple(bool(x) for x in schedule)
+
   def step(state, batch):
-    return train_step(state, batch, model_cfg=model_cfg, optimizer=optimizer)
-  return jax.jit(step, donate_argnums=(0,), **jit_kw)
+    return train_step(state, batch, model_cfg=model_cfg, optimizer=optimizer,
+                      schedule=schedule, skip_nonfinite=skip_nonfinite)
+  return jax.jit(jax.vmap(step), donate_argnums=(0,), **jit_kw)
 
 
-@functools.cache
-def make_eval_step(model_cfg: ModelConfig):
-  """Returns jitted (params, batch) -> (per-example exact-correct [B], per-answer correct [B,T])."""
-  def step(params, batch):
-    out = sleep_forward(model_cfg, params, batch["inputs"], batch["loss_mask"])
-    mask = batch["loss_mask"].astype(bool)
-    hit = jnp.argmax(out.logits, -1) == batch["targets"]
-    return jnp.all(hit | ~mask, axis=-1), hit & mask
-  return jax.jit(step)
+def create_train_states(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                        seeds: Sequence[int]) -> TrainState:
+  """Train states of `seeds`, stacked on a leading seed axis (init key = the seed)."""
+  keys = jnp.stack([jax.random.key(s) for s in seeds])
+  return jax.vmap(lambda k: create_train_state(model_cfg, optimizer, k))(keys)

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from sleep_lm.data import rule110
-from sleep_lm.data.rule110 import QUERY, SEQ_LEN, Rule110Task, evolve, rule110_step
+from sleep_lm.tasks import base, eval_sets, make_task, rule110, train_dataset
+from sleep_lm.tasks.rule110 import QUERY, SEQ_LEN, Rule110Task, evolve, rule110_step
 
 
 # Independent reference: a state is a Python int (bit j = cell j); the new cell is the bit of the
@@ -121,11 +121,11 @@ def test_train_eval_disjoint():
 
 
 def test_grain_dataset_matches_batches():
-  task = Rule110Task(seed=2, t=5)
-  ds = rule110.train_dataset(task, 8)
+  task = make_task({"name": "rule110", "t": 5, "seed": 2})
+  ds = train_dataset(task, 8)
   for step in (0, 1, 37):
     item = ds[step]
-    direct = task.batch(np.arange(step * 8, step * 8 + 8))
+    direct = Rule110Task(seed=2, t=5).batch(np.arange(step * 8, step * 8 + 8))
     assert item.keys() == direct.keys()
     for k in direct:
       assert item[k].shape == (8, SEQ_LEN)
@@ -133,42 +133,52 @@ def test_grain_dataset_matches_batches():
   # Resuming at step s is indexing from s.
   resumed = next(iter(ds[37:].to_iter_dataset()))
   np.testing.assert_array_equal(resumed["inputs"], ds[37]["inputs"])
-  pickle.loads(pickle.dumps(rule110._StepBatch(task, 8, 0, 1)))  # for grain worker processes
+  pickle.loads(pickle.dumps(base._StepBatch(task, 8, (0,), 0, 1, False)))  # for grain workers
+
+
+def test_seed_streams_are_stacked_and_seed_zero_is_the_plain_stream():
+  task = make_task({"name": "rule110", "t": 5, "seed": 2})
+  plain = train_dataset(task, 8)[3]
+  seeded = train_dataset(task, 8, data_seeds=(0, 1, 5))[3]
+  assert seeded["inputs"].shape == (3, 8, SEQ_LEN)
+  np.testing.assert_array_equal(seeded["inputs"][0], plain["inputs"])
+  np.testing.assert_array_equal(seeded["inputs"][2],
+                                Rule110Task(seed=7, t=5).batch(np.arange(24, 32))["inputs"])
+  assert not np.array_equal(seeded["inputs"][0], seeded["inputs"][1])
 
 
 def test_shards_partition_batch():
-  task = Rule110Task(seed=2, t=5)
-  full = rule110.train_dataset(task, 12)[4]
-  shards = [rule110.train_dataset(task, 12, shard_index=k, shard_count=3)[4] for k in range(3)]
+  task = make_task({"name": "rule110", "t": 5, "seed": 2})
+  full = train_dataset(task, 12)[4]
+  shards = [train_dataset(task, 12, shard_index=k, shard_count=3)[4] for k in range(3)]
   for k in full:
     assert all(s[k].shape == (4, SEQ_LEN) for s in shards)
     np.testing.assert_array_equal(np.concatenate([s[k] for s in shards]), full[k])
   np.testing.assert_array_equal(
-      np.concatenate([rule110.step_indices(4, 12, shard_index=k, shard_count=3) for k in range(3)]),
+      np.concatenate([base.step_indices(4, 12, shard_index=k, shard_count=3) for k in range(3)]),
       np.arange(48, 60))
 
 
 def test_tfds_eval_round_trip(tmp_path):
-  from sleep_lm.data import tfds_rule110
-
-  source = tfds_rule110.eval_source(8, data_dir=tmp_path)
+  task = make_task({"name": "rule110", "t": 8, "seed": 0})
+  source = eval_sets.eval_source(task, "t8", size=4096, data_dir=tmp_path)
   assert len(source) == 4096
-  task = Rule110Task(seed=tfds_rule110.EVAL_SEED, t=8, split="eval")
-  expect = task.batch(np.arange(4096))
+  expect = Rule110Task(seed=0, t=8, split="eval").batch(np.arange(4096))
   for i in (0, 1, 2047, 4095):
     rec = source[i]
     assert rec["index"] == i
-    for k in tfds_rule110.BATCH_KEYS:
+    for k in base.BATCH_KEYS:
       assert rec[k].dtype == expect[k].dtype
       np.testing.assert_array_equal(rec[k], expect[k][i])
-  batches = list(tfds_rule110.eval_batches(source, 1000))
+  batches = list(eval_sets.eval_batches(source, 1000))
   assert [b["inputs"].shape[0] for b in batches] == [1000] * 4 + [96]
-  for k in tfds_rule110.BATCH_KEYS:
+  for k in base.BATCH_KEYS:
     np.testing.assert_array_equal(np.concatenate([b[k] for b in batches]), expect[k])
-  assert len(list(tfds_rule110.eval_batches(source, 1000, drop_remainder=True))) == 4
-  # A second call reuses the prepared files; a custom (t, size, seed) gets its own config.
-  assert len(tfds_rule110.eval_source(8, data_dir=tmp_path)) == 4096
-  small = tfds_rule110.eval_source(3, data_dir=tmp_path, size=10, seed=7)
+  assert len(list(eval_sets.eval_batches(source, 1000, drop_remainder=True))) == 4
+  # A second call reuses the prepared files; another (t, size, seed) gets its own config.
+  assert len(eval_sets.eval_source(task, "t8", size=4096, data_dir=tmp_path)) == 4096
+  other = make_task({"name": "rule110", "t": 3, "seed": 7})
+  small = eval_sets.eval_source(other, "t3", size=10, data_dir=tmp_path)
   np.testing.assert_array_equal(
       small[9]["inputs"], Rule110Task(seed=7, t=3, split="eval").example(9)["inputs"])
   assert "tensorflow" not in sys.modules
@@ -198,14 +208,20 @@ def test_bad_call_args():
     evolve(np.zeros(24, bool), -1)
   with pytest.raises(ValueError, match="states"):
     rule110_step(np.zeros(24, np.int32))
+  iface = make_task({"name": "rule110", "t": 5})
   with pytest.raises(ValueError, match="batch_size"):
-    rule110.train_dataset(task, 10, shard_count=3)
+    train_dataset(iface, 10, shard_count=3)
   with pytest.raises(ValueError, match="shard_index"):
-    rule110.train_dataset(task, 12, shard_index=3, shard_count=3)
-  with pytest.raises(ValueError, match="split"):
-    rule110.train_dataset(task.replace(split="eval"), 12)
-  from sleep_lm.data import tfds_rule110
-  with pytest.raises(ValueError, match="size"):
-    tfds_rule110.make_config(8, size=0)
-  with pytest.raises(ValueError, match="batch_size"):
-    next(tfds_rule110.eval_batches([], 0))
+    train_dataset(iface, 12, shard_index=3, shard_count=3)
+  with pytest.raises(ValueError, match="must be a sleep_lm Task"):
+    train_dataset(task, 12)
+  with pytest.raises(ValueError, match="eval_size"):
+    eval_sets.make_config(iface, "t5", size=0)
+  with pytest.raises(ValueError, match="unknown eval set 't4'"):
+    iface.eval_examples("t4", np.arange(2))
+  with pytest.raises(ValueError, match="eval_batch_size"):
+    next(eval_sets.eval_batches([], 0))
+  with pytest.raises(ValueError, match=r"config.task: unknown field\(s\) \['T'\]"):
+    make_task({"name": "rule110", "T": 5})
+  with pytest.raises(ValueError, match="config.task.name must be one of"):
+    make_task({"name": "rule30"})

@@ -1,0 +1,29 @@
+"""The tasks, keyed by `config.task.name`: one module per task, an immutable registry.
+
+  task = make_task({"name": "rule110", "t": 12, "seed": 0})
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Any
+
+from sleep_lm.tasks.base import BATCH_KEYS, Task, train_dataset
+from sleep_lm.tasks.depo import Depo
+from sleep_lm.tasks.rule110 import Rule110
+
+TASKS: Mapping[str, type[Task]] = types.MappingProxyType({
+    cls.name: cls for cls in (Rule110, Depo)})
+
+
+def make_task(values: Mapping[str, Any]) -> Task:
+  """The task named by values["name"], built from the other keys (rejected by name if unknown)."""
+  values = dict(values)
+  name = values.pop("name", None)
+  if name not in TASKS:
+    raise ValueError(f"config.task.name must be one of {sorted(TASKS)}, got {name!r}")
+  return TASKS[name].from_mapping(values)
+
+
+__all__ = ["BATCH_KEYS", "TASKS", "Task", "make_task", "train_dataset"]

@@ -77,6 +77,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from sleep_lm.tasks.base import BATCH_KEYS, Task
+
 SEQ_LEN = 360
 GRAPH_LEN = 300
 QUERY_LEN = 60
@@ -423,3 +425,48 @@ def render(example: dict[str, np.ndarray]) -> str:
   queries = " ".join(items[n_edges:]).replace(" <", "\n<")
   pads = tokens[:GRAPH_LEN].count(PAD), tokens[GRAPH_LEN:].count(PAD)
   return f"[{pads[0]} x PAD] " + " ".join(edges) + "\n" + queries + f"\n[{pads[1]} x PAD]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Depo(Task):
+  """The task interface (`config.task`: name="depo", seed, train_num_nodes) over `DepoTask`.
+
+  seed: the task seed; it keys the eval sets and, mixed with each model seed, the training
+  streams. train_num_nodes: None draws n per training example by the original's law (most
+  training graphs are then short and fit in the last graph window, see docs/tasks.md), or a fixed
+  n in 3..75. Training queries draw k ~ U{1..16}; the eval sets "k1", "k2", "k4", "k8", "k16" fix
+  k at n = 75, so the graph always spans the four evicted windows.
+  """
+
+  name = "depo"
+  vocab_size = VOCAB_SIZE
+  seq_len = SEQ_LEN
+
+  seed: int = 0
+  train_num_nodes: int | None = None
+
+  def __post_init__(self):
+    DepoTask(seed=self.seed, num_nodes=self.train_num_nodes)  # validates, naming the field
+
+  def train_examples(self, data_seed: int, indices) -> dict[str, np.ndarray]:
+    batch = DepoTask(seed=self.seed + data_seed, num_nodes=self.train_num_nodes).batch(indices)
+    return {k: batch[k] for k in BATCH_KEYS}
+
+  def eval_set_names(self) -> tuple[str, ...]:
+    return tuple(f"k{k}" for k in EVAL_HOPS)
+
+  def eval_examples(self, name: str, indices) -> dict[str, np.ndarray]:
+    self._check_eval_name(name)
+    generator = DepoTask(seed=self.seed, split="eval", hops=int(name[1:]), num_nodes=MAX_NODES)
+    batch = generator.batch(indices)
+    return {k: batch[k] for k in BATCH_KEYS}
+
+  def eval_set_id(self, name: str) -> str:
+    self._check_eval_name(name)
+    return f"depo_{name}_n{MAX_NODES}_s{self.seed}"
+
+  def chance(self, name: str) -> dict[str, float]:
+    """A guesser that knows the names but not the edges (`chance_floor` at n = 75)."""
+    self._check_eval_name(name)
+    per_query = 1.0 / (MAX_NODES - 1)
+    return {"exact_accuracy": per_query ** NUM_QUERIES, "answer_accuracy": per_query}

@@ -10,8 +10,9 @@ One example is SEQ_LEN = 104 tokens over the vocabulary {ZERO=0, ONE=1, QUERY=2}
 
 a_i is cell 0 of state i after t steps of Rule 110 on a periodic ring. `targets[p]` is the token the
 model must predict at position p (the next token): a_i at the QUERY position before it, ZERO
-elsewhere; `loss_mask` is 1 exactly at the 4 QUERY positions (96, 98, 100, 102). With window
-L = 24 each state fills one window and is evicted before any question is asked.
+elsewhere; `loss_mask` is 1 exactly at the 4 QUERY positions (96, 98, 100, 102) and
+`answer_group` numbers them 0..3 (-1 elsewhere). With window L = 24 each state fills one window and
+is evicted before any question is asked.
 
 Every example is a pure function of (seed, split, index): a counter-based hash (splitmix64)
 keyed by those three values draws the states, so any worker, shard or resumed run can produce any
@@ -25,6 +26,8 @@ import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
+
+from sleep_lm.tasks.base import Task, check_int
 
 ZERO = 0
 ONE = 1
@@ -52,16 +55,6 @@ def _mix64(z: np.ndarray) -> np.ndarray:
   return z ^ (z >> np.uint64(31))
 
 
-def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  value = int(value)
-  if value < minimum or (maximum is not None and value > maximum):
-    hi = "" if maximum is None else f" and <= {maximum}"
-    raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
-  return value
-
-
 def rule110_step(states: np.ndarray) -> np.ndarray:
   """One Rule 110 step on a periodic ring. states: bool [..., bits] -> bool [..., bits]."""
   states = np.asarray(states)
@@ -77,7 +70,7 @@ def rule110_step(states: np.ndarray) -> np.ndarray:
 
 def evolve(states: np.ndarray, t: int) -> np.ndarray:
   """Applies `rule110_step` t times. states: bool [..., bits]."""
-  t = _check_int("t", t, 0)
+  t = check_int("t", t, 0)
   states = np.asarray(states)
   if states.dtype != np.bool_:
     raise ValueError(f"states must be a bool array, got dtype {states.dtype}")
@@ -101,13 +94,13 @@ class Rule110Task:
   state_bits: int = STATE_BITS
 
   def __post_init__(self):
-    _check_int("seed", self.seed, 0, _MASK64)
-    _check_int("t", self.t, 0)
+    check_int("seed", self.seed, 0, _MASK64)
+    check_int("t", self.t, 0)
     if self.split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-    _check_int("num_states", self.num_states, 1)
+    check_int("num_states", self.num_states, 1)
     # One 64-bit hash word per state; 3 cells is the smallest ring with distinct neighbours.
-    _check_int("state_bits", self.state_bits, 3, 64)
+    check_int("state_bits", self.state_bits, 3, 64)
 
   @property
   def seq_len(self) -> int:
@@ -138,7 +131,8 @@ class Rule110Task:
     return ((words[..., None] >> shifts) & np.uint64(1)).astype(np.bool_)
 
   def batch(self, indices: Iterable[int] | np.ndarray) -> dict[str, np.ndarray]:
-    """Examples for `indices`, stacked: inputs/targets int32 [n, L], loss_mask float32 [n, L]."""
+    """Examples for `indices`, stacked: inputs/targets/answer_group int32 [n, L], loss_mask
+    float32 [n, L]."""
     states = self.states(indices)
     n = states.shape[0]
     answers = evolve(states, self.t)[..., 0].astype(np.int32)  # [n, num_states]
@@ -152,73 +146,49 @@ class Rule110Task:
     targets[:, qpos] = answers
     loss_mask = np.zeros((n, self.seq_len), np.float32)
     loss_mask[:, qpos] = 1.0
-    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+    answer_group = np.full((n, self.seq_len), -1, np.int32)
+    answer_group[:, qpos] = np.arange(self.num_states, dtype=np.int32)
+    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask,
+            "answer_group": answer_group}
 
   def example(self, index: int) -> dict[str, np.ndarray]:
-    """One example: inputs/targets int32 [L], loss_mask float32 [L]."""
-    index = _check_int("index", index, 0, _MASK64)
+    """One example: the arrays of `batch` for one index, without the leading axis."""
+    index = check_int("index", index, 0, _MASK64)
     return {k: v[0] for k, v in self.batch(np.array([index], np.uint64)).items()}
 
 
-def _check_sharding(batch_size, shard_index, shard_count) -> tuple[int, int, int]:
-  batch_size = _check_int("batch_size", batch_size, 1)
-  shard_count = _check_int("shard_count", shard_count, 1)
-  shard_index = _check_int("shard_index", shard_index, 0, shard_count - 1)
-  if batch_size % shard_count:
-    raise ValueError(
-        f"batch_size must be divisible by shard_count, got {batch_size} and {shard_count}")
-  return batch_size, shard_index, shard_count
+@dataclasses.dataclass(frozen=True)
+class Rule110(Task):
+  """The task interface (`config.task`: name="rule110", t, seed) over `Rule110Task`.
 
-
-def step_indices(step: int, batch_size: int, *, shard_index: int = 0,
-                 shard_count: int = 1) -> np.ndarray:
-  """Train example indices of one shard at `step`, uint64 [batch_size // shard_count].
-
-  Global batch `step` is examples [step * batch_size, (step + 1) * batch_size); shard k of K
-  takes the k-th contiguous slice.
+  t: automaton steps of the trained (and evaluated) depth. seed: the task seed; it keys the
+  eval set (the stream "eval") and, mixed with each model seed, the training streams.
   """
-  batch_size, shard_index, shard_count = _check_sharding(batch_size, shard_index, shard_count)
-  step = _check_int("step", step, 0)
-  per_shard = batch_size // shard_count
-  start = step * batch_size + shard_index * per_shard
-  if start + per_shard > 2**63:
-    raise ValueError(f"step too large for batch_size {batch_size}: {step}")
-  return np.arange(start, start + per_shard, dtype=np.uint64)
 
+  name = "rule110"
+  vocab_size = VOCAB_SIZE
+  seq_len = SEQ_LEN
 
-class _StepBatch:
-  """grain map fn: step -> this shard's slice of the global batch (module-level: picklable)."""
+  t: int = 8
+  seed: int = 0
 
-  def __init__(self, task: Rule110Task, batch_size: int, shard_index: int, shard_count: int):
-    self.task = task
-    self.batch_size = batch_size
-    self.shard_index = shard_index
-    self.shard_count = shard_count
+  def __post_init__(self):
+    Rule110Task(seed=self.seed, t=self.t)  # validates t and seed, naming them
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    return self.task.batch(step_indices(
-        step, self.batch_size, shard_index=self.shard_index, shard_count=self.shard_count))
+  def train_examples(self, data_seed: int, indices) -> dict[str, np.ndarray]:
+    return Rule110Task(seed=self.seed + data_seed, t=self.t).batch(indices)
 
+  def eval_set_names(self) -> tuple[str, ...]:
+    return (f"t{self.t}",)
 
-def train_dataset(task: Rule110Task, batch_size: int, *, shard_index: int = 0,
-                  shard_count: int = 1, num_steps: int | None = None):
-  """grain.MapDataset whose item `step` is this shard's part of the global batch of `step`.
+  def eval_examples(self, name: str, indices) -> dict[str, np.ndarray]:
+    self._check_eval_name(name)
+    return Rule110Task(seed=self.seed, t=self.t, split="eval").batch(indices)
 
-  Global batch `step` holds train examples [step * batch_size, (step + 1) * batch_size); shard k
-  of K gets the k-th contiguous slice of batch_size // K examples (see `step_indices`). Items are
-  dicts of numpy arrays with a leading batch dim. Random access by step, so resuming at step s is
-  `ds[s]`, `ds[s + 1]`, ... (or `ds[s:].to_iter_dataset()`); no iterator state to checkpoint.
-  num_steps defaults to the largest count whose indices fit in int64; grain wraps indices past
-  the length (ds[num_steps] == ds[0]), so keep step < num_steps.
-  """
-  import grain  # Local import: the generator itself needs only numpy.
+  def eval_set_id(self, name: str) -> str:
+    self._check_eval_name(name)
+    return f"rule110_t{self.t}_s{self.seed}"
 
-  if not isinstance(task, Rule110Task):
-    raise ValueError(f"task must be a Rule110Task, got {type(task).__name__}")
-  if task.split != "train":
-    raise ValueError(f"task.split must be 'train' for the training stream, got {task.split!r}")
-  batch_size, shard_index, shard_count = _check_sharding(batch_size, shard_index, shard_count)
-  max_steps = 2**63 // batch_size
-  num_steps = max_steps if num_steps is None else _check_int("num_steps", num_steps, 1, max_steps)
-  return grain.MapDataset.range(num_steps).map(
-      _StepBatch(task, batch_size, shard_index, shard_count))
+  def chance(self, name: str) -> dict[str, float]:
+    self._check_eval_name(name)
+    return {"exact_accuracy": 0.5 ** NUM_STATES, "answer_accuracy": 0.5}

@@ -1,0 +1,98 @@
+"""The typed view of an experiment config, built and validated once by the CLIs.
+
+`RunConfig.from_config(config)` checks every field a run depends on and raises a ValueError that
+names the field and the allowed values; `check_against(mesh)` then checks what depends on the
+machine (batch sizes against the data-parallel axis). Both run before a workdir is claimed, so a
+bad launch leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from sleep_lm.config import ModelConfig
+from sleep_lm.errors import UserError
+from sleep_lm.tasks import Task, make_task
+from sleep_lm.training import OptimizerConfig
+
+# Top-level fields of an experiment config (`experiments/*.py`).
+_RUN_FIELDS = ("name", "seed", "seeds", "task", "model", "optimizer", "batch_size", "steps",
+               "log_every", "eval_every", "eval_size", "eval_batch_size", "checkpoint_every",
+               "keep_checkpoints", "data_dir", "mesh", "skip_nonfinite", "tensorboard")
+
+
+def _int_field(config: Mapping[str, Any], field: str, minimum: int) -> int:
+  value = config[field]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"config.{field} must be an integer >= {minimum}, got {value!r}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything a training run needs, typed. `config` is the ConfigDict it came from."""
+  task: Task
+  model: ModelConfig
+  optimizer: OptimizerConfig
+  seed: int                 # the first model seed; models seed .. seed + seeds - 1
+  seeds: int                # S models trained at once (vmapped), each with its own data order
+  batch_size: int           # per model
+  steps: int
+  log_every: int
+  eval_every: int
+  eval_size: int
+  eval_batch_size: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  data_dir: str
+  mesh: dict
+  skip_nonfinite: bool
+  tensorboard: bool
+  config: ml_collections.ConfigDict = dataclasses.field(repr=False, compare=False)
+
+  @property
+  def model_seeds(self) -> tuple[int, ...]:
+    return tuple(range(self.seed, self.seed + self.seeds))
+
+  @property
+  def tokens_per_step(self) -> int:
+    """Training tokens of one step, summed over the seeds."""
+    return self.seeds * self.batch_size * self.task.seq_len
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> RunConfig:
+    unknown = sorted(set(config.keys()) - set(_RUN_FIELDS))
+    if unknown:
+      raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(_RUN_FIELDS)}")
+    missing = sorted(set(_RUN_FIELDS) - set(config.keys()))
+    if missing:
+      raise ValueError(f"config: missing field(s) {missing}")
+    ints = {f: _int_field(config, f, 1) for f in (
+        "seeds", "batch_size", "steps", "log_every", "eval_every", "eval_size",
+        "eval_batch_size", "checkpoint_every", "keep_checkpoints")}
+    seed = _int_field(config, "seed", 0)
+    for field in ("skip_nonfinite", "tensorboard"):
+      if not isinstance(config[field], bool):
+        raise ValueError(f"config.{field} must be True or False, got {config[field]!r}")
+    if not isinstance(config.data_dir, str):
+      raise ValueError(f"config.data_dir must be a string, got {config.data_dir!r}")
+    task = make_task(config.task.to_dict())
+    model = ModelConfig.from_mapping({**config.model.to_dict(), "vocab_size": task.vocab_size})
+    optimizer = OptimizerConfig.from_mapping(
+        {**config.optimizer.to_dict(), "total_steps": config.steps})
+    return cls(task=task, model=model, optimizer=optimizer, seed=seed,
+               data_dir=config.data_dir, mesh=config.mesh.to_dict(),
+               skip_nonfinite=config.skip_nonfinite, tensorboard=config.tensorboard,
+               config=config, **ints)
+
+  @classmethod
+  def checked(cls, config: ml_collections.ConfigDict) -> RunConfig:
+    """`from_config` for the CLIs: a bad value is the user's to fix (a UserError)."""
+    try:
+      return cls.from_config(config)
+    except ValueError as e:
+      raise UserError(str(e)) from e

@@ -1,0 +1,163 @@
+"""The task interface: everything the trainer, the evaluator and the benchmarks know of a task.
+
+A task is a frozen dataclass (its fields are `config.task` minus `name`) that gives:
+  - `vocab_size`, `seq_len`: the token space and the (fixed) example length;
+  - `train_examples(data_seed, indices)`: training examples, a pure function of its arguments;
+  - `eval_set_names()`, `eval_examples(name, indices)`: the held-out sets (a disjoint stream),
+    written once as TFDS array_record files by `sleep_lm.tasks.eval_sets`;
+  - `chance(name)`: chance levels of the metrics on an eval set (the majority-answer floor is
+    measured from the set itself by the evaluator, see `sleep_lm.evaluation`).
+Examples are dicts of NumPy arrays with a leading example axis and the keys `BATCH_KEYS`:
+  inputs, targets int32 [n,T]: tokens and the next token to predict at each position;
+  loss_mask float32 [n,T]: 1 where the loss is taken (answer tokens), else 0;
+  answer_group int32 [n,T]: which answer (query) a supervised token belongs to, -1 elsewhere;
+    an answer is right when all its tokens are.
+
+`train_dataset` turns a task into the training stream: a grain MapDataset indexed by step, with
+one batch per model seed (stacked on a leading seed axis) and per process (a slice of the batch).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "answer_group")
+
+
+def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+  """`value` as an int in [minimum, maximum], or a ValueError that names the field."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  value = int(value)
+  if value < minimum or (maximum is not None and value > maximum):
+    hi = "" if maximum is None else f" and <= {maximum}"
+    raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Task(abc.ABC):
+  """Base class of the tasks in `sleep_lm.tasks.TASKS` (see the module docstring)."""
+
+  name: ClassVar[str]
+  vocab_size: ClassVar[int]
+  seq_len: ClassVar[int]
+
+  @abc.abstractmethod
+  def train_examples(self, data_seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Training examples `indices` of the stream keyed by `data_seed`."""
+
+  @abc.abstractmethod
+  def eval_set_names(self) -> tuple[str, ...]:
+    """Names of the held-out sets, e.g. ("t12",) or ("k1", "k2", ...)."""
+
+  @abc.abstractmethod
+  def eval_examples(self, name: str, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Examples `indices` of the held-out set `name` (disjoint from every training stream)."""
+
+  @abc.abstractmethod
+  def chance(self, name: str) -> dict[str, float]:
+    """Chance levels on eval set `name`: {"exact_accuracy": ..., "answer_accuracy": ...}."""
+
+  def eval_set_id(self, name: str) -> str:
+    """A unique, filesystem-safe id of eval set `name` (its content depends on nothing else)."""
+    self._check_eval_name(name)
+    fields = "_".join(f"{f.name}{getattr(self, f.name)}" for f in dataclasses.fields(self))
+    return f"{self.name}_{name}_{fields}"
+
+  def fields(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def _check_eval_name(self, name: str) -> None:
+    if name not in self.eval_set_names():
+      raise ValueError(f"{self.name}: unknown eval set {name!r}; allowed: {self.eval_set_names()}")
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> Task:
+    """Builds the task from `config.task` (without its `name`), rejecting unknown keys."""
+    allowed = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+      raise ValueError(f"config.task: unknown field(s) {unknown} for task {cls.name!r}; "
+                       f"allowed: {allowed}")
+    return cls(**dict(values))
+
+  def layout_mask(self) -> np.ndarray:
+    """The loss mask [T] shared by every example: these tasks have a fixed layout, so which
+    windows sleep is known before tracing (`sleep_lm.sleep.static_schedule`)."""
+    return self.train_examples(0, np.zeros(1, np.uint64))["loss_mask"][0]
+
+
+# ------------------------------------------------------------------------------- training stream
+
+def check_sharding(batch_size, shard_index, shard_count) -> tuple[int, int, int]:
+  batch_size = check_int("batch_size", batch_size, 1)
+  shard_count = check_int("shard_count", shard_count, 1)
+  shard_index = check_int("shard_index", shard_index, 0, shard_count - 1)
+  if batch_size % shard_count:
+    raise ValueError(
+        f"batch_size must be divisible by shard_count, got {batch_size} and {shard_count}")
+  return batch_size, shard_index, shard_count
+
+
+def step_indices(step: int, batch_size: int, *, shard_index: int = 0,
+                 shard_count: int = 1) -> np.ndarray:
+  """Train example indices of one shard at `step`, uint64 [batch_size // shard_count].
+
+  Global batch `step` is examples [step * batch_size, (step + 1) * batch_size); shard k of K
+  takes the k-th contiguous slice.
+  """
+  batch_size, shard_index, shard_count = check_sharding(batch_size, shard_index, shard_count)
+  step = check_int("step", step, 0)
+  per_shard = batch_size // shard_count
+  start = step * batch_size + shard_index * per_shard
+  if start + per_shard > 2**63:
+    raise ValueError(f"step too large for batch_size {batch_size}: {step}")
+  return np.arange(start, start + per_shard, dtype=np.uint64)
+
+
+class _StepBatch:
+  """grain map fn: step -> this shard's slice of every seed's global batch (picklable)."""
+
+  def __init__(self, task: Task, batch_size: int, data_seeds: tuple[int, ...], shard_index: int,
+               shard_count: int, stack_seeds: bool):
+    self.task, self.batch_size, self.data_seeds = task, batch_size, data_seeds
+    self.shard_index, self.shard_count, self.stack_seeds = shard_index, shard_count, stack_seeds
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    idx = step_indices(step, self.batch_size, shard_index=self.shard_index,
+                       shard_count=self.shard_count)
+    batches = [self.task.train_examples(seed, idx) for seed in self.data_seeds]
+    if not self.stack_seeds:
+      return batches[0]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def train_dataset(task: Task, batch_size: int, *, data_seeds: Sequence[int] | None = None,
+                  shard_index: int = 0, shard_count: int = 1, num_steps: int | None = None):
+  """grain.MapDataset whose item `step` is this shard's part of the global batch of `step`.
+
+  With `data_seeds` (one per model seed), items have a leading seed axis: [S, batch/K, T]; without
+  it, [batch/K, T] from data seed 0. Global batch `step` of a seed's stream holds its examples
+  [step * batch_size, (step + 1) * batch_size); shard k of K gets the k-th contiguous slice.
+  Random access by step, so resuming at step s is `ds[s:]`: no iterator state to checkpoint.
+  num_steps defaults to the largest count whose indices fit in int64; grain wraps indices past
+  the length, so keep step < num_steps.
+  """
+  import grain  # local: the generators themselves need only numpy
+
+  if not isinstance(task, Task):
+    raise ValueError(f"task must be a sleep_lm Task, got {type(task).__name__}")
+  batch_size, shard_index, shard_count = check_sharding(batch_size, shard_index, shard_count)
+  seeds = (0,) if data_seeds is None else tuple(check_int("data_seed", s, 0) for s in data_seeds)
+  if not seeds:
+    raise ValueError("data_seeds must hold at least one seed")
+  max_steps = 2**63 // batch_size
+  num_steps = max_steps if num_steps is None else check_int("num_steps", num_steps, 1, max_steps)
+  return grain.MapDataset.range(num_steps).map(
+      _StepBatch(task, batch_size, seeds, shard_index, shard_count, data_seeds is not None))

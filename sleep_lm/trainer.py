@@ -1,0 +1,233 @@
+"""The training loop: S models (seeds) at once, checkpoints, evaluation, metrics.
+
+`train(run, workdir)` trains (or continues) the run in `workdir`. Everything a run needs to
+continue is in the workdir (`sleep_lm.workdir`); repeating the command after a crash or a kill
+continues from the newest readable checkpoint and reproduces the uninterrupted run: every batch
+is a pure function of the step (`sleep_lm.tasks.train_dataset`), and the train metrics pending
+since the last log line travel in the checkpoint.
+
+Guards: a non-finite loss or gradient norm stops the run with a `TrainingDiverged` naming the
+first bad step and seed, and that state is never saved (with `config.skip_nonfinite` such steps
+are skipped instead: the state stays as it was). SIGTERM (preemption, `timeout`) stops between
+two steps and checkpoints.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sleep_lm import evaluation, sharding, workdir
+from sleep_lm.checkpointing import Checkpointer
+from sleep_lm.errors import UserError
+from sleep_lm.run_config import RunConfig
+from sleep_lm.sleep import static_schedule
+from sleep_lm.tasks import train_dataset
+from sleep_lm.tensorboard import ScalarWriter
+from sleep_lm.training import create_train_states, make_optimizer, make_train_step
+
+
+class TrainingDiverged(UserError):
+  """The loss or gradient norm became NaN or infinite; nothing past the last good save is kept."""
+
+
+def with_seed_axis(shardings):
+  """Shardings of per-model arrays -> the same for arrays with a leading (replicated) seed axis."""
+  return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), shardings)
+
+
+def seeded_batch_sharding(mesh) -> NamedSharding:
+  """[S, B, T] batches: the batch axis over "data", seeds and tokens replicated."""
+  return NamedSharding(mesh, PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
+
+
+def setup(run: RunConfig):
+  """The mesh and the abstract parameters, checked against each other; no side effects."""
+  from sleep_lm.model import init_params
+  mesh = sharding.make_mesh(run.mesh["data"], run.mesh["model"])
+  boxed = jax.eval_shape(lambda: init_params(run.model, jax.random.key(0)))
+  sharding.check_divisible(run.batch_size, mesh, boxed)
+  data = mesh.shape["data"]
+  if run.eval_batch_size % data:
+    raise ValueError(f"config.eval_batch_size ({run.eval_batch_size}) must be divisible by "
+                     f"mesh.data ({data})")
+  return mesh, boxed
+
+
+def initial_state(run: RunConfig, mesh, boxed):
+  """Train states of every model seed (stacked), parameters sharded by their logical names."""
+  optimizer = make_optimizer(run.optimizer)
+  param_sh = with_seed_axis(sharding.param_shardings(boxed, mesh))
+
+  def init():
+    state = create_train_states(run.model, optimizer, run.model_seeds)
+    params = jax.lax.with_sharding_constraint(state.params, param_sh)
+    return state.replace(params=params, opt_state=jax.vmap(optimizer.init)(params))
+
+  return jax.jit(init)(), optimizer
+
+
+def task_schedule(run: RunConfig) -> tuple[bool, ...]:
+  """Which windows sleep: the task's layout is fixed, so this is known before tracing."""
+  return static_schedule(run.model, run.task.layout_mask())
+
+
+def _first_nonfinite(history: list[tuple[int, dict]], seeds) -> tuple[int, int, str] | None:
+  for step, m in history:
+    for key in ("loss", "grad_norm"):
+      values = np.asarray(m[key])
+      bad = ~np.isfinite(values)
+      if bad.any():
+        return step, seeds[int(np.argmax(bad))], key
+  return None
+
+
+def _progress_line(step, total, start, loss, exact, tok_s, elapsed):
+  done = int(20 * step / total)
+  eta = (total - step) * elapsed / max(step - start, 1)
+  return (f"[{'#' * done}{'.' * (20 - done)}] step {step:>6}/{total} | loss {loss:.4f} | "
+          f"exact {exact:.3f} | {tok_s / 1e3:7.1f}k tok/s | eta {eta / 60:5.1f} min")
+
+
+def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
+  """Trains (or continues) the run in `path`; returns the last evaluation's results."""
+  path = Path(path)
+  try:
+    mesh, boxed = setup(run)                   # everything checked before the workdir is claimed
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  workdir.claim(path, run.config)
+  data_dir = Path(run.data_dir) if run.data_dir else path / "eval_data"
+  lead = jax.process_index() == 0
+  seeds = run.model_seeds
+  schedule = task_schedule(run)
+
+  state, optimizer = initial_state(run, mesh, boxed)
+  ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints)
+  start, pending_host = 0, []
+  restored = ckpt.restore_latest(state, log=log)
+  if restored is not None:
+    state, meta = restored
+    start = int(meta["data_position"])
+    pending_host = [(int(s), m) for s, m in meta.get("pending", [])]
+    log(f"resuming {path} from step {start}")
+  metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead)
+  writers = ([ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in seeds]
+             if run.tensorboard and lead else [])
+  eval_sets = evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
+
+  step_fn = make_train_step(run.model, optimizer, schedule=schedule,
+                            skip_nonfinite=run.skip_nonfinite)
+  batch_sh = seeded_batch_sharding(mesh)
+  dataset = train_dataset(run.task, run.batch_size, data_seeds=seeds,
+                          shard_index=jax.process_index(), shard_count=jax.process_count(),
+                          num_steps=run.steps)
+  batches = iter(dataset[start:].to_iter_dataset())
+
+  def to_device(batch):
+    if static_schedule(run.model, batch["loss_mask"].reshape(-1, run.task.seq_len)) != schedule:
+      raise ValueError(f"task {run.task.name}: a batch supervises other windows than the task's "
+                       f"fixed layout ({schedule}); the static schedule would be wrong")
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x), batch)
+
+  def scalars(step, values):
+    for i, w in enumerate(writers):
+      w.scalars(step, {k: v[i] for k, v in values.items()})
+
+  def run_eval(step):
+    results = evaluation.evaluate(run.model, state.params, mesh, eval_sets,
+                                  batch_size=run.eval_batch_size, schedule=schedule)
+    for record in evaluation.per_seed_records(results, seeds):
+      metrics_log.write({"step": step, "kind": "eval", **record})
+    for name, r in results.items():
+      scalars(step, {f"eval/{name}/{k}": r[k] for k in ("loss", "exact_accuracy",
+                                                         "query_accuracy")})
+    log(f"eval step {step}\n" + evaluation.format_results(results, seeds))
+    return results
+
+  # A SIGTERM asks the loop to stop between two steps, so that the state it checkpoints is whole
+  # (a step in flight has already consumed its donated input).
+  stop_requested = []
+  on_main_thread = threading.current_thread() is threading.main_thread()  # signal needs it
+  if on_main_thread:
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+  last_eval: dict = {}
+  step, saved = start, start
+  pending_device = []                      # (step, metrics on the device) since the last sync
+  t0 = interval_start = time.time()
+  interval_steps, diverged = 0, None
+
+  def sync():
+    """Fetches the pending metrics (the loop's only host syncs) and checks they are finite."""
+    nonlocal pending_device, diverged
+    pending_host.extend((s, {k: np.asarray(v).tolist() for k, v in m.items()})
+                        for s, m in jax.device_get(pending_device))
+    pending_device = []
+    if not run.skip_nonfinite and diverged is None:
+      diverged = _first_nonfinite(pending_host, seeds)
+      if diverged:
+        bad_step, bad_seed, key = diverged
+        raise TrainingDiverged(
+            f"{key} is not finite at step {bad_step} (seed {bad_seed}); stopping without saving "
+            f"that state (last checkpoint: step {saved}). Lower the learning rate, or set "
+            f"config.skip_nonfinite=True to skip such steps")
+
+  def save(step):
+    nonlocal saved
+    sync()
+    ckpt.save(state, step, {"step": step, "data_position": step, "pending": pending_host})
+    saved = step
+
+  try:
+    for step in range(start + 1, run.steps + 1):
+      state, metrics = step_fn(state, to_device(next(batches)))
+      pending_device.append((step, metrics))
+      interval_steps += 1
+      if step % run.log_every == 0 or step == run.steps:
+        sync()
+        means = {k: np.mean([m[k] for _, m in pending_host], axis=0) for k in pending_host[0][1]}
+        now = time.time()
+        tok_s = interval_steps * run.tokens_per_step / (now - interval_start)
+        for i, seed in enumerate(seeds):
+          metrics_log.write({"step": step, "kind": "train", "seed": seed,
+                             **{k: float(v[i]) for k, v in means.items()},
+                             "tokens_per_s": tok_s, "elapsed_s": now - t0})
+        scalars(step, {f"train/{k}": v for k, v in means.items()})
+        log(_progress_line(step, run.steps, start, float(np.mean(means["loss"])),
+                           float(np.mean(means["exact_accuracy"])), tok_s, now - t0))
+        pending_host, interval_start, interval_steps = [], time.time(), 0
+      if step % run.checkpoint_every == 0 or step == run.steps:
+        save(step)
+      if step % run.eval_every == 0 or step == run.steps:
+        last_eval = run_eval(step)
+        interval_start = time.time()   # keep eval time out of tokens/s
+      if stop_requested:
+        log(f"SIGTERM: stopping at step {step}")
+        break
+    if not last_eval and not stop_requested:   # already complete: report its accuracy again
+      last_eval = run_eval(step)
+  except KeyboardInterrupt:
+    log(f"interrupted at step {step}")
+    raise
+  finally:
+    whole = not any(x.is_deleted() for x in jax.tree.leaves(state))
+    if saved != step and step > start and whole and diverged is None:
+      try:
+        save(step)
+      except TrainingDiverged:
+        pass                                  # found only now: the state is not saved
+    ckpt.close()
+    for w in writers:
+      w.close()
+    if on_main_thread:
+      signal.signal(signal.SIGTERM, previous)
+  if diverged:
+    raise TrainingDiverged(f"stopped at step {diverged[0]}: {diverged[2]} is not finite")
+  return last_eval
+

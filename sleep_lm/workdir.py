@@ -1,0 +1,120 @@
+"""A run's directory: the config it was claimed with, and its metrics log.
+
+  <workdir>/config.json     the config of the run; a different config is refused
+  <workdir>/metrics.jsonl   one strict-JSON object per line (non-finite numbers as null)
+  <workdir>/tensorboard/    event files (`sleep_lm.tensorboard`), one folder per seed
+  <workdir>/checkpoints/    orbax (`sleep_lm.checkpointing`)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from sleep_lm.errors import UserError
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json(sort_keys=True))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+
+
+def write_atomic(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json, or refuses a workdir that holds a different config.
+
+  Call it only once the config has been validated against the machine (mesh, batch sizes): a
+  failed launch must not leave a config behind that blocks the corrected command.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir {workdir} exists and is not a directory")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create --workdir {workdir}: {e.strerror}") from e
+  path = workdir / "config.json"
+  wanted = config_to_dict(config)
+  if path.exists():
+    held = json.loads(path.read_text())
+    if held != wanted:
+      a, b = _flatten(held), _flatten(wanted)
+      diff = [f"{k}: {a.get(k, '<absent>')!r} in the workdir, {b.get(k, '<absent>')!r} now"
+              for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+      raise UserError(f"workdir {workdir} holds a run with a different config; use a new "
+                      f"--workdir or the same config. Differences:\n  " + "\n  ".join(diff))
+  else:
+    try:
+      write_atomic(path, json.dumps(wanted, indent=2, sort_keys=True))
+    except OSError as e:
+      raise UserError(f"cannot write {path}: {e.strerror}") from e
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  path = Path(workdir) / "config.json"
+  if not path.exists():
+    raise UserError(f"{path} not found: is {workdir} a sleep_lm.train workdir?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _finite(value):
+  """JSON-safe copy: NaN and infinities become None (strict JSON has no NaN)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite(v) for v in value]
+  return value
+
+
+def read_records(path: Path, *, warn=print) -> list[dict]:
+  """The records of a metrics.jsonl; a torn last line (a crash mid-write) is dropped with a
+  warning, any other unreadable line is an error naming the file and line."""
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        warn(f"warning: {path}: ignoring a torn last line ({len(line)} characters)")
+        continue
+      raise UserError(f"{path}, line {i + 1}: not JSON ({e.msg}); fix or remove the line") from e
+  return records
+
+
+class MetricsLog:
+  """metrics.jsonl; on resume, records past the restored step are dropped."""
+
+  def __init__(self, path: Path, resume_step: int, *, write: bool = True):
+    self.path, self.enabled = path, write
+    if write and path.exists():
+      kept = [r for r in read_records(path) if r["step"] <= resume_step]
+      write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+  def write(self, record: dict) -> None:
+    if self.enabled:
+      with self.path.open("a") as f:
+        f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
