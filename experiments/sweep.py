@@ -3,20 +3,24 @@ r"""Run a named sweep of an experiment config, several runs at once on one machi
   python -m experiments.sweep --config experiments/rule110.py --sweep fig2a --root runs/fig2a
   python -m experiments.sweep --config experiments/rule110.py --sweep fig2b --root runs/fig2b \
       --parallel 3 -- --config.steps=1500 --config.eval_every=100
+  python -m experiments.sweep --config experiments/depo.py --sweep fig3 --root runs/depo \
+      --gpus 0,1,2
 
 Each run is `python -m sleep_lm.train --config CONFIG:ARG --workdir ROOT/ARG [extra flags]`, with
-its output in ROOT/ARG/train.log. On a GPU the runs share the device (each gets an equal slice of
-its memory). The eval sets are built once, before the runs start, in ROOT/eval_data. Repeating the
-command resumes unfinished runs. Prints a table of final held-out accuracies last.
+its output in ROOT/ARG/train.log. Without --gpus the runs share the device (each gets an equal
+slice of its memory); with --gpus, run i gets GPU gpus[i % len(gpus)] to itself (one run per GPU
+at a time). The eval sets are built once, before the runs start, in ROOT/eval_data. Repeating the
+command resumes unfinished runs. Prints a table of final held-out accuracies (mean over seeds)
+and the floors last.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -30,12 +34,15 @@ def load_module(path: str):
   return module
 
 
-def last_eval(workdir: Path) -> dict | None:
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return None
-  evals = [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"]
-  return evals[-1] if evals else None
+def last_evals(workdir: Path) -> list[dict]:
+  """The eval records of the last evaluated step (one per set and seed)."""
+  from sleep_lm.workdir import read_records
+  evals = [r for r in read_records(workdir / "metrics.jsonl") if r["kind"] == "eval"]
+  return [r for r in evals if r["step"] == evals[-1]["step"]] if evals else []
+
+
+def run_dir(root: Path, arg: str) -> Path:
+  return root / arg.replace(",", "_").replace("=", "")
 
 
 def main():
@@ -43,7 +50,11 @@ def main():
   parser.add_argument("--config", required=True)
   parser.add_argument("--sweep", required=True)
   parser.add_argument("--root", required=True)
-  parser.add_argument("--parallel", type=int, default=0, help="runs at once (0: all)")
+  parser.add_argument("--parallel", type=int, default=0,
+                      help="runs at once (0: all, or one per GPU with --gpus)")
+  parser.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU")
+  parser.add_argument("--runs", default="", help="comma-separated subset of the sweep's runs "
+                      "(by index)")
   parser.add_argument("extra", nargs="*", help="flags passed to every run (after --)")
   args = parser.parse_args()
 
@@ -51,28 +62,35 @@ def main():
   if args.sweep not in module.SWEEPS:
     sys.exit(f"--sweep must be one of {sorted(module.SWEEPS)}, got {args.sweep!r}")
   runs = module.SWEEPS[args.sweep]
+  if args.runs:
+    runs = [runs[int(i)] for i in args.runs.split(",")]
   root = Path(args.root).absolute()
   data_dir = root / "eval_data"
-  parallel = args.parallel or len(runs)
+  gpus = [g for g in args.gpus.split(",") if g]
+  parallel = args.parallel or (len(gpus) if gpus else len(runs))
 
   # Build each distinct eval set once, so that concurrent runs only read it.
-  from sleep_lm.data import tfds_rule110
+  from sleep_lm import evaluation
+  from sleep_lm.run_config import RunConfig
   for arg in runs:
     c = module.get_config(arg)
     for flag in args.extra:
       if flag.startswith("--config.eval_size="):
         c.eval_size = int(flag.split("=", 1)[1])
-    tfds_rule110.eval_source(c.task.t, data_dir=str(data_dir), size=c.eval_size, seed=c.task.seed)
+    run = RunConfig.from_config(c)
+    evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
 
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.3f}")
+  share = parallel if not gpus else max(1, parallel // len(gpus))
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / share:.3f}")
+  started = 0
   pending, active, failed = list(runs), {}, []
   t0 = time.time()
 
   def stop(*_):   # on SIGTERM (e.g. `timeout`), let every run checkpoint and leave
     pending.clear()
-    for proc, _, _ in active.values():
+    for proc, _, _, _ in active.values():
       proc.send_signal(signal.SIGTERM)
     print(f"[{time.time() - t0:6.0f}s] stopping: SIGTERM sent to {len(active)} runs", flush=True)
 
@@ -80,16 +98,24 @@ def main():
   while pending or active:
     while pending and len(active) < parallel:
       arg = pending.pop(0)
-      workdir = root / arg.replace(",", "_").replace("=", "")
+      workdir = run_dir(root, arg)
       workdir.mkdir(parents=True, exist_ok=True)
       cmd = [sys.executable, "-m", "sleep_lm.train", f"--config={args.config}:{arg}",
              f"--workdir={workdir}", f"--config.data_dir={data_dir}", *args.extra]
       log = open(workdir / "train.log", "a")
-      print(f"[{time.time() - t0:6.0f}s] start {arg}: {' '.join(cmd)}", flush=True)
-      active[arg] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
-                     workdir, log)
+      run_env = dict(env)
+      if gpus:
+        busy = {e.get("CUDA_VISIBLE_DEVICES") for _, _, _, e in active.values()}
+        run_env["CUDA_VISIBLE_DEVICES"] = next((g for g in gpus if g not in busy),
+                                               gpus[started % len(gpus)])
+      started += 1
+      print(f"[{time.time() - t0:6.0f}s] start {arg} "
+            f"(GPU {run_env.get('CUDA_VISIBLE_DEVICES', 'shared')}): {' '.join(cmd)}",
+            flush=True)
+      active[arg] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env),
+                     workdir, log, run_env)
     time.sleep(2)
-    for arg, (proc, workdir, log) in list(active.items()):
+    for arg, (proc, workdir, log, _) in list(active.items()):
       if proc.poll() is not None:
         log.close()
         del active[arg]
@@ -100,16 +126,22 @@ def main():
               flush=True)
 
   print(f"\nsweep {args.sweep}: {len(runs)} runs in {time.time() - t0:.0f}s")
-  print(f"{'run':<16}{'step':>8}{'exact acc':>12}  per answer")
+  print(f"{'run':<32}{'set':>6}{'step':>8}{'seeds':>6}{'loss':>8}{'exact':>8}{'sd':>7}"
+        f"{'answers':>9}{'floor':>8}")
   for arg in runs:
-    r = last_eval(root / arg.replace(",", "_").replace("=", ""))
+    evals = last_evals(run_dir(root, arg))
     if arg in failed:
-      print(f"{arg:<16}{'FAILED: see its train.log':>34}")
-    elif r:
-      print(f"{arg:<16}{r['step']:>8}{r['exact_accuracy']:>12.4f}  "
-            f"{[round(a, 3) for a in r['answer_accuracy']]}")
-    else:
-      print(f"{arg:<16}{'-':>8}{'-':>12}")
+      print(f"{arg:<32}  FAILED: see its train.log")
+    for name in dict.fromkeys(r["set"] for r in evals):
+      rs = [r for r in evals if r["set"] == name]
+      exact = [r["exact_accuracy"] for r in rs]
+      sd = statistics.stdev(exact) if len(exact) > 1 else 0.0
+      print(f"{arg:<32}{name:>6}{rs[0]['step']:>8}{len(rs):>6}"
+            f"{statistics.mean(r['loss'] for r in rs):>8.4f}{statistics.mean(exact):>8.4f}"
+            f"{sd:>7.4f}{statistics.mean(r['query_accuracy'] for r in rs):>9.4f}"
+            f"{rs[0]['floor_exact']:>8.4f}")
+    if not evals and arg not in failed:
+      print(f"{arg:<32}  no evaluation yet")
   sys.exit(1 if failed else 0)
 
 

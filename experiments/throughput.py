@@ -1,11 +1,24 @@
-r"""Training-step throughput of a config for several N and kernel implementations.
+r"""Training-step throughput of a config: ms/step, tokens/s, model FLOPs and MFU, memory, copies.
 
-  python -m experiments.throughput --config experiments/rule110.py --passes 1,2,3,4 \
-      --implementations chunked --json $OUT/throughput.json
+  python -m experiments.throughput --config experiments/rule110.py:dtype=bfloat16 \
+      --passes 1,4 --seeds 1,3 --json $OUT/throughput.json [--profile-dir /tmp/prof]
+  python -m experiments.throughput --config experiments/depo.py:paper --passes 1,4
 
-Times the jitted train step (forward, backward through every pass, optimizer) after warm-up,
-on one batch held on the device, and reports tokens/s, ms/step and the ratio to the first row's
-N (and implementation) measured in the same run. Prints a table last.
+Each row times the jitted train step (forward, backward through every pass of every window, the
+optimizer) of one (N, seeds, remat, unroll, implementation) combination after warm-up, on one
+batch held on the device (per seed: the config's batch), and reports:
+  ms/step            median over --iters steps (20th/80th percentiles in the JSON);
+  tokens/s           summed over the seeds;
+  TFLOP/step         model FLOPs: 6 x (matrix parameters) x (token-passes) for the projections
+                     and MLPs, plus attention scores (4 L^2 d per window-pass and layer, x3 for
+                     the backward) and the fast-weight op (6 dk dv per token and head, x3);
+  MFU                TFLOP/s over the device's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s);
+  XLA GB             the compiled step's buffers from XLA's memory analysis: temporaries plus
+                     arguments (the train state and batch); peak GB: the device's peak bytes in
+                     use so far in the process (GPU only; rows run in order, so it only grows);
+  copy share         with --profile-dir: the share of device time in copy kernels (memcpy, XLA
+                     copy/transpose fusions), from a trace of 3 steps.
+Prints a table last; --json writes every row.
 """
 
 from __future__ import annotations
@@ -18,9 +31,14 @@ import jax
 import numpy as np
 
 from experiments.sweep import load_module
-from sleep_lm import profiling, sharding, train
-from sleep_lm.data import rule110
+from sleep_lm import profiling, trainer
+from sleep_lm.run_config import RunConfig
+from sleep_lm.sleep import num_windows, window_length
 from sleep_lm.training import make_train_step
+
+# Dense bf16 peak by device kind (vendor datasheets, SXM parts).
+BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "H100": 989.4,
+                    "H200": 989.4}
 
 
 def load_config(path_and_arg: str):
@@ -29,16 +47,47 @@ def load_config(path_and_arg: str):
   return load_module(path).get_config(arg or None)
 
 
-def time_step(config, *, warmup: int, iters: int, profile_dir: str | None = None) -> dict:
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-  state, optimizer = train.initial_state(config, mesh)
-  step = make_train_step(train.model_config(config), optimizer)
-  batch = rule110.Rule110Task(t=config.task.t).batch(np.arange(config.batch_size))
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+def peak_tflops(device) -> float | None:
+  kind = device.device_kind
+  return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in kind), None)
+
+
+def model_flops_per_step(run: RunConfig) -> float:
+  """Model FLOPs of one train step of one model (forward + backward), see the module docstring."""
+  cfg, t = run.model, run.task.seq_len
+  length, windows = window_length(cfg, t), num_windows(cfg, t)
+  schedule = trainer.task_schedule(run)
+  window_passes = sum(cfg.passes if s else 1 for s in schedule)
+  d, f = cfg.d_model, cfg.hidden_dim
+  attn = 4 * d * d
+  gdn = 5 * d * d + 2 * d * cfg.num_gdn_heads           # q, k, v, gate, out; a, b
+  mlp = 3 * d * f
+  matrix_params = sum(attn if kind == "attn" else gdn for kind in cfg.layers)
+  matrix_params += len(cfg.layers) * mlp + d * cfg.vocab_size
+  tokens = run.batch_size * length * window_passes
+  dense = 6 * matrix_params * tokens
+  scores = 3 * 4 * length * length * d * cfg.num_attn_layers * run.batch_size * window_passes
+  k = cfg.gdn_head_dim
+  fast_weight = 3 * 6 * k * k * cfg.num_gdn_heads * cfg.num_gdn_layers * tokens
+  del windows
+  return float(dense + scores + fast_weight)
+
+
+def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | None = None) -> dict:
+  mesh, boxed = trainer.setup(run)
+  state, optimizer = trainer.initial_state(run, mesh, boxed)
+  step = make_train_step(run.model, optimizer, schedule=trainer.task_schedule(run))
+  idx = np.arange(run.batch_size)
+  examples = [run.task.train_examples(s, idx) for s in run.model_seeds]
+  batch = {k: np.stack([e[k] for e in examples]) for k in ("inputs", "targets", "loss_mask")}
+  batch = jax.device_put(batch, trainer.seeded_batch_sharding(mesh))
+  device = jax.devices()[0]
   t0 = time.perf_counter()
-  state, _ = step(state, batch)
-  jax.block_until_ready(state)
+  compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  temp_gb = ((memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 1e9
+             if memory is not None else None)
   for _ in range(warmup):
     state, _ = step(state, batch)
   jax.block_until_ready(state)
@@ -48,8 +97,17 @@ def time_step(config, *, warmup: int, iters: int, profile_dir: str | None = None
     state, _ = step(state, batch)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
+  stats = device.memory_stats() or {}
   ms = 1e3 * float(np.median(times))
-  extra = {}
+  flops = model_flops_per_step(run) * run.seeds
+  peak = peak_tflops(device)
+  row = {"ms_per_step": ms, "p20_ms": 1e3 * float(np.percentile(times, 20)),
+         "p80_ms": 1e3 * float(np.percentile(times, 80)), "compile_s": compile_s,
+         "tokens_per_s": run.tokens_per_step / (ms / 1e3), "tflop_per_step": flops / 1e12,
+         "tflops": flops / 1e12 / (ms / 1e3),
+         "mfu": flops / 1e12 / (ms / 1e3) / peak if peak else None,
+         "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9 if stats else None,
+         "xla_gb": temp_gb}
   if profile_dir:  # where the step's device time goes, by kernel
     holder = [state]
 
@@ -57,51 +115,78 @@ def time_step(config, *, warmup: int, iters: int, profile_dir: str | None = None
       holder[0], _ = step(holder[0], batch)  # the state is donated: carry the new one
       return holder[0]
 
-    extra["profile"] = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir)
-    print(profiling.format_table(extra["profile"]), flush=True)
-  return {**extra, "ms_per_step": ms, "p20_ms": 1e3 * float(np.percentile(times, 20)),
-          "p80_ms": 1e3 * float(np.percentile(times, 80)), "compile_s": compile_s,
-          "tokens_per_s": config.batch_size * rule110.SEQ_LEN / (ms / 1e3)}
+    table = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir)
+    print(profiling.format_table(table), flush=True)
+    row["profile"] = table
+    row["copy_share"] = table["groups"]["copies"]["share"]
+    row["device_ms_per_step"] = table["total_ms_per_call"]
+  return row
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="experiments/rule110.py")
   parser.add_argument("--passes", default="1,2,3,4")
-  parser.add_argument("--implementations", default="chunked",
-                      help="comma-separated kernel implementation names")
+  parser.add_argument("--seeds", default="1", help="comma-separated seed counts (vmapped)")
+  parser.add_argument("--implementations", default="default",
+                      help="comma-separated kernel implementation names ('default': the op's "
+                           "own choice)")
+  parser.add_argument("--remat", default=None, help="comma-separated remat policies")
+  parser.add_argument("--unroll", default=None, help="comma-separated 0/1")
   parser.add_argument("--dtype", default=None, help="override model.dtype")
+  parser.add_argument("--batch", type=int, default=None, help="override batch_size (per seed)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--json", default=None)
   parser.add_argument("--profile-dir", default=None,
-                      help="also trace 3 steps per row and print device time by kernel")
+                      help="also trace 3 steps per row: device time by kernel, copy share")
   args = parser.parse_args()
 
   rows = []
-  for impl in args.implementations.split(","):
-    for n in map(int, args.passes.split(",")):
-      config = load_config(args.config)
-      config.model.passes = n
-      config.model.kernel_implementation = impl
-      if args.dtype:
-        config.model.dtype = args.dtype
-      row = {"passes": n, "implementation": impl, "dtype": config.model.dtype,
-             "batch_size": config.batch_size, **time_step(config, warmup=args.warmup,
-                                                          iters=args.iters,
-                                                          profile_dir=args.profile_dir)}
-      rows.append(row)
-      print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-  base = rows[0]["tokens_per_s"]
+  combos = [(impl, n, s, remat, unroll)
+            for impl in args.implementations.split(",")
+            for n in map(int, args.passes.split(","))
+            for s in map(int, args.seeds.split(","))
+            for remat in (args.remat.split(",") if args.remat else [None])
+            for unroll in ([bool(int(u)) for u in args.unroll.split(",")] if args.unroll
+                           else [None])]
+  for impl, n, seeds, remat, unroll in combos:
+    config = load_config(args.config)
+    config.model.passes = n
+    config.seeds = seeds
+    config.model.kernel_implementation = None if impl == "default" else impl
+    for field, value in (("dtype", args.dtype), ("remat", remat), ("unroll", unroll)):
+      if value is not None:
+        config.model[field] = value
+    if args.batch:
+      config.batch_size = args.batch
+    run = RunConfig.from_config(config)
+    row = {"passes": n, "seeds": seeds, "implementation": impl, "dtype": run.model.dtype,
+           "remat": run.model.remat, "unroll": run.model.unroll, "batch_size": run.batch_size,
+           "seq_len": run.task.seq_len}
+    try:
+      row.update(time_step(run, warmup=args.warmup, iters=args.iters,
+                           profile_dir=args.profile_dir and f"{args.profile_dir}/{len(rows)}"))
+    except Exception as e:  # noqa: BLE001 - an OOM in one row must not lose the others
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    rows.append(row)
+    print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+
   device = jax.devices()[0].device_kind
-  print(f"\ndevice: {device}   config: {args.config}   batch {rows[0]['batch_size']} x "
-        f"{rule110.SEQ_LEN} tokens")
-  print(f"{'impl':<16}{'N':>3}{'ms/step':>10}{'p20-p80':>16}{'tokens/s':>12}{'vs first':>10}")
+  print(f"\ndevice: {device}   config: {args.config}   tokens per example: {rows[0]['seq_len']}")
+  print(f"{'impl':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'ms/step':>9}{'tok/s':>11}"
+        f"{'TFLOP':>7}{'MFU':>7}{'peakGB':>7}{'XLA GB':>7}{'copies':>7}")
+  fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
   for r in rows:
-    r["relative_to_first"] = r["tokens_per_s"] / base
-    print(f"{r['implementation']:<16}{r['passes']:>3}{r['ms_per_step']:>10.2f}"
-          f"{r['p20_ms']:>8.2f}-{r['p80_ms']:<7.2f}{r['tokens_per_s']:>12.0f}"
-          f"{r['relative_to_first']:>10.2f}")
+    head = (f"{r['implementation']:<14}{r['passes']:>3}{r['seeds']:>3}{r['remat']:>6}"
+            f"{int(r['unroll']):>4}")
+    if "error" in r:
+      print(f"{head}  {r['error'][:90]}")
+      continue
+    print(f"{head}{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>11.0f}{r['tflop_per_step']:>7.2f}"
+          f"{fmt(r['mfu'] and 100 * r['mfu'], '6.1f'):>6}%{fmt(r['peak_gb'], '7.1f'):>7}"
+          f"{fmt(r['xla_gb'], '7.1f'):>7}"
+          f"{fmt(r.get('copy_share') and 100 * r['copy_share'], '6.1f'):>6}%")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": device, "config": args.config, "rows": rows}, f, indent=2)

@@ -14,13 +14,12 @@ import json
 from pathlib import Path
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from sleep_lm import evaluation, trainer, workdir
+from sleep_lm import cli, evaluation, trainer, workdir
 from sleep_lm.checkpointing import Checkpointer
 from sleep_lm.errors import UserError
 from sleep_lm.run_config import RunConfig
-from sleep_lm.train import user_errors_exit
 
 
 def _parse_overrides(text: str) -> dict:
@@ -73,20 +72,18 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
 
-  def run():
-    r = evaluate_workdir(flags.FLAGS.workdir, step=flags.FLAGS.step,
-                         task_overrides=_parse_overrides(flags.FLAGS.task))
-    print(f"workdir {flags.FLAGS.workdir}  step {r['step']}  task {r['task']}  "
-          f"(devices: {jax.device_count()})")
-    print(evaluation.format_results(r["sets"], r["seeds"]))
-
-  return user_errors_exit(run, flags.FLAGS.debug)
+  r = evaluate_workdir(flags.FLAGS.workdir, step=flags.FLAGS.step,
+                       task_overrides=_parse_overrides(flags.FLAGS.task))
+  print(f"workdir {flags.FLAGS.workdir}  step {r['step']}  task {r['task']}  "
+        f"(devices: {jax.device_count()})")
+  print(evaluation.format_results(r["sets"], r["seeds"]))
+  return 0
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A sleep_lm.train workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
   flags.DEFINE_string("task", "", "Task field overrides, KEY=VALUE[,...], e.g. t=16.")
-  flags.DEFINE_bool("debug", False, "Show tracebacks of user errors too.")
+  cli.define_debug_flag()
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 from collections.abc import Callable
 
 import jax
@@ -43,12 +44,19 @@ def device_events(xplane_path: str) -> list[tuple[str, str, float]]:
   return events
 
 
+# Kernels that only move bytes: the CUDA runtime's device-to-device copies and XLA's copy and
+# transpose kernels (named after their fusion root).
+COPY_KERNELS = r"(?i)memcpy|memset|^copy|_copy|transpose"
+
+
 def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
-                      top: int = 25) -> dict:
+                      top: int = 25, groups: dict[str, str] | None = None) -> dict:
   """Runs `fn` once untraced (warm-up), then `calls` times traced; per-call device ms by name.
 
-  Returns {"total_ms_per_call", "rows": [{"name", "ms_per_call", "count_per_call", "share"}]}
-  with the `top` largest names (the rest summed into one "(other)" row).
+  Returns {"total_ms_per_call", "rows": [{"name", "ms_per_call", "count_per_call", "share"}],
+  "groups": {group: {"ms_per_call", "count_per_call", "share"}}} with the `top` largest names
+  (the rest summed into one "(other)" row) and, for each regex in `groups` (default: "copies",
+  `COPY_KERNELS`), the kernels whose name it matches, over all events.
   """
   if calls < 1:
     raise ValueError(f"calls must be >= 1, got {calls}")
@@ -61,6 +69,13 @@ def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
     totals[name] += ms
     counts[name] += 1
   total = sum(totals.values())
+  group_rows = {}
+  for group, pattern in (groups if groups is not None else {"copies": COPY_KERNELS}).items():
+    names = [n for n in totals if re.search(pattern, n)]
+    ms = sum(totals[n] for n in names)
+    group_rows[group] = {"ms_per_call": ms / calls,
+                         "count_per_call": sum(counts[n] for n in names) / calls,
+                         "share": ms / total if total else 0.0}
   rows = [{"name": n, "ms_per_call": ms / calls, "count_per_call": counts[n] / calls,
            "share": ms / total if total else 0.0} for n, ms in totals.most_common(top)]
   rest = total - sum(totals[n] for n, _ in totals.most_common(top))
@@ -69,7 +84,7 @@ def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
                  "count_per_call": (sum(counts.values()) - sum(r["count_per_call"] * calls
                                                                for r in rows)) / calls,
                  "share": rest / total})
-  return {"total_ms_per_call": total / calls, "rows": rows}
+  return {"total_ms_per_call": total / calls, "rows": rows, "groups": group_rows}
 
 
 def format_table(table: dict, width: int = 70) -> str:
@@ -81,4 +96,7 @@ def format_table(table: dict, width: int = 70) -> str:
     name = r["name"] if len(r["name"]) <= width else r["name"][:width - 3] + "..."
     lines.append(f"{r['ms_per_call']:9.3f} {100 * r['share']:5.1f}% {r['count_per_call']:7.1f}  "
                  f"{name}")
+  for group, r in table.get("groups", {}).items():
+    lines.append(f"{r['ms_per_call']:9.3f} {100 * r['share']:5.1f}% {r['count_per_call']:7.1f}  "
+                 f"[all {group}]")
   return "\n".join(lines)

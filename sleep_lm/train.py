@@ -17,28 +17,10 @@ exit with status 2; `--debug` shows their traceback.
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from sleep_lm.errors import UserError
-
-
-def user_errors_exit(fn, debug: bool) -> int:
-  """Runs fn(); a UserError (or an OSError such as a full disk or an unwritable folder) becomes
-  a short message and status 2, unless debug. Other exceptions are bugs: they keep their
-  traceback."""
-  try:
-    fn()
-  except (UserError, OSError) as e:
-    if debug:
-      raise
-    message = str(e) if not isinstance(e, OSError) or not e.strerror else (
-        f"{e.strerror}: {e.filename}" if e.filename else e.strerror)
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-  return 0
+from sleep_lm import cli
 
 
 def main(argv):
@@ -50,18 +32,15 @@ def main(argv):
   from sleep_lm import trainer
   from sleep_lm.run_config import RunConfig
 
-  def run():
-    config = RunConfig.checked(flags.FLAGS.config)
-    print(f"devices: {jax.devices()}", flush=True)
-    results = trainer.train(config, flags.FLAGS.workdir,
-                            log=lambda line: print(line, flush=True))
-    for name, r in results.items():
-      mean = sum(r["exact_accuracy"]) / len(r["exact_accuracy"])
-      print(f"held-out exact accuracy on {name}: {mean:.4f} (mean of {len(r['exact_accuracy'])} "
-            f"seed(s); majority-answer floor {r['floor_exact']:.4f}, chance "
-            f"{r['chance_exact']:.4f})")
-
-  return user_errors_exit(run, flags.FLAGS.debug)
+  config = RunConfig.checked(flags.FLAGS.config)
+  print(f"devices: {jax.devices()}", flush=True)
+  results = trainer.train(config, flags.FLAGS.workdir, log=lambda line: print(line, flush=True))
+  for name, r in results.items():
+    mean = sum(r["exact_accuracy"]) / len(r["exact_accuracy"])
+    print(f"held-out exact accuracy on {name}: {mean:.4f} (mean of {len(r['exact_accuracy'])} "
+          f"seed(s); majority-answer floor {r['floor_exact']:.4f}, chance "
+          f"{r['chance_exact']:.4f})")
+  return 0
 
 
 if __name__ == "__main__":
@@ -69,6 +48,6 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (created if absent).")
-  flags.DEFINE_bool("debug", False, "Show tracebacks of user errors too.")
+  cli.define_debug_flag()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

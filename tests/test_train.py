@@ -1,28 +1,35 @@
-"""Training CLI end to end at a tiny size: resume after a kill, refusal, evaluation, sharding."""
+"""The trainer end to end at a tiny size: seeds, resume after a kill, evaluation, metrics,
+TensorBoard, and the failures a user meets (bad config, locked workdir, NaN, broken checkpoints).
+"""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from experiments import rule110 as rule110_config
-from sleep_lm import evaluate, train
+from sleep_lm import evaluate, trainer, workdir
+from sleep_lm.checkpointing import Checkpointer
+from sleep_lm.errors import UserError
+from sleep_lm.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
-# Tiny hybrid that still sleeps (N = 2) and has both block types.
+# Tiny hybrid that still sleeps (N = 2) and has both block types; two seeds at once. The log and
+# checkpoint intervals differ, so a resume starts between two log lines.
 OVERRIDES = {"model.d_model": 32, "model.attn_head_dim": 16, "model.gdn_head_dim": 16,
              "model.mlp_dim": 32, "model.layers": ("attn", "gdn"), "model.passes": 2,
-             "batch_size": 8, "steps": STEPS, "log_every": 2, "checkpoint_every": 10,
+             "batch_size": 8, "steps": STEPS, "log_every": 4, "checkpoint_every": 5,
              "eval_every": 20, "eval_size": 32, "eval_batch_size": 16, "task.t": 2,
-             "optimizer.warmup_steps": 2}
+             "optimizer.warmup_steps": 2, "seeds": 2, "keep_checkpoints": 3}
 
 
 def tiny_config(data_dir, **extra):
@@ -36,144 +43,273 @@ def tiny_config(data_dir, **extra):
   return config
 
 
-def cli_args(data_dir):
+def tiny_run(data_dir, **extra) -> RunConfig:
+  return RunConfig.from_config(tiny_config(data_dir, **extra))
+
+
+def cli_args(data_dir, **extra):
   args = [f"--config={ROOT / 'experiments' / 'rule110.py'}:smoke"]
-  for key, value in {**OVERRIDES, "data_dir": str(data_dir)}.items():
+  for key, value in {**OVERRIDES, "data_dir": str(data_dir), **extra}.items():
     value = repr(value) if isinstance(value, tuple) else value   # tuples parse as literals
     args.append(f"--config.{key}={value}")
   return args
 
 
-def records(workdir, kind):
-  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return [r for r in map(json.loads, lines) if r["kind"] == kind]
+def records(path, kind, seed=None):
+  rs = [r for r in workdir.read_records(Path(path) / "metrics.jsonl") if r["kind"] == kind]
+  return [r for r in rs if seed is None or r["seed"] == seed]
+
+
+def run_cli(module, args, **kw):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, **kw)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   root = tmp_path_factory.mktemp("uninterrupted")
-  train.train(tiny_config(root / "data"), root / "run")
+  trainer.train(tiny_run(root / "data"), root / "run", log=lambda _: None)
   return root
 
 
+def test_seeds_have_their_own_records_and_tensorboard(uninterrupted):
+  run = uninterrupted / "run"
+  for seed in (0, 1):
+    train = records(run, "train", seed)
+    assert [r["step"] for r in train] == list(range(4, STEPS + 1, 4))
+    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in train)
+    evals = records(run, "eval", seed)
+    assert [r["step"] for r in evals] == [20, 40] and evals[-1]["set"] == "t2"
+    assert 0 < evals[-1]["floor_exact"] < 1 and evals[-1]["chance_exact"] == 1 / 16
+  # The two models differ (own init, own data), and both learned something.
+  last = {s: records(run, "train", s)[-1]["loss"] for s in (0, 1)}
+  assert last[0] != last[1]
+  assert all(records(run, "train", s)[-1]["loss"] < records(run, "train", s)[0]["loss"]
+             for s in (0, 1))
+  # TensorBoard files, read back with TensorBoard's own loader, hold the same numbers.
+  from tensorboard.backend.event_processing import event_file_loader
+  for seed in (0, 1):
+    (path,) = (run / "tensorboard" / f"seed_{seed}").glob("events.out.tfevents.*")
+    loss = {e.step: float(v.tensor.float_val[0])
+            for e in event_file_loader.EventFileLoader(str(path)).Load()
+            for v in e.summary.value if v.tag == "train/loss"}
+    want = {r["step"]: r["loss"] for r in records(run, "train", seed)}
+    assert loss.keys() == want.keys()
+    np.testing.assert_allclose([loss[s] for s in sorted(loss)], [want[s] for s in sorted(want)],
+                               rtol=1e-6)
+
+
+def test_vmapped_seeds_equal_separate_runs(tmp_path):
+  """S models in one vmapped step train exactly as S separate one-seed runs."""
+  from sleep_lm.tasks import train_dataset
+  from sleep_lm.training import create_train_states, make_optimizer, make_train_step
+  run = tiny_run(tmp_path, seed=3)
+  optimizer = make_optimizer(run.optimizer)
+  schedule = trainer.task_schedule(run)
+  step = make_train_step(run.model, optimizer, schedule=schedule)
+
+  def losses(seeds):
+    state = create_train_states(run.model, optimizer, seeds)
+    data = train_dataset(run.task, run.batch_size, data_seeds=seeds)
+    out = []
+    for i in range(3):
+      state, m = step(state, jax.tree.map(np.asarray, data[i]))
+      out.append(np.asarray(m["loss"]))
+    return np.stack(out, 1)                                   # [S, steps]
+
+  together = losses((3, 4))
+  apart = np.concatenate([losses((3,)), losses((4,))])
+  np.testing.assert_allclose(together, apart, rtol=1e-5)
+  assert not np.allclose(together[0], together[1])
+
+
 def test_killed_run_resumes_to_the_uninterrupted_curve(uninterrupted, tmp_path):
-  workdir = tmp_path / "run"
+  run = tmp_path / "run"
   cmd = [sys.executable, "-m", "sleep_lm.train", *cli_args(uninterrupted / "data"),
-         f"--workdir={workdir}"]
+         f"--workdir={run}"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
   deadline = time.time() + 600
-  while not (workdir / "checkpoints" / "10").is_dir():      # a finalised checkpoint (atomic)
+  while not (run / "checkpoints" / "10").is_dir():      # a finalised checkpoint (atomic)
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     assert time.time() < deadline, "no checkpoint within 10 minutes"
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)                          # no chance to save anything more
+  proc.send_signal(signal.SIGKILL)                       # no chance to save anything more
   proc.wait()
-  killed_at = records(workdir, "train")[-1]["step"]
-  assert killed_at < STEPS, "the run finished before it could be killed"
+  assert records(run, "train")[-1]["step"] < STEPS, "the run finished before it was killed"
 
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert "resuming" in out.stdout
-  resumed = {r["step"]: r["loss"] for r in records(workdir, "train")}
-  reference = {r["step"]: r["loss"] for r in records(uninterrupted / "run", "train")}
-  assert sorted(resumed) == sorted(reference) == list(range(2, STEPS + 1, 2))
-  np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
-                             [reference[s] for s in sorted(reference)], rtol=1e-6)
-  assert records(workdir, "eval")[-1]["exact_accuracy"] == pytest.approx(
-      records(uninterrupted / "run", "eval")[-1]["exact_accuracy"])
+  resumed_at = int(out.stdout.split("from step ")[1].split()[0])
+  assert resumed_at % 5 == 0                       # a checkpoint step, between log lines
+  for seed in (0, 1):
+    # Every log line, including the one after the resume point, averages the same steps.
+    got = {r["step"]: r["loss"] for r in records(run, "train", seed)}
+    want = {r["step"]: r["loss"] for r in records(uninterrupted / "run", "train", seed)}
+    assert sorted(got) == sorted(want) == list(range(4, STEPS + 1, 4))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=1e-6)
+    assert records(run, "eval", seed)[-1]["exact_accuracy"] == pytest.approx(
+        records(uninterrupted / "run", "eval", seed)[-1]["exact_accuracy"])
 
 
-def test_evaluate_reports_the_runs_accuracy(uninterrupted):
+def test_evaluate_reports_each_seed_and_the_floor(uninterrupted):
   result = evaluate.evaluate_workdir(uninterrupted / "run")
-  last = records(uninterrupted / "run", "eval")[-1]
-  assert result["step"] == STEPS and result["examples"] == 32
-  assert result["exact_accuracy"] == pytest.approx(last["exact_accuracy"])
-  assert len(result["answer_accuracy"]) == 4
-  assert (uninterrupted / "run" / f"eval_step{STEPS}_t2.json").exists()
-  with pytest.raises(ValueError, match="available steps"):
+  assert result["step"] == STEPS and result["seeds"] == [0, 1]
+  r = result["sets"]["t2"]
+  assert r["examples"] == 32 and len(r["answer_accuracy"]) == 2 == len(r["exact_accuracy"])
+  for seed in (0, 1):
+    last = records(uninterrupted / "run", "eval", seed)[-1]
+    assert r["exact_accuracy"][seed] == pytest.approx(last["exact_accuracy"])
+    assert r["loss"][seed] == pytest.approx(last["loss"], rel=1e-5)
+  assert (uninterrupted / "run" / f"eval_step{STEPS}.json").exists()
+  with pytest.raises(UserError, match="available steps"):
     evaluate.evaluate_workdir(uninterrupted / "run", step=3)
+  deeper = evaluate.evaluate_workdir(uninterrupted / "run", task_overrides={"t": 3})
+  assert list(deeper["sets"]) == ["t3"] and deeper["task"]["t"] == 3
 
 
 def test_workdir_with_another_config_is_refused(uninterrupted):
-  other = tiny_config(uninterrupted / "data", **{"task.t": 5})
-  with pytest.raises(ValueError, match=r"different config(.|\n)*task\.t: 2 in the workdir, 5 now"):
-    train.train(other, uninterrupted / "run")
+  with pytest.raises(UserError, match=r"different config(.|\n)*task\.t: 2 in the workdir, 5 now"):
+    trainer.train(tiny_run(uninterrupted / "data", **{"task.t": 5}), uninterrupted / "run")
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("steps", 0, r"config\.steps"),
+    ("steps", 0, r"config\.steps must be an integer >= 1"),
+    ("keep_checkpoints", 0, r"config\.keep_checkpoints must be an integer >= 1"),
+    ("seeds", 0, r"config\.seeds"),
     ("model.passes", 0, r"ModelConfig\.passes"),
     ("model.layers", ("attn", "lstm"), r"ModelConfig\.layers.*lstm"),
     ("optimizer.warmup_steps", 10_000, r"OptimizerConfig\.warmup_steps"),
+    ("optimizer.adamw_lr", float("inf"), r"OptimizerConfig\.adamw_lr: must be a finite"),
+    ("optimizer.muon_lr", float("nan"), r"OptimizerConfig\.muon_lr"),
+    ("task.t", -1, r"t must be >= 0"),
 ])
 def test_bad_config_fails_with_the_field_name(tmp_path, field, value, message):
-  config = tiny_config(tmp_path / "data", **{field: value})
   with pytest.raises(ValueError, match=message):
-    train.train(config, tmp_path / "run")
+    tiny_run(tmp_path / "data", **{field: value})
 
 
-def test_config_arg_errors():
-  with pytest.raises(ValueError, match="unknown preset 'tiny'"):
-    rule110_config.get_config("tiny")
-  with pytest.raises(ValueError, match="unknown override 'M'"):
-    rule110_config.get_config("M=2")
-  c = rule110_config.get_config("paper,N=4,t=32")
-  assert (c.model.passes, c.task.t, c.model.d_model, c.model.window) == (4, 32, 256, 24)
+def test_a_failed_launch_leaves_the_workdir_free(tmp_path):
+  """Config and mesh are checked before the workdir is claimed, so the fixed command runs."""
+  fast = {"steps": 2, "eval_every": 2, "seeds": 1, "model.passes": 1}
+  bad = tiny_run(tmp_path / "data", **{"mesh.data": 4, **fast})
+  with pytest.raises(UserError, match="mesh.data"):
+    trainer.train(bad, tmp_path / "run")
+  assert not (tmp_path / "run" / "config.json").exists()
+  trainer.train(tiny_run(tmp_path / "data", **fast), tmp_path / "run", log=lambda _: None)
 
 
-SHARDED_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax
-    from tests.test_train import tiny_config
-    from sleep_lm import train
-    assert jax.device_count() == 4, jax.devices()
-    data, workdir = sys.argv[1], sys.argv[2]
-    config = tiny_config(data, **{"steps": 6, "eval_every": 6, "checkpoint_every": 6,
-                                  "mesh.data": 2, "mesh.model": 2})
-    state, _ = train.initial_state(config, train.sharding.make_mesh(2, 2))
-    spec = state.params["layer_1_gdn"]["q_proj"]["kernel"].sharding.spec
-    print(json.dumps({"spec": [str(s) for s in spec]}))
-    train.train(config, workdir)
-    bad = tiny_config(data, **{"batch_size": 6, "mesh.data": 4, "mesh.model": 1})
-    try:
-      train.train(bad, workdir + "_bad")
-      raise SystemExit("batch 6 on a 4-way data mesh was accepted")
-    except ValueError as e:
-      assert "batch_size (6) must be divisible by mesh.data (4)" in str(e), e
-""")
+def test_cli_user_errors_are_one_line_with_status_2(tmp_path):
+  (tmp_path / "file").write_text("")
+  cases = [
+      (["--config.model.foo=1"], tmp_path / "w1", "cannot apply the config"),
+      (["--config.keep_checkpoints=0"], tmp_path / "w2", "config.keep_checkpoints must be"),
+      (["--config.optimizer.adamw_lr=inf"], tmp_path / "w3", "adamw_lr: must be a finite"),
+      ([], tmp_path / "file", "exists and is not a directory"),
+  ]
+  for extra, path, message in cases:
+    out = run_cli("sleep_lm.train", [*cli_args(tmp_path / "data"), *extra, f"--workdir={path}"],
+                  timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+  out = run_cli("sleep_lm.evaluate", [f"--workdir={tmp_path / 'nothing'}"], timeout=300)
+  assert out.returncode == 2 and "config.json not found" in out.stderr
 
 
-def test_sharded_training_on_a_2x2_mesh_matches_one_device(tmp_path):
-  """4 CPU devices (data=2, model=2): params really split, same losses as one device;
-  a batch the data axis cannot split is refused by name."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path / "data"),
-                        str(tmp_path / "sharded")], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  spec = json.loads(out.stdout.splitlines()[0])["spec"]
-  assert spec == ["None", "model"]       # q_proj kernel: ("embed", "heads") -> (None, "model")
-  single = tiny_config(tmp_path / "data", **{"steps": 6, "eval_every": 6,
-                                             "checkpoint_every": 6})
-  train.train(single, tmp_path / "single")
-  a = [r["loss"] for r in records(tmp_path / "sharded", "train")]
-  b = [r["loss"] for r in records(tmp_path / "single", "train")]
-  assert len(a) == len(b) == 3
-  np.testing.assert_allclose(a, b, rtol=2e-4)
+def test_a_full_disk_is_a_user_error(tmp_path):
+  """config.json cannot be written (its temporary file is /dev/full): one line, status 2."""
+  run = tmp_path / "run"
+  run.mkdir()
+  os.symlink("/dev/full", run / "config.json.tmp")
+  out = run_cli("sleep_lm.train", [*cli_args(tmp_path / "data"), f"--workdir={run}"],
+                timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "No space left on device" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_nan_stops_the_run_and_is_never_saved(tmp_path):
+  """A learning rate of 1e9: the run stops naming the step; no checkpoint holds a NaN."""
+  fast = {"seeds": 1, "model.passes": 1, "eval_every": 1000}   # what is tested needs no sleep
+  run = tiny_run(tmp_path / "data", **{"optimizer.muon_lr": 1e9, "optimizer.adamw_lr": 1e9,
+                                       "log_every": 1, "checkpoint_every": 1, **fast})
+  with pytest.raises(trainer.TrainingDiverged, match=r"not finite at step (\d+) \(seed 0\)"):
+    trainer.train(run, tmp_path / "run", log=lambda _: None)
+  steps = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).steps()
+  mesh, boxed = trainer.setup(run)
+  state, _ = trainer.initial_state(run, mesh, boxed)
+  ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+  for step in steps:
+    restored, _ = ckpt.restore(state, step)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+  ckpt.close()
+  bad = [r for r in records(tmp_path / "run", "train") if r["loss"] is None]
+  assert not bad or bad[0]["step"] > max(steps, default=0)   # NaN logged as null, never saved
+  skipping = tiny_run(tmp_path / "data", **{"optimizer.muon_lr": 1e9, "optimizer.adamw_lr": 1e9,
+                                            "skip_nonfinite": True, "steps": 6, **fast})
+  trainer.train(skipping, tmp_path / "skip", log=lambda _: None)
+  assert sum(r["skipped"] for r in records(tmp_path / "skip", "train")) > 0
+
+
+def test_a_broken_newest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+  for damage in ("truncate", "metadata"):
+    run = tmp_path / damage
+    shutil.copytree(uninterrupted / "run", run)
+    ckpt_dir = run / "checkpoints"
+    newest = str(max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()))
+    if damage == "truncate":
+      files = [p for p in (ckpt_dir / newest / "state").rglob("*") if p.is_file()
+               and p.stat().st_size > 100 and "METADATA" not in p.name]
+      for p in files:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    else:
+      for p in (ckpt_dir / newest).rglob("_METADATA"):
+        p.unlink()
+    messages = []
+    result = evaluate.evaluate_workdir(run)
+    assert result["step"] < int(newest)
+    run_config = RunConfig.from_config(workdir.load_config(run))
+    mesh, boxed = trainer.setup(run_config)
+    state, _ = trainer.initial_state(run_config, mesh, boxed)
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    _, meta = ckpt.restore_latest(state, log=messages.append)
+    ckpt.close()
+    assert meta["step"] == result["step"]
+    assert messages[0].startswith(f"checkpoint step {newest} cannot be restored")
+    assert messages[-1] == f"resumed from step {meta['step']}, the newest readable checkpoint"
+
+
+def test_metrics_log_is_strict_json_and_survives_a_torn_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  log = workdir.MetricsLog(path, 0)
+  log.write({"step": 1, "kind": "train", "loss": float("nan"), "x": [1.0, float("inf")]})
+  log.write({"step": 2, "kind": "train", "loss": 0.5})
+  text = path.read_text()
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text.splitlines()[0])["loss"] is None
+  with path.open("a") as f:
+    f.write('{"step": 3, "kind": "tra')                      # a crash mid-write
+  warnings = []
+  assert [r["step"] for r in workdir.read_records(path, warn=warnings.append)] == [1, 2]
+  assert "torn last line" in warnings[0]
+  workdir.MetricsLog(path, 1)                                # a resume at step 1
+  assert [r["step"] for r in workdir.read_records(path)] == [1]
+  path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+  with pytest.raises(UserError, match=r"metrics.jsonl, line 2"):
+    workdir.read_records(path)
 
 
 def test_sigterm_stops_between_steps_and_checkpoints(uninterrupted, tmp_path):
   """Preemption: SIGTERM ends the run cleanly with a checkpoint at the step where it stopped."""
-  workdir = tmp_path / "run"
+  run = tmp_path / "run"
   cmd = [sys.executable, "-m", "sleep_lm.train", *cli_args(uninterrupted / "data"),
-         f"--workdir={workdir}"]
+         f"--workdir={run}"]
   proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 600
-  while not (workdir / "checkpoints" / "10").is_dir():
+  while not (run / "checkpoints" / "10").is_dir():
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
@@ -183,4 +319,4 @@ def test_sigterm_stops_between_steps_and_checkpoints(uninterrupted, tmp_path):
   assert stopped, out[-3000:]
   step = int(stopped[0].split()[-1])
   assert 10 <= step < STEPS
-  assert (workdir / "checkpoints" / str(step)).is_dir()
+  assert (run / "checkpoints" / str(step)).is_dir()

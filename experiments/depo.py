@@ -1,0 +1,104 @@
+r"""Depo k-hop retrieval (paper Task 2, Fig. 3): does sleeping (N > 1) let a hybrid answer k-hop
+queries about a graph it saw only before eviction?
+
+`get_config(arg)`: arg is a comma-separated list of presets and key=value overrides.
+  presets:   paper (default: 10 layers alternating attn/gdn, width 512, L = 75, batch 128),
+             smoke (CPU, a few minutes)
+  overrides: N (passes), steps, batch, seed, seeds, dtype, nodes (fixed training node count)
+Any field can also be overridden on the command line: --config.model.d_model=256.
+
+The paper's Depo model is "Jet-Nemotron architecture" with 10 layers at d = 512; its Jet block
+is not built here: the mixers are the same softmax attention and Gated DeltaNet blocks as in
+Rule 110, alternating (attn, gdn, ...), which the paper leaves unstated.
+
+Launch (single run; three seeds at once):
+  python -m sleep_lm.train --config experiments/depo.py:smoke --workdir /tmp/depo_smoke
+  python -m sleep_lm.train --config experiments/depo.py:N=4,seeds=3,dtype=bfloat16 \
+      --workdir runs/depo_N4
+  python -m sleep_lm.evaluate --workdir runs/depo_N4
+Sweep (Fig. 3: N = 1, 2, 4), one process per run:
+  python -m experiments.sweep --config experiments/depo.py --sweep fig3 --root runs/depo
+  python -m experiments.plot_depo --root runs/depo --out docs/figures/depo_fig3.png
+"""
+
+import ml_collections
+
+from sleep_lm.tasks import depo
+
+SWEEPS = {
+    "fig3": [f"N={n},seeds=3,dtype=bfloat16" for n in (1, 2, 4)],
+    "smoke": ["smoke,N=1", "smoke,N=2"],
+}
+
+_SHORTCUTS = {"N": ("model", "passes"), "steps": ("steps",), "batch": ("batch_size",),
+              "seed": ("seed",), "seeds": ("seeds",), "dtype": ("model", "dtype"),
+              "nodes": ("task", "train_num_nodes")}
+_PRESETS = ("paper", "smoke")
+
+
+def _parse(arg):
+  presets, overrides = [], {}
+  for item in filter(None, (arg or "").split(",")):
+    if "=" in item:
+      key, value = item.split("=", 1)
+      if key not in _SHORTCUTS:
+        raise ValueError(f"depo config: unknown override {key!r}; allowed: "
+                         f"{sorted(_SHORTCUTS)} (or use --config.<field>=...)")
+      overrides[key] = value
+    elif item in _PRESETS:
+      presets.append(item)
+    else:
+      raise ValueError(f"depo config: unknown preset {item!r}; allowed: {_PRESETS}")
+  return presets, overrides
+
+
+def get_config(arg=None):
+  presets, overrides = _parse(arg)
+  c = ml_collections.ConfigDict()
+  c.name = "depo"
+  c.seed = 0                      # first model seed (init and data order)
+  c.seeds = 1                     # models trained at once, vmapped
+  c.task = dict(name="depo", seed=0, train_num_nodes=None)
+  c.task.train_num_nodes = ml_collections.config_dict.placeholder(int)
+  c.model = dict(
+      d_model=512, layers=("attn", "gdn") * 5, attn_head_dim=64, gdn_head_dim=64,
+      mlp_dim=2048, conv_kernel=4, rule="gdn", window=depo.WINDOW, passes=1, eviction="hard",
+      remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
+      attention_implementation=None, unroll=False)
+  c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
+  c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
+  c.optimizer = dict(muon_lr=2e-3, adamw_lr=5e-5, warmup_steps=200, decay_fraction=0.2,
+                     weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.95, muon_momentum=0.95,
+                     muon_nesterov=True)
+  c.batch_size = 128
+  c.steps = 100_000               # the paper's budget; GPU runs here are far shorter
+  c.log_every = 20
+  c.eval_every = 500
+  c.eval_size = 1024
+  c.eval_batch_size = 256
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.data_dir = ""
+  c.mesh = dict(data=-1, model=1)
+  c.skip_nonfinite = False
+  c.tensorboard = True
+
+  if "smoke" in presets:
+    c.model.update(d_model=64, layers=("attn", "gdn"), attn_head_dim=32, gdn_head_dim=32,
+                   mlp_dim=128)
+    c.batch_size = 16
+    c.steps = 60
+    c.log_every = 10
+    c.eval_every = 30
+    c.eval_size = 64
+    c.eval_batch_size = 64
+    c.checkpoint_every = 30
+    c.optimizer.warmup_steps = 10
+
+  for key, value in overrides.items():
+    *parents, leaf = _SHORTCUTS[key]
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value if key == "dtype" else int(value)
+  return c
