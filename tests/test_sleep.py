@@ -264,3 +264,28 @@ def test_sliding_with_one_token_window_retains_nothing():
   got = sleep_forward(sliding, p, tokens, mask).logits
   want = sleep_forward(small_config(window=1, passes=2), p, tokens, mask).logits
   assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("eviction, unroll", [("hard", False), ("sliding", True)])
+def test_static_schedule_equals_traced(params, eviction, unroll):
+  """The schedule known before tracing (no cond) computes the traced one's values and grads."""
+  from sleep_lm.sleep import static_schedule
+  cfg = small_config(passes=3, eviction=eviction, unroll=unroll)
+  tokens, mask = tokens_and_mask(11)
+  schedule = static_schedule(cfg, mask)
+  assert schedule == (True, True, True, False)
+
+  def loss(p, s):
+    out = sleep_forward(cfg, p, tokens, mask, schedule=s)
+    return masked_loss_and_metrics(out.logits, tokens, mask)[0], out
+
+  (l_traced, o_traced), g_traced = jax.value_and_grad(loss, has_aux=True)(params, None)
+  (l_static, o_static), g_static = jax.value_and_grad(loss, has_aux=True)(params, schedule)
+  assert rel_err(o_static.logits, o_traced.logits) < 1e-6
+  for a, b in zip(o_static.states, o_traced.states, strict=True):
+    assert rel_err(a, b) < 1e-6
+  np.testing.assert_array_equal(o_static.sleeps, o_traced.sleeps)
+  for a, b in zip(jax.tree.leaves(g_static), jax.tree.leaves(g_traced), strict=True):
+    assert rel_err(a, b) < 1e-5
+  with pytest.raises(ValueError, match="one flag per window"):
+    sleep_forward(cfg, params, tokens, mask, schedule=(True, False))

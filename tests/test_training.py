@@ -1,0 +1,62 @@
+"""Optimizer labels, schedules and the evaluator's floors."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from sleep_lm.config import ModelConfig
+from sleep_lm.evaluation import answer_accuracy, floors
+from sleep_lm.model import init_params
+from sleep_lm.tasks import make_task
+from sleep_lm.training import OptimizerConfig, param_labels, param_path
+
+
+def test_muon_gets_exactly_the_projection_matrices():
+  cfg = ModelConfig(vocab_size=5, d_model=32, layers=("attn", "gdn"), attn_head_dim=16,
+                    gdn_head_dim=16, mlp_dim=48)
+  params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
+  labels = {param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(param_labels(params))}
+  muon = sorted(k for k, v in labels.items() if v == "muon")
+  assert muon == sorted(
+      [f"layer_0_attn/{n}/kernel" for n in ("q", "k", "v", "out")]
+      + [f"layer_1_gdn/{n}_proj/kernel" for n in ("q", "k", "v", "a", "b", "gate", "out")]
+      + [f"layer_{i}_mlp/{n}/kernel" for i in (0, 1) for n in ("gate", "up", "down")])
+  adamw = sorted(k for k, v in labels.items() if v == "adamw")
+  assert adamw == sorted(
+      ["embedding/embedding", "head/kernel", "final_norm/scale", "layer_1_gdn/A_log",
+       "layer_1_gdn/dt_bias", "layer_1_gdn/out_norm/scale"]
+      + [f"layer_1_gdn/{n}_conv/kernel" for n in ("q", "k", "v")]
+      + [f"layer_{i}_{n}/scale" for i in (0, 1) for n in ("mixer_norm", "mlp_norm")])
+
+
+def test_optimizer_config_defaults_and_errors():
+  cfg = OptimizerConfig(total_steps=10, warmup_steps=2)
+  assert (cfg.muon_momentum, cfg.muon_nesterov) == (0.95, True)
+  for field, value in (("muon_momentum", 1.0), ("weight_decay", -1.0), ("b2", float("nan")),
+                       ("clip_norm", 0.0), ("muon_nesterov", 1)):
+    with pytest.raises(ValueError, match=f"OptimizerConfig.{field}"):
+      OptimizerConfig(total_steps=10, warmup_steps=2, **{field: value})
+
+
+def test_floors_of_a_hand_made_set():
+  # 4 examples, answers at positions 1 and 3 (groups 0 and 1).
+  targets = np.array([[0, 1, 0, 1], [0, 1, 0, 0], [0, 0, 0, 1], [0, 1, 0, 1]])
+  mask = np.zeros((4, 4), np.float32)
+  mask[:, [1, 3]] = 1
+  group = np.tile([-1, 0, -1, 1], (4, 1))
+  f = floors(targets, mask, group)
+  assert f["floor_exact"] == 0.5                      # majority (1, 1): examples 0 and 3
+  assert f["floor_answer"] == 0.75                    # each position right 3 times of 4
+  hit = targets == np.array([0, 1, 0, 0])
+  np.testing.assert_allclose(answer_accuracy(hit, mask > 0, group), [0.75, 0.25])
+
+
+def test_rule110_majority_floor_is_above_chance():
+  """paper.md: always answering the majority bit scores ~9.4% exact at t = 12, not 1/16."""
+  task = make_task({"name": "rule110", "t": 12})
+  batch = task.eval_examples("t12", np.arange(4096))
+  f = floors(batch["targets"], batch["loss_mask"], batch["answer_group"])
+  assert 0.085 < f["floor_exact"] < 0.105 and f["floor_exact"] > task.chance("t12")[
+      "exact_accuracy"]
+  assert 0.54 < f["floor_answer"] < 0.57
