@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.gated_delta_rule import base
+
 f32 = jnp.float32
 
 
@@ -57,7 +59,7 @@ class KernelConfig:
   compute_dtype: str  # "bfloat16" / "float16" / "float32"
   # dtype of the per-chunk arrays handed between kernels (T, states, dS', dVnew, dW, dk) and of
   # the operands of the WY products (W = T X, U = T Y and their backward). The input dtype by
-  # default, as in fla; "float32" keeps them wide (TUNING["wide_intermediates"] on GPU).
+  # default, as in fla; "float32" keeps them wide (Tuning.wide_intermediates on GPU).
   intermediate_dtype: str
   fp32_precision: object  # precision of float32 matmuls (tf32x3 on GPU, HIGHEST interpreted)
   interpret: object  # False, True or pltpu.InterpretParams()
@@ -450,7 +452,6 @@ def run_gated_delta_rule(core, q, k, v, g, beta, initial_state, *, scale, use_qk
   (identity steps); K and V pad with zeros to a power of 2 (>= min_dim), which changes nothing,
   the norms included.
   """
-  from kernels.gated_delta_rule import api  # late import: api imports this package's kernels
   if not delta:
     raise NotImplementedError("the Pallas kernels implement the gated delta rule only; the gated "
                               "linear rule runs on 'chunked'")
@@ -460,13 +461,13 @@ def run_gated_delta_rule(core, q, k, v, g, beta, initial_state, *, scale, use_qk
   _, t, _, dk = q.shape
   dv = v.shape[-1]
   if not use_qk_l2norm:
-    q, k = api.prepare_qk(q, k, scale=scale, use_qk_l2norm=False)
+    q, k = base.prepare_qk(q, k, scale=scale, use_qk_l2norm=False)
   chunk = effective_chunk(t, chunk_size)
   t_pad = -(-t // chunk) * chunk
   dk_pad, dv_pad = max(min_dim, next_power_of_2(dk)), max(min_dim, next_power_of_2(dv))
   cfg = make_config(chunk, dk_pad, dv_pad, q.dtype, batch_heads=q.shape[0] * q.shape[2])
   if use_qk_l2norm:
-    cfg = dataclasses.replace(cfg, qk_l2norm_eps=api.L2NORM_EPS, scale=float(scale))
+    cfg = dataclasses.replace(cfg, qk_l2norm_eps=base.L2NORM_EPS, scale=float(scale))
 
   def pad(x, dims):
     widths = [(0, 0)] * x.ndim

@@ -139,8 +139,35 @@ def test_registered_and_dispatched():
   names = kernels.available_implementations()
   assert {"pallas_triton", "pallas_mosaic_tpu"} <= set(names)
   assert kernels.default_implementations("gpu") == ("pallas_triton", "chunked")
-  assert kernels.default_implementations("tpu")[0] == "pallas_mosaic_tpu"
+  # The Mosaic TPU kernel has never run on a TPU: by name only there.
+  assert kernels.default_implementations("tpu") == ("chunked",)
   assert kernels.default_implementations("cpu") == ("chunked",)
+
+
+def test_registry_is_immutable():
+  with pytest.raises(TypeError):
+    api.REGISTRY["mine"] = api.REGISTRY["chunked"]
+  with pytest.raises(TypeError):
+    api.DEFAULT_ORDER["gpu"] = ("chunked",)
+  assert all(isinstance(order, tuple) for order in api.DEFAULT_ORDER.values())
+  assert all(impl.name == name for name, impl in api.REGISTRY.items())
+
+
+def test_tuned_implementation_matches_default():
+  """A Tuning builds its own implementation record, passed as `implementation=`; here smaller
+  K- and V-tiles (several tiles in kernels 4a/4b) and float32 intermediates for bf16 inputs."""
+  from kernels.gated_delta_rule import pallas_triton
+  tuning = pallas_triton.Tuning(block_k=16, grads_block_v=16, block_v=16,
+                                wide_intermediates=True)
+  impl = pallas_triton.make_implementation(tuning)
+  assert impl.name == ("pallas_triton[block_k=16,block_v=16,grads_block_v=16,"
+                       "wide_intermediates=True]")
+  assert impl.name not in kernels.available_implementations()
+  assert pallas_triton.IMPLEMENTATION.name == "pallas_triton"
+  inputs, cotangents = make_inputs(2, 1, 40, 1, 32, 32, jnp.bfloat16)
+  kwargs = dict(use_qk_l2norm=True, chunk_size=16)
+  got = outputs_and_grads(impl, inputs, cotangents, **kwargs)
+  assert_close(got, reference(inputs, cotangents, **kwargs), TOLERANCE[jnp.bfloat16])
 
 
 def test_gpu_default_passes_float32_over_to_chunked():
@@ -184,11 +211,12 @@ def test_fused_l2norm_matches_jax_l2norm(impl):
 
 
 def test_dispatcher_falls_back_when_a_kernel_refuses(monkeypatch):
-  """On TPU the Mosaic kernel is tried first; it refuses the linear rule, so "chunked" runs."""
-  from kernels.gated_delta_rule import api
-  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
-  assert kernels.default_implementations()[0] == "pallas_mosaic_tpu"
-  (q, k, v, g, beta, s0), _ = make_inputs(1, 1, 20, 2, 16, 16, jnp.float32)
+  """On a GPU the Triton kernel is tried first for bf16; it refuses the linear rule, so "chunked"
+  runs (the kernel raises before it would launch anything, so this runs on a CPU too)."""
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  assert kernels.default_implementations()[0] == "pallas_triton"
+  (q, k, v, g, beta, s0), _ = make_inputs(1, 1, 20, 2, 16, 16, jnp.bfloat16)
+  assert api.default_candidates(q) == (("pallas_triton", "chunked"), [])
   got = kernels.gated_linear_rule(q, k, v, g, beta, initial_state=s0)
   want = kernels.gated_linear_rule(q, k, v, g, beta, initial_state=s0, implementation="chunked")
   np.testing.assert_array_equal(got[0], want[0])
