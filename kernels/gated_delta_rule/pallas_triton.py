@@ -122,8 +122,20 @@ def intra_fwd(cfg, q, k, v, gamma, beta, *, tuning: Tuning):
 # Kernel 2: the forward state chain.
 
 
-def _state_stages(dtype, tuning: Tuning):
-  return tuning.state_stages_fp32 if dtype == f32 else tuning.state_stages
+# Shared memory per block on the H100 and H200, and what the sequential kernels need besides their
+# pipeline buffers (layout conversions; fitted to the 305 KB that 3 stages asked for at float32,
+# K = V = 128, BV = 32).
+_SMEM_BYTES = 227 * 1024
+_SMEM_SCRATCH = 64 * 1024
+
+
+def _state_stages(dtype, chunk, dk, bv, tuning: Tuning):
+  """Pipeline stages of the sequential kernels' loop: the tuning's, fewer where the loads of one
+  step ([C,K] q, k, w, [C,BV], [C,C]) would overflow shared memory (K = 256). Each stage past
+  the first holds one step's loads."""
+  requested = tuning.state_stages_fp32 if dtype == f32 else tuning.state_stages
+  per_stage = chunk * (3 * dk + bv + chunk) * jnp.dtype(dtype).itemsize
+  return max(1, min(requested, 1 + (_SMEM_BYTES - _SMEM_SCRATCH) // per_stage))
 
 
 def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, sf_ref, *saved,
@@ -164,7 +176,8 @@ def state_fwd(cfg, q, k, w, u, scores, gamma, s0, *, tuning: Tuning):
   outs = _call(functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
                (b, h, dv // bv), [whole(dk), whole(dk), whole(dk), tile, whole(c), vec, state],
                out_specs, out_shape, num_warps=tuning.state_warps,
-               num_stages=_state_stages(q.dtype, tuning))(q, k, w, u, scores, gamma, s0)
+               num_stages=_state_stages(q.dtype, c, dk, bv, tuning),
+               )(q, k, w, u, scores, gamma, s0)
   return (outs[0], outs[1], *(outs[2:] if cfg.save_states else (None, None)))
 
 
@@ -206,7 +219,7 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final, *, tuning: Tuning):
       [jax.ShapeDtypeStruct((b, t, h, dv), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
-      num_warps=tuning.state_warps, num_stages=_state_stages(q.dtype, tuning),
+      num_warps=tuning.state_warps, num_stages=_state_stages(q.dtype, c, dk, bv, tuning),
   )(q, k, w, scores, gamma, do, ds_final)
 
 

@@ -221,3 +221,36 @@ def test_dispatcher_falls_back_when_a_kernel_refuses(monkeypatch):
   want = kernels.gated_linear_rule(q, k, v, g, beta, initial_state=s0, implementation="chunked")
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype,chunk,dk,dv,l2norm", [(jnp.bfloat16, 64, 256, 256, True),
+                                                      (jnp.float32, 16, 100, 60, False)])
+def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2norm):
+  """On any machine: the compiled (not interpreted) Triton kernels of fwd+bwd lower to Triton IR
+  for an H100 (every primitive has a Triton lowering rule); Triton itself compiles on the GPU."""
+  from kernels.gated_delta_rule import pallas_triton
+  try:
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+  except (ImportError, AttributeError) as e:  # private paths of jax 0.11
+    pytest.skip(f"jax's Triton lowering internals moved: {e}")
+  monkeypatch.setattr(pallas_triton, "_on_gpu", lambda: True)
+  inputs, cotangents = make_inputs(0, 2, 100, 2, dk, dv, dtype)
+
+  def f(inputs, cotangents):
+    return outputs_and_grads("pallas_triton", inputs, cotangents, use_qk_l2norm=l2norm,
+                             chunk_size=chunk)
+
+  text = jax.jit(f).trace(inputs, cotangents).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 5  # kernels 1 and 2 (under the VJP), 3, 4a, 4b
+
+
+def test_sequential_kernels_pipeline_depth():
+  """The tuned depths where they were measured (K <= 128); fewer stages where one step's loads
+  would overflow an H100's shared memory (K = 256, chunk 64)."""
+  from kernels.gated_delta_rule import pallas_triton
+  stages = lambda dtype, dk: pallas_triton._state_stages(jnp.dtype(dtype), 64, dk, 64,
+                                                          pallas_triton.DEFAULT_TUNING)
+  assert [stages(jnp.bfloat16, dk) for dk in (64, 128, 256)] == [3, 3, 2]
+  assert [stages(jnp.float32, dk) for dk in (64, 128, 256)] == [2, 2, 1]
