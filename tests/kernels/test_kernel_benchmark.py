@@ -12,16 +12,16 @@ from experiments import kernel_benchmark
 
 def test_smoke_run_writes_timings(tmp_path):
   out = tmp_path / "gdr.json"
-  kernel_benchmark.main(["--shapes", "smoke_b1_t40_h1_d16", "--impls", "pallas_triton",
+  kernel_benchmark.main(["--shapes", "smoke_b1_t40_h1_d16", "--impls", "chunked",
                          "--no-check", "--no-fla", "--samples", "1", "--inner", "1",
                          "--variants", "block_k=16,wide_intermediates=1", "--out", str(out)])
   row = json.loads(out.read_text())["timings"]["smoke_b1_t40_h1_d16"]
-  for name in ("pallas_triton", "pallas_triton[block_k=16,wide_intermediates=1]"):
+  for name in ("chunked", "pallas_triton[block_k=16,wide_intermediates=1]"):
     assert row[name]["fwd_bwd"]["median_ms"] > 0, name
 
 
 def test_check_in_the_hard_regime():
-  errors = kernel_benchmark.check("pallas_triton", (1, 20, 1, 16), jnp.float32,
+  errors = kernel_benchmark.check("chunked", (1, 20, 1, 16), jnp.float32,
                                   no_decay_correlated_keys=True)
   assert max(errors.values()) < 1e-4, errors
 
