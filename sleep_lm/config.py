@@ -13,13 +13,13 @@ from typing import Any
 import jax
 
 from kernels import available_implementations
+from kernels.gated_delta_rule.base import CHUNK_SIZES, MAX_HEAD_DIM
 
 BLOCK_TYPES = ("attn", "gdn")
 RULES = ("gdn", "gated_linear")
 EVICTIONS = ("hard", "sliding", "none")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
-CHUNK_SIZES = (16, 32, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,8 @@ class ModelConfig:
       head = getattr(self, field)
       expect(self.d_model % head == 0, field,
              f"must divide d_model = {self.d_model}, got {head}")
-    expect(self.gdn_head_dim <= 256, "gdn_head_dim", f"must be <= 256, got {self.gdn_head_dim}")
+    expect(self.gdn_head_dim <= MAX_HEAD_DIM, "gdn_head_dim",
+           f"must be <= {MAX_HEAD_DIM}, got {self.gdn_head_dim}")
     expect(self.mlp_dim is None or (isinstance(self.mlp_dim, int) and self.mlp_dim >= 1),
            "mlp_dim", f"must be None or an integer >= 1, got {self.mlp_dim!r}")
     expect(self.rule in RULES, "rule", f"must be one of {RULES}, got {self.rule!r}")

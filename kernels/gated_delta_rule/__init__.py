@@ -2,14 +2,17 @@
 
 from kernels.gated_delta_rule.api import (
                                           RULES,
-                                          Implementation,
                                           available_implementations,
                                           default_implementations,
                                           gated_delta_rule,
                                           gated_linear_rule,
-                                          l2_normalize,
-                                          register_implementation,
+)
+from kernels.gated_delta_rule.base import (
+                                           CHUNK_SIZES,
+                                           MAX_HEAD_DIM,
+                                           Implementation,
+                                           l2_normalize,
 )
 
-__all__ = ["RULES", "Implementation", "available_implementations", "default_implementations",
-           "gated_delta_rule", "gated_linear_rule", "l2_normalize", "register_implementation"]
+__all__ = ["CHUNK_SIZES", "MAX_HEAD_DIM", "RULES", "Implementation", "available_implementations",
+           "default_implementations", "gated_delta_rule", "gated_linear_rule", "l2_normalize"]

@@ -8,7 +8,7 @@ and in how they load and store. Vectors over the C tokens of a chunk are kept 2-
 Per chunk, with gamma the chunk-local cumulative log decay (g_last its last entry), q already
 normalised and scaled, D_rs = exp(gamma_r - gamma_s) for r >= s (masked before exponentiating):
 
-  A     = strict_lower(diag(beta) K K^T * D)            T = (I + A)^-1 (product form, matmuls)
+  A     = strict_lower(diag(beta) K K^T * D)            T = (I + A)^-1 (blocked substitution)
   W     = T diag(beta exp(gamma)) K                     U = T diag(beta) V        (kernel 1)
   Vnew  = U - W S
   O     = (Q exp(gamma)) S + (Q K^T * D) Vnew
@@ -26,11 +26,12 @@ that each holds few float32 accumulators: one kernel holding them all spilled it
       adding kernel 1's part of dk, and dv, dbeta, the rest of dgamma.
 Under a VJP the forward saves the state entering each chunk and Vnew for kernel 4a.
 
-Precision: the carried states and every accumulator are float32; T is inverted with float32
-products (cfg.fp32_precision). What passes between kernels (T, per-chunk states, dS', dVnew, dW,
-partial dk) is stored in `intermediate_dtype`, the input dtype by default (bf16 for bf16 inputs,
-as fla does), which is also the operand dtype of the WY products; the consumers cast their matmul
-operands to bf16 anyway.
+Precision: the carried states and every accumulator are float32; T is inverted by forward
+substitution in float32 (its 16x16 diagonal blocks elementwise, the rest with float32 products at
+cfg.fp32_precision; `unit_lower_inverse`). What passes between kernels (T, per-chunk states, dS',
+dVnew, dW, partial dk) is stored in `intermediate_dtype`, the input dtype by default (bf16 for
+bf16 inputs, as fla does), which is also the operand dtype of the WY products; the consumers cast
+their matmul operands to bf16 anyway.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from kernels.gated_delta_rule import base
 
 f32 = jnp.float32
 
@@ -56,7 +59,7 @@ class KernelConfig:
   compute_dtype: str  # "bfloat16" / "float16" / "float32"
   # dtype of the per-chunk arrays handed between kernels (T, states, dS', dVnew, dW, dk) and of
   # the operands of the WY products (W = T X, U = T Y and their backward). The input dtype by
-  # default, as in fla; "float32" keeps them wide (TUNING["wide_intermediates"] on GPU).
+  # default, as in fla; "float32" keeps them wide (Tuning.wide_intermediates on GPU).
   intermediate_dtype: str
   fp32_precision: object  # precision of float32 matmuls (tf32x3 on GPU, HIGHEST interpreted)
   interpret: object  # False, True or pltpu.InterpretParams()
@@ -101,19 +104,45 @@ def decay_matrix(g_col, g_row, mask):
   return jnp.where(mask, jnp.exp(jnp.where(mask, g_col - g_row, 0.0)), 0.0)
 
 
-def unit_lower_inverse(a, cfg: KernelConfig):
-  """(I + A)^-1 for strictly lower A: prod_i (I + N^(2^i)) with N = -A, all matmuls."""
+INVERSE_BLOCK = 16  # side of the diagonal blocks that `unit_lower_inverse` forward-substitutes
+
+
+def unit_lower_inverse(a, a_t, cfg: KernelConfig):
+  """(I + A)^-1 for strictly lower A [C,C], exact to float32 rounding where I + A is well
+  conditioned. `a_t` is A^T (only its 16x16 diagonal blocks are read).
+
+  1. The 16x16 diagonal blocks T_ii, all at once, by forward substitution on values: step i
+     sets row i of every block, T[r,:] = e_r - sum_{s<r} A[r,s] T[s,:], from the rows above it.
+     The row's coefficients A[r,s] are read as a [C,1] column of A^T (masked sum over columns),
+     so every step is elementwise work and two reductions on [C,C] values: no dynamic indexing
+     (Triton has none on values) and no sub-block slicing (Triton lowers no static slice).
+  2. The blocks below the diagonal by block forward substitution, one block row i at a time:
+     T_ij = -T_ii sum_{j<=k<i} A_ik T_kj for j < i, as two [C,C] float32 products with A masked
+     to block row i (R = A_i T, then T -= T_diag R): 2 (C/16 - 1) products.
+  Every intermediate is bounded by |A| and |T|. The product form prod (I + N^(2^i)) it replaces
+  (N = -A) lost everything to cancellation when A's powers grew (no decay, correlated keys: ~1e8
+  where T is of order 1).
+  """
   c = a.shape[0]
+  sub = min(INVERSE_BLOCK, c)
+  shift = sub.bit_length() - 1
   rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  row_block, col_block = jnp.right_shift(rows, shift), jnp.right_shift(cols, shift)
+  same_block = row_block == col_block
+  # Position of the row (column) inside its block on the diagonal blocks, -1 elsewhere.
+  row_in = jnp.where(same_block, jnp.bitwise_and(rows, sub - 1), -1)
+  col_in = jnp.where(same_block, jnp.bitwise_and(cols, sub - 1), -1)
   eye = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
-  power = -a
-  inverse = eye + power
-  steps = c.bit_length() - 2  # N^c = 0: factors for 2^1 .. 2^(log2 c - 1)
-  for _ in range(steps):
-    power = mm(power, power, cfg, dtype=f32)
-    inverse = inverse + mm(inverse, power, cfg, dtype=f32)
-  return inverse
+  t_inv = eye
+  for i in range(1, sub):
+    coef = jnp.sum(jnp.where(col_in == i, a_t, 0.0), axis=1, keepdims=True)  # [C,1]
+    t_inv = jnp.where(row_in == i, eye - jnp.sum(coef * t_inv, axis=0, keepdims=True), t_inv)
+  t_diag = t_inv
+  for i in range(1, c // sub):
+    a_i = jnp.where((row_block == i) & (col_block < i), a, 0.0)
+    t_inv = t_inv - mm(t_diag, mm(a_i, t_inv, cfg, dtype=f32), cfg, dtype=f32)
+  return t_inv
 
 
 def normalize_rows(x, scale, eps):
@@ -137,9 +166,12 @@ def intra_chunk_fwd(q, k, v, g_col, g_row, b_col, b_row, cfg: KernelConfig):
     k, r_k = normalize_rows(k, 1.0, cfg.qk_l2norm_eps)
   c = k.shape[0]
   _, strict = masks(c)
-  kk = mm(k, k, cfg, trans_b=True)
+  kk = mm(k, k, cfg, trans_b=True)  # symmetric: A^T is built from it elementwise too
   a = kk * decay_matrix(g_col, g_row, strict) * b_col
-  t_inv = unit_lower_inverse(a, cfg)
+  strict_upper = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+                  < jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
+  a_t = kk * decay_matrix(g_row, g_col, strict_upper) * b_row
+  t_inv = unit_lower_inverse(a, a_t, cfg)
   wy = cfg.intermediate_dtype
   w = mm(t_inv * (b_row * jnp.exp(g_row)), k, cfg, dtype=wy)
   u = mm(t_inv * b_row, v, cfg, dtype=wy)
@@ -420,7 +452,6 @@ def run_gated_delta_rule(core, q, k, v, g, beta, initial_state, *, scale, use_qk
   (identity steps); K and V pad with zeros to a power of 2 (>= min_dim), which changes nothing,
   the norms included.
   """
-  from kernels.gated_delta_rule import api  # late import: api imports this package's kernels
   if not delta:
     raise NotImplementedError("the Pallas kernels implement the gated delta rule only; the gated "
                               "linear rule runs on 'chunked'")
@@ -430,13 +461,13 @@ def run_gated_delta_rule(core, q, k, v, g, beta, initial_state, *, scale, use_qk
   _, t, _, dk = q.shape
   dv = v.shape[-1]
   if not use_qk_l2norm:
-    q, k = api.prepare_qk(q, k, scale=scale, use_qk_l2norm=False)
+    q, k = base.prepare_qk(q, k, scale=scale, use_qk_l2norm=False)
   chunk = effective_chunk(t, chunk_size)
   t_pad = -(-t // chunk) * chunk
   dk_pad, dv_pad = max(min_dim, next_power_of_2(dk)), max(min_dim, next_power_of_2(dv))
   cfg = make_config(chunk, dk_pad, dv_pad, q.dtype, batch_heads=q.shape[0] * q.shape[2])
   if use_qk_l2norm:
-    cfg = dataclasses.replace(cfg, qk_l2norm_eps=api.L2NORM_EPS, scale=float(scale))
+    cfg = dataclasses.replace(cfg, qk_l2norm_eps=base.L2NORM_EPS, scale=float(scale))
 
   def pad(x, dims):
     widths = [(0, 0)] * x.ndim

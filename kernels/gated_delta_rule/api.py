@@ -7,103 +7,59 @@ Contract (that of flash-linear-attention's `chunk_gated_delta_rule`):
   With use_qk_l2norm, q and k are L2-normalised over K first; scale (default K**-0.5) then
   multiplies q.
 
-Implementations are tried in the order of `_DEFAULT_ORDER[backend]` when `implementation` is
-None; one that cannot take the inputs raises NotImplementedError (with the reason) and the next is
-tried. Asked for by name, an implementation's NotImplementedError reaches the caller.
+Implementations are tried in the order of `DEFAULT_ORDER[backend]` when `implementation` is None;
+one that cannot take the inputs raises NotImplementedError (with the reason) and the next is
+tried. Asked for by name (or given as a `base.Implementation` record, e.g. a Triton build with
+other tuning, `pallas_triton.make_implementation(Tuning(...))`), an implementation's
+NotImplementedError reaches the caller.
+
+Imports go one way: this module imports the implementations; they import `base` (the record, the
+limits, q/k preparation) and never this module. The registry and the default orders are
+immutable.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import types
 from collections.abc import Callable
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
-from kernels.gated_delta_rule import chunked, reference
+from kernels.gated_delta_rule import (
+                                      chunked,
+                                      pallas_mosaic_tpu,
+                                      pallas_triton,
+                                      reference,
+)
+from kernels.gated_delta_rule.base import (  # noqa: F401  (re-exported)
+                                           CHUNK_SIZES,
+                                           L2NORM_EPS,
+                                           MAX_HEAD_DIM,
+                                           Implementation,
+                                           ImplementationFn,
+                                           l2_normalize,
+                                           prepare_qk,
+)
 
-MAX_HEAD_DIM = 256
-CHUNK_SIZES = (16, 32, 64)
-L2NORM_EPS = 1e-6
-
-
-class ImplementationFn(Protocol):
-
-  def __call__(self, q, k, v, g, beta, initial_state, *, scale: float, use_qk_l2norm: bool,
-               chunk_size: int, delta: bool) -> tuple[jax.Array, jax.Array]:
-    ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-  """One way to compute the op. `fn` gets validated inputs and a float32 initial state.
-
-  `passed_over_by_default(q)` returns why dispatch with `implementation=None` should not pick this
-  implementation for these inputs although it can run them (measured slower), or None. Asked for
-  by name, the implementation runs regardless.
-  """
-  name: str
-  fn: ImplementationFn
-  description: str
-  passed_over_by_default: Callable[[jax.Array], str | None] | None = None
-
-
-def l2_normalize(x: jax.Array, eps: float = L2NORM_EPS) -> jax.Array:
-  """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (fla's `l2norm`)."""
-  x32 = x.astype(jnp.float32)
-  return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
-
-
-def prepare_qk(q, k, *, scale: float, use_qk_l2norm: bool):
-  """Applies the optional L2 norm and the scale, the way every JAX implementation needs them."""
-  if use_qk_l2norm:
-    q, k = l2_normalize(q).astype(q.dtype), l2_normalize(k).astype(k.dtype)
-  return (q.astype(jnp.float32) * scale).astype(q.dtype), k
-
-
-def _reference_impl(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm, chunk_size, delta):
-  del chunk_size  # token by token
-  q, k = prepare_qk(q, k, scale=scale, use_qk_l2norm=use_qk_l2norm)
-  fn = reference.recurrent_gated_delta_rule if delta else reference.recurrent_gated_linear_rule
-  return fn(q, k, v, g, beta, initial_state)
-
-
-def _chunked_impl(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm, chunk_size, delta):
-  q, k = prepare_qk(q, k, scale=scale, use_qk_l2norm=use_qk_l2norm)
-  fn = chunked.chunked_gated_delta_rule if delta else chunked.chunked_gated_linear_rule
-  return fn(q, k, v, g, beta, initial_state, chunk_size=chunk_size)
-
-
-_REGISTRY: dict[str, Implementation] = {}
-# Best first, per backend. Pallas kernels register themselves in front of "chunked".
-_DEFAULT_ORDER: dict[str, list[str]] = {"cpu": ["chunked"], "gpu": ["chunked"],
-                                        "tpu": ["chunked"]}
-
-
-def register_implementation(impl: Implementation, *, default_on: tuple[str, ...] = ()) -> None:
-  """Adds `impl` to the registry and puts it first in the default order of `default_on`."""
-  _REGISTRY[impl.name] = impl
-  for backend in default_on:
-    order = _DEFAULT_ORDER.setdefault(backend, ["chunked"])
-    if impl.name not in order:
-      order.insert(0, impl.name)
-
-
-register_implementation(Implementation(
-    "recurrent", _reference_impl, "token-by-token lax.scan with an fp32 state (the oracle)"))
-register_implementation(Implementation(
-    "chunked", _chunked_impl, "pure-JAX chunked WY form; lax.scan over chunks"))
+REGISTRY: types.MappingProxyType[str, Implementation] = types.MappingProxyType({
+    impl.name: impl for impl in (reference.IMPLEMENTATION, chunked.IMPLEMENTATION,
+                                 pallas_triton.IMPLEMENTATION, pallas_mosaic_tpu.IMPLEMENTATION)})
+# Best first, per backend. pallas_triton passes float32 inputs over to chunked (measured slower;
+# docs/kernels.md). pallas_mosaic_tpu has never run on a TPU: available by name only until it has.
+DEFAULT_ORDER: types.MappingProxyType[str, tuple[str, ...]] = types.MappingProxyType({
+    "cpu": ("chunked",), "gpu": ("pallas_triton", "chunked"), "tpu": ("chunked",)})
+_FALLBACK_ORDER = ("chunked",)
 
 
 def available_implementations() -> tuple[str, ...]:
   """Every implementation name that `implementation=` accepts."""
-  return tuple(_REGISTRY)
+  return tuple(REGISTRY)
 
 
 def default_implementations(backend: str | None = None) -> tuple[str, ...]:
   """The order in which `implementation=None` tries implementations on `backend`."""
-  return tuple(_DEFAULT_ORDER.get(backend or jax.default_backend(), ["chunked"]))
+  return DEFAULT_ORDER.get(backend or jax.default_backend(), _FALLBACK_ORDER)
 
 
 def default_candidates(q: jax.Array, backend: str | None = None
@@ -111,7 +67,7 @@ def default_candidates(q: jax.Array, backend: str | None = None
   """The implementations `implementation=None` tries for q, in order, and why others are skipped."""
   names, skipped = [], []
   for name in default_implementations(backend):
-    check = _REGISTRY[name].passed_over_by_default
+    check = REGISTRY[name].passed_over_by_default
     why = check(q) if check is not None else None
     if why:
       skipped.append(f"{name}: {why}")
@@ -145,9 +101,10 @@ def _check_args(q, k, v, g, beta, initial_state, chunk_size, implementation):
            f"initial_state must have shape [B,H,K,V] = {(b, h, dk, dv)} or be None, got "
            f"{getattr(initial_state, 'shape', None)}")
   expect(chunk_size in CHUNK_SIZES, f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
-  expect(implementation is None or implementation in _REGISTRY,
-         f"implementation must be None or one of {available_implementations()}, got "
-         f"{implementation!r}")
+  expect(implementation is None or isinstance(implementation, Implementation)
+         or implementation in REGISTRY,
+         f"implementation must be None, an Implementation or one of "
+         f"{available_implementations()}, got {implementation!r}")
 
 
 def _run(q, k, v, g, beta, *, scale, initial_state, use_qk_l2norm, chunk_size, implementation,
@@ -161,12 +118,14 @@ def _run(q, k, v, g, beta, *, scale, initial_state, use_qk_l2norm, chunk_size, i
   kwargs = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, delta=delta)
 
   if implementation is not None:
-    o, final_state = _REGISTRY[implementation].fn(q, k, v, g, beta, state, **kwargs)
+    impl = (implementation if isinstance(implementation, Implementation)
+            else REGISTRY[implementation])
+    o, final_state = impl.fn(q, k, v, g, beta, state, **kwargs)
   else:
     candidates, reasons = default_candidates(q)
     for name in candidates:
       try:
-        o, final_state = _REGISTRY[name].fn(q, k, v, g, beta, state, **kwargs)
+        o, final_state = REGISTRY[name].fn(q, k, v, g, beta, state, **kwargs)
         break
       except NotImplementedError as e:  # this one cannot take these inputs: try the next
         reasons.append(f"{name}: {e}")
@@ -177,7 +136,7 @@ def _run(q, k, v, g, beta, *, scale, initial_state, use_qk_l2norm, chunk_size, i
 
 def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None,
                      initial_state: jax.Array | None = None, use_qk_l2norm: bool = False,
-                     chunk_size: int = 64, implementation: str | None = None):
+                     chunk_size: int = 64, implementation: str | Implementation | None = None):
   """Gated delta rule: S_t = a_t S + b_t k_t (v_t - (a_t S)^T k_t)^T, o_t = S_t^T q_t.
 
   a_t = exp(g_t). Shapes and semantics: see the module docstring. Returns (o, final_state).
@@ -189,7 +148,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None,
 
 def gated_linear_rule(q, k, v, g, beta, *, scale: float | None = None,
                       initial_state: jax.Array | None = None, use_qk_l2norm: bool = False,
-                      chunk_size: int = 64, implementation: str | None = None):
+                      chunk_size: int = 64, implementation: str | Implementation | None = None):
   """Gated linear (Hebbian) rule, the paper's Eq. 3: S_t = a_t S + b_t k_t v_t^T, o_t = S_t^T q_t.
 
   Same contract as `gated_delta_rule`.
@@ -200,8 +159,6 @@ def gated_linear_rule(q, k, v, g, beta, *, scale: float | None = None,
 
 
 Rule = Callable[..., tuple[jax.Array, jax.Array]]
-RULES: dict[str, Rule] = {"gdn": gated_delta_rule, "gated_linear": gated_linear_rule}
+RULES: types.MappingProxyType[str, Rule] = types.MappingProxyType(
+    {"gdn": gated_delta_rule, "gated_linear": gated_linear_rule})
 
-
-# Pallas kernels register themselves (and become the default on their backend) on import.
-from kernels.gated_delta_rule import pallas_mosaic_tpu, pallas_triton  # noqa: E402,F401

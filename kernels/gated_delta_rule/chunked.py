@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.gated_delta_rule import base
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -100,3 +102,14 @@ def chunked_gated_delta_rule(q, k, v, g, beta, initial_state, *, chunk_size: int
 
 def chunked_gated_linear_rule(q, k, v, g, beta, initial_state, *, chunk_size: int = 64):
   return _chunked(q, k, v, g, beta, initial_state, chunk_size=chunk_size, delta=False)
+
+
+def _implementation_fn(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm, chunk_size,
+                       delta):
+  q, k = base.prepare_qk(q, k, scale=scale, use_qk_l2norm=use_qk_l2norm)
+  fn = chunked_gated_delta_rule if delta else chunked_gated_linear_rule
+  return fn(q, k, v, g, beta, initial_state, chunk_size=chunk_size)
+
+
+IMPLEMENTATION = base.Implementation(
+    "chunked", _implementation_fn, "pure-JAX chunked WY form; lax.scan over chunks")

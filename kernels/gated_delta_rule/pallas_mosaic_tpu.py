@@ -1,8 +1,9 @@
 """Pallas Mosaic TPU kernels for the gated delta rule, forward and backward.
 
 NEVER RUN ON A TPU: validated only on CPU in TPU interpret mode (`pltpu.InterpretParams()`), by
-tests/kernels/test_pallas.py. The chunk math is shared with the Triton kernels
-(`_pallas_common`); what differs is the TPU idiom:
+tests/kernels/. Available by name only: the TPU default is "chunked" until this has run on one.
+The chunk math is shared with the Triton kernels (`_pallas_common`); what differs is the TPU
+idiom:
   - arrays go to a [B,H,T,*] layout (the last two block dims must tile (8,128) or be whole), and
     the per-token vectors gamma, beta to [B,H,T,1] columns;
   - the chunk chain is the last grid axis ("arbitrary", sequential) with the [K,BV] state carried
@@ -23,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.gated_delta_rule import _pallas_common as common
-from kernels.gated_delta_rule import api
+from kernels.gated_delta_rule import base
 
 f32 = jnp.float32
 NAME = "pallas_mosaic_tpu"
@@ -226,8 +227,7 @@ def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_
           _from_heads(jnp.sum(dq_dot_q, axis=2)), _from_heads(dk_dot_k))
 
 
-BACKEND = common.Backend(intra_fwd, state_fwd, state_bwd, chunk_bwd)
-_core = common.make_core(BACKEND)
+_core = common.make_core(common.Backend(intra_fwd, state_fwd, state_bwd, chunk_bwd))
 
 
 def _make_config(chunk, dk, dv, dtype, batch_heads):
@@ -242,14 +242,14 @@ def _make_config(chunk, dk, dv, dtype, batch_heads):
 
 def gated_delta_rule_mosaic_tpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
                                 chunk_size, delta):
-  """Implementation fn (see api.ImplementationFn). TPU interpret mode off-TPU."""
+  """Implementation fn (see base.ImplementationFn). TPU interpret mode off-TPU."""
   return common.run_gated_delta_rule(_core, q, k, v, g, beta, initial_state, scale=scale,
                                      use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
                                      delta=delta, make_config=_make_config)
 
 
-api.register_implementation(
-    api.Implementation(NAME, gated_delta_rule_mosaic_tpu,
-                       "Pallas Mosaic TPU kernels (fwd + bwd, custom VJP); never run on a TPU, "
-                       "validated in TPU interpret mode"),
-    default_on=("tpu",))
+# Not in any default order (api.DEFAULT_ORDER): never run on a TPU.
+IMPLEMENTATION = base.Implementation(
+    NAME, gated_delta_rule_mosaic_tpu,
+    "Pallas Mosaic TPU kernels (fwd + bwd, custom VJP); never run on a TPU, validated in TPU "
+    "interpret mode; by name only")

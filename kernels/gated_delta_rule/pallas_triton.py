@@ -12,10 +12,16 @@ no transposes are paid. Five kernels (math in `_pallas_common`):
                  S, dS, Vnew, dVnew.
   4b. wy_grads   grid (B,H,N): the backward through T: dk, dv, dbeta, the rest of dgamma.
 On a machine without a GPU (CI) the same kernels run with `interpret=True`.
+
+Launch settings (warps, pipeline stages, tiles) come from a frozen `Tuning`:
+`make_implementation(tuning)` builds the implementation record for one; `IMPLEMENTATION` is the
+default's, which `api` registers as "pallas_triton". The benchmark times other tunings by building
+their records and passing them as `implementation=` (nothing global is patched).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -24,23 +30,41 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from kernels.gated_delta_rule import _pallas_common as common
-from kernels.gated_delta_rule import api
+from kernels.gated_delta_rule import base
 
 f32 = jnp.float32
 NAME = "pallas_triton"
-# Tuning of the backward kernels, read at trace time; module-level so that the benchmark can
-# compare settings (`--variants`). Kernel 4a holds four fp32 accumulators of [C,BK] or [C,C].
-# float32 inputs use 8 warps there: with 4, Triton 3.6 miscompiled kernel 4a's tf32x3 products at
-# K = 128, chunk 32 (dq off by 6% on an H200; exact with 8 warps or with IEEE fp32 products, which
-# in turn made the fp32 K = V = 128 case run for minutes).
-# wide_intermediates = 1 stores what passes between kernels in float32 (and runs the WY products
-# in tf32) for bf16/fp16 inputs too; 0 (the default, as in fla) stores it in the input dtype.
-# block_v = 0 picks the V-tile of the sequential kernels from the shape (`_state_block_v`).
-# state_stages pipelines the loads of the sequential kernels' loop; float32 inputs keep 2 (3 asked
-# for 305 KB of shared memory at K = V = 128, over the H100's 227 KB).
-TUNING = {"intra_warps": 4, "state_warps": 4, "state_stages": 3, "state_stages_fp32": 2,
-          "qk_grads_warps": 4, "qk_grads_warps_fp32": 8, "wy_grads_warps": 4, "block_k": 64,
-          "block_v": 0, "grads_block_v": 64, "wide_intermediates": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Launch settings of the Triton kernels (measured on an H100, docs/kernels.md).
+
+  Kernel 4a holds four fp32 accumulators of [C,BK] or [C,C]. float32 inputs use 8 warps there:
+  with 4, Triton 3.6 miscompiled kernel 4a's tf32x3 products at K = 128, chunk 32 (dq off by 6%
+  on an H200; exact with 8 warps or with IEEE fp32 products, which in turn made the fp32
+  K = V = 128 case run for minutes). `state_stages` pipelines the loads of the sequential kernels'
+  loop; float32 inputs keep 2 (3 asked for 305 KB of shared memory at K = V = 128, over the
+  H100's 227 KB). `block_v` = 0 picks the V-tile of the sequential kernels from the shape
+  (`_state_block_v`). `wide_intermediates` stores what passes between kernels in float32 (and
+  runs the WY products in tf32) for bf16/fp16 inputs too; False (as in fla) stores it in the
+  input dtype.
+  """
+  intra_warps: int = 4
+  state_warps: int = 4
+  state_stages: int = 3
+  state_stages_fp32: int = 2
+  qk_grads_warps: int = 4
+  qk_grads_warps_fp32: int = 8
+  wy_grads_warps: int = 4
+  block_k: int = 64
+  block_v: int = 0
+  grads_block_v: int = 64
+  wide_intermediates: bool = False
+
+
+DEFAULT_TUNING = Tuning()
+
 # The sequential kernels run B*H*V/BV programs: BV = 64 where that still gives about one program
 # per SM (H100/H200: 132), else 32 for more programs (measured, docs/kernels.md).
 _STATE_PROGRAMS = 128
@@ -73,7 +97,7 @@ def _intra_fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, u_ref, t_ref, p_
                         store_vector=lambda col: jnp.sum(col, axis=1))
 
 
-def intra_fwd(cfg, q, k, v, gamma, beta):
+def intra_fwd(cfg, q, k, v, gamma, beta, *, tuning: Tuning):
   b, t, h, dk = k.shape
   dv, c = v.shape[-1], cfg.chunk_size
   chunk = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
@@ -90,7 +114,7 @@ def intra_fwd(cfg, q, k, v, gamma, beta):
                   jax.ShapeDtypeStruct((b, t, h), f32), jax.ShapeDtypeStruct((b, t, h), f32)]
   outs = _call(functools.partial(_intra_fwd_kernel, cfg=cfg), cfg, (b, h, t // c),
                [chunk(dk), chunk(dk), chunk(dv), vec, vec], out_specs, out_shape,
-               num_warps=TUNING["intra_warps"])(q, k, v, gamma, beta)
+               num_warps=tuning.intra_warps)(q, k, v, gamma, beta)
   return (*outs, *(() if normalize else (q, k, None, None)))
 
 
@@ -98,8 +122,20 @@ def intra_fwd(cfg, q, k, v, gamma, beta):
 # Kernel 2: the forward state chain.
 
 
-def _state_stages(dtype):
-  return TUNING["state_stages_fp32" if dtype == f32 else "state_stages"]
+# Shared memory per block on the H100 and H200, and what the sequential kernels need besides their
+# pipeline buffers (layout conversions; fitted to the 305 KB that 3 stages asked for at float32,
+# K = V = 128, BV = 32).
+_SMEM_BYTES = 227 * 1024
+_SMEM_SCRATCH = 64 * 1024
+
+
+def _state_stages(dtype, chunk, dk, bv, tuning: Tuning):
+  """Pipeline stages of the sequential kernels' loop: the tuning's, fewer where the loads of one
+  step ([C,K] q, k, w, [C,BV], [C,C]) would overflow shared memory (K = 256). Each stage past
+  the first holds one step's loads."""
+  requested = tuning.state_stages_fp32 if dtype == f32 else tuning.state_stages
+  per_stage = chunk * (3 * dk + bv + chunk) * jnp.dtype(dtype).itemsize
+  return max(1, min(requested, 1 + (_SMEM_BYTES - _SMEM_SCRATCH) // per_stage))
 
 
 def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, sf_ref, *saved,
@@ -121,7 +157,7 @@ def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, g_ref, s0_ref, o_ref, s
   sf_ref[...] = jax.lax.fori_loop(0, n_chunks, step, s0_ref[...])
 
 
-def state_fwd(cfg, q, k, w, u, scores, gamma, s0):
+def state_fwd(cfg, q, k, w, u, scores, gamma, s0, *, tuning: Tuning):
   b, t, h, dk = q.shape
   dv, c, bv = u.shape[-1], cfg.chunk_size, cfg.block_v
   n_chunks = t // c
@@ -139,8 +175,9 @@ def state_fwd(cfg, q, k, w, u, scores, gamma, s0):
                   jax.ShapeDtypeStruct((b, t, h, dv), u.dtype)]  # Vnew: only a matmul operand
   outs = _call(functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks), cfg,
                (b, h, dv // bv), [whole(dk), whole(dk), whole(dk), tile, whole(c), vec, state],
-               out_specs, out_shape, num_warps=TUNING["state_warps"],
-               num_stages=_state_stages(q.dtype))(q, k, w, u, scores, gamma, s0)
+               out_specs, out_shape, num_warps=tuning.state_warps,
+               num_stages=_state_stages(q.dtype, c, dk, bv, tuning),
+               )(q, k, w, u, scores, gamma, s0)
   return (outs[0], outs[1], *(outs[2:] if cfg.save_states else (None, None)))
 
 
@@ -167,7 +204,7 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, p_ref, g_ref, do_ref, dsf_ref, dvn_re
   ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, step, dsf_ref[...])
 
 
-def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
+def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final, *, tuning: Tuning):
   b, t, h, dk = q.shape
   dv, c, bv = do.shape[-1], cfg.chunk_size, cfg.block_v
   n_chunks = t // c
@@ -182,7 +219,7 @@ def state_bwd(cfg, q, k, w, scores, gamma, do, ds_final):
       [jax.ShapeDtypeStruct((b, t, h, dv), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
-      num_warps=TUNING["state_warps"], num_stages=_state_stages(q.dtype),
+      num_warps=tuning.state_warps, num_stages=_state_stages(q.dtype, c, dk, bv, tuning),
   )(q, k, w, scores, gamma, do, ds_final)
 
 
@@ -209,7 +246,8 @@ def _wy_grads_kernel(k_ref, v_ref, t_ref, g_ref, b_ref, dw_ref, du_ref, dka_ref,
   dkk_ref[...] = jnp.sum(dk_dot_k, axis=1)
 
 
-def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new):
+def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_new, *,
+              tuning: Tuning):
   b, t, h, dk = q.shape
   dv, c, bk = v.shape[-1], cfg.chunk_size, cfg.block_k
   n_k = dk // bk
@@ -227,7 +265,7 @@ def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_
        jax.ShapeDtypeStruct((b, t, h, dk), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, t, h, dk), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, n_k, t, h), f32), jax.ShapeDtypeStruct((b, n_k, t, h), f32)],
-      num_warps=TUNING["qk_grads_warps_fp32" if q.dtype == f32 else "qk_grads_warps"],
+      num_warps=tuning.qk_grads_warps_fp32 if q.dtype == f32 else tuning.qk_grads_warps,
   )(q, k, gamma, do, v_new, dv_new, states, d_states)
   # 4b: grid (B, H, N).
   chunk = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
@@ -238,29 +276,25 @@ def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_
       [chunk(dk), chunk(dv), vec, vec, vec],
       [jax.ShapeDtypeStruct((b, t, h, dk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
        *[jax.ShapeDtypeStruct((b, t, h), f32)] * 3],
-      num_warps=TUNING["wy_grads_warps"],
+      num_warps=tuning.wy_grads_warps,
   )(k, v, t_inv, gamma, beta, dw, dv_new, dk_a)
   return (dq, dk_, dv_, jnp.sum(dg_a, axis=1) + dg_b, dbeta, jnp.sum(dq_dot_q, axis=1),
           dk_dot_k)
-
-
-BACKEND = common.Backend(intra_fwd, state_fwd, state_bwd, chunk_bwd)
-_core = common.make_core(BACKEND)
 
 
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
-def _state_block_v(dv, batch_heads):
-  if TUNING["block_v"]:
-    return min(TUNING["block_v"], dv)
+def _state_block_v(dv, batch_heads, tuning: Tuning):
+  if tuning.block_v:
+    return min(tuning.block_v, dv)
   return min(64 if batch_heads * dv // 64 >= _STATE_PROGRAMS else 32, dv)
 
 
-def _make_config(chunk, dk, dv, dtype, batch_heads):
+def _make_config(chunk, dk, dv, dtype, batch_heads, *, tuning: Tuning):
   interpret = not _on_gpu()
-  # float32 inputs keep float32 accuracy (3 tf32 passes; see TUNING for a Triton miscompile);
+  # float32 inputs keep float32 accuracy (3 tf32 passes; see Tuning for a Triton miscompile);
   # bf16/fp16 inputs need no more than tf32 for their fp32 products.
   if interpret:
     precision = jax.lax.Precision.HIGHEST
@@ -268,22 +302,14 @@ def _make_config(chunk, dk, dv, dtype, batch_heads):
     precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   else:
     precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
-  return common.KernelConfig(chunk_size=chunk, block_v=_state_block_v(dv, batch_heads),
-                             block_k=min(TUNING["block_k"], dk),
-                             grads_block_v=min(TUNING["grads_block_v"], dv),
+  return common.KernelConfig(chunk_size=chunk, block_v=_state_block_v(dv, batch_heads, tuning),
+                             block_k=min(tuning.block_k, dk),
+                             grads_block_v=min(tuning.grads_block_v, dv),
                              compute_dtype=jnp.dtype(dtype).name,
-                             intermediate_dtype="float32" if TUNING["wide_intermediates"]
+                             intermediate_dtype="float32" if tuning.wide_intermediates
                              else jnp.dtype(dtype).name,
                              fp32_precision=precision,
                              interpret=interpret)
-
-
-def gated_delta_rule_triton(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm, chunk_size,
-                            delta):
-  """Implementation fn (see api.ImplementationFn). Interpreted when no GPU is the default."""
-  return common.run_gated_delta_rule(_core, q, k, v, g, beta, initial_state, scale=scale,
-                                     use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
-                                     delta=delta, make_config=_make_config)
 
 
 def _passed_over_by_default(q) -> str | None:
@@ -295,9 +321,33 @@ def _passed_over_by_default(q) -> str | None:
   return None
 
 
-# The GPU default for bfloat16/float16 inputs; float32 inputs go to "chunked" by default.
-api.register_implementation(
-    api.Implementation(NAME, gated_delta_rule_triton,
-                       "Pallas Triton kernels (fwd + bwd, custom VJP); interpreted off-GPU",
-                       passed_over_by_default=_passed_over_by_default),
-    default_on=("gpu",))
+def make_implementation(tuning: Tuning = DEFAULT_TUNING) -> base.Implementation:
+  """The implementation record of the Triton kernels launched with `tuning`.
+
+  Named "pallas_triton" for the default tuning, else "pallas_triton[field=value,...]" listing the
+  fields that differ. Pass the record itself as `implementation=` to run it (the registry holds
+  only the default).
+  """
+  bind = lambda f: functools.partial(f, tuning=tuning)
+  core = common.make_core(common.Backend(bind(intra_fwd), bind(state_fwd), bind(state_bwd),
+                                         bind(chunk_bwd)))
+  make_config = bind(_make_config)
+
+  def gated_delta_rule_triton(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
+                              chunk_size, delta):
+    """Implementation fn (see base.ImplementationFn). Interpreted when no GPU is the default."""
+    return common.run_gated_delta_rule(core, q, k, v, g, beta, initial_state, scale=scale,
+                                       use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
+                                       delta=delta, make_config=make_config)
+
+  changed = [f"{f.name}={getattr(tuning, f.name)}" for f in dataclasses.fields(Tuning)
+             if getattr(tuning, f.name) != getattr(DEFAULT_TUNING, f.name)]
+  name = f"{NAME}[{','.join(changed)}]" if changed else NAME
+  return base.Implementation(
+      name, gated_delta_rule_triton,
+      "Pallas Triton kernels (fwd + bwd, custom VJP); interpreted off-GPU",
+      passed_over_by_default=_passed_over_by_default)
+
+
+# The GPU default for bfloat16/float16 inputs (api.DEFAULT_ORDER); float32 inputs go to "chunked".
+IMPLEMENTATION = make_implementation()

@@ -7,13 +7,15 @@ turn against a float64 NumPy loop in the tests).
 Per head, with state S in R^{K x V}:
   gated delta rule : S_t = a_t S_{t-1} + b_t k_t (v_t - (a_t S_{t-1})^T k_t)^T,   o_t = S_t^T q_t
   gated linear rule: S_t = a_t S_{t-1} + b_t k_t v_t^T,                           o_t = S_t^T q_t
-with a_t = exp(g_t) and q already normalised and scaled (see `api.prepare_qk`).
+with a_t = exp(g_t) and q already normalised and scaled (see `base.prepare_qk`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from kernels.gated_delta_rule import base
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -45,3 +47,15 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state):
 
 def recurrent_gated_linear_rule(q, k, v, g, beta, initial_state):
   return _recurrent(q, k, v, g, beta, initial_state, delta=False)
+
+
+def _implementation_fn(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm, chunk_size,
+                       delta):
+  del chunk_size  # token by token
+  q, k = base.prepare_qk(q, k, scale=scale, use_qk_l2norm=use_qk_l2norm)
+  fn = recurrent_gated_delta_rule if delta else recurrent_gated_linear_rule
+  return fn(q, k, v, g, beta, initial_state)
+
+
+IMPLEMENTATION = base.Implementation(
+    "recurrent", _implementation_fn, "token-by-token lax.scan with an fp32 state (the oracle)")

@@ -139,8 +139,35 @@ def test_registered_and_dispatched():
   names = kernels.available_implementations()
   assert {"pallas_triton", "pallas_mosaic_tpu"} <= set(names)
   assert kernels.default_implementations("gpu") == ("pallas_triton", "chunked")
-  assert kernels.default_implementations("tpu")[0] == "pallas_mosaic_tpu"
+  # The Mosaic TPU kernel has never run on a TPU: by name only there.
+  assert kernels.default_implementations("tpu") == ("chunked",)
   assert kernels.default_implementations("cpu") == ("chunked",)
+
+
+def test_registry_is_immutable():
+  with pytest.raises(TypeError):
+    api.REGISTRY["mine"] = api.REGISTRY["chunked"]
+  with pytest.raises(TypeError):
+    api.DEFAULT_ORDER["gpu"] = ("chunked",)
+  assert all(isinstance(order, tuple) for order in api.DEFAULT_ORDER.values())
+  assert all(impl.name == name for name, impl in api.REGISTRY.items())
+
+
+def test_tuned_implementation_matches_default():
+  """A Tuning builds its own implementation record, passed as `implementation=`; here smaller
+  K- and V-tiles (several tiles in kernels 4a/4b) and float32 intermediates for bf16 inputs."""
+  from kernels.gated_delta_rule import pallas_triton
+  tuning = pallas_triton.Tuning(block_k=16, grads_block_v=16, block_v=16,
+                                wide_intermediates=True)
+  impl = pallas_triton.make_implementation(tuning)
+  assert impl.name == ("pallas_triton[block_k=16,block_v=16,grads_block_v=16,"
+                       "wide_intermediates=True]")
+  assert impl.name not in kernels.available_implementations()
+  assert pallas_triton.IMPLEMENTATION.name == "pallas_triton"
+  inputs, cotangents = make_inputs(2, 1, 40, 1, 32, 32, jnp.bfloat16)
+  kwargs = dict(use_qk_l2norm=True, chunk_size=16)
+  got = outputs_and_grads(impl, inputs, cotangents, **kwargs)
+  assert_close(got, reference(inputs, cotangents, **kwargs), TOLERANCE[jnp.bfloat16])
 
 
 def test_gpu_default_passes_float32_over_to_chunked():
@@ -184,12 +211,46 @@ def test_fused_l2norm_matches_jax_l2norm(impl):
 
 
 def test_dispatcher_falls_back_when_a_kernel_refuses(monkeypatch):
-  """On TPU the Mosaic kernel is tried first; it refuses the linear rule, so "chunked" runs."""
-  from kernels.gated_delta_rule import api
-  monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
-  assert kernels.default_implementations()[0] == "pallas_mosaic_tpu"
-  (q, k, v, g, beta, s0), _ = make_inputs(1, 1, 20, 2, 16, 16, jnp.float32)
+  """On a GPU the Triton kernel is tried first for bf16; it refuses the linear rule, so "chunked"
+  runs (the kernel raises before it would launch anything, so this runs on a CPU too)."""
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  assert kernels.default_implementations()[0] == "pallas_triton"
+  (q, k, v, g, beta, s0), _ = make_inputs(1, 1, 20, 2, 16, 16, jnp.bfloat16)
+  assert api.default_candidates(q) == (("pallas_triton", "chunked"), [])
   got = kernels.gated_linear_rule(q, k, v, g, beta, initial_state=s0)
   want = kernels.gated_linear_rule(q, k, v, g, beta, initial_state=s0, implementation="chunked")
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype,chunk,dk,dv,l2norm", [(jnp.bfloat16, 64, 256, 256, True),
+                                                      (jnp.float32, 16, 100, 60, False)])
+def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2norm):
+  """On any machine: the compiled (not interpreted) Triton kernels of fwd+bwd lower to Triton IR
+  for an H100 (every primitive has a Triton lowering rule); Triton itself compiles on the GPU."""
+  from kernels.gated_delta_rule import pallas_triton
+  try:
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+  except (ImportError, AttributeError) as e:  # private paths of jax 0.11
+    pytest.skip(f"jax's Triton lowering internals moved: {e}")
+  monkeypatch.setattr(pallas_triton, "_on_gpu", lambda: True)
+  inputs, cotangents = make_inputs(0, 2, 100, 2, dk, dv, dtype)
+
+  def f(inputs, cotangents):
+    return outputs_and_grads("pallas_triton", inputs, cotangents, use_qk_l2norm=l2norm,
+                             chunk_size=chunk)
+
+  text = jax.jit(f).trace(inputs, cotangents).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 5  # kernels 1 and 2 (under the VJP), 3, 4a, 4b
+
+
+def test_sequential_kernels_pipeline_depth():
+  """The tuned depths where they were measured (K <= 128); fewer stages where one step's loads
+  would overflow an H100's shared memory (K = 256, chunk 64)."""
+  from kernels.gated_delta_rule import pallas_triton
+  stages = lambda dtype, dk: pallas_triton._state_stages(jnp.dtype(dtype), 64, dk, 64,
+                                                          pallas_triton.DEFAULT_TUNING)
+  assert [stages(jnp.bfloat16, dk) for dk in (64, 128, 256)] == [3, 3, 2]
+  assert [stages(jnp.float32, dk) for dk in (64, 128, 256)] == [2, 2, 1]

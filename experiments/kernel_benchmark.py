@@ -1,21 +1,30 @@
-"""Benchmark of the gated delta rule: Pallas kernels vs the pure-JAX chunked path vs fla (Triton).
+r"""Benchmark of the gated delta rule: Pallas kernels vs the pure-JAX chunked path vs fla (Triton).
 
 Run on the GPU machine from the repository root (fla's wheel and einops carried in .whl/):
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  PYTHONPATH=/tmp/site:. python3 -m kernels.benchmarks.gated_delta_rule --out $OUT/gdr.json
+  PYTHONPATH=/tmp/site:. python3 -m experiments.kernel_benchmark --impls pallas_triton chunked \
+      --profile-dir /tmp/pk --out $OUT/gdr_bench.json
 
 Checks correctness first (fresh random inputs, relative RMS error of every output and gradient
-against the float32 recurrent oracle), then times forward and forward+backward (cotangents on both
-o and the final state; gradients of q, k, v, g, beta and the initial state) per registry shape:
-median with 20/80 percentiles. bf16 inputs, fp32 state, q/k L2 norm in the op, chunk 64.
-fla is skipped when it cannot be imported. Prints a table last and writes JSON. With
---profile-dir it also prints device time by kernel (jax.profiler for ours, torch.profiler for fla)
-and a table of summed device times, which leaves out fla's PyTorch launch gaps.
+against the float32 recurrent oracle, one case with no decay and correlated keys), then times
+forward and forward+backward (cotangents on both o and the final state; gradients of q, k, v, g,
+beta and the initial state) per registry shape: median with 20/80 percentiles of loops of calls
+with one sync. bf16 inputs, fp32 state, q/k L2 norm in the op, chunk 64. fla is skipped when it
+cannot be imported; for timing only, its backward's guard against a Triton < 3.7.1 bug is
+lifted (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`), so its gradients are never used.
+Prints a table last and writes JSON. With --profile-dir it also prints device time by kernel
+(jax.profiler for ours, torch.profiler for fla) and a table of summed device times, which leaves
+out fla's PyTorch launch gaps. `--variants` also times pallas_triton built with other `Tuning`s.
+
+A CPU smoke run (kernels interpreted; tests/kernels/test_kernel_benchmark.py runs it):
+  python -m experiments.kernel_benchmark --shapes smoke_b1_t40_h1_d16 --no-check --no-fla \
+      --samples 1 --inner 1 --variants block_k=16 --out /tmp/gdr_smoke.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -25,23 +34,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.gated_delta_rule import api
+from kernels.gated_delta_rule import api, pallas_triton
+from sleep_lm import profiling
 
-# name -> (B, T, H, D); K = V = D.
+# name -> (B, T, H, D); K = V = D. The registry shapes are timed by default.
 SHAPES = {
     "b4_t4096_h16_d128": (4, 4096, 16, 128),
     "b2_t16384_h16_d128": (2, 16384, 16, 128),
     "b16_t2048_h16_d128": (16, 2048, 16, 128),
     "rule110_b512_t24_h4_d64": (512, 24, 4, 64),  # one 24-token window of the Rule 110 model
 }
+SMOKE_SHAPES = {"smoke_b1_t40_h1_d16": (1, 40, 1, 16)}  # for a CPU run of this script
 
 
-def make_inputs(key, b, t, h, d, dtype):
+def make_inputs(key, b, t, h, d, dtype, *, no_decay_correlated_keys=False):
+  """Normal q, k, v; g = log sigmoid(N(0,1) + 2), beta = sigmoid(N(0,1)); cotangents.
+
+  With `no_decay_correlated_keys`, drawn as fla's tests draw their hardest case: q, k uniform in
+  [0, 1) (their directions correlate) and g = 0.
+  """
   ks = jax.random.split(key, 8)
-  q = jax.random.normal(ks[0], (b, t, h, d), dtype)
-  k = jax.random.normal(ks[1], (b, t, h, d), dtype)
+  if no_decay_correlated_keys:
+    q = jax.random.uniform(ks[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.uniform(ks[1], (b, t, h, d), jnp.float32).astype(dtype)
+  else:
+    q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+    k = jax.random.normal(ks[1], (b, t, h, d), dtype)
   v = jax.random.normal(ks[2], (b, t, h, d), dtype)
   g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h), jnp.float32) + 2.0)
+  if no_decay_correlated_keys:
+    g = jnp.zeros_like(g)
   beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h), jnp.float32))
   s0 = 0.1 * jax.random.normal(ks[5], (b, h, d, d), jnp.float32)
   do = jax.random.normal(ks[6], (b, t, h, d), dtype)
@@ -71,9 +93,9 @@ def rel_rms(x, ref):
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_state")
 
 
-def check(implementation, shape, dtype, reference="recurrent", seed=0):
+def check(implementation, shape, dtype, reference="recurrent", seed=0, **input_kwargs):
   """Relative RMS error of every output and gradient vs `reference` run on float32 inputs."""
-  inputs, cots = make_inputs(jax.random.PRNGKey(seed), *shape, dtype)
+  inputs, cots = make_inputs(jax.random.PRNGKey(seed), *shape, dtype, **input_kwargs)
   up = lambda xs: tuple(x.astype(jnp.float32) for x in xs)
   with jax.default_matmul_precision("highest"):
     (o_r, s_r), grads_r = jax.jit(fwd_bwd(reference))(up(inputs), up(cots))
@@ -83,6 +105,7 @@ def check(implementation, shape, dtype, reference="recurrent", seed=0):
 
 
 def time_jax(fn, args, *, inner=10, samples=25):
+  """Per-call ms of `samples` loops of `inner` back-to-back calls, each loop with one sync."""
   jax.block_until_ready(fn(*args))
   jax.block_until_ready(fn(*args))
   times = []
@@ -138,15 +161,28 @@ def fla_calls(fla_fn, shape):
   return fwd, fwd_bwd_fla
 
 
-def time_fla(fla_fn, shape):
-  """triton.testing.do_bench medians of fla's fwd and fwd+bwd (wall time between CUDA events)."""
+def time_fla(fla_fn, shape, *, inner=10, samples=25):
+  """fla's fwd and fwd+bwd timed as ours are (`time_jax`: loops of back-to-back calls, one
+  torch.cuda.synchronize per loop), and under "do_bench" the triton.testing.do_bench medians
+  (wall time between CUDA events around each call) that earlier runs reported."""
   import torch
   from triton.testing import do_bench
-  res = {}
+  res = {"do_bench": {}}
   for name, fn in zip(("fwd", "fwd_bwd"), fla_calls(fla_fn, shape), strict=True):
     with torch.no_grad() if name == "fwd" else torch.enable_grad():
+      fn()
+      fn()
+      torch.cuda.synchronize()
+      times = []
+      for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(inner):
+          fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / inner * 1e3)
+      res[name] = summarize(times)
       ms = do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
-    res[name] = {"median_ms": ms[0], "p20_ms": ms[1], "p80_ms": ms[2]}
+    res["do_bench"][name] = {"median_ms": ms[0], "p20_ms": ms[1], "p80_ms": ms[2]}
   return res
 
 
@@ -185,22 +221,23 @@ def floors(shape, in_bytes=2):
   fwd_bytes = in_bytes * 3 * tokens * d + 4 * 2 * tokens + in_bytes * tokens * d + 8 * state
   bwd_bytes = fwd_bytes + (in_bytes * 4 * tokens * d + 4 * 2 * tokens + 8 * state)
   # Per token: K K^T, Q K^T, W, U, intra output (2 C D each), W S, Q S, K^T Vnew (2 D^2 each),
-  # plus the product-form inverse (2 (2 log2 C - 2) C^2).
-  per_token = 2 * c * d * 5 + 2 * d * d * 3 + 2 * (2 * (c.bit_length() - 1) - 2) * c * c
+  # plus the blocked inverse's products (2 (C/16 - 1) of C^3 per chunk: 2 (C/16 - 1) 2 C^2).
+  per_token = 2 * c * d * 5 + 2 * d * d * 3 + 2 * (c // 16 - 1) * 2 * c * c
   fwd_flops = tokens * per_token
   return {"fwd_bytes": fwd_bytes, "fwd_bwd_bytes": bwd_bytes, "fwd_flops": fwd_flops,
           "fwd_bwd_flops": 3 * fwd_flops}
 
 
-def parse_variant(variant: str, tuning: dict) -> dict:
-  """'qk_grads_warps=8,block_k=128' -> {'qk_grads_warps': 8, 'block_k': 128}; keys of `tuning`."""
-  out = {}
+def parse_variant(variant: str) -> pallas_triton.Tuning:
+  """'qk_grads_warps=8,block_k=128' -> the default Tuning with those fields replaced."""
+  fields = {f.name: f for f in dataclasses.fields(pallas_triton.Tuning)}
+  changes = {}
   for item in variant.split(","):
     key, sep, value = item.partition("=")
-    if not sep or key not in tuning or not value.isdigit():
-      raise SystemExit(f"--variants: {item!r} must be KEY=INT with KEY one of {sorted(tuning)}")
-    out[key] = int(value)
-  return out
+    if not sep or key not in fields or not value.isdigit():
+      raise SystemExit(f"--variants: {item!r} must be KEY=INT with KEY one of {sorted(fields)}")
+    changes[key] = bool(int(value)) if fields[key].type in (bool, "bool") else int(value)
+  return dataclasses.replace(pallas_triton.DEFAULT_TUNING, **changes)
 
 
 def write_json(path, results):
@@ -209,35 +246,43 @@ def write_json(path, results):
     json.dump(results, f, indent=1)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+  parser.add_argument("--shapes", nargs="*", default=list(SHAPES),
+                      choices=[*SHAPES, *SMOKE_SHAPES])
   parser.add_argument("--impls", nargs="*", default=["pallas_triton", "chunked"])
   parser.add_argument("--no-fla", action="store_true")
   parser.add_argument("--variants", nargs="*", default=[],
-                      help="also time pallas_triton fwd+bwd with these settings of "
-                           "pallas_triton.TUNING, each like 'qk_grads_warps=8,block_k=128'")
+                      help="also time pallas_triton built with these changes to its default "
+                           "Tuning, each like 'qk_grads_warps=8,block_k=128'")
   parser.add_argument("--no-check", action="store_true")
   parser.add_argument("--profile-dir", default=None,
                       help="also trace fwd+bwd per shape and implementation; print device time "
                            "by kernel")
+  parser.add_argument("--samples", type=int, default=25, help="timed loops per measurement")
+  parser.add_argument("--inner", type=int, default=10, help="calls per timed loop")
   parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gdr_bench.json"))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  variants = {v: pallas_triton.make_implementation(parse_variant(v)) for v in args.variants}
+  timer = functools.partial(time_jax, inner=args.inner, samples=args.samples)
   print("device:", jax.devices()[0].device_kind, "| jax", jax.__version__)
   results = {"device": jax.devices()[0].device_kind, "checks": {}, "timings": {}}
 
   # Correctness first: small shapes with awkward T, both dtypes, vs the float32 oracle.
   for impl in [] if args.no_check else args.impls:
-    for shape, dtype in (((2, 75, 2, 64), jnp.float32), ((2, 130, 2, 128), jnp.bfloat16),
-                         ((1, 24, 4, 64), jnp.bfloat16)):
-      errs = check(impl, shape, dtype)
-      results["checks"][f"{impl}/{shape}/{jnp.dtype(dtype).name}"] = errs
-      print(f"check {impl:14s} {shape} {jnp.dtype(dtype).name:8s} "
-            + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+    for shape, dtype, hard in (((2, 75, 2, 64), jnp.float32, False),
+                               ((2, 75, 2, 64), jnp.float32, True),
+                               ((2, 130, 2, 128), jnp.bfloat16, False),
+                               ((1, 24, 4, 64), jnp.bfloat16, False)):
+      errs = check(impl, shape, dtype, no_decay_correlated_keys=hard)
+      label = f"{impl}/{shape}/{jnp.dtype(dtype).name}" + ("/g0_uniform_qk" if hard else "")
+      results["checks"][label] = errs
+      print(f"check {label:46s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
+            flush=True)
 
   fla_fn = None if args.no_fla else load_fla()
   for name in args.shapes:
-    shape = SHAPES[name]
+    shape = {**SHAPES, **SMOKE_SHAPES}[name]
     inputs, cots = make_inputs(jax.random.PRNGKey(1), *shape, jnp.bfloat16)
     row = {"shape": shape, "floors": floors(shape)}
     outs = {}
@@ -245,35 +290,28 @@ def main():
       f = jax.jit(op(impl))
       fb = jax.jit(fwd_bwd(impl))
       outs[impl] = f(*inputs)
-      row[impl] = {"fwd": time_jax(f, inputs), "fwd_bwd": time_jax(fb, (inputs, cots))}
+      row[impl] = {"fwd": timer(f, inputs), "fwd_bwd": timer(fb, (inputs, cots))}
       print(f"{name} {impl}: {row[impl]}", flush=True)
       if args.profile_dir:
-        from sleep_lm import profiling
         table = profiling.device_time_table(functools.partial(fb, inputs, cots), calls=3,
                                             log_dir=os.path.join(args.profile_dir, name, impl))
         row[impl]["profile"] = table
         print(profiling.format_table(table), flush=True)
-    for variant in args.variants:  # other tunings of the Triton kernels
-      from kernels.gated_delta_rule import pallas_triton
-      default = dict(pallas_triton.TUNING)
-      pallas_triton.TUNING.update(parse_variant(variant, default))
+    for variant, impl in variants.items():  # other tunings of the Triton kernels
       try:
         row[f"pallas_triton[{variant}]"] = {
-            "fwd": time_jax(jax.jit(op("pallas_triton")), inputs),
-            "fwd_bwd": time_jax(jax.jit(fwd_bwd("pallas_triton")), (inputs, cots))}
+            "fwd": timer(jax.jit(op(impl)), inputs),
+            "fwd_bwd": timer(jax.jit(fwd_bwd(impl)), (inputs, cots))}
         print(f"{name} pallas_triton[{variant}]: {row[f'pallas_triton[{variant}]']}", flush=True)
       except Exception as e:  # pylint: disable=broad-except  (a tuning that does not compile)
         print(f"{name} pallas_triton[{variant}] failed: {type(e).__name__}: {e}"[:400])
-      finally:
-        pallas_triton.TUNING.clear()
-        pallas_triton.TUNING.update(default)
     if len(args.impls) > 1:  # same inputs, bf16: ours vs chunked
       a, ref = outs[args.impls[0]], outs[args.impls[1]]
       row["agree"] = {"o": rel_rms(a[0], ref[0]), "final_state": rel_rms(a[1], ref[1])}
       print(f"{name} agreement {args.impls[0]} vs {args.impls[1]}: {row['agree']}", flush=True)
     if fla_fn is not None:
       try:
-        row["fla"] = time_fla(fla_fn, shape)
+        row["fla"] = time_fla(fla_fn, shape, inner=args.inner, samples=args.samples)
         print(f"{name} fla: {row['fla']}", flush=True)
       except Exception as e:  # pylint: disable=broad-except
         print(f"{name} fla failed: {type(e).__name__}: {e}")
@@ -281,7 +319,6 @@ def main():
     write_json(args.out, results)  # after every shape: a run cut off still leaves its numbers
 
   if args.profile_dir and fla_fn is not None:  # last: see torch_device_time_table
-    from sleep_lm import profiling
     for name, row in results["timings"].items():
       if "fla" in row:
         row["fla"]["profile"] = torch_device_time_table(fla_calls(fla_fn, row["shape"])[1],
@@ -289,8 +326,9 @@ def main():
         print(f"{name} fla fwd+bwd\n" + profiling.format_table(row["fla"]["profile"]), flush=True)
     write_json(args.out, results)
 
-  cols = [*args.impls] + (["fla"] if fla_fn is not None else [])
-  print("\nmedian ms (p20-p80)  " + " | ".join(cols))
+  cols = ([*args.impls] + [f"pallas_triton[{v}]" for v in variants]
+          + (["fla"] if fla_fn is not None else []))
+  print("\nmedian ms (p20-p80), loops of calls with one sync  " + " | ".join(cols))
   for name, row in results["timings"].items():
     for mode in ("fwd", "fwd_bwd"):
       cells = []
@@ -299,6 +337,8 @@ def main():
         cells.append(f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})" if r else "-")
       ours = row[args.impls[0]][mode]["median_ms"]
       ratios = [f"{ours / row[c][mode]['median_ms']:.2f}x {c}" for c in cols[1:] if c in row]
+      if "fla" in row:
+        ratios.append(f"{ours / row['fla']['do_bench'][mode]['median_ms']:.2f}x fla do_bench")
       print(f"{name:26s} {mode:7s} " + " | ".join(cells) + "   ours/: " + ", ".join(ratios))
   profiled = {name: {c: row[c]["profile"]["total_ms_per_call"] for c in cols
                      if "profile" in row.get(c, {})}

@@ -1,1 +1,0 @@
-"""Benchmarks of the kernels (run on the GPU machine; see each module docstring)."""

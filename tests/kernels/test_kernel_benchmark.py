@@ -1,0 +1,32 @@
+"""experiments/kernel_benchmark.py on a CPU: a tiny interpreted run of main() and its check."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from experiments import kernel_benchmark
+
+
+def test_smoke_run_writes_timings(tmp_path):
+  out = tmp_path / "gdr.json"
+  kernel_benchmark.main(["--shapes", "smoke_b1_t40_h1_d16", "--impls", "chunked",
+                         "--no-check", "--no-fla", "--samples", "1", "--inner", "1",
+                         "--variants", "block_k=16,wide_intermediates=1", "--out", str(out)])
+  row = json.loads(out.read_text())["timings"]["smoke_b1_t40_h1_d16"]
+  for name in ("chunked", "pallas_triton[block_k=16,wide_intermediates=1]"):
+    assert row[name]["fwd_bwd"]["median_ms"] > 0, name
+
+
+def test_check_in_the_hard_regime():
+  errors = kernel_benchmark.check("chunked", (1, 20, 1, 16), jnp.float32,
+                                  no_decay_correlated_keys=True)
+  assert max(errors.values()) < 1e-4, errors
+
+
+def test_bad_variant_is_rejected():
+  with pytest.raises(SystemExit, match="KEY=INT"):
+    kernel_benchmark.parse_variant("no_such_field=1")
+  assert kernel_benchmark.parse_variant("wide_intermediates=1").wide_intermediates is True
