@@ -92,6 +92,11 @@ def randomize_caches(state, key):
   return state._replace(caches=caches)
 
 
+def describe(e: Exception) -> str:
+  lines = [line for line in str(e).strip().splitlines() if line.strip()]
+  return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def memory_stats() -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats}
@@ -108,8 +113,11 @@ def compile_step(fn, *args):
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   seconds = time.perf_counter() - t0
-  analysis = compiled.memory_analysis()
-  temp = int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else None
+  try:
+    analysis = compiled.memory_analysis()
+    temp = int(analysis.temp_size_in_bytes) if analysis is not None else None
+  except Exception:  # noqa: BLE001 - not every backend analyses memory
+    temp = None
   return compiled, seconds, temp
 
 
@@ -193,7 +201,7 @@ def bench_attention(size, implementation, params, contexts, args, log) -> dict:
       times, state, _ = time_decode(step, params, state, tokens, warmup=args.warmup,
                                     steps=args.steps, window=None)
     except Exception as e:  # noqa: BLE001 - out of memory or unsupported: record, go on
-      message = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+      message = describe(e)
       out["points"].append({"context": context, "error": message})
       log(f"  {size} attention ({out['implementation']}) C={context:>6}: {message}")
       state = None
@@ -226,7 +234,7 @@ def crossover(hybrid: dict, attention: dict, *, amortized: bool) -> int | None:
   return found
 
 
-def run(args, log=print) -> dict:
+def run(args, log=print, checkpoint=None) -> dict:
   contexts = [int(c) for c in args.contexts.split(",")]
   passes = [int(n) for n in args.passes.split(",")]
   device = jax.devices()[0]
@@ -242,8 +250,13 @@ def run(args, log=print) -> dict:
              "hybrid_params": count_params(hybrid_params),
              "hybrid_params_bytes": tree_bytes(hybrid_params), "hybrid": {}, "attention": {}}
     for n in passes:
-      entry["hybrid"][f"N{n}"] = bench_hybrid(size, n, args.eviction, hybrid_params, contexts,
-                                              args, log)
+      try:
+        entry["hybrid"][f"N{n}"] = bench_hybrid(size, n, args.eviction, hybrid_params,
+                                                contexts, args, log)
+      except Exception as e:  # noqa: BLE001 - record it, measure the rest
+        entry["hybrid"][f"N{n}"] = {"error": describe(e)}
+        log(f"  {size} hybrid N={n}: {describe(e)}")
+        gc.collect()
     del hybrid_params
     gc.collect()
     attn_params = random_params(attention_config(size, None))
@@ -265,8 +278,10 @@ def run(args, log=print) -> dict:
         name: {impl: {"decode": crossover(h, a, amortized=False),
                       "decode_plus_amortized_sleep": crossover(h, a, amortized=True)}
                for impl, a in entry["attention"].items() if "points" in a}
-        for name, h in entry["hybrid"].items()}
+        for name, h in entry["hybrid"].items() if "points" in h}
     result["sizes"][size] = entry
+    if checkpoint is not None:
+      checkpoint(result)          # a run cut short keeps the sizes it finished
   return result
 
 
@@ -274,7 +289,7 @@ def table(result: dict) -> str:
   lines = [f"device {result['device']} ({result['platform']}), batch {result['batch']}, "
            f"eviction {result['eviction']}; decode median / p99 ms per token"]
   for size, entry in result["sizes"].items():
-    columns = [(f"hybrid {k}", v["points"]) for k, v in entry["hybrid"].items()]
+    columns = [(f"hybrid {k}", v["points"]) for k, v in entry["hybrid"].items() if "points" in v]
     columns += [(f"attn {k}", v["points"]) for k, v in entry["attention"].items() if "points" in v]
     lines.append(f"\n{size}: hybrid {entry['hybrid_params'] / 1e6:.3g}M params, attention-only "
                  f"{entry['attention_params'] / 1e6:.3g}M")
@@ -287,6 +302,9 @@ def table(result: dict) -> str:
                      else f"{'error':>21}")
       lines.append(f"{context:>7}  " + "".join(f"{c:>22}" for c in cells))
     for name, h in entry["hybrid"].items():
+      if "error" in h:
+        lines.append(f"hybrid {name}: {h['error']}")
+        continue
       lines.append(f"hybrid {name}: sleep {h['sleep']['median_ms']:.3f} ms per event (L = "
                    f"{h['window']}), amortised {h['amortized_sleep_ms_per_token'] * 1e3:.3f} "
                    f"us/token; state {h['state_bytes'] / 2**20:.2f} MiB; latency at the "
@@ -305,7 +323,8 @@ def plot(result: dict, path: Path) -> None:
   for col, size in enumerate(sizes):
     entry = result["sizes"][size]
     lat, mem = axes[0][col], axes[1][col]
-    series = [(f"hybrid {k} (L={v['window']})", "-", v) for k, v in entry["hybrid"].items()]
+    series = [(f"hybrid {k} (L={v['window']})", "-", v) for k, v in entry["hybrid"].items()
+              if "points" in v]
     series += [(f"attention, full cache ({k})", "--", v) for k, v in entry["attention"].items()
                if "points" in v]
     for label, style, s in series:
@@ -354,9 +373,11 @@ def main(argv=None) -> dict:
         setattr(args, key, value)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  result = run(args)
+  write = lambda result: (out / "inference_latency.json").write_text(
+      json.dumps({**result, "quick": args.quick}, indent=2))
+  result = run(args, log=lambda line: print(line, flush=True), checkpoint=write)
   result["quick"] = args.quick
-  (out / "inference_latency.json").write_text(json.dumps(result, indent=2))
+  write(result)
   plot(result, out / "inference_latency.png")
   print(table(result))
   print(f"wrote {out / 'inference_latency.json'} and {out / 'inference_latency.png'}")

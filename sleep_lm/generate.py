@@ -179,7 +179,7 @@ def _logits(config: ModelConfig, params, h: Array, last_only: bool) -> Array:
 def _wake(config: ModelConfig, lay: CacheLayout, params, state: DecodeState, tokens: Array,
           last_only: bool = False) -> tuple[DecodeState, Array]:
   """Wake pass over T tokens [B,T] that fit in the current window: (new state, logits)."""
-  model, v = HybridLM(config), {"params": params}
+  model, variables = HybridLM(config), {"params": params}
   b, t = tokens.shape
   p = state.position
   offset = p % lay.window
@@ -191,9 +191,9 @@ def _wake(config: ModelConfig, lay: CacheLayout, params, state: DecodeState, tok
   else:
     ctx = StepContext(positions, offset + jnp.arange(t), lay.retained + offset,
                       _attention_mask(lay, start, positions))
-  h = model.apply(v, tokens, method=HybridLM.embed)
-  h, states, convs, caches = model.apply(v, h, state.states, state.convs, state.caches, ctx,
-                                         method=HybridLM.wake_step)
+  h = model.apply(variables, tokens, method=HybridLM.embed)
+  h, states, convs, caches = model.apply(variables, h, state.states, state.convs, state.caches,
+                                         ctx, method=HybridLM.wake_step)
   hidden = state.hidden
   if hidden is not None:
     hidden = jax.lax.dynamic_update_slice(hidden, h.astype(hidden.dtype), (0, offset, 0))
@@ -220,10 +220,10 @@ def _prefill_windows(config: ModelConfig, lay: CacheLayout, params, state: Decod
                      tokens: Array, last_only: bool = False) -> tuple[DecodeState, Array]:
   """Whole windows [B, n*L] from a window boundary, through `run_pass` as in training: the wake
   pass (its features give the logits), N-1 replays, eviction. Returns (state, logits)."""
-  model, v = HybridLM(config), {"params": params}
+  model, variables = HybridLM(config), {"params": params}
   b, t = tokens.shape
   n = t // lay.window
-  h = model.apply(v, tokens, method=HybridLM.embed)
+  h = model.apply(variables, tokens, method=HybridLM.embed)
   windows = jnp.swapaxes(h.reshape(b, n, lay.window, -1), 0, 1)          # [n,B,L,D]
   starts = state.position + jnp.arange(n) * lay.window
   prefix = tuple((k[:, :lay.retained], v[:, :lay.retained]) for k, v in state.caches)
@@ -232,7 +232,7 @@ def _prefill_windows(config: ModelConfig, lay: CacheLayout, params, state: Decod
     states, prefix, _ = carry
     h, start = xs
     ctx = _window_context(config, lay, start, prefix if lay.sliding else None)
-    wake = model.apply(v, h, states, ctx, method=HybridLM.run_pass)
+    wake = model.apply(variables, h, states, ctx, method=HybridLM.run_pass)
     _, states, kvs = _replay(config, params, ctx, wake) if config.passes > 1 else wake
     prefix = _retain(lay, prefix, kvs) if lay.sliding else prefix
     return (states, prefix, wake[0]), (None if last_only else wake[0])
@@ -390,6 +390,8 @@ class Stream:
 
     last_logits [B,V]: the logits of the last token fed (e.g. `feed(prompt)[:, -1]`). Step i
     samples with `fold_in(key(seed), i)`: the same seed gives the same tokens."""
+    if num_tokens < 1:
+      return jnp.zeros((self.batch, 0), jnp.int32)
     key = jax.random.key(seed)
     logits, out = last_logits, []
     for i in range(num_tokens):

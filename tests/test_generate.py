@@ -24,7 +24,7 @@ from experiments import rule110 as rule110_config
 from sleep_lm import generate
 from sleep_lm.config import ModelConfig
 from sleep_lm.generate import Stream, sample
-from sleep_lm.model import HybridLM, init_params
+from sleep_lm.model import HybridLM, StepContext, init_params
 from sleep_lm.sleep import parallel_forward, sleep_forward
 from sleep_lm.train import user_errors_exit
 
@@ -111,6 +111,29 @@ def test_full_cache_stream_is_the_plain_forward(params, tokens):
     Stream(cfg, params, 2)
 
 
+def test_length_limited_attention_is_the_position_mask(params):
+  """The cuDNN decode path (keys limited by key_value_seq_lengths, no mask) attends to what the
+  position mask allows; checked here with the XLA implementation, which takes both."""
+  cfg = small_config(eviction="none")
+  lay = generate.cache_layout(cfg, 8)
+  state = generate.init_state(cfg, 2, 8)
+  keys = iter(jax.random.split(jax.random.key(3), 4))
+  caches = tuple(tuple(jax.random.normal(next(keys), x.shape) for x in kv) for kv in state.caches)
+  h = jax.random.normal(next(keys), (2, 1, 32))
+  p = jnp.array([5])
+
+  def step(mask, lengths):
+    ctx = StepContext(p, p, 5, mask, lengths)
+    return jax.jit(lambda h: HybridLM(cfg).apply(
+        {"params": params}, h, state.states, state.convs, caches, ctx,
+        method=HybridLM.wake_step))(h)
+
+  by_mask = step(generate._attention_mask(lay, 0, p), None)
+  by_length = step(None, jnp.full((2,), 6, jnp.int32))
+  assert rel_err(by_length[0], by_mask[0]) < 1e-6
+  assert rel_err(step(None, jnp.full((2,), 5, jnp.int32))[0], by_mask[0]) > 1e-4
+
+
 def test_greedy_generation_is_its_own_teacher_forcing(params, tokens):
   cfg = small_config(passes=2, eviction="sliding")
   stream = Stream(cfg, params, 2)
@@ -189,17 +212,19 @@ def test_cli_generates_from_a_workdir(workdir):
   lines = []
   kwargs = dict(max_new_tokens=9, seed_index=1, num_streams=2)
   out = generate.generate_from_workdir(path, "0110101Q", temperature=1.0, top_k=2, seed=3,
-                                       log=lines.append, **kwargs)
+                                       log=lines.append, **kwargs)   # 8 tokens: "0,1,1,...,2"
   assert np.asarray(out["tokens"]).shape == (2, 9) and out["sleep_events"] == 2
   assert any(line.startswith("stream 1: ") and len(line) == len("stream 1: ") + 9
              for line in lines)
   assert any("decode: 9 tokens" in line for line in lines)
-  # The model of seed index 1 is the one used: greedy tokens match a stream built from it.
-  greedy = generate.generate_from_workdir(path, "0,1,1,0,1,0,1,2", log=lambda _: None, **kwargs)
+  # The model of seed index 1 is the one used, and the seed reproduces the samples: a stream
+  # built from that model's parameters draws the same tokens.
   stream = Stream(generate.load_run(path).model, params_1, 2)
   prompt = np.tile(np.array([0, 1, 1, 0, 1, 0, 1, 2], np.int32), (2, 1))
-  want = stream.generate(9, stream.feed(prompt, last_only=True))
-  np.testing.assert_array_equal(greedy["tokens"], np.asarray(want))
+  want = stream.generate(9, stream.feed(prompt, last_only=True), temperature=1.0, top_k=2,
+                         seed=3)
+  np.testing.assert_array_equal(out["tokens"], np.asarray(want))
+  assert len({tuple(row) for row in out["tokens"]}) == 2      # the two streams sample apart
 
 
 def test_cli_user_errors_exit_2(workdir, capsys):
