@@ -210,9 +210,9 @@ def workdir(tmp_path_factory):
 def test_cli_generates_from_a_workdir(workdir):
   path, params_1 = workdir
   lines = []
-  kwargs = dict(max_new_tokens=9, seed_index=1, num_streams=2)
-  out = generate.generate_from_workdir(path, "0110101Q", temperature=1.0, top_k=2, seed=3,
-                                       log=lines.append, **kwargs)   # 8 tokens: "0,1,1,...,2"
+  out = generate.generate_from_workdir(path, "0110101Q", max_new_tokens=9, seed_index=1,
+                                       num_streams=2, temperature=1.0, top_k=2, seed=3,
+                                       log=lines.append)
   assert np.asarray(out["tokens"]).shape == (2, 9) and out["sleep_events"] == 2
   assert any(line.startswith("stream 1: ") and len(line) == len("stream 1: ") + 9
              for line in lines)
