@@ -32,6 +32,18 @@ def dense(features: int, axes: tuple[str, str], dtype: Any, name: str) -> nn.Den
                   kernel_init=P(nn.initializers.lecun_normal(), axes))
 
 
+def _params(module: nn.Module) -> dict:
+  """The (unboxed) parameters of a bound module, for its methods that are not @compact."""
+  return nn.meta.unbox(module.variables["params"])
+
+
+def _dense_forward(params: dict, x: Array, dtype: Any) -> Array:
+  """A `dense` layer's forward on its parameter dict, callable outside @compact methods (the
+  same nn.Dense as `dense`, detached from any parent module)."""
+  return nn.Dense(params["kernel"].shape[-1], use_bias=False, dtype=dtype, param_dtype=f32,
+                  parent=None).apply({"params": params}, x)
+
+
 class RMSNorm(nn.Module):
   """RMS normalisation over the last axis, computed in float32, with a learned gain."""
   dtype: Any = f32
@@ -120,6 +132,35 @@ class Attention(nn.Module):
     out = dense(cfg.d_model, ("heads", "embed"), dt, "out")(o.reshape(b, t, h * d))
     return out, (k, v)
 
+  def step(self, x: Array, positions: Array, cache: tuple[Array, Array], slot: Array, *,
+           mask: Array | None = None, kv_lengths: Array | None = None
+           ) -> tuple[Array, tuple[Array, Array]]:
+    """Decode: T new tokens x [B,T,D] at absolute `positions` [T] against a fixed-size cache.
+
+    Writes their (RoPE'd) keys/values into slots [slot, slot+T) of `cache` (keys, values
+    [B,C,H,K], C fixed: its shape never depends on the context length) and attends to the
+    whole cache under `mask` [1,1,T,C] (which slots each query sees, by key position) or, for
+    one query over a cache filled from slot 0, `kv_lengths` [B] (the cuDNN path). Same
+    parameters and math as `__call__`; returns the output and the updated cache.
+    """
+    cfg = self.config
+    p = _params(self)
+    b, t, _ = x.shape
+    h, d = cfg.num_attn_heads, cfg.attn_head_dim
+    dt = cfg.activation_dtype
+    proj = lambda name: _dense_forward(p[name], x, dt).reshape(b, t, h, d)
+    q = apply_rope(proj("q"), positions, cfg.rope_base)
+    k = apply_rope(proj("k"), positions, cfg.rope_base)
+    v = proj("v")
+    at = (0, slot, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+    values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+    o = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask,
+                                     key_value_seq_lengths=kv_lengths,
+                                     implementation=cfg.attention_implementation)
+    out = _dense_forward(p["out"], o.reshape(b, t, h * d), dt)
+    return out, (keys, values)
+
 
 def _inverse_softplus(x: Array) -> Array:
   return x + jnp.log(-jnp.expm1(-x))
@@ -174,3 +215,44 @@ class GatedDeltaNet(nn.Module):
     o = RMSNorm(dt, axis_name="head_dim", name="out_norm")(o) * nn.silu(gate)
     out = dense(cfg.d_model, ("heads", "embed"), dt, "out_proj")(o.reshape(b, t, h * d))
     return out, state
+
+  def step(self, x: Array, state: Array, conv_state: tuple[Array, ...], segment_pos: Array
+           ) -> tuple[Array, Array, tuple[Array, ...]]:
+    """Decode: T new tokens x [B,T,D] of the current window (no padding), one recurrent step
+    per token for T = 1.
+
+    `segment_pos` [T]: the tokens' positions inside their window. `conv_state`: for q, k and
+    v, the projected inputs [B,kernel-1,H*K] of the window's previous kernel-1 tokens (slots
+    before the window's start are never read: the conv masks them by segment position, as it
+    restarts every window in `__call__`). Same parameters and math as `__call__`; returns the
+    output, the new state S and the new conv state.
+    """
+    cfg = self.config
+    p = _params(self)
+    b, t, _ = x.shape
+    h, d = cfg.num_gdn_heads, cfg.gdn_head_dim
+    dt = cfg.activation_dtype
+    history = cfg.conv_kernel - 1
+    seg = jnp.concatenate([segment_pos[0] - history + jnp.arange(history), segment_pos])
+
+    def conv_branch(name, past):
+      y = _dense_forward(p[f"{name}_proj"], x, dt)
+      y = jnp.concatenate([past.astype(dt), y], axis=1)                  # [B,kernel-1+T,H*K]
+      out = CausalDepthwiseConv(cfg.conv_kernel, dt, parent=None).apply(
+          {"params": p[f"{name}_conv"]}, y, seg)[:, history:]
+      return nn.silu(out).reshape(b, t, h, d), y[:, t:]
+
+    (q, q_past), (k, k_past), (v, v_past) = (
+        conv_branch(name, past) for name, past in zip("qkv", conv_state, strict=True))
+    a = _dense_forward(p["a_proj"], x, dt).astype(f32)
+    beta = jax.nn.sigmoid(_dense_forward(p["b_proj"], x, dt).astype(f32))
+    g = -jnp.exp(p["A_log"]) * jax.nn.softplus(a + p["dt_bias"])
+    chunk = next(c for c in (16, 32, 64) if c >= min(t, cfg.chunk_size))
+    impl = "recurrent" if t == 1 else cfg.kernel_implementation
+    o, state = kernels.RULES[cfg.rule](
+        q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, chunk_size=chunk,
+        implementation=impl)
+    gate = _dense_forward(p["gate_proj"], x, dt).reshape(b, t, h, d)
+    o = RMSNorm(dt, axis_name="head_dim", parent=None).apply({"params": p["out_norm"]}, o)
+    out = _dense_forward(p["out_proj"], (o * nn.silu(gate)).reshape(b, t, h * d), dt)
+    return out, state, (q_past, k_past, v_past)

@@ -36,6 +36,23 @@ class PassContext(NamedTuple):
   prefix: tuple[tuple[Array, Array], ...] | None = None
 
 
+class StepContext(NamedTuple):
+  """Where the T new tokens of a wake step sit (`HybridLM.wake_step`).
+
+  positions: [T] absolute token positions (RoPE).
+  segment_pos: [T] positions inside the current window (the GDN conv restarts at 0).
+  slot: [] int, the cache slot of the first new token.
+  mask: [1, 1, T, C] bool, which cache slots each query attends to (by key position), or None
+    when kv_lengths is given.
+  kv_lengths: [B] int32, attend to cache slots [0, kv_lengths) (one query per stream), or None.
+  """
+  positions: Array
+  segment_pos: Array
+  slot: Array
+  mask: Array | None
+  kv_lengths: Array | None = None
+
+
 def zero_states(config: ModelConfig, batch: int) -> tuple[Array, ...]:
   """Fresh fast-weight states, one float32 [B,H,K,V] per GDN layer."""
   h, d = config.num_gdn_heads, config.gdn_head_dim
@@ -93,6 +110,33 @@ class HybridLM(nn.Module):
       h = h + y.astype(h.dtype)
       h = h + mlp(mlp_norm(h)).astype(h.dtype)
     return h, tuple(new_states), tuple(kvs)
+
+  def wake_step(self, h: Array, states: tuple[Array, ...], conv_states: tuple, caches: tuple,
+                ctx: StepContext) -> tuple[Array, tuple[Array, ...], tuple, tuple]:
+    """The wake pass over T new tokens h [B,T,D] of the current window (T = 1: one decode
+    step), against fixed-size caches (`sleep_lm.generate`).
+
+    conv_states: per GDN layer, the (q, k, v) conv histories of `GatedDeltaNet.step`; caches:
+    per attention layer, (keys, values) [B,C,H,K]. Returns the new h and the updated states,
+    conv histories and caches. Computes what `run_pass` computes for these tokens when it is
+    given the window so far (tested in tests/test_generate.py).
+    """
+    new_states, new_convs, new_caches = [], [], []
+    state_iter, conv_iter, cache_iter = iter(states), iter(conv_states), iter(caches)
+    for kind, mixer, mixer_norm, mlp, mlp_norm in zip(
+        self.config.layers, self.mixers, self.mixer_norms, self.mlps, self.mlp_norms, strict=True):
+      x = mixer_norm(h)
+      if kind == "attn":
+        y, cache = mixer.step(x, ctx.positions, next(cache_iter), ctx.slot, mask=ctx.mask,
+                              kv_lengths=ctx.kv_lengths)
+        new_caches.append(cache)
+      else:
+        y, state, conv = mixer.step(x, next(state_iter), next(conv_iter), ctx.segment_pos)
+        new_states.append(state)
+        new_convs.append(conv)
+      h = h + y.astype(h.dtype)
+      h = h + mlp(mlp_norm(h)).astype(h.dtype)
+    return h, tuple(new_states), tuple(new_convs), tuple(new_caches)
 
   def logits(self, h: Array) -> Array:
     """[B,T,D] -> [B,T,vocab] float32 logits."""

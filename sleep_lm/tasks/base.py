@@ -2,6 +2,7 @@
 
 A task is a frozen dataclass (its fields are `config.task` minus `name`) that gives:
   - `vocab_size`, `seq_len`: the token space and the (fixed) example length;
+  - `token_chars` (optional): one character per token, for reading and printing text;
   - `train_examples(data_seed, indices)`: training examples, a pure function of its arguments;
   - `eval_set_names()`, `eval_examples(name, indices)`: the held-out sets (a disjoint stream),
     written once as TFDS array_record files by `sleep_lm.tasks.eval_sets`;
@@ -47,6 +48,9 @@ class Task(abc.ABC):
   name: ClassVar[str]
   vocab_size: ClassVar[int]
   seq_len: ClassVar[int]
+  # One character per token id (token i is token_chars[i]) for tasks whose tokens read as
+  # text; `sleep_lm.generate` reads and prints prompts through it. None: ids only.
+  token_chars: ClassVar[str | None] = None
 
   @abc.abstractmethod
   def train_examples(self, data_seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:

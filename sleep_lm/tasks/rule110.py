@@ -168,6 +168,7 @@ class Rule110(Task):
   name = "rule110"
   vocab_size = VOCAB_SIZE
   seq_len = SEQ_LEN
+  token_chars = "01Q"      # ZERO, ONE, QUERY
 
   t: int = 8
   seed: int = 0
