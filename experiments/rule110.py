@@ -2,17 +2,23 @@ r"""Rule 110 (paper Task 1, Fig. 2): does sleeping (N > 1) recover accuracy as t
 
 `get_config(arg)`: arg is a comma-separated list of presets and key=value overrides.
   presets:   paper (default: 4 layers attn/gdn/attn/gdn, width 256, L = 24, batch 512),
-             smoke (CPU, about 2 minutes: the README's main job)
-  overrides: N (passes), t (automaton steps), L (window), steps, batch, seed, eviction, dtype
+             smoke (CPU, about 2 minutes: the README's main job),
+             attn_only (baseline: 4 attention layers; with eviction=none the full-cache one),
+             deep (baseline: 16 layers, 4x the paper's, for a depth-matched N = 1)
+  overrides: N (passes), t (automaton steps), L (window), steps, batch, seed, seeds, eviction,
+             dtype
 Any field can also be overridden on the command line: --config.model.d_model=128.
 
 Launch (single run):
   python -m sleep_lm.train --config experiments/rule110.py:smoke --workdir /tmp/rule110_smoke
   python -m sleep_lm.train --config experiments/rule110.py:N=4,t=8 --workdir runs/rule110_N4_t8
   python -m sleep_lm.evaluate --workdir runs/rule110_N4_t8
-Sweeps (Fig. 2a: N = 1 over t; Fig. 2b: N = 1, 2, 4 at one hard t), several runs per GPU:
+Sweeps (3 seeds per run, vmapped; one run per GPU with --gpus):
   python -m experiments.sweep --config experiments/rule110.py --sweep fig2a --root runs/fig2a
-  python -m experiments.sweep --config experiments/rule110.py --sweep fig2b --root runs/fig2b
+  python -m experiments.sweep --config experiments/rule110.py --sweep fig2b_t12 \
+      --root runs/fig2b_t12 --gpus 0,1,2,3
+  python -m experiments.plot_rule110 fig2a --root runs/fig2a --out fig2a.png
+  python -m experiments.plot_rule110 fig2b --root runs/fig2b_t12 --out fig2b_t12.png
 """
 
 import ml_collections
@@ -20,12 +26,24 @@ import ml_collections
 # The paper's Fig. 2a budget: <= 40M tokens = 750 steps of 512 x 104 tokens.
 PAPER_STEPS = 750
 
+_GPU = "seeds=3,dtype=bfloat16"
+# Fig. 2b runs: equal tokens per run (FIG2B_STEPS x 512 x 104 = 133M per seed), and two N = 1
+# baselines matched to N = 4's cost: by training FLOPs (3.4x the steps) and by depth (4x layers).
+FIG2B_STEPS = 2500
+
+
+def _fig2b(t: int) -> list[str]:
+  base = f"t={t},{_GPU},steps={FIG2B_STEPS}"
+  return ([f"N=1,t={t},{_GPU},steps={int(FIG2B_STEPS * 3.4)}"]        # FLOPs-matched N = 1
+          + [f"N={n},{base}" for n in (4, 3, 1, 2)]
+          + [f"attn_only,{base}", f"attn_only,eviction=none,{base}", f"deep,N=1,{base}"])
+
+
 SWEEPS = {
-    "fig2a": [f"N=1,t={t}" for t in (4, 8, 10, 12, 14, 16)],
-    # Fig. 2a plus N = 2, 4 at t = 12: one GPU call gives both the t-curve and a first N-curve.
-    "fig2a_plus": [f"N=1,t={t}" for t in (4, 8, 10, 12, 14, 16)] + ["N=2,t=12", "N=4,t=12"],
-    "fig2b": [f"N={n},t=12" for n in (1, 2, 4)],
-    "fig2b_t32": [f"N={n},t=32" for n in (1, 2, 3, 4)],
+    "fig2a": [f"N=1,t={t},{_GPU}" for t in (4, 8, 10, 12, 14, 16)],
+    "fig2b_t12": _fig2b(12),
+    "fig2b_t16": _fig2b(16),
+    "fig2b_t32": _fig2b(32),
     "smoke": ["smoke,N=1", "smoke,N=2"],
 }
 
@@ -33,7 +51,7 @@ _SHORTCUTS = {"N": ("model", "passes"), "L": ("model", "window"), "t": ("task", 
               "steps": ("steps",), "batch": ("batch_size",), "seed": ("seed",),
               "seeds": ("seeds",),
               "eviction": ("model", "eviction"), "dtype": ("model", "dtype")}
-_PRESETS = ("paper", "smoke")
+_PRESETS = ("paper", "smoke", "attn_only", "deep")
 
 
 def _parse(arg):
@@ -63,7 +81,7 @@ def get_config(arg=None):
       d_model=256, layers=("attn", "gdn", "attn", "gdn"), attn_head_dim=64, gdn_head_dim=64,
       mlp_dim=1024, conv_kernel=4, rule="gdn", window=24, passes=1, eviction="hard",
       remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
-      attention_implementation=None, unroll=False)
+      attention_implementation=None, unroll=True)
   # Optional strings need a typed placeholder so that --config.model.X=... can set them.
   c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
   c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
@@ -76,15 +94,19 @@ def get_config(arg=None):
   c.eval_every = 250
   c.eval_size = 4096
   c.eval_batch_size = 1024
-  c.checkpoint_every = 250
+  c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.data_dir = ""                 # TFDS eval sets; "" means <workdir>/eval_data
   c.mesh = dict(data=-1, model=1)
   c.skip_nonfinite = False        # True: skip steps with a non-finite loss instead of stopping
   c.tensorboard = True            # event files in <workdir>/tensorboard/seed_<s>
 
+  if "attn_only" in presets:
+    c.model.layers = ("attn",) * 4
+  if "deep" in presets:
+    c.model.layers = ("attn", "gdn") * 8
   if "smoke" in presets:
-    c.model.update(d_model=64, attn_head_dim=32, gdn_head_dim=32, mlp_dim=128)
+    c.model.update(d_model=64, attn_head_dim=32, gdn_head_dim=32, mlp_dim=128, unroll=False)
     c.task.t = 0
     c.batch_size = 32
     c.steps = 120
