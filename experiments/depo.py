@@ -3,6 +3,7 @@ queries about a graph it saw only before eviction?
 
 `get_config(arg)`: arg is a comma-separated list of presets and key=value overrides.
   presets:   paper (default: 10 layers alternating attn/gdn, width 512, L = 75, batch 128),
+             small (4 layers at width 256: the Rule 110 model, about 10x cheaper per step),
              smoke (CPU, a few minutes)
   overrides: N (passes), steps, batch, seed, seeds, dtype, nodes (fixed training node count)
 Any field can also be overridden on the command line: --config.model.d_model=256.
@@ -27,13 +28,15 @@ from sleep_lm.tasks import depo
 
 SWEEPS = {
     "fig3": [f"N={n},seeds=3,dtype=bfloat16" for n in (1, 2, 4)],
+    # What one GPU-call allows (docs/results.md): the small model, 2,000 steps, N = 4 first.
+    "fig3_small": [f"small,N={n},seeds=3,dtype=bfloat16,steps=2000" for n in (4, 1, 2)],
     "smoke": ["smoke,N=1", "smoke,N=2"],
 }
 
 _SHORTCUTS = {"N": ("model", "passes"), "steps": ("steps",), "batch": ("batch_size",),
               "seed": ("seed",), "seeds": ("seeds",), "dtype": ("model", "dtype"),
               "nodes": ("task", "train_num_nodes")}
-_PRESETS = ("paper", "smoke")
+_PRESETS = ("paper", "small", "smoke")
 
 
 def _parse(arg):
@@ -64,7 +67,7 @@ def get_config(arg=None):
       d_model=512, layers=("attn", "gdn") * 5, attn_head_dim=64, gdn_head_dim=64,
       mlp_dim=2048, conv_kernel=4, rule="gdn", window=depo.WINDOW, passes=1, eviction="hard",
       remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
-      attention_implementation=None, unroll=False)
+      attention_implementation=None, unroll=True)
   c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
   c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
   c.optimizer = dict(muon_lr=2e-3, adamw_lr=5e-5, warmup_steps=200, decay_fraction=0.2,
@@ -83,9 +86,14 @@ def get_config(arg=None):
   c.skip_nonfinite = False
   c.tensorboard = True
 
+  if "small" in presets:
+    c.model.update(d_model=256, layers=("attn", "gdn") * 2, mlp_dim=1024)
+    c.optimizer.warmup_steps = 100
+    c.eval_every = 250
+    c.eval_size = 512
   if "smoke" in presets:
     c.model.update(d_model=64, layers=("attn", "gdn"), attn_head_dim=32, gdn_head_dim=32,
-                   mlp_dim=128)
+                   mlp_dim=128, unroll=False)
     c.batch_size = 16
     c.steps = 60
     c.log_every = 10

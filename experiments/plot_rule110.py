@@ -54,7 +54,8 @@ def load_runs(roots: list[Path]) -> list[dict]:
       if not evals:
         continue
       run = RunConfig.from_config(config)
-      runs.append({"name": directory.name, "label": describe(config.to_dict()),
+      label = describe(config.to_dict()) + f", {run.steps} steps"
+      runs.append({"name": directory.name, "label": label,
                    "N": run.model.passes, "t": run.task.t,
                    "tokens_per_step": run.batch_size * run.task.seq_len,
                    "flops_per_step": model_flops_per_step(run), "evals": evals})
