@@ -523,20 +523,21 @@ def generate_from_workdir(path: str | Path, prompt: str, *, max_new_tokens: int,
 
 def main(argv):
   from absl import flags, logging
-
-  from sleep_lm.train import user_errors_exit
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)   # orbax warns about read-only checkpoint options
   f = flags.FLAGS
-  return user_errors_exit(lambda: generate_from_workdir(
+  generate_from_workdir(
       f.workdir, f.prompt, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
       top_k=f.top_k, seed=f.seed, seed_index=f.seed_index, num_streams=f.num_streams,
-      step=f.step), f.debug)
+      step=f.step)
+  return 0
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+
+  from sleep_lm import cli
 
   flags.DEFINE_string("workdir", None, "A sleep_lm.train workdir.")
   flags.DEFINE_string("prompt", None, "Comma-separated token ids, or the task's token "
@@ -548,6 +549,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seed_index", 0, "Which of the workdir's models (seed axis) to use.")
   flags.DEFINE_integer("num_streams", 1, "Independent streams of the same prompt (a batch).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
-  flags.DEFINE_bool("debug", False, "Show tracebacks of user errors too.")
+  cli.define_debug_flag()
   flags.mark_flags_as_required(["workdir", "prompt"])
-  app.run(main)
+  cli.run(main)

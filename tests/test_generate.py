@@ -26,7 +26,7 @@ from sleep_lm.config import ModelConfig
 from sleep_lm.generate import Stream, sample
 from sleep_lm.model import HybridLM, StepContext, init_params
 from sleep_lm.sleep import parallel_forward, sleep_forward
-from sleep_lm.train import user_errors_exit
+from sleep_lm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 6            # window
@@ -227,18 +227,16 @@ def test_cli_generates_from_a_workdir(workdir):
   assert len({tuple(row) for row in out["tokens"]}) == 2      # the two streams sample apart
 
 
-def test_cli_user_errors_exit_2(workdir, capsys):
+def test_user_errors_are_one_line(workdir):
+  """What the CLI prints as `error: ...` with status 2 (sleep_lm.cli): one line each."""
   path, _ = workdir
   for kwargs in (dict(prompt="01x"), dict(prompt="01", seed_index=2), dict(prompt="01", step=7)):
     prompt = kwargs.pop("prompt")
-    code = user_errors_exit(lambda p=prompt, k=kwargs: generate.generate_from_workdir(
-        path, p, max_new_tokens=2, log=lambda _: None, **k), debug=False)
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-  code = user_errors_exit(lambda: generate.generate_from_workdir(
-      path.parent / "nowhere", "01", max_new_tokens=2), debug=False)
-  assert code == 2 and "config.json" in capsys.readouterr().err
+    with pytest.raises(UserError) as e:
+      generate.generate_from_workdir(path, prompt, max_new_tokens=2, log=lambda _: None, **kwargs)
+    assert "\n" not in str(e.value), str(e.value)
+  with pytest.raises(UserError, match="config.json"):
+    generate.generate_from_workdir(path.parent / "nowhere", "01", max_new_tokens=2)
 
 
 @pytest.mark.slow
