@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -14,7 +16,8 @@ def test_cpu_trace_has_no_device_rows(tmp_path):
   x = jnp.ones((64, 64))
   table = profiling.device_time_table(lambda: f(x), calls=2, log_dir=str(tmp_path))
   assert list(tmp_path.rglob("*.xplane.pb")), "the trace was not written"
-  assert table == {"total_ms_per_call": 0.0, "rows": []}
+  assert table == {"total_ms_per_call": 0.0, "rows": [], "groups": {
+      "copies": {"ms_per_call": 0.0, "count_per_call": 0.0, "share": 0.0}}}
   assert "no device events" in profiling.format_table(table)
 
 
@@ -32,3 +35,10 @@ def test_format_table_rows():
   text = profiling.format_table(table, width=20)
   assert "2.000 ms" in text and "kernel_a" in text and "75.0%" in text
   assert "x" * 17 + "..." in text and "x" * 21 not in text
+
+
+def test_copy_group_sums_the_copy_kernels():
+  assert all(re.search(profiling.COPY_KERNELS, n) for n in (
+      "memcpy128", "MemcpyD2D", "copy.12", "loop_copy_fusion", "input_transpose_fusion_3"))
+  assert not any(re.search(profiling.COPY_KERNELS, n) for n in (
+      "gemm_fusion_dot_1", "_intra_fwd_kernel", "loop_add_fusion"))

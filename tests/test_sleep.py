@@ -270,7 +270,7 @@ def test_sliding_with_one_token_window_retains_nothing():
 def test_static_schedule_equals_traced(params, eviction, unroll):
   """The schedule known before tracing (no cond) computes the traced one's values and grads."""
   from sleep_lm.sleep import static_schedule
-  cfg = small_config(passes=3, eviction=eviction, unroll=unroll)
+  cfg = small_config(passes=2, eviction=eviction, unroll=unroll)
   tokens, mask = tokens_and_mask(11)
   schedule = static_schedule(cfg, mask)
   assert schedule == (True, True, True, False)
