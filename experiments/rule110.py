@@ -2,7 +2,8 @@ r"""Rule 110 (paper Task 1, Fig. 2): does sleeping (N > 1) recover accuracy as t
 
 `get_config(arg)`: arg is a comma-separated list of presets and key=value overrides.
   presets:   paper (default: 4 layers attn/gdn/attn/gdn, width 256, L = 24, batch 512),
-             smoke (CPU, about 2 minutes: the README's main job)
+             smoke (CPU, about 2 minutes: the README's main job),
+             large (d = 1024, 16 layers, ~280M parameters, bf16: the scaling benchmark's model)
   overrides: N (passes), t (automaton steps), L (window), steps, batch, seed, eviction, dtype
 Any field can also be overridden on the command line: --config.model.d_model=128.
 
@@ -33,7 +34,7 @@ _SHORTCUTS = {"N": ("model", "passes"), "L": ("model", "window"), "t": ("task", 
               "steps": ("steps",), "batch": ("batch_size",), "seed": ("seed",),
               "seeds": ("seeds",),
               "eviction": ("model", "eviction"), "dtype": ("model", "dtype")}
-_PRESETS = ("paper", "smoke")
+_PRESETS = ("paper", "smoke", "large")
 
 
 def _parse(arg):
@@ -79,9 +80,29 @@ def get_config(arg=None):
   c.checkpoint_every = 250
   c.keep_checkpoints = 2
   c.data_dir = ""                 # TFDS eval sets; "" means <workdir>/eval_data
-  c.mesh = dict(data=-1, model=1)
+  # Devices: data x fsdp x tensor = all devices; -1 takes the rest (sleep_lm/sharding.py).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Logical axis (sleep_lm/layers.py) -> mesh axis, a tuple of them, or None (replicated).
+  c.sharding_rules = (
+      ("batch", ("data", "fsdp")),       # examples: split over both data-parallel axes
+      ("activation_length", None),
+      ("activation_embed", None),
+      ("vocab", None),
+      ("embed", "fsdp"),                 # weights' d_model: FSDP (ZeRO-3)
+      ("mlp", "tensor"),                 # tensor parallel: MLP width and heads
+      ("heads", "tensor"),
+      ("head_dim", None),
+      ("gdn_heads", "tensor"),
+      ("conv", None),
+  )
   c.skip_nonfinite = False        # True: skip steps with a non-finite loss instead of stopping
   c.tensorboard = True            # event files in <workdir>/tensorboard/seed_<s>
+
+  if "large" in presets:
+    # The scaling benchmark's model (docs/scaling.md): d = 1024, 16 layers, ~280M parameters.
+    c.model.update(d_model=1024, layers=("attn", "gdn") * 8, attn_head_dim=128,
+                   gdn_head_dim=128, mlp_dim=4096, dtype="bfloat16")
+    c.batch_size = 64
 
   if "smoke" in presets:
     c.model.update(d_model=64, attn_head_dim=32, gdn_head_dim=32, mlp_dim=128)

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-from sleep_lm import evaluation, trainer, workdir
+from sleep_lm import evaluation, run_config, trainer, workdir
 from sleep_lm.checkpointing import Checkpointer
 from sleep_lm.errors import UserError
 from sleep_lm.run_config import RunConfig
@@ -37,7 +37,7 @@ def evaluate_workdir(path: str | Path, *, step: int | None = None,
                      task_overrides: dict | None = None) -> dict:
   """Restores the run in `path` (newest readable step, or `step`) and evaluates every seed."""
   path = Path(path)
-  config = workdir.load_config(path)
+  config = run_config.upgrade_legacy(workdir.load_config(path))
   if task_overrides:
     config.task.update(task_overrides)
   run = RunConfig.checked(config)
@@ -60,7 +60,7 @@ def evaluate_workdir(path: str | Path, *, step: int | None = None,
   sets = evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
   results = evaluation.evaluate(run.model, state.params, mesh, sets,
                                 batch_size=run.eval_batch_size,
-                                schedule=trainer.task_schedule(run))
+                                schedule=trainer.task_schedule(run), rules=run.sharding_rules)
   out = {"step": int(meta["step"]), "seeds": list(run.model_seeds), "task": run.task.fields(),
          "sets": results}
   suffix = "".join(f"_{k}{v}" for k, v in sorted((task_overrides or {}).items()))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from sleep_lm.config import ModelConfig
 from sleep_lm.layers import Attention, GatedDeltaNet, P, RMSNorm, SwiGLU, dense
+from sleep_lm.sharding import ACTIVATION
 
 Array = jax.Array
 
@@ -78,6 +79,7 @@ class HybridLM(nn.Module):
     keys/values of this pass (what the sliding variant retains).
     """
     new_states, kvs = [], []
+    h = nn.with_logical_constraint(h, ACTIVATION)     # block boundaries: see sleep_lm.sharding
     state_iter = iter(states)
     prefix_iter = iter(ctx.prefix) if ctx.prefix is not None else None
     for kind, mixer, mixer_norm, mlp, mlp_norm in zip(
@@ -92,6 +94,7 @@ class HybridLM(nn.Module):
         new_states.append(state)
       h = h + y.astype(h.dtype)
       h = h + mlp(mlp_norm(h)).astype(h.dtype)
+      h = nn.with_logical_constraint(h, ACTIVATION)
     return h, tuple(new_states), tuple(kvs)
 
   def logits(self, h: Array) -> Array:

@@ -38,11 +38,14 @@ def write_atomic(path: Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def claim(workdir: Path, config: ml_collections.ConfigDict, *, write: bool = True) -> None:
   """Writes config.json, or refuses a workdir that holds a different config.
 
   Call it only once the config has been validated against the machine (mesh, batch sizes): a
-  failed launch must not leave a config behind that blocks the corrected command.
+  failed launch must not leave a config behind that blocks the corrected command. Multi-host:
+  every process checks a config.json that exists (so all refuse alike), only the one with
+  `write` (process 0) writes it (atomically: another process reads the old state or the whole
+  file).
   """
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir} exists and is not a directory")
@@ -60,7 +63,7 @@ def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
               for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
       raise UserError(f"workdir {workdir} holds a run with a different config; use a new "
                       f"--workdir or the same config. Differences:\n  " + "\n  ".join(diff))
-  else:
+  elif write:
     try:
       write_atomic(path, json.dumps(wanted, indent=2, sort_keys=True))
     except OSError as e:
