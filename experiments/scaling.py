@@ -20,11 +20,12 @@ the devices (the input pipeline is not timed), and reports the median ms/step wi
 80th percentiles.
 
 Efficiency of a row = its tokens/s / (devices x tokens/s of the first 1-device row of the same
-invocation): weak scaling (--per_device_batch: the global batch grows with the data-parallel
-degree) measures the cost of communication; strong scaling (--global_batch) also the loss of
-per-device work. Memory: the step's own peak per device from XLA's compiled memory analysis
-(arguments + outputs + temporaries - aliased donations) and the allocator's peak bytes in use
-(`device.memory_stats()`, GPUs and TPUs only), the largest over the mesh's devices.
+invocation, or of --baseline's, measured earlier on the same machine). Weak scaling
+(--per_device_batch: the global batch grows with the data-parallel degree) measures the cost of
+communication; strong scaling (--global_batch) also the loss of per-device work. Memory: the
+step's own peak per device from XLA's compiled memory analysis (arguments + outputs +
+temporaries - aliased donations) and the allocator's peak bytes in use (`device.memory_stats()`,
+GPUs and TPUs only), the largest over the mesh's devices.
 
 Prints one JSON line per row and a table last; --json writes every row after each child (a
 timeout keeps what was measured).
@@ -171,6 +172,9 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--timeout", type=int, default=900, help="seconds per child")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--baseline", default=None,
+                      help="a --json of an earlier invocation on the same machine whose 1-device "
+                           "row is the baseline (when this one has no data=1 row)")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.global_batch is None and args.per_device_batch is None:
@@ -181,6 +185,18 @@ def main(argv=None):
     return
 
   rows = []
+  base = None
+  if args.baseline:
+    earlier = json.loads(Path(args.baseline).read_text())
+    same = {k: earlier.get(k) for k in ("config", "per_device_batch", "global_batch")}
+    wanted = {"config": args.config, "per_device_batch": args.per_device_batch,
+              "global_batch": args.global_batch}
+    if same != wanted:
+      raise SystemExit(f"--baseline {args.baseline} measured {same}, not {wanted}")
+    base = next((r for r in earlier["rows"] if r.get("devices") == 1 and "tokens_per_s" in r),
+                None)
+    if base is None:
+      raise SystemExit(f"--baseline {args.baseline}: no measured 1-device row")
   meshes = args.meshes.split()
   for spec in meshes:
     parse_mesh(spec)                             # fail before any child starts
@@ -200,11 +216,15 @@ def main(argv=None):
               "error": f"exit {out.returncode}: " + (out.stderr or out.stdout)[-1500:]})
     except subprocess.TimeoutExpired:
       row = {"mesh": spec, "devices": n, "error": f"timed out after {args.timeout} s"}
-    base = next((r for r in rows if r.get("devices") == 1 and "tokens_per_s" in r), None)
     if base is None and row.get("devices") == 1 and "tokens_per_s" in row:
       base = row
     if "tokens_per_s" in row and base is not None:
-      row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["tokens_per_s"])
+      if base.get("device_kind") != row.get("device_kind"):
+        row["efficiency_error"] = (f"baseline on {base.get('device_kind')}, this row on "
+                                   f"{row.get('device_kind')}: not compared")
+      else:
+        row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["tokens_per_s"])
+        row["baseline"] = "this invocation" if base in rows or base is row else args.baseline
     rows.append(row)
     print(json.dumps(row), flush=True)
     if args.json:
