@@ -68,8 +68,13 @@ class HybridLM(nn.Module):
 
   def embed(self, tokens: Array) -> Array:
     """[B,T] int -> [B,T,D] float32: the residual stream stays float32 (mixed precision); each
-    layer's norm casts its input to the compute dtype and its bf16 output is added back in f32."""
-    return self.embedding(tokens)
+    layer's norm casts its input to the compute dtype and its bf16 output is added back in f32.
+
+    Sharded: the table's d_model may be split (FSDP); it is gathered before the lookup (as FSDP
+    gathers every weight), so that the rows come out split like the batch rather than along
+    d_model, which XLA would have to reshard (it replicated them)."""
+    table = nn.with_logical_constraint(self.embedding.embedding, ("vocab", None))
+    return nn.with_logical_constraint(jnp.take(table, tokens, axis=0), ACTIVATION)
 
   def run_pass(self, h: Array, states: tuple[Array, ...], ctx: PassContext
                ) -> tuple[Array, tuple[Array, ...], tuple[tuple[Array, Array], ...]]:
