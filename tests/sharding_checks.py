@@ -98,15 +98,17 @@ class Layout:
       self.state, metrics = self.compiled(self.state, batch)
     return jax.device_get(metrics)
 
-  def gathered_shapes(self) -> list[tuple[int, ...]]:
-    """Result shapes of every all-gather in the compiled step."""
-    shapes = []
+  def collective_shapes(self, ops=("all-gather", "all-to-all", "collective-permute",
+                                    "reduce-scatter")) -> list[tuple[str, tuple[int, ...]]]:
+    """(op, result shape) of every collective of these kinds in the compiled step."""
+    found = []
+    pattern = rf"\s*(?:ROOT )?%\S+ = (.*?) ({'|'.join(ops)})(?:-start)?\("
     for line in self.compiled.as_text().splitlines():
-      head = re.match(r"\s*(?:ROOT )?%\S+ = (.*?) all-gather(?:-start)?\(", line)
+      head = re.match(pattern, line)
       if head:
-        shapes += [tuple(int(x) for x in dims.split(",") if x)
-                   for dims in re.findall(r"\[([\d,]*)\]", head.group(1))]
-    return shapes
+        found += [(head.group(2), tuple(int(x) for x in dims.split(",") if x))
+                  for dims in re.findall(r"\[([\d,]*)\]", head.group(1))]
+    return found
 
 
 def max_rel_diff(a, b) -> float:
@@ -185,11 +187,13 @@ def check_steps_and_restore(layouts=("data4_tensor2", "data2_fsdp4")) -> None:
       np.testing.assert_allclose(m["loss"], r["loss"], rtol=2e-5, err_msg=name)
     diff = max_rel_diff(ref_params, jax.device_get(lay.state.params))
     assert diff < 2e-4, f"{name}: parameters after 2 steps differ from one device's by {diff}"
-    # Whole step: what is all-gathered are weights (FSDP, Muon's whole-matrix products), never
-    # an activation or an operand of the op: those all have a window-length (24) dimension, or
-    # the sequence's (48), and no parameter has.
-    gathered = lay.gathered_shapes()
-    assert not [g for g in gathered if {24, SEQ} & set(g)], (name, gathered)
+    # Whole step: what is gathered or moved between devices are weights (FSDP, Muon's
+    # whole-matrix products), never an activation or an operand of the op: those all have a
+    # window-length (24) or sequence-length (48) dimension, and no parameter has. (Activations
+    # are all-reduced after tensor-parallel output projections, as they must be.)
+    moved = lay.collective_shapes()
+    assert not [m for m in moved if {24, SEQ} & set(m[1])], (name, moved)
+    gathered = [m for m in moved if m[0] == "all-gather"]
     results[name] = {"losses": [np.asarray(m["loss"]).tolist() for m in got],
                      "param_max_rel_diff": diff, "all_gathers": len(gathered),
                      "specs": _check_placement(lay)}
