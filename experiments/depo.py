@@ -24,12 +24,13 @@ Sweep (Fig. 3: N = 1, 2, 4), one process per run:
 
 import ml_collections
 
+from sleep_lm import sharding
 from sleep_lm.tasks import depo
 
 SWEEPS = {
     "fig3": [f"N={n},seeds=3,dtype=bfloat16" for n in (1, 2, 4)],
-    # What one GPU-call allows (docs/results.md): the small model, 2,000 steps, N = 4 first.
-    "fig3_small": [f"small,N={n},seeds=3,dtype=bfloat16,steps=2000" for n in (4, 1, 2)],
+    # What one GPU call allowed (docs/results.md): the small model, 1,000 steps, N = 4 first.
+    "fig3_small": [f"small,N={n},seeds=3,dtype=bfloat16,steps=1000" for n in (4, 1, 2)],
     "smoke": ["smoke,N=1", "smoke,N=2"],
 }
 
@@ -82,7 +83,8 @@ def get_config(arg=None):
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.data_dir = ""
-  c.mesh = dict(data=-1, model=1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)      # see experiments/rule110.py
+  c.sharding_rules = sharding.DEFAULT_RULES
   c.skip_nonfinite = False
   c.tensorboard = True
 

@@ -83,7 +83,8 @@ def fig2a(runs, axes):
     points[r["label"]].append((r["t"], acc))
     floors[r["t"]] = rs[0]["floor_exact"]
     chance = rs[0]["chance_exact"]
-    print(f"{r['t']:>4}{len(acc):>6}{np.mean(acc):>8.4f}{np.std(acc, ddof=min(1, len(acc) - 1)):>8.4f}"
+    sd = np.std(acc, ddof=min(1, len(acc) - 1))
+    print(f"{r['t']:>4}{len(acc):>6}{np.mean(acc):>8.4f}{sd:>8.4f}"
           f"{min(acc):>8.4f}{max(acc):>8.4f}{floors[r['t']]:>8.4f}  "
           f"{step * r['tokens_per_step'] / 1e6:.0f}M")
   for label, pts in points.items():

@@ -4,7 +4,8 @@ r"""Rule 110 (paper Task 1, Fig. 2): does sleeping (N > 1) recover accuracy as t
   presets:   paper (default: 4 layers attn/gdn/attn/gdn, width 256, L = 24, batch 512),
              smoke (CPU, about 2 minutes: the README's main job),
              attn_only (baseline: 4 attention layers; with eviction=none the full-cache one),
-             deep (baseline: 16 layers, 4x the paper's, for a depth-matched N = 1)
+             deep (baseline: 16 layers, 4x the paper's, for a depth-matched N = 1),
+             large (d = 1024, 16 layers, ~280M parameters, bf16: the scaling benchmark's model)
   overrides: N (passes), t (automaton steps), L (window), steps, batch, seed, seeds, eviction,
              dtype
 Any field can also be overridden on the command line: --config.model.d_model=128.
@@ -22,6 +23,8 @@ Sweeps (3 seeds per run, vmapped; one run per GPU with --gpus):
 """
 
 import ml_collections
+
+from sleep_lm import sharding
 
 # The paper's Fig. 2a budget: <= 40M tokens = 750 steps of 512 x 104 tokens.
 PAPER_STEPS = 750
@@ -51,7 +54,7 @@ _SHORTCUTS = {"N": ("model", "passes"), "L": ("model", "window"), "t": ("task", 
               "steps": ("steps",), "batch": ("batch_size",), "seed": ("seed",),
               "seeds": ("seeds",),
               "eviction": ("model", "eviction"), "dtype": ("model", "dtype")}
-_PRESETS = ("paper", "smoke", "attn_only", "deep")
+_PRESETS = ("paper", "smoke", "attn_only", "deep", "large")
 
 
 def _parse(arg):
@@ -97,7 +100,12 @@ def get_config(arg=None):
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.data_dir = ""                 # TFDS eval sets; "" means <workdir>/eval_data
-  c.mesh = dict(data=-1, model=1)
+  # Devices: data x fsdp x tensor = all devices; -1 takes the rest (sleep_lm/sharding.py).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Logical axis (sleep_lm/layers.py) -> mesh axis, a tuple of them, or None (replicated).
+  # The default: batch over (data, fsdp), weights' d_model over fsdp (ZeRO-3), MLP width and
+  # heads over tensor; override it here or with --config.sharding_rules="((...), ...)".
+  c.sharding_rules = sharding.DEFAULT_RULES
   c.skip_nonfinite = False        # True: skip steps with a non-finite loss instead of stopping
   c.tensorboard = True            # event files in <workdir>/tensorboard/seed_<s>
 
@@ -105,6 +113,11 @@ def get_config(arg=None):
     c.model.layers = ("attn",) * 4
   if "deep" in presets:
     c.model.layers = ("attn", "gdn") * 8
+  if "large" in presets:
+    # The scaling benchmark's model (docs/scaling.md): d = 1024, 16 layers, ~280M parameters.
+    c.model.update(d_model=1024, layers=("attn", "gdn") * 8, attn_head_dim=128,
+                   gdn_head_dim=128, mlp_dim=4096, dtype="bfloat16")
+    c.batch_size = 64
   if "smoke" in presets:
     c.model.update(d_model=64, attn_head_dim=32, gdn_head_dim=32, mlp_dim=128, unroll=False)
     c.task.t = 0

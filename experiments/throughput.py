@@ -34,7 +34,6 @@ from experiments.sweep import load_module
 from sleep_lm import profiling, trainer
 from sleep_lm.run_config import RunConfig
 from sleep_lm.sleep import num_windows, window_length
-from sleep_lm.training import make_train_step
 
 # Dense bf16 peak by device kind (vendor datasheets, SXM parts).
 BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "H100": 989.4,
@@ -76,14 +75,20 @@ def model_flops_per_step(run: RunConfig) -> float:
 def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | None = None) -> dict:
   mesh, boxed = trainer.setup(run)
   state, optimizer = trainer.initial_state(run, mesh, boxed)
-  step = make_train_step(run.model, optimizer, schedule=trainer.task_schedule(run))
+  jitted, batch_sh = trainer.sharded_train_step(run, mesh, boxed, optimizer)
   idx = np.arange(run.batch_size)
   examples = [run.task.train_examples(s, idx) for s in run.model_seeds]
   batch = {k: np.stack([e[k] for e in examples]) for k in ("inputs", "targets", "loss_mask")}
-  batch = jax.device_put(batch, trainer.seeded_batch_sharding(mesh))
+  batch = jax.device_put(batch, batch_sh)
   device = jax.devices()[0]
+
+  def step(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   memory = compiled.memory_analysis()
   temp_gb = ((memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 1e9

@@ -59,7 +59,7 @@ def evaluate_workdir(path: str | Path, *, step: int | None = None,
   sets = evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
   results = evaluation.evaluate(run.model, state.params, mesh, sets,
                                 batch_size=run.eval_batch_size,
-                                schedule=trainer.task_schedule(run))
+                                schedule=trainer.task_schedule(run), rules=run.sharding_rules)
   out = {"step": int(meta["step"]), "seeds": list(run.model_seeds), "task": run.task.fields(),
          "sets": results}
   suffix = "".join(f"_{k}{v}" for k, v in sorted((task_overrides or {}).items()))

@@ -12,15 +12,18 @@ reference levels an accuracy must be read against, computed from the set itself:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
 from sleep_lm import sharding
 from sleep_lm.config import ModelConfig
@@ -31,13 +34,21 @@ Array = jax.Array
 
 
 @functools.cache
-def make_eval_step(model_cfg: ModelConfig, schedule: tuple[bool, ...] | None = None):
-  """Jitted (params [S,...], batch [B,T]) -> (cross-entropy, hit) [S,B,T] float32 / bool."""
+def make_eval_step(model_cfg: ModelConfig, schedule: tuple[bool, ...] | None = None,
+                   rules: sharding.Rules | None = None):
+  """Jitted (params [S,...], batch [B,T]) -> (cross-entropy, hit) [S,B,T] float32 / bool.
+
+  Call it under `jax.set_mesh(mesh)`. The outputs are replicated (`P()`): every process can
+  read them (a batch-sharded output would span devices of other processes)."""
   def one(params, batch):
     out = sleep_forward(model_cfg, params, batch["inputs"], batch["loss_mask"], schedule=schedule)
     ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
     return ce, jnp.argmax(out.logits, -1) == batch["targets"]
-  return jax.jit(jax.vmap(one, in_axes=(0, None)))
+
+  def seeded(params, batch):
+    with contextlib.nullcontext() if rules is None else nn.logical_axis_rules(rules):
+      return jax.vmap(one, in_axes=(0, None))(params, batch)
+  return jax.jit(seeded, out_shardings=PartitionSpec())
 
 
 def floors(targets: np.ndarray, loss_mask: np.ndarray, answer_group: np.ndarray) -> dict:
@@ -86,14 +97,15 @@ def prepare_eval_sets(task: Task, *, size: int, data_dir: str | Path,
 
 
 def evaluate(model_cfg: ModelConfig, params, mesh, sets: Sequence[EvalSet], *, batch_size: int,
-             schedule: tuple[bool, ...] | None = None) -> dict[str, dict]:
+             schedule: tuple[bool, ...] | None = None,
+             rules: sharding.Rules = sharding.DEFAULT_RULES) -> dict[str, dict]:
   """Metrics of every seed (params with a leading seed axis) on every set.
 
   Returns {set name: {"examples", "loss", "exact_accuracy", "answer_accuracy" (per group),
   "query_accuracy" (mean over groups): each a list over seeds, and the set's floors}}.
   """
-  step = make_eval_step(model_cfg, schedule)
-  batch_sh = sharding.batch_sharding(mesh)
+  step = make_eval_step(model_cfg, schedule, rules)
+  batch_sh = sharding.batch_sharding(mesh, rules)
   results = {}
   for es in sets:
     ce_sum, tokens, exact, answers, n_total = 0.0, 0.0, [], [], 0
@@ -101,7 +113,8 @@ def evaluate(model_cfg: ModelConfig, params, mesh, sets: Sequence[EvalSet], *, b
       n = len(batch["inputs"])
       padded = {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
                 for k, v in batch.items() if k != "answer_group"}
-      ce, hit = jax.device_get(step(params, jax.device_put(padded, batch_sh)))
+      with jax.set_mesh(mesh):
+        ce, hit = jax.device_get(step(params, jax.device_put(padded, batch_sh)))
       ce, hit = ce[:, :n], hit[:, :n]                                  # [S,n,T]
       mask = batch["loss_mask"] > 0
       ce_sum = ce_sum + (ce * mask).sum((1, 2))

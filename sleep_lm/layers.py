@@ -7,11 +7,13 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`) from
 `sleep_lm.sharding` maps to mesh axes:
   "vocab", "embed" (d_model), "mlp" (F), "heads" (H * head dim, flattened), "head_dim" (per-head
   norm gains), "gdn_heads" (one scalar per GDN head), "conv" (conv taps).
+Activations at block boundaries carry ("batch", "activation_length", "activation_embed").
 Projections are 2-D matrices (heads flattened) so that Muon sees every weight matrix as 2-D.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from sleep_lm import sharding
 from sleep_lm.config import ModelConfig
 
 P = nn.with_logical_partitioning
@@ -208,8 +211,8 @@ class GatedDeltaNet(nn.Module):
     g, beta = g * keep, beta * keep
 
     chunk = next(c for c in (16, 32, 64) if c >= min(t, cfg.chunk_size))
-    o, state = kernels.RULES[cfg.rule](
-        q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, chunk_size=chunk,
+    o, state = sharded_fast_weight_op(
+        cfg.rule, q, k, v, g, beta, state, use_qk_l2norm=True, chunk_size=chunk,
         implementation=cfg.kernel_implementation)
     gate = dense(h * d, ("embed", "heads"), dt, "gate_proj")(x).reshape(b, t, h, d)
     o = RMSNorm(dt, axis_name="head_dim", name="out_norm")(o) * nn.silu(gate)
@@ -256,3 +259,29 @@ class GatedDeltaNet(nn.Module):
     o = RMSNorm(dt, axis_name="head_dim", parent=None).apply({"params": p["out_norm"]}, o)
     out = _dense_forward(p["out_proj"], (o * nn.silu(gate)).reshape(b, t, h * d), dt)
     return out, state, (q_past, k_past, v_past)
+
+
+def sharded_fast_weight_op(rule: str, q: Array, k: Array, v: Array, g: Array, beta: Array,
+                           state: Array, **kwargs) -> tuple[Array, Array]:
+  """`kernels.RULES[rule]` run by every device on its own batch rows and heads.
+
+  The Pallas kernels are custom calls that XLA cannot partition: called on sharded operands
+  inside `jax.jit`, XLA would all-gather them and run the whole op on every device. The op is
+  independent across batch rows and heads, so under `jax.shard_map` each device runs it on its
+  shard with no communication at all. Specs (`sharding.fast_weight_specs`): batch over the
+  mesh axes of the "batch" rule, heads over those of "gdn_heads", from the context mesh
+  (`jax.set_mesh`) and flax's logical-axis rules; without a mesh (or on one device) it is the
+  plain call. It composes with the `jax.vmap` over seeds around the train step.
+
+  check_vma=False: the Pallas kernels declare their outputs without a varying-mesh-axes type,
+  which check_vma=True rejects; the specs above are exact (every output is split like its
+  inputs), and tests/test_sharding.py checks values and gradients against the plain call.
+  """
+  op = functools.partial(kernels.RULES[rule], **kwargs)
+  call = lambda q, k, v, g, beta, s: op(q, k, v, g, beta, initial_state=s)
+  specs = sharding.fast_weight_specs(q.shape)
+  if specs is None:
+    return call(q, k, v, g, beta, state)
+  x4, x3, st = specs
+  return jax.shard_map(call, in_specs=(x4, x4, x4, x3, x3, st), out_specs=(x4, st),
+                       check_vma=False)(q, k, v, g, beta, state)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from sleep_lm.config import ModelConfig
 from sleep_lm.layers import Attention, GatedDeltaNet, P, RMSNorm, SwiGLU, dense
+from sleep_lm.sharding import ACTIVATION
 
 Array = jax.Array
 
@@ -84,8 +85,13 @@ class HybridLM(nn.Module):
 
   def embed(self, tokens: Array) -> Array:
     """[B,T] int -> [B,T,D] float32: the residual stream stays float32 (mixed precision); each
-    layer's norm casts its input to the compute dtype and its bf16 output is added back in f32."""
-    return self.embedding(tokens)
+    layer's norm casts its input to the compute dtype and its bf16 output is added back in f32.
+
+    Sharded: the table's d_model may be split (FSDP); it is gathered before the lookup (as FSDP
+    gathers every weight), so that the rows come out split like the batch rather than along
+    d_model, which XLA would have to reshard (it replicated them)."""
+    table = nn.with_logical_constraint(self.embedding.embedding, ("vocab", None))
+    return nn.with_logical_constraint(jnp.take(table, tokens, axis=0), ACTIVATION)
 
   def run_pass(self, h: Array, states: tuple[Array, ...], ctx: PassContext
                ) -> tuple[Array, tuple[Array, ...], tuple[tuple[Array, Array], ...]]:
@@ -95,6 +101,7 @@ class HybridLM(nn.Module):
     keys/values of this pass (what the sliding variant retains).
     """
     new_states, kvs = [], []
+    h = nn.with_logical_constraint(h, ACTIVATION)     # block boundaries: see sleep_lm.sharding
     state_iter = iter(states)
     prefix_iter = iter(ctx.prefix) if ctx.prefix is not None else None
     for kind, mixer, mixer_norm, mlp, mlp_norm in zip(
@@ -109,6 +116,7 @@ class HybridLM(nn.Module):
         new_states.append(state)
       h = h + y.astype(h.dtype)
       h = h + mlp(mlp_norm(h)).astype(h.dtype)
+      h = nn.with_logical_constraint(h, ACTIVATION)
     return h, tuple(new_states), tuple(kvs)
 
   def wake_step(self, h: Array, states: tuple[Array, ...], conv_states: tuple, caches: tuple,

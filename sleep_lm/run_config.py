@@ -1,9 +1,9 @@
 """The typed view of an experiment config, built and validated once by the CLIs.
 
 `RunConfig.from_config(config)` checks every field a run depends on and raises a ValueError that
-names the field and the allowed values; `check_against(mesh)` then checks what depends on the
-machine (batch sizes against the data-parallel axis). Both run before a workdir is claimed, so a
-bad launch leaves nothing behind.
+names the field and the allowed values; `trainer.setup` then checks what depends on the machine
+(mesh sizes against the devices, batch sizes and weights against the mesh). Both run before a
+workdir is claimed, so a bad launch leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from sleep_lm import sharding
 from sleep_lm.config import ModelConfig
 from sleep_lm.errors import UserError
 from sleep_lm.tasks import Task, make_task
@@ -22,7 +23,18 @@ from sleep_lm.training import OptimizerConfig
 # Top-level fields of an experiment config (`experiments/*.py`).
 _RUN_FIELDS = ("name", "seed", "seeds", "task", "model", "optimizer", "batch_size", "steps",
                "log_every", "eval_every", "eval_size", "eval_batch_size", "checkpoint_every",
-               "keep_checkpoints", "data_dir", "mesh", "skip_nonfinite", "tensorboard")
+               "keep_checkpoints", "data_dir", "mesh", "sharding_rules", "skip_nonfinite",
+               "tensorboard")
+
+
+def _product_or_free(mesh: Mapping) -> int:
+  """A device count that the mesh's own sizes accept, to check names and values before the
+  machine is known (-1 then stands for 1 device)."""
+  count = 1
+  for value in mesh.values():
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+      count *= value
+  return count
 
 
 def _int_field(config: Mapping[str, Any], field: str, minimum: int) -> int:
@@ -49,7 +61,8 @@ class RunConfig:
   checkpoint_every: int
   keep_checkpoints: int
   data_dir: str
-  mesh: dict
+  mesh: dict               # {"data", "fsdp", "tensor"}: sizes, one may be -1 (sharding.make_mesh)
+  sharding_rules: tuple     # (logical axis, mesh axes) pairs, checked (sharding.check_rules)
   skip_nonfinite: bool
   tensorboard: bool
   config: ml_collections.ConfigDict = dataclasses.field(repr=False, compare=False)
@@ -80,12 +93,18 @@ class RunConfig:
         raise ValueError(f"config.{field} must be True or False, got {config[field]!r}")
     if not isinstance(config.data_dir, str):
       raise ValueError(f"config.data_dir must be a string, got {config.data_dir!r}")
+    mesh = config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh
+    if not isinstance(mesh, Mapping):
+      raise ValueError(f"config.mesh must be a dict of mesh axis sizes, got {config.mesh!r}")
+    mesh = dict(mesh)
+    sharding.mesh_shape(mesh, _product_or_free(mesh))      # names and values; sizes at setup
+    rules = sharding.check_rules(config.sharding_rules)
     task = make_task(config.task.to_dict())
     model = ModelConfig.from_mapping({**config.model.to_dict(), "vocab_size": task.vocab_size})
     optimizer = OptimizerConfig.from_mapping(
         {**config.optimizer.to_dict(), "total_steps": config.steps})
     return cls(task=task, model=model, optimizer=optimizer, seed=seed,
-               data_dir=config.data_dir, mesh=config.mesh.to_dict(),
+               data_dir=config.data_dir, mesh=mesh, sharding_rules=rules,
                skip_nonfinite=config.skip_nonfinite, tensorboard=config.tensorboard,
                config=config, **ints)
 

@@ -4,9 +4,9 @@
 
     carry = (S_1..S_G fast-weight states, retained prefix K/V (sliding only))
     for each window c = 0..W-1:
-        h, S <- run_pass(h, S)            N times if window c sleeps (no supervised token), else once
-                                          (attention over the window's own recomputed K/V; each GDN
-                                           layer rescans the window from the current S)
+        h, S <- run_pass(h, S)       N times if window c sleeps (no supervised token), else once
+                                     (attention over the window's own recomputed K/V; each GDN
+                                      layer rescans the window from the current S)
         emit h;  drop h and the KV cache;  keep S             # hard eviction
         (sliding: keep the final pass's last L-1 keys/values as the next window's prefix)
     logits = head(h of every window)                          # loss is masked to answers

@@ -19,8 +19,10 @@ import threading
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sleep_lm import evaluation, sharding, workdir
@@ -42,35 +44,60 @@ def with_seed_axis(shardings):
   return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), shardings)
 
 
-def seeded_batch_sharding(mesh) -> NamedSharding:
-  """[S, B, T] batches: the batch axis over "data", seeds and tokens replicated."""
-  return NamedSharding(mesh, PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
+def seeded_batch_sharding(mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
+  """[S, B, T] batches: the batch axis split as the "batch" rule says, seeds and tokens not."""
+  return NamedSharding(mesh, PartitionSpec(None, *sharding.batch_sharding(mesh, rules).spec))
 
 
-def setup(run: RunConfig):
-  """The mesh and the abstract parameters, checked against each other; no side effects."""
+def setup(run: RunConfig, devices=None):
+  """The mesh and the abstract parameters, checked against each other; no side effects.
+
+  `devices`: the mesh's devices (default: every device of every process)."""
   from sleep_lm.model import init_params
-  mesh = sharding.make_mesh(run.mesh["data"], run.mesh["model"])
+  mesh = sharding.make_mesh(run.mesh, devices)
   boxed = jax.eval_shape(lambda: init_params(run.model, jax.random.key(0)))
-  sharding.check_divisible(run.batch_size, mesh, boxed)
-  data = mesh.shape["data"]
-  if run.eval_batch_size % data:
-    raise ValueError(f"config.eval_batch_size ({run.eval_batch_size}) must be divisible by "
-                     f"mesh.data ({data})")
+  sharding.check_divisible(run.batch_size, mesh, boxed, run.sharding_rules)
+  sharding.check_divisible(run.eval_batch_size, mesh, boxed, run.sharding_rules,
+                           what="eval_batch_size")
   return mesh, boxed
 
 
+def state_shardings(run: RunConfig, mesh, boxed, optimizer):
+  """NamedShardings of the stacked train state: parameters by their logical names and the rules,
+  optimizer state like the parameter it belongs to, the step replicated; seeds replicated."""
+  from sleep_lm.training import TrainState
+  param_sh = sharding.param_shardings(boxed, mesh, run.sharding_rules)
+  params = nn.meta.unbox(boxed)
+  opt_sh = sharding.opt_state_shardings(jax.eval_shape(optimizer.init, params), params,
+                                        param_sh, mesh)
+  return with_seed_axis(TrainState(sharding.replicated(mesh), param_sh, opt_sh))
+
+
 def initial_state(run: RunConfig, mesh, boxed):
-  """Train states of every model seed (stacked), parameters sharded by their logical names."""
+  """Train states of every model seed (stacked), created in place by one jitted program whose
+  output shardings are `state_shardings`: nothing is materialised whole on one device."""
   optimizer = make_optimizer(run.optimizer)
-  param_sh = with_seed_axis(sharding.param_shardings(boxed, mesh))
+  out_sh = state_shardings(run, mesh, boxed, optimizer)
 
   def init():
-    state = create_train_states(run.model, optimizer, run.model_seeds)
-    params = jax.lax.with_sharding_constraint(state.params, param_sh)
-    return state.replace(params=params, opt_state=jax.vmap(optimizer.init)(params))
+    with nn.logical_axis_rules(run.sharding_rules):
+      return create_train_states(run.model, optimizer, run.model_seeds)
 
-  return jax.jit(init)(), optimizer
+  with jax.set_mesh(mesh):
+    return jax.jit(init, out_shardings=out_sh)(), optimizer
+
+
+def sharded_train_step(run: RunConfig, mesh, boxed, optimizer):
+  """(jitted step, batch sharding): the train step with the state's and the batch's shardings
+  pinned (the state keeps its layout and its donated buffers are reused). Call the step under
+  `jax.set_mesh(mesh)`. The trainer and the benchmarks run this same step."""
+  batch_sh = seeded_batch_sharding(mesh, run.sharding_rules)
+  state_sh = state_shardings(run, mesh, boxed, optimizer)
+  step = make_train_step(run.model, optimizer, schedule=task_schedule(run),
+                         skip_nonfinite=run.skip_nonfinite, rules=run.sharding_rules,
+                         in_shardings=(state_sh, batch_sh),
+                         out_shardings=(state_sh, sharding.replicated(mesh)))
+  return step, batch_sh
 
 
 def task_schedule(run: RunConfig) -> tuple[bool, ...]:
@@ -95,16 +122,31 @@ def _progress_line(step, total, start, loss, exact, tok_s, elapsed):
           f"exact {exact:.3f} | {tok_s / 1e3:7.1f}k tok/s | eta {eta / 60:5.1f} min")
 
 
+def _barrier(name: str) -> None:
+  """Every process waits here for the others (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
-  """Trains (or continues) the run in `path`; returns the last evaluation's results."""
+  """Trains (or continues) the run in `path`; returns the last evaluation's results.
+
+  Multi-host (`jax.distributed.initialize` called first, see `sleep_lm.train`): every process
+  runs this with the same config and workdir (a shared file system). Each feeds its own part of
+  the global batch (`sharding.process_batch_slice`); only process 0 writes config.json,
+  metrics.jsonl, TensorBoard files and log lines and builds the eval sets (the others wait, then
+  read them); orbax checkpoints are written by every process, as orbax requires.
+  """
   path = Path(path)
   try:
     mesh, boxed = setup(run)                   # everything checked before the workdir is claimed
   except ValueError as e:
     raise UserError(str(e)) from e
-  workdir.claim(path, run.config)
-  data_dir = Path(run.data_dir) if run.data_dir else path / "eval_data"
   lead = jax.process_index() == 0
+  if not lead:
+    log = lambda *_: None                      # one log: process 0's
+  workdir.claim(path, run.config, write=lead)
+  data_dir = Path(run.data_dir) if run.data_dir else path / "eval_data"
   seeds = run.model_seeds
   schedule = task_schedule(run)
 
@@ -120,14 +162,20 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
   metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead)
   writers = ([ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in seeds]
              if run.tensorboard and lead else [])
+  if lead:                                   # TFDS files: built once, by one process
+    evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
+  _barrier("eval_sets_built")
   eval_sets = evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
 
-  step_fn = make_train_step(run.model, optimizer, schedule=schedule,
-                            skip_nonfinite=run.skip_nonfinite)
-  batch_sh = seeded_batch_sharding(mesh)
-  dataset = train_dataset(run.task, run.batch_size, data_seeds=seeds,
-                          shard_index=jax.process_index(), shard_count=jax.process_count(),
-                          num_steps=run.steps)
+  jitted_step, batch_sh = sharded_train_step(run, mesh, boxed, optimizer)
+
+  def step_fn(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted_step(state, batch)
+
+  shard_index, shard_count = sharding.process_batch_slice(batch_sh, run.batch_size, axis=1)
+  dataset = train_dataset(run.task, run.batch_size, data_seeds=seeds, shard_index=shard_index,
+                          shard_count=shard_count, num_steps=run.steps)
   batches = iter(dataset[start:].to_iter_dataset())
 
   def to_device(batch):
@@ -142,7 +190,8 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
 
   def run_eval(step):
     results = evaluation.evaluate(run.model, state.params, mesh, eval_sets,
-                                  batch_size=run.eval_batch_size, schedule=schedule)
+                                  batch_size=run.eval_batch_size, schedule=schedule,
+                                  rules=run.sharding_rules)
     for record in evaluation.per_seed_records(results, seeds):
       metrics_log.write({"step": step, "kind": "eval", **record})
     for name, r in results.items():

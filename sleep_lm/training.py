@@ -7,6 +7,7 @@ optimizer state; nothing is shared but the compiled program).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -168,14 +169,24 @@ def train_step(state: TrainState, batch, *, model_cfg: ModelConfig,
 
 def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, *,
                     schedule: Sequence[bool] | None = None, skip_nonfinite: bool = False,
-                    **jit_kw):
-  """Jitted (state, batch) -> (state, metrics) over a leading seed axis [S, ...] of both."""
+                    rules=None, **jit_kw):
+  """Jitted (state, batch) -> (state, metrics) over a leading seed axis [S, ...] of both.
+
+  `rules` (`sleep_lm.sharding`) are entered while tracing, so the activation constraints and the
+  sharded fast-weight op follow them; call the step under `jax.set_mesh(mesh)`. `jit_kw` goes to
+  `jax.jit` (the trainer pins in_shardings and out_shardings: the state keeps its layout from
+  step to step, and its donated buffers are reused).
+  """
   schedule = None if schedule is None else tuple(bool(x) for x in schedule)
 
   def step(state, batch):
     return train_step(state, batch, model_cfg=model_cfg, optimizer=optimizer,
                       schedule=schedule, skip_nonfinite=skip_nonfinite)
-  return jax.jit(jax.vmap(step), donate_argnums=(0,), **jit_kw)
+
+  def seeded(state, batch):
+    with contextlib.nullcontext() if rules is None else nn.logical_axis_rules(rules):
+      return jax.vmap(step)(state, batch)
+  return jax.jit(seeded, donate_argnums=(0,), **jit_kw)
 
 
 def create_train_states(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,

@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from sleep_lm.errors import UserError
+from sleep_lm.sharding import DEFAULT_RULES
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -38,11 +39,14 @@ def write_atomic(path: Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def claim(workdir: Path, config: ml_collections.ConfigDict, *, write: bool = True) -> None:
   """Writes config.json, or refuses a workdir that holds a different config.
 
   Call it only once the config has been validated against the machine (mesh, batch sizes): a
-  failed launch must not leave a config behind that blocks the corrected command.
+  failed launch must not leave a config behind that blocks the corrected command. Multi-host:
+  every process checks a config.json that exists (so all refuse alike), only the one with
+  `write` (process 0) writes it (atomically: another process reads the old state or the whole
+  file).
   """
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir} exists and is not a directory")
@@ -60,7 +64,7 @@ def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
               for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
       raise UserError(f"workdir {workdir} holds a run with a different config; use a new "
                       f"--workdir or the same config. Differences:\n  " + "\n  ".join(diff))
-  else:
+  elif write:
     try:
       write_atomic(path, json.dumps(wanted, indent=2, sort_keys=True))
     except OSError as e:
@@ -68,10 +72,28 @@ def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The config a run was claimed with (configs of older versions read as today's)."""
   path = Path(workdir) / "config.json"
   if not path.exists():
     raise UserError(f"{path} not found: is {workdir} a sleep_lm.train workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return _upgrade_legacy(ml_collections.ConfigDict(json.loads(path.read_text())))
+
+
+def _upgrade_legacy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config.json written before the (data, fsdp, tensor) mesh, read as today's: mesh.model
+  becomes mesh.tensor and the default rules are filled in (with heads on "tensor" they shard
+  as "model" did). For reading old workdirs (evaluate, generate, plots); training compares the
+  raw file and refuses a workdir whose config differs, so an old run continues only with its old
+  code."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if "model" in config.mesh:
+    mesh = config.mesh.to_dict()
+    mesh["tensor"] = mesh.pop("model")
+    config.mesh = mesh
+  if "sharding_rules" not in config:
+    config.sharding_rules = DEFAULT_RULES
+  return config
+
 
 
 def _finite(value):

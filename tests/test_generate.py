@@ -23,10 +23,10 @@ import pytest
 from experiments import rule110 as rule110_config
 from sleep_lm import generate
 from sleep_lm.config import ModelConfig
+from sleep_lm.errors import UserError
 from sleep_lm.generate import Stream, sample
 from sleep_lm.model import HybridLM, StepContext, init_params
 from sleep_lm.sleep import parallel_forward, sleep_forward
-from sleep_lm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 6            # window

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from sleep_lm.tasks import base, eval_sets, make_task, rule110, train_dataset
+from sleep_lm.tasks import base, eval_sets, make_task, train_dataset
 from sleep_lm.tasks.rule110 import QUERY, SEQ_LEN, Rule110Task, evolve, rule110_step
 
 
