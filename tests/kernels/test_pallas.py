@@ -254,3 +254,31 @@ def test_sequential_kernels_pipeline_depth():
                                                           pallas_triton.DEFAULT_TUNING)
   assert [stages(jnp.bfloat16, dk) for dk in (64, 128, 256)] == [3, 3, 2]
   assert [stages(jnp.float32, dk) for dk in (64, 128, 256)] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+@pytest.mark.parametrize("decay", [False, True])
+def test_unit_lower_inverse_is_exact(chunk, decay):
+  """Kernel 1's T = (I + A)^-1 (16x16 diagonal blocks substituted together, then doubling) on
+  values, against float64, where the product form failed: no decay, beta near 1 and keys drawn
+  as fla draws them (uniform in [0, 1), unit length: ~0.75 apart in cosine)."""
+  from kernels.gated_delta_rule import _pallas_common as common
+  rng = np.random.default_rng(chunk)
+  k = rng.random((chunk, 64))
+  k /= np.linalg.norm(k, axis=1, keepdims=True)
+  beta = 1.0 - 0.01 * rng.random(chunk)
+  gamma = np.cumsum(np.log(rng.uniform(0.9, 1.0, chunk))) if decay else np.zeros(chunk)
+  kk = (k @ k.T).astype(np.float32)
+  d = np.exp(np.tril(gamma[:, None] - gamma[None, :], -1))
+  a = np.tril(kk * d * beta[:, None], -1).astype(np.float32)
+  cfg = common.KernelConfig(chunk_size=chunk, block_v=16, block_k=16, grads_block_v=16,
+                            compute_dtype="float32", intermediate_dtype="float32",
+                            fp32_precision=jax.lax.Precision.HIGHEST, interpret=True)
+  col = lambda x: jnp.asarray(x, jnp.float32)[:, None]
+  t = common.unit_lower_inverse(
+      jnp.asarray(a), common.diagonal_blocks_t(jnp.asarray(kk), col(gamma), col(gamma).T,
+                                               col(beta).T), cfg)
+  want = np.linalg.inv(np.eye(chunk) + a.astype(np.float64))
+  assert rel_rms(np.eye(chunk) - a, want) > 0.1  # far from first order: A's powers matter
+  assert np.all(np.triu(np.asarray(t), 1) == 0)
+  assert rel_rms(t, want) < 1e-6
