@@ -246,6 +246,32 @@ def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2nor
   assert text.count("__gpu$xla.gpu.triton") == 5  # kernels 1 and 2 (under the VJP), 3, 4a, 4b
 
 
+def test_triton_refuses_float32_large_k_at_chunk_64(monkeypatch):
+  """Compiled, float32 inputs at chunk 64 with K padded above 128 would need more shared memory
+  in kernel 1 than an H100/H200 block has: NotImplementedError with the reason and the fallback
+  (raised before anything compiles, so this runs on a CPU). Dispatch without a name still runs:
+  float32 goes to "chunked" on a GPU by default."""
+  from kernels.gated_delta_rule import pallas_triton
+  monkeypatch.setattr(pallas_triton, "_on_gpu", lambda: True)
+  (q, k, v, g, beta, s0), _ = make_inputs(0, 1, 100, 1, 200, 64, jnp.float32)  # K pads to 256
+  with pytest.raises(NotImplementedError, match=r"K padded to 256 at chunk 64 do not fit kernel 1 "
+                     r"in shared memory when compiled.*Use 'chunked'"):
+    kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, chunk_size=64,
+                             implementation="pallas_triton")
+  refusal = lambda dtype, chunk, dk, interpret=False: pallas_triton._refusal(
+      chunk, dk, jnp.dtype(dtype), interpret)
+  assert refusal(jnp.float32, 64, 256)
+  assert not any([refusal(jnp.float32, 64, 128), refusal(jnp.float32, 32, 256),
+                  refusal(jnp.bfloat16, 64, 256), refusal(jnp.float16, 64, 256),
+                  refusal(jnp.float32, 64, 256, interpret=True)])
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  got = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, chunk_size=64)
+  want = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, chunk_size=64,
+                                  implementation="chunked")
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_sequential_kernels_pipeline_depth():
   """The tuned depths where they were measured (K <= 128); fewer stages where one step's loads
   would overflow an H100's shared memory (K = 256, chunk 64)."""
