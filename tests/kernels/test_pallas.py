@@ -224,6 +224,7 @@ def test_dispatcher_falls_back_when_a_kernel_refuses(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,chunk,dk,dv,l2norm", [(jnp.bfloat16, 64, 256, 256, True),
+                                                      (jnp.bfloat16, 32, 64, 64, True),
                                                       (jnp.float32, 16, 100, 60, False)])
 def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2norm):
   """On any machine: the compiled (not interpreted) Triton kernels of fwd+bwd lower to Triton IR
