@@ -221,8 +221,8 @@ def floors(shape, in_bytes=2):
   fwd_bytes = in_bytes * 3 * tokens * d + 4 * 2 * tokens + in_bytes * tokens * d + 8 * state
   bwd_bytes = fwd_bytes + (in_bytes * 4 * tokens * d + 4 * 2 * tokens + 8 * state)
   # Per token: K K^T, Q K^T, W, U, intra output (2 C D each), W S, Q S, K^T Vnew (2 D^2 each),
-  # plus the blocked inverse's products (2 (C/16 - 1) of C^3 per chunk: 2 (C/16 - 1) 2 C^2).
-  per_token = 2 * c * d * 5 + 2 * d * d * 3 + 2 * (c // 16 - 1) * 2 * c * c
+  # plus the inverse's doubling products (2 log2(C/16) of C^3 per chunk: 2 log2(C/16) 2 C^2).
+  per_token = 2 * c * d * 5 + 2 * d * d * 3 + 2 * ((c // 16).bit_length() - 1) * 2 * c * c
   fwd_flops = tokens * per_token
   return {"fwd_bytes": fwd_bytes, "fwd_bwd_bytes": bwd_bytes, "fwd_flops": fwd_flops,
           "fwd_bwd_flops": 3 * fwd_flops}

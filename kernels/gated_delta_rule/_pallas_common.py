@@ -8,7 +8,7 @@ and in how they load and store. Vectors over the C tokens of a chunk are kept 2-
 Per chunk, with gamma the chunk-local cumulative log decay (g_last its last entry), q already
 normalised and scaled, D_rs = exp(gamma_r - gamma_s) for r >= s (masked before exponentiating):
 
-  A     = strict_lower(diag(beta) K K^T * D)            T = (I + A)^-1 (blocked substitution)
+  A     = strict_lower(diag(beta) K K^T * D)            T = (I + A)^-1 (substitution, doubling)
   W     = T diag(beta exp(gamma)) K                     U = T diag(beta) V        (kernel 1)
   Vnew  = U - W S
   O     = (Q exp(gamma)) S + (Q K^T * D) Vnew
@@ -26,12 +26,12 @@ that each holds few float32 accumulators: one kernel holding them all spilled it
       adding kernel 1's part of dk, and dv, dbeta, the rest of dgamma.
 Under a VJP the forward saves the state entering each chunk and Vnew for kernel 4a.
 
-Precision: the carried states and every accumulator are float32; T is inverted by forward
-substitution in float32 (its 16x16 diagonal blocks elementwise, the rest with float32 products at
+Precision: the carried states and every accumulator are float32; T is inverted in float32 (its 16x16
+diagonal blocks by forward substitution, elementwise, the rest by doubling with float32 products at
 cfg.fp32_precision; `unit_lower_inverse`). What passes between kernels (T, per-chunk states, dS',
-dVnew, dW, partial dk) is stored in `intermediate_dtype`, the input dtype by default (bf16 for
-bf16 inputs, as fla does), which is also the operand dtype of the WY products; the consumers cast
-their matmul operands to bf16 anyway.
+dVnew, dW, partial dk) is stored in `intermediate_dtype`, the input dtype by default (bf16 for bf16
+inputs, as fla does), which is also the operand dtype of the WY products; the consumers cast their
+matmul operands to bf16 anyway.
 """
 
 from __future__ import annotations
@@ -104,44 +104,87 @@ def decay_matrix(g_col, g_row, mask):
   return jnp.where(mask, jnp.exp(jnp.where(mask, g_col - g_row, 0.0)), 0.0)
 
 
-INVERSE_BLOCK = 16  # side of the diagonal blocks that `unit_lower_inverse` forward-substitutes
+INVERSE_BLOCK = 16  # side of the diagonal blocks that `diagonal_inverses` forward-substitutes
 
 
-def unit_lower_inverse(a, a_t, cfg: KernelConfig):
+def diagonal_inverses(a_t):
+  """(I + A_b)^-1 for a batch of strictly lower 16x16 blocks A_b, given transposed: a_t [N,16,16]
+  holds A_b^T. Forward substitution: step r sets row r of every block,
+  T[r,:] = e_r - sum_{s<r} A[r,s] T[s,:], from the rows above it. The coefficients A[r,s] are a
+  [N,16,1] column of A^T (masked sum over its last axis), the sum over s a sum over the middle
+  axis: per step, elementwise work and two reductions on [N,16,16] (N * 256 values), no dynamic
+  indexing (Triton has none on values). Every row written is a finished row of T, so nothing
+  grows beyond |T|. Compiled by Triton (viewed from the [C,C] layout of kernel 1's products,
+  `intra_fwd_refs`), each block sits in one warp and both reductions stay inside it: shuffles,
+  no shared memory and no barrier."""
+  shape = a_t.shape
+  rows = jax.lax.broadcasted_iota(jnp.int32, shape, a_t.ndim - 2)
+  cols = jax.lax.broadcasted_iota(jnp.int32, shape, a_t.ndim - 1)
+  eye = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
+  t = eye
+  for r in range(1, shape[-1]):
+    coef = jnp.sum(jnp.where(cols == r, a_t, 0.0), axis=-1, keepdims=True)  # A[r,s] over s
+    t = jnp.where(rows == r, eye - jnp.sum(coef * t, axis=-2, keepdims=True), t)
+  return t
+
+
+def _blocked(c: int):
+  """[C,C] viewed as [N,16,N,16] (N = C/16 diagonal blocks) and the mask of its diagonal blocks.
+  A reshape, which Triton lowers (where it lowers no slice of a value)."""
+  n = c // INVERSE_BLOCK
+  shape = (n, INVERSE_BLOCK, n, INVERSE_BLOCK)
+  return shape, (jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+                 == jax.lax.broadcasted_iota(jnp.int32, shape, 2))
+
+
+def diagonal_blocks_t(kk, g_col, g_row, b_row):
+  """The 16x16 diagonal blocks of A^T from K K^T [C,C] (symmetric) and gamma ([C,1], [1,C]) and
+  beta ([1,C]): [C/16,16,16], or [16,16] at C = 16. Built on the blocks only, so the decay costs
+  16 C exponentials rather than C^2: A^T[s,r] = beta_r (k_r . k_s) exp(gamma_r - gamma_s), s < r."""
+  c = kk.shape[0]
+  if c == INVERSE_BLOCK:
+    upper = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) < jax.lax.broadcasted_iota(
+        jnp.int32, (c, c), 1)
+    return kk * decay_matrix(g_row, g_col, upper) * b_row
+  shape, on_diagonal = _blocked(c)
+  n, sub = shape[:2]
+  kk_diag = jnp.sum(jnp.where(on_diagonal, kk.reshape(shape), 0.0), axis=2)
+  upper = (jax.lax.broadcasted_iota(jnp.int32, (n, sub, sub), 1)
+           < jax.lax.broadcasted_iota(jnp.int32, (n, sub, sub), 2))
+  decay = decay_matrix(g_row.reshape(n, 1, sub), g_col.reshape(n, sub, 1), upper)
+  return kk_diag * decay * b_row.reshape(n, 1, sub)
+
+
+def unit_lower_inverse(a, a_t_diag, cfg: KernelConfig):
   """(I + A)^-1 for strictly lower A [C,C], exact to float32 rounding where I + A is well
-  conditioned. `a_t` is A^T (only its 16x16 diagonal blocks are read).
+  conditioned. `a_t_diag` holds A's 16x16 diagonal blocks transposed (`diagonal_blocks_t`).
 
-  1. The 16x16 diagonal blocks T_ii, all at once, by forward substitution on values: step i
-     sets row i of every block, T[r,:] = e_r - sum_{s<r} A[r,s] T[s,:], from the rows above it.
-     The row's coefficients A[r,s] are read as a [C,1] column of A^T (masked sum over columns),
-     so every step is elementwise work and two reductions on [C,C] values: no dynamic indexing
-     (Triton has none on values) and no sub-block slicing (Triton lowers no static slice).
-  2. The blocks below the diagonal by block forward substitution, one block row i at a time:
-     T_ij = -T_ii sum_{j<=k<i} A_ik T_kj for j < i, as two [C,C] float32 products with A masked
-     to block row i (R = A_i T, then T -= T_diag R): 2 (C/16 - 1) products.
-  Every intermediate is bounded by |A| and |T|. The product form prod (I + N^(2^i)) it replaces
-  (N = -A) lost everything to cancellation when A's powers grew (no decay, correlated keys: ~1e8
-  where T is of order 1).
+  1. The diagonal blocks T_ii by `diagonal_inverses`, all at once ([C/16,16,16]), put on the
+     diagonal of a [C,C] zero matrix through the [C/16,16,C/16,16] view.
+  2. Doubling, as fla's merge: with T the inverse of the block-diagonal part of I + A at block
+     side w and A_w the blocks (2p+1, 2p) of side w of A, T <- T - T (A_w T) is the inverse at
+     side 2w (for a 2x2 block lower triangle, [[T1, 0], [-T2 A21 T1, T2]]): two [C,C] float32
+     products at cfg.fp32_precision per doubling, 4 at C = 64, 2 at C = 32, none at C = 16.
+  Every intermediate is bounded by |A| and |T|. The product form prod (I + N^(2^i)) (N = -A)
+  once used here lost everything to cancellation when A's powers grew (no decay, correlated
+  keys: ~1e8 where T is of order 1).
   """
   c = a.shape[0]
-  sub = min(INVERSE_BLOCK, c)
-  shift = sub.bit_length() - 1
+  t_diag = diagonal_inverses(a_t_diag)
+  if c == INVERSE_BLOCK:
+    return t_diag
+  shape, on_diagonal = _blocked(c)
+  t_inv = jnp.where(on_diagonal, t_diag[:, :, None, :], 0.0).reshape(c, c)
   rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  row_block, col_block = jnp.right_shift(rows, shift), jnp.right_shift(cols, shift)
-  same_block = row_block == col_block
-  # Position of the row (column) inside its block on the diagonal blocks, -1 elsewhere.
-  row_in = jnp.where(same_block, jnp.bitwise_and(rows, sub - 1), -1)
-  col_in = jnp.where(same_block, jnp.bitwise_and(cols, sub - 1), -1)
-  eye = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
-  t_inv = eye
-  for i in range(1, sub):
-    coef = jnp.sum(jnp.where(col_in == i, a_t, 0.0), axis=1, keepdims=True)  # [C,1]
-    t_inv = jnp.where(row_in == i, eye - jnp.sum(coef * t_inv, axis=0, keepdims=True), t_inv)
-  t_diag = t_inv
-  for i in range(1, c // sub):
-    a_i = jnp.where((row_block == i) & (col_block < i), a, 0.0)
-    t_inv = t_inv - mm(t_diag, mm(a_i, t_inv, cfg, dtype=f32), cfg, dtype=f32)
+  width = INVERSE_BLOCK
+  while width < c:
+    shift = width.bit_length() - 1
+    row_block, col_block = jnp.right_shift(rows, shift), jnp.right_shift(cols, shift)
+    lower_pair = (jnp.bitwise_and(row_block, 1) == 1) & (col_block == row_block - 1)
+    a_w = jnp.where(lower_pair, a, 0.0)
+    t_inv = t_inv - mm(t_inv, mm(a_w, t_inv, cfg, dtype=f32), cfg, dtype=f32)
+    width *= 2
   return t_inv
 
 
@@ -152,30 +195,21 @@ def normalize_rows(x, scale, eps):
   return (xf * (r * scale)).astype(x.dtype), r
 
 
-def intra_chunk_fwd(q, k, v, g_col, g_row, b_col, b_row, cfg: KernelConfig):
-  """Kernel 1's math: returns W [C,K], U [C,V], T [C,C], Q K^T * D [C,C] (all float32), and q, k,
-  r_q, r_k: with cfg.qk_l2norm_eps, q and k normalised (q scaled) in their dtype and the
-  reciprocal norms [C,1]; else q, k as given and None.
+def wy_representation(k, v, g_col, g_row, b_col, b_row, cfg: KernelConfig):
+  """Kernel 1's WY math: returns W [C,K], U [C,V] and T [C,C] (float32).
 
   The diagonal scalings of X and Y are applied to T's columns ([C,C]) rather than to K and V's
   rows ([C,K], [C,V]): fewer elementwise ops, and K and V enter the products as loaded.
   """
-  r_q = r_k = None
-  if cfg.qk_l2norm_eps is not None:
-    q, r_q = normalize_rows(q, cfg.scale, cfg.qk_l2norm_eps)
-    k, r_k = normalize_rows(k, 1.0, cfg.qk_l2norm_eps)
   c = k.shape[0]
   _, strict = masks(c)
   kk = mm(k, k, cfg, trans_b=True)  # symmetric: A^T is built from it elementwise too
   a = kk * decay_matrix(g_col, g_row, strict) * b_col
-  strict_upper = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
-                  < jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
-  a_t = kk * decay_matrix(g_row, g_col, strict_upper) * b_row
-  t_inv = unit_lower_inverse(a, a_t, cfg)
+  t_inv = unit_lower_inverse(a, diagonal_blocks_t(kk, g_col, g_row, b_row), cfg)
   wy = cfg.intermediate_dtype
   w = mm(t_inv * (b_row * jnp.exp(g_row)), k, cfg, dtype=wy)
   u = mm(t_inv * b_row, v, cfg, dtype=wy)
-  return w, u, t_inv, qk_decayed(q, k, g_col, g_row, cfg), q, k, r_q, r_k
+  return w, u, t_inv
 
 
 def qk_decayed(q, k, g_col, g_row, cfg: KernelConfig):
@@ -310,19 +344,37 @@ def wy_grads(load_k, load_v, load_dw, load_du, load_dk, store_dk, store_dv, n_kt
 
 def intra_fwd_refs(q_ref, k_ref, v_ref, w_ref, u_ref, t_ref, p_ref, normed, g_col, g_row, b_col,
                    b_row, cfg: KernelConfig, store_vector):
-  """Kernel 1's body on refs (both back ends). `normed` holds the refs of the fused L2 norm's
-  outputs (normalised q, k and the reciprocal norms) or is empty; `store_vector` turns a [C,1]
-  value into the back end's layout of a per-token vector."""
-  w, u, t_inv, scores, q, k, r_q, r_k = intra_chunk_fwd(
-      q_ref[...], k_ref[...], v_ref[...], g_col, g_row, b_col, b_row, cfg)
+  """Kernel 1's body on refs (both back ends): W, U and T, then the causal scores Q K^T * D;
+  with the fused L2 norm, q and k normalised (q scaled) and stored with their reciprocal norms.
+  `normed` holds the refs of those outputs or is empty; `store_vector` turns a [C,1] value into
+  the back end's layout of a per-token vector.
+
+  The order is for Triton's sake (checked on the compiled code): q is loaded after the WY math,
+  so that it is not live through it (at C = 64 it made the kernel spill registers), and the
+  scores are the last product. At C <= 32 (mma.sync products) Triton picks the warp arrangement
+  of the last product and gives it to the products connected to it (AccelerateMatmul): after a
+  [C,C] result the warps split rows, so each 16x16 diagonal block of T lies in one warp; after
+  W's or U's [C,K] the warps split columns, the blocks straddled two warps and the substitution
+  took 4-5x the barriers (69 instead of 15 at C = 32). At C = 64 (wgmma) the warps split rows
+  whatever the order.
+  """
+  eps = cfg.qk_l2norm_eps
+  k = k_ref[...]
+  if eps is not None:
+    qn_ref, kn_ref, rq_ref, rk_ref = normed
+    k, r_k = normalize_rows(k, 1.0, eps)
+    kn_ref[...] = k
+    rk_ref[...] = store_vector(r_k)
+  w, u, t_inv = wy_representation(k, v_ref[...], g_col, g_row, b_col, b_row, cfg)
   w_ref[...] = w.astype(w_ref.dtype)
   u_ref[...] = u.astype(u_ref.dtype)
   t_ref[...] = t_inv.astype(t_ref.dtype)
-  p_ref[...] = scores.astype(p_ref.dtype)
-  if normed:
-    qn_ref, kn_ref, rq_ref, rk_ref = normed
-    qn_ref[...], kn_ref[...] = q, k
-    rq_ref[...], rk_ref[...] = store_vector(r_q), store_vector(r_k)
+  q = q_ref[...]
+  if eps is not None:
+    q, r_q = normalize_rows(q, cfg.scale, eps)
+    qn_ref[...] = q
+    rq_ref[...] = store_vector(r_q)
+  p_ref[...] = qk_decayed(q, k, g_col, g_row, cfg).astype(p_ref.dtype)
 
 
 def qk_grads_refs(q_ref, k_ref, do_ref, vn_ref, dvn_ref, s_ref, ds_ref, dq_ref, dk_ref, dw_ref,

@@ -11,7 +11,9 @@ idiom:
   - the backward chain reverses that axis through its index maps.
 Expected gaps on real hardware (unchecked): the layout transposes cost a pass over the inputs,
 K/V of 64 fill half of a 128-lane vreg, and Mosaic may reject the transposed-operand matmuls or
-the [C,1] -> [1,C] transpose at some shapes.
+the [C,1] -> [1,C] transpose at some shapes, and kernel 1's triangular inverse: the [C,C] ->
+[C/16,16,C/16,16] and [1,C] -> [C/16,1,16] reshapes, the reductions over the middle axes of
+[C/16,16,16] values and the 16-lane-wide blocks (`_pallas_common.unit_lower_inverse`).
 """
 
 from __future__ import annotations

@@ -292,8 +292,33 @@ def _state_block_v(dv, batch_heads, tuning: Tuning):
   return min(64 if batch_heads * dv // 64 >= _STATE_PROGRAMS else 32, dv)
 
 
+# Kernel 1 with float32 inputs multiplies in 3 tf32 passes, which split each float32 operand into
+# a high and a low tf32 part. Compiled by Triton for an H100/H200 at chunk 64 it stages the split
+# k^T (K K^T, Q K^T) and k (W = T X) tiles in shared memory at once: four [64, K] float32 tiles,
+# six with the fused L2 norm, 256 or 384 KB at K = 256 where a block can have 227 KB (the compiled
+# fla-style grid failed there: "requested 393216, available: 232448"). Read off the compiled
+# kernel (Triton 3.6, sm_90) for K, V in {64, 128, 256}, L2 norm on and off: with K <= 128 at
+# most 192 KB (K = 128, or V = 256), so V alone never overflows; chunk 32 takes at most 192 KB
+# and chunk 16 96 KB at K = 256; bf16/fp16 inputs (no split) 96 KB at chunk 64, K = 256.
+
+
+def _refusal(chunk, dk, dtype, interpret) -> str | None:
+  """Why the compiled kernels cannot run these (padded) shapes, or None."""
+  if interpret or jnp.dtype(dtype) != f32 or chunk != 64 or dk <= 128:
+    return None
+  return (f"pallas_triton: float32 inputs with K padded to {dk} at chunk 64 do not fit kernel 1 "
+          f"in shared memory when compiled: its 3-pass tf32 products stage four to six [64, K] "
+          f"float32 tiles at once, {4 * chunk * dk * 4} to {6 * chunk * dk * 4} bytes, over the "
+          f"{_SMEM_BYTES} an H100 or H200 block can use. Use 'chunked' "
+          f"(implementation=None picks it for float32 inputs), chunk_size <= 32, or bfloat16 "
+          f"inputs")
+
+
 def _make_config(chunk, dk, dv, dtype, batch_heads, *, tuning: Tuning):
   interpret = not _on_gpu()
+  reason = _refusal(chunk, dk, dtype, interpret)
+  if reason:
+    raise NotImplementedError(reason)
   # float32 inputs keep float32 accuracy (3 tf32 passes; see Tuning for a Triton miscompile);
   # bf16/fp16 inputs need no more than tf32 for their fp32 products.
   if interpret:

@@ -24,6 +24,11 @@ Runs:
     python3 tests/kernels/test_fla_grid.py $OUT/fla_grid.jsonl | tee -a $OUT/fla_grid_log.txt
   (the second command prints the worst error per implementation, dtype and output). On a CPU the
   same `-m ""` run interprets the Pallas kernels: 5.5 minutes on 2 cores.
+- Compiled on the GPU, pallas_triton refuses float32 inputs at chunk 64 with K padded above 128
+  (kernel 1 would need more shared memory than a block has; `pallas_triton._refusal`): for the
+  two float32 K = V = 256, T = 200 cases the test asserts that NotImplementedError and its
+  message (`refused`); interpreted, the kernels run them. `test_grid_refusals_as_on_a_gpu`
+  checks that path on a CPU.
 
 Tolerances, on the relative RMS error ||x - ref|| / ||ref|| of every output and gradient; as in
 fla's `assert_close`, an output also passes when its largest absolute error is <= 1e-6 (with
@@ -249,15 +254,41 @@ def rel_rms(x, ref):
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _record(case, impl, errors, max_abs):
+def _record(case, impl, errors, max_abs, refused=None):
   path = os.environ.get("FLA_GRID_ERRORS")
   if path:
+    record = {"case": case.id, "impl": impl, "dtype": case.dtype, "backend": BACKEND,
+              "errors": errors, "max_abs": max_abs}
+    if refused:
+      record["refused"] = refused
     with open(path, "a") as f:
-      f.write(json.dumps({"case": case.id, "impl": impl, "dtype": case.dtype,
-                          "backend": BACKEND, "errors": errors, "max_abs": max_abs}) + "\n")
+      f.write(json.dumps(record) + "\n")
+
+
+def _next_power_of_2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def refused(case: Case, impl: str) -> bool:
+  """Whether the implementation refuses the case here: the compiled Triton kernels take no
+  float32 inputs at chunk 64 with K padded above 128 (kernel 1 would need more shared memory than
+  an H100/H200 block has; pallas_triton._refusal). The chunk is the one the kernels run: a
+  sequence shorter than the chunk runs with a smaller power of 2 (>= 16)."""
+  chunk = min(case.chunk, max(16, _next_power_of_2(case.t)))
+  return (impl == "pallas_triton" and BACKEND == "gpu" and case.dtype == "float32"
+          and chunk == 64 and _next_power_of_2(case.dk) > 128)
+
+
+REFUSAL = "do not fit kernel 1 in shared memory"
 
 
 def check(case: Case, impl: str):
+  if refused(case, impl):
+    args, cotangents = draw(case)
+    with pytest.raises(NotImplementedError, match=REFUSAL) as e:
+      run(case, impl, args, cotangents)
+    _record(case, impl, None, None, refused=str(e.value))
+    return
   args, cotangents, want = reference(case)
   got = run(case, impl, args, cotangents)
   for name, x in zip(NAMES, got, strict=True):
@@ -281,6 +312,19 @@ def test_issue_cases(case, impl):
   check(case, impl)
 
 
+def test_grid_refusals_as_on_a_gpu(monkeypatch):
+  """The grid cases that the compiled Triton kernels refuse (on a CPU, with the GPU pretended:
+  the refusal comes before anything compiles): exactly the two float32 K = V = 256 cases at
+  chunk 64, and each with the message."""
+  from kernels.gated_delta_rule import pallas_triton
+  monkeypatch.setattr(sys.modules[__name__], "BACKEND", "gpu")
+  monkeypatch.setattr(pallas_triton, "_on_gpu", lambda: True)
+  cases = [c for c in GRID if refused(c, "pallas_triton")]
+  assert [(c.t, c.dk, c.dv, c.chunk, c.dtype) for c in cases] == [(200, 256, 256, 64, F32)] * 2
+  for case in cases:
+    check(case, "pallas_triton")
+
+
 @pytest.mark.kernel_grid
 @pytest.mark.parametrize("case,impl",
                          [pytest.param(c, i, id=f"{c.id}-{i}") for c, i in GRID_CASES])
@@ -290,10 +334,13 @@ def test_grid(case, impl):
 
 def summarize(path: str) -> str:
   """The worst relative error per implementation, dtype and output of a FLA_GRID_ERRORS file,
-  leaving out errors that pass on ATOL (listed apart)."""
-  worst, on_atol = {}, []
+  leaving out errors that pass on ATOL and the cases refused as expected (both listed apart)."""
+  worst, on_atol, refusals = {}, [], []
   for line in open(path):
     r = json.loads(line)
+    if r.get("refused"):
+      refusals.append(f"{r['impl']} {r['case']}")
+      continue
     for name, err in r["errors"].items():
       if err > tolerance(r["dtype"], name) and r["max_abs"][name] <= ATOL:
         on_atol.append(f"{r['impl']} {r['case']} {name} rel {err:.1e} max abs "
@@ -306,6 +353,7 @@ def summarize(path: str) -> str:
   rows += [f"{i} {d} {n} {e:.2e} ({tolerance(d, n):g}) {c}"
            for (i, d, n), (e, c) in sorted(worst.items())]
   rows += [f"passed on max abs error <= {ATOL:g}: {len(on_atol)}", *on_atol]
+  rows += [f"refused as expected (NotImplementedError): {len(refusals)}", *refusals]
   return "\n".join(rows)
 
 

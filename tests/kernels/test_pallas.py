@@ -224,6 +224,7 @@ def test_dispatcher_falls_back_when_a_kernel_refuses(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,chunk,dk,dv,l2norm", [(jnp.bfloat16, 64, 256, 256, True),
+                                                      (jnp.bfloat16, 32, 64, 64, True),
                                                       (jnp.float32, 16, 100, 60, False)])
 def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2norm):
   """On any machine: the compiled (not interpreted) Triton kernels of fwd+bwd lower to Triton IR
@@ -246,6 +247,32 @@ def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2nor
   assert text.count("__gpu$xla.gpu.triton") == 5  # kernels 1 and 2 (under the VJP), 3, 4a, 4b
 
 
+def test_triton_refuses_float32_large_k_at_chunk_64(monkeypatch):
+  """Compiled, float32 inputs at chunk 64 with K padded above 128 would need more shared memory
+  in kernel 1 than an H100/H200 block has: NotImplementedError with the reason and the fallback
+  (raised before anything compiles, so this runs on a CPU). Dispatch without a name still runs:
+  float32 goes to "chunked" on a GPU by default."""
+  from kernels.gated_delta_rule import pallas_triton
+  monkeypatch.setattr(pallas_triton, "_on_gpu", lambda: True)
+  (q, k, v, g, beta, s0), _ = make_inputs(0, 1, 100, 1, 200, 64, jnp.float32)  # K pads to 256
+  with pytest.raises(NotImplementedError, match=r"K padded to 256 at chunk 64 do not fit kernel 1 "
+                     r"in shared memory when compiled.*Use 'chunked'"):
+    kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, chunk_size=64,
+                             implementation="pallas_triton")
+  refusal = lambda dtype, chunk, dk, interpret=False: pallas_triton._refusal(
+      chunk, dk, jnp.dtype(dtype), interpret)
+  assert refusal(jnp.float32, 64, 256)
+  assert not any([refusal(jnp.float32, 64, 128), refusal(jnp.float32, 32, 256),
+                  refusal(jnp.bfloat16, 64, 256), refusal(jnp.float16, 64, 256),
+                  refusal(jnp.float32, 64, 256, interpret=True)])
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  got = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, chunk_size=64)
+  want = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, chunk_size=64,
+                                  implementation="chunked")
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_sequential_kernels_pipeline_depth():
   """The tuned depths where they were measured (K <= 128); fewer stages where one step's loads
   would overflow an H100's shared memory (K = 256, chunk 64)."""
@@ -254,3 +281,31 @@ def test_sequential_kernels_pipeline_depth():
                                                           pallas_triton.DEFAULT_TUNING)
   assert [stages(jnp.bfloat16, dk) for dk in (64, 128, 256)] == [3, 3, 2]
   assert [stages(jnp.float32, dk) for dk in (64, 128, 256)] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+@pytest.mark.parametrize("decay", [False, True])
+def test_unit_lower_inverse_is_exact(chunk, decay):
+  """Kernel 1's T = (I + A)^-1 (16x16 diagonal blocks substituted together, then doubling) on
+  values, against float64, where the product form failed: no decay, beta near 1 and keys drawn
+  as fla draws them (uniform in [0, 1), unit length: ~0.75 apart in cosine)."""
+  from kernels.gated_delta_rule import _pallas_common as common
+  rng = np.random.default_rng(chunk)
+  k = rng.random((chunk, 64))
+  k /= np.linalg.norm(k, axis=1, keepdims=True)
+  beta = 1.0 - 0.01 * rng.random(chunk)
+  gamma = np.cumsum(np.log(rng.uniform(0.9, 1.0, chunk))) if decay else np.zeros(chunk)
+  kk = (k @ k.T).astype(np.float32)
+  d = np.exp(np.tril(gamma[:, None] - gamma[None, :], -1))
+  a = np.tril(kk * d * beta[:, None], -1).astype(np.float32)
+  cfg = common.KernelConfig(chunk_size=chunk, block_v=16, block_k=16, grads_block_v=16,
+                            compute_dtype="float32", intermediate_dtype="float32",
+                            fp32_precision=jax.lax.Precision.HIGHEST, interpret=True)
+  col = lambda x: jnp.asarray(x, jnp.float32)[:, None]
+  t = common.unit_lower_inverse(
+      jnp.asarray(a), common.diagonal_blocks_t(jnp.asarray(kk), col(gamma), col(gamma).T,
+                                               col(beta).T), cfg)
+  want = np.linalg.inv(np.eye(chunk) + a.astype(np.float64))
+  assert rel_rms(np.eye(chunk) - a, want) > 0.1  # far from first order: A's powers matter
+  assert np.all(np.triu(np.asarray(t), 1) == 0)
+  assert rel_rms(t, want) < 1e-6
