@@ -1,13 +1,17 @@
 """Tests for the Rule 110 task data: automaton, layout, determinism, grain input, TFDS eval sets."""
 
 import pickle
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sleep_lm.tasks import base, eval_sets, make_task, train_dataset
 from sleep_lm.tasks.rule110 import QUERY, SEQ_LEN, Rule110Task, evolve, rule110_step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # Independent reference: a state is a Python int (bit j = cell j); the new cell is the bit of the
@@ -225,3 +229,22 @@ def test_bad_call_args():
     make_task({"name": "rule110", "T": 5})
   with pytest.raises(ValueError, match="config.task.name must be one of"):
     make_task({"name": "rule30"})
+
+
+def test_eval_sets_built_by_two_processes_at_once(tmp_path):
+  """Parallel sweeps build the same eval set concurrently: both get it, whole (the loser of the
+  final rename reuses the winner's files)."""
+  script = ("import sys, numpy as np\n"
+            "from sleep_lm.tasks import eval_sets, make_task\n"
+            "task = make_task({'name': 'depo'})\n"
+            "src = eval_sets.eval_source(task, 'k2', size=2048, data_dir=sys.argv[1])\n"
+            "ok = (src[2047]['inputs'] == task.eval_examples('k2', np.arange(2047, 2048))"
+            "['inputs'][0]).all()\n"
+            "print(len(src), bool(ok))\n")
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(3)]
+  for proc in procs:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1].split() == ["2048", "True"]

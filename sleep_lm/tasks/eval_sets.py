@@ -93,12 +93,23 @@ def eval_source(task: Task, eval_set: str, *, size: int, data_dir: str):
   plus an int64 "index" field. Usable directly with `grain.MapDataset.source(...)`.
   """
   tfds.disable_progress_bar()
-  builder = SleepLmEval(config=make_config(task, eval_set, size), data_dir=str(data_dir),
-                        file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False,  # generated locally, never fetched
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  return builder.as_data_source(split=SPLIT)
+
+  def builder():
+    return SleepLmEval(config=make_config(task, eval_set, size), data_dir=str(data_dir),
+                       file_format="array_record")
+
+  prepared = builder()
+  try:
+    prepared.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False,  # generated locally, never fetched
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  except FileExistsError:
+    # Another process (a parallel sweep) finished the same set first: TFDS writes into a
+    # temporary folder and renames it, so the set it left is whole. Open that one.
+    prepared = builder()
+    if not prepared.is_prepared():
+      raise
+  return prepared.as_data_source(split=SPLIT)
 
 
 def eval_batches(source, batch_size: int, *,
