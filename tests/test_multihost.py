@@ -55,7 +55,9 @@ def launch(workdir, data_dir, port, process_id):
   cmd = [sys.executable, "-m", "sleep_lm.train", *args, f"--workdir={workdir}",
          f"--coordinator_address=localhost:{port}", "--num_processes=2",
          f"--process_id={process_id}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one device per process
+  env = dict(os.environ)   # no device-count flag: one CPU device per process
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
   env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

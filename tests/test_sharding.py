@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_checks(*names: str, timeout: int = 900) -> dict:
+  flags = os.environ.get("XLA_FLAGS", "")   # keep the suite's compile flags (conftest.py)
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip()}
   out = subprocess.run([sys.executable, "-m", "tests.sharding_checks", *names], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
