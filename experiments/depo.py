@@ -24,7 +24,7 @@ Sweep (Fig. 3: N = 1, 2, 4), one process per run:
 
 import ml_collections
 
-from sleep_lm import sharding
+from experiments import common
 from sleep_lm.tasks import depo
 
 SWEEPS = {
@@ -40,40 +40,12 @@ _SHORTCUTS = {"N": ("model", "passes"), "steps": ("steps",), "batch": ("batch_si
 _PRESETS = ("paper", "small", "smoke")
 
 
-def _parse(arg):
-  presets, overrides = [], {}
-  for item in filter(None, (arg or "").split(",")):
-    if "=" in item:
-      key, value = item.split("=", 1)
-      if key not in _SHORTCUTS:
-        raise ValueError(f"depo config: unknown override {key!r}; allowed: "
-                         f"{sorted(_SHORTCUTS)} (or use --config.<field>=...)")
-      overrides[key] = value
-    elif item in _PRESETS:
-      presets.append(item)
-    else:
-      raise ValueError(f"depo config: unknown preset {item!r}; allowed: {_PRESETS}")
-  return presets, overrides
-
-
 def get_config(arg=None):
-  presets, overrides = _parse(arg)
-  c = ml_collections.ConfigDict()
-  c.name = "depo"
-  c.seed = 0                      # first model seed (init and data order)
-  c.seeds = 1                     # models trained at once, vmapped
-  c.task = dict(name="depo", seed=0, train_num_nodes=None)
+  presets, overrides = common.parse_arg("depo", arg, _SHORTCUTS, _PRESETS)
+  c = common.base_config("depo", task=dict(name="depo", seed=0, train_num_nodes=None), model=dict(
+      d_model=512, layers=("attn", "gdn") * 5, mlp_dim=2048, window=depo.WINDOW))
   c.task.train_num_nodes = ml_collections.config_dict.placeholder(int)
-  c.model = dict(
-      d_model=512, layers=("attn", "gdn") * 5, attn_head_dim=64, gdn_head_dim=64,
-      mlp_dim=2048, conv_kernel=4, rule="gdn", window=depo.WINDOW, passes=1, eviction="hard",
-      remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
-      attention_implementation=None, unroll=True)
-  c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
-  c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
-  c.optimizer = dict(muon_lr=2e-3, adamw_lr=5e-5, warmup_steps=200, decay_fraction=0.2,
-                     weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.95, muon_momentum=0.95,
-                     muon_nesterov=True)
+  c.optimizer.warmup_steps = 200
   c.batch_size = 128
   c.steps = 100_000               # the paper's budget; GPU runs here are far shorter
   c.log_every = 20
@@ -81,12 +53,6 @@ def get_config(arg=None):
   c.eval_size = 1024
   c.eval_batch_size = 256
   c.checkpoint_every = 500
-  c.keep_checkpoints = 2
-  c.data_dir = ""
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)      # see experiments/rule110.py
-  c.sharding_rules = sharding.DEFAULT_RULES
-  c.skip_nonfinite = False
-  c.tensorboard = True
 
   if "small" in presets:
     c.model.update(d_model=256, layers=("attn", "gdn") * 2, mlp_dim=1024)
@@ -105,10 +71,5 @@ def get_config(arg=None):
     c.checkpoint_every = 30
     c.optimizer.warmup_steps = 10
 
-  for key, value in overrides.items():
-    *parents, leaf = _SHORTCUTS[key]
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value if key == "dtype" else int(value)
+  common.apply_shortcuts(c, overrides, _SHORTCUTS)
   return c

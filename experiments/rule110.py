@@ -22,9 +22,7 @@ Sweeps (3 seeds per run, vmapped; one run per GPU with --gpus):
   python -m experiments.plot_rule110 fig2b --root runs/fig2b_t12 --out fig2b_t12.png
 """
 
-import ml_collections
-
-from sleep_lm import sharding
+from experiments import common
 
 # The paper's Fig. 2a budget: <= 40M tokens = 750 steps of 512 x 104 tokens.
 PAPER_STEPS = 750
@@ -57,57 +55,16 @@ _SHORTCUTS = {"N": ("model", "passes"), "L": ("model", "window"), "t": ("task", 
 _PRESETS = ("paper", "smoke", "attn_only", "deep", "large")
 
 
-def _parse(arg):
-  presets, overrides = [], {}
-  for item in filter(None, (arg or "").split(",")):
-    if "=" in item:
-      key, value = item.split("=", 1)
-      if key not in _SHORTCUTS:
-        raise ValueError(f"rule110 config: unknown override {key!r}; allowed: "
-                         f"{sorted(_SHORTCUTS)} (or use --config.<field>=...)")
-      overrides[key] = value
-    elif item in _PRESETS:
-      presets.append(item)
-    else:
-      raise ValueError(f"rule110 config: unknown preset {item!r}; allowed: {_PRESETS}")
-  return presets, overrides
-
-
 def get_config(arg=None):
-  presets, overrides = _parse(arg)
-  c = ml_collections.ConfigDict()
-  c.name = "rule110"
-  c.seed = 0                      # first model seed (init and data order)
-  c.seeds = 1                     # models trained at once, vmapped: seeds seed .. seed+seeds-1
-  c.task = dict(name="rule110", t=8, seed=0)
-  c.model = dict(
-      d_model=256, layers=("attn", "gdn", "attn", "gdn"), attn_head_dim=64, gdn_head_dim=64,
-      mlp_dim=1024, conv_kernel=4, rule="gdn", window=24, passes=1, eviction="hard",
-      remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
-      attention_implementation=None, unroll=True)
-  # Optional strings need a typed placeholder so that --config.model.X=... can set them.
-  c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
-  c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
-  c.optimizer = dict(muon_lr=2e-3, adamw_lr=5e-5, warmup_steps=50, decay_fraction=0.2,
-                     weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.95, muon_momentum=0.95,
-                     muon_nesterov=True)
+  presets, overrides = common.parse_arg("rule110", arg, _SHORTCUTS, _PRESETS)
+  c = common.base_config("rule110", task=dict(name="rule110", t=8, seed=0), model=dict(
+      d_model=256, layers=("attn", "gdn", "attn", "gdn"), mlp_dim=1024, window=24))
   c.batch_size = 512
   c.steps = PAPER_STEPS
-  c.log_every = 10
   c.eval_every = 250
   c.eval_size = 4096
   c.eval_batch_size = 1024
   c.checkpoint_every = 500
-  c.keep_checkpoints = 2
-  c.data_dir = ""                 # TFDS eval sets; "" means <workdir>/eval_data
-  # Devices: data x fsdp x tensor = all devices; -1 takes the rest (sleep_lm/sharding.py).
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  # Logical axis (sleep_lm/layers.py) -> mesh axis, a tuple of them, or None (replicated).
-  # The default: batch over (data, fsdp), weights' d_model over fsdp (ZeRO-3), MLP width and
-  # heads over tensor; override it here or with --config.sharding_rules="((...), ...)".
-  c.sharding_rules = sharding.DEFAULT_RULES
-  c.skip_nonfinite = False        # True: skip steps with a non-finite loss instead of stopping
-  c.tensorboard = True            # event files in <workdir>/tensorboard/seed_<s>
 
   if "attn_only" in presets:
     c.model.layers = ("attn",) * 4
@@ -130,10 +87,5 @@ def get_config(arg=None):
     c.checkpoint_every = 60
     c.optimizer.warmup_steps = 10
 
-  for key, value in overrides.items():
-    *parents, leaf = _SHORTCUTS[key]
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
+  common.apply_shortcuts(c, overrides, _SHORTCUTS)
   return c

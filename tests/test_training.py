@@ -60,3 +60,20 @@ def test_rule110_majority_floor_is_above_chance():
   assert 0.085 < f["floor_exact"] < 0.105 and f["floor_exact"] > task.chance("t12")[
       "exact_accuracy"]
   assert 0.54 < f["floor_answer"] < 0.57
+
+
+def test_experiment_config_args():
+  from experiments import depo, rule110
+  with pytest.raises(ValueError, match="rule110 config: unknown preset 'tiny'"):
+    rule110.get_config("tiny")
+  with pytest.raises(ValueError, match="depo config: unknown override 'M'"):
+    depo.get_config("M=2")
+  c = rule110.get_config("paper,N=4,t=32,seeds=3,dtype=bfloat16")
+  assert (c.model.passes, c.task.t, c.seeds, c.model.dtype, c.model.window) == (
+      4, 32, 3, "bfloat16", 24)
+  c = depo.get_config("small,N=2,nodes=75")
+  assert (c.model.passes, c.task.train_num_nodes, c.model.d_model) == (2, 75, 256)
+  for module in (rule110, depo):     # every sweep entry is a valid config
+    for runs in module.SWEEPS.values():
+      for arg in runs:
+        module.get_config(arg)

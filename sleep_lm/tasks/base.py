@@ -30,6 +30,36 @@ import numpy as np
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "answer_group")
 
 
+# ----------------------------------------------------------------- counter-based example hashing
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MASK64 = (1 << 64) - 1
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def mix64(z: np.ndarray) -> np.ndarray:
+  """splitmix64 finaliser: a bijection on uint64 (wrapping multiplies are intended)."""
+  with np.errstate(over="ignore"):  # numpy scalars warn on wrap-around; arrays do not
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+  return z ^ (z >> np.uint64(31))
+
+
+def example_keys(seed: int, split_key: int, indices) -> np.ndarray:
+  """One 64-bit key per example index, uint64 [n]: a pure function of (seed, split, index),
+  injective in the index for a fixed (seed, split). Every task draws its examples from these,
+  so any worker, shard or resumed run can make any example without carrying RNG state."""
+  idx = np.asarray(indices)
+  if idx.ndim != 1:
+    raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
+  if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0):
+    raise ValueError(f"indices must be non-negative integers, got {idx!r}")
+  key = mix64(np.array([seed], np.uint64) + GOLDEN)
+  key = mix64(key ^ np.uint64(split_key))
+  return mix64(key ^ idx.astype(np.uint64))
+
+
 def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
   """`value` as an int in [minimum, maximum], or a ValueError that names the field."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):

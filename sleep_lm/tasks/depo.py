@@ -77,7 +77,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from sleep_lm.tasks.base import BATCH_KEYS, Task
+from sleep_lm.tasks.base import BATCH_KEYS, GOLDEN, MASK64, Task, check_int, example_keys, mix64
 
 SEQ_LEN = 360
 GRAPH_LEN = 300
@@ -106,11 +106,7 @@ _S_NODES, _S_CLASS, _S_SHORT, _S_LONG, _S_CYCLE, _S_EDGES, _S_SOURCES, _S_HOPS, 
     np.uint64(0xD390_0000_0000_0000 + i) for i in range(9))
 _FP_KEY = np.uint64(0x6470_F19E_4E00_0001)
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_MASK64 = (1 << 64) - 1
-_U64MAX = np.uint64(_MASK64)
+_U64MAX = np.uint64(MASK64)
 _MAX_ATTEMPTS = 256  # a row needs more than a with probability 2^-a
 
 _NUM_LONG = MINI_VOCAB * MINI_VOCAB  # distinct 2-token names
@@ -126,22 +122,14 @@ def node_count_probs() -> dict[int, float]:
   return {int(n): float(p) for n, p in zip(_N_VALUES, _N_PROBS, strict=True)}
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-  """splitmix64 finaliser: a bijection on uint64 (wrapping multiplies are intended)."""
-  with np.errstate(over="ignore"):  # numpy scalars warn on wrap-around; arrays do not
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-  return z ^ (z >> np.uint64(31))
-
-
 def _words(key: np.ndarray, stream: np.uint64, count: int) -> np.ndarray:
   """Hash words j = 0..count-1 of one stream per row: uint64 [m] -> [m, count].
 
   Word j does not depend on count, so longer prefixes extend shorter ones.
   """
-  base = _mix64(key ^ stream)
-  j = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
-  return _mix64(base[:, None] + j[None, :])
+  base = mix64(key ^ stream)
+  j = np.arange(1, count + 1, dtype=np.uint64) * GOLDEN
+  return mix64(base[:, None] + j[None, :])
 
 
 def _uniform(words: np.ndarray) -> np.ndarray:
@@ -149,24 +137,14 @@ def _uniform(words: np.ndarray) -> np.ndarray:
   return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  value = int(value)
-  if value < minimum or (maximum is not None and value > maximum):
-    hi = "" if maximum is None else f" and <= {maximum}"
-    raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
-  return value
-
-
 def _edge_hashes(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
   """Hash of each edge from its endpoints' name codes: 128 * inner + end (inner 0 if none)."""
-  return _mix64(((src.astype(np.uint64) << np.uint64(16)) | dst.astype(np.uint64)) ^ _FP_KEY)
+  return mix64(((src.astype(np.uint64) << np.uint64(16)) | dst.astype(np.uint64)) ^ _FP_KEY)
 
 
 def _fingerprint(edge_hashes: np.ndarray) -> np.ndarray:
   """Order-free fingerprint: sum (mod 2^64) of edge hashes over the last axis, then mixed."""
-  return _mix64(edge_hashes.sum(axis=-1, dtype=np.uint64) ^ _FP_KEY)
+  return mix64(edge_hashes.sum(axis=-1, dtype=np.uint64) ^ _FP_KEY)
 
 
 def graph_fingerprint(inputs: np.ndarray) -> np.ndarray:
@@ -297,27 +275,19 @@ class DepoTask:
   num_nodes: int | None = None
 
   def __post_init__(self):
-    _check_int("seed", self.seed, 0, _MASK64)
+    check_int("seed", self.seed, 0, MASK64)
     if self.split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
     if self.hops is not None:
-      _check_int("hops", self.hops, 1, MAX_HOPS)
+      check_int("hops", self.hops, 1, MAX_HOPS)
     if self.num_nodes is not None:
-      _check_int("num_nodes", self.num_nodes, MIN_NODES, MAX_NODES)
+      check_int("num_nodes", self.num_nodes, MIN_NODES, MAX_NODES)
 
   def replace(self, **changes) -> DepoTask:
     return dataclasses.replace(self, **changes)
 
   def _keys(self, indices) -> np.ndarray:
-    idx = np.asarray(indices)
-    if idx.ndim != 1:
-      raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
-    if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0):
-      raise ValueError(f"indices must be non-negative integers, got {idx!r}")
-    idx = idx.astype(np.uint64)
-    key = _mix64(np.array([self.seed], np.uint64) + _GOLDEN)
-    key = _mix64(key ^ np.uint64(_SPLIT_KEYS[self.split]))
-    return _mix64(key ^ idx)  # injective in index for a fixed (seed, split)
+    return example_keys(self.seed, _SPLIT_KEYS[self.split], indices)
 
   def batch(self, indices: Iterable[int] | np.ndarray) -> dict[str, np.ndarray]:
     """Examples for `indices`, stacked (shapes in the module docstring, leading dim n)."""
@@ -332,8 +302,8 @@ class DepoTask:
     for attempt in range(_MAX_ATTEMPTS):
       if not pending.size:
         break
-      salt = _mix64(np.array([attempt], np.uint64) * _GOLDEN + _S_ATTEMPT)  # arrays wrap silently
-      k = _mix64(ex_keys[pending] ^ salt)
+      salt = mix64(np.array([attempt], np.uint64) * GOLDEN + _S_ATTEMPT)  # arrays wrap silently
+      k = mix64(ex_keys[pending] ^ salt)
       cn, cc = _draw_graphs(k, self.num_nodes)
       valid = np.arange(MAX_NODES)[None, :] < cn[:, None]
       h = np.where(valid, _edge_hashes(cc, _successor_codes(cc, cn)), np.uint64(0))
@@ -401,7 +371,7 @@ class DepoTask:
 
   def example(self, index: int) -> dict[str, np.ndarray]:
     """One example: the arrays of `batch` without the leading dim."""
-    index = _check_int("index", index, 0, _MASK64)
+    index = check_int("index", index, 0, MASK64)
     return {k: v[0] for k, v in self.batch(np.array([index], np.uint64)).items()}
 
 

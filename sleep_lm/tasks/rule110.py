@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from sleep_lm.tasks.base import Task, check_int
+from sleep_lm.tasks.base import GOLDEN, MASK64, Task, check_int, example_keys, mix64
 
 ZERO = 0
 ONE = 1
@@ -41,19 +41,6 @@ SPLITS = ("train", "eval")
 # Stream keys mixed into the hash; arbitrary distinct 64-bit constants, fixed forever (changing
 # them changes every dataset).
 _SPLIT_KEYS = {"train": 0x7472_6169_6E00_0110, "eval": 0x6576_616C_0000_0110}
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-  """splitmix64 finaliser: a bijection on uint64 (arrays only, so overflow wraps silently)."""
-  z = (z ^ (z >> np.uint64(30))) * _MIX1
-  z = (z ^ (z >> np.uint64(27))) * _MIX2
-  return z ^ (z >> np.uint64(31))
-
 
 def rule110_step(states: np.ndarray) -> np.ndarray:
   """One Rule 110 step on a periodic ring. states: bool [..., bits] -> bool [..., bits]."""
@@ -94,7 +81,7 @@ class Rule110Task:
   state_bits: int = STATE_BITS
 
   def __post_init__(self):
-    check_int("seed", self.seed, 0, _MASK64)
+    check_int("seed", self.seed, 0, MASK64)
     check_int("t", self.t, 0)
     if self.split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
@@ -116,17 +103,9 @@ class Rule110Task:
 
   def states(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
     """Initial states for example indices: bool [n, num_states, state_bits]."""
-    idx = np.asarray(indices)
-    if idx.ndim != 1:
-      raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
-    if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0):
-      raise ValueError(f"indices must be non-negative integers, got {idx!r}")
-    idx = idx.astype(np.uint64)
-    key = _mix64(np.array([self.seed], np.uint64) + _GOLDEN)
-    key = _mix64(key ^ np.uint64(_SPLIT_KEYS[self.split]))
-    h = _mix64(key ^ idx)  # [n]; injective in index for a fixed (seed, split)
-    word_ids = np.arange(1, self.num_states + 1, dtype=np.uint64) * _GOLDEN
-    words = _mix64(h[:, None] + word_ids[None, :])  # [n, num_states]
+    h = example_keys(self.seed, _SPLIT_KEYS[self.split], indices)       # [n]
+    word_ids = np.arange(1, self.num_states + 1, dtype=np.uint64) * GOLDEN
+    words = mix64(h[:, None] + word_ids[None, :])  # [n, num_states]
     shifts = np.arange(self.state_bits, dtype=np.uint64)
     return ((words[..., None] >> shifts) & np.uint64(1)).astype(np.bool_)
 
@@ -153,7 +132,7 @@ class Rule110Task:
 
   def example(self, index: int) -> dict[str, np.ndarray]:
     """One example: the arrays of `batch` for one index, without the leading axis."""
-    index = check_int("index", index, 0, _MASK64)
+    index = check_int("index", index, 0, MASK64)
     return {k: v[0] for k, v in self.batch(np.array([index], np.uint64)).items()}
 
 
