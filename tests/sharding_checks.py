@@ -42,9 +42,9 @@ def report(name: str, **values) -> None:
   print(json.dumps({"check": name, **values}), flush=True)
 
 
-def tiny_run(mesh: dict) -> RunConfig:
+def tiny_run(mesh: dict, **extra) -> RunConfig:
   c = rule110.get_config("smoke")
-  for key, value in {**TINY, "mesh": mesh}.items():
+  for key, value in {**TINY, "mesh": mesh, **extra}.items():
     node = c
     *parents, leaf = key.split(".")
     for p in parents:
@@ -253,12 +253,25 @@ def _check_placement(lay: Layout) -> dict:
   return {"q_proj_kernel_shard": list(local)}
 
 
-CHECKS = {"op": check_op, "steps": check_steps_and_restore,
+def check_batch_sizes() -> None:
+  """Batch sizes the data axes cannot split are refused by name before anything runs (the
+  trainer calls `setup` before it claims the workdir)."""
+  for field in ("batch_size", "eval_batch_size"):
+    try:
+      trainer.setup(tiny_run({"data": 4, "tensor": 2}, **{field: 6}))
+    except ValueError as e:
+      assert f"config.{field} (6) must be divisible by mesh.data x mesh.fsdp (4)" in str(e), e
+    else:
+      raise AssertionError(f"{field} = 6 on a 4-way data axis was accepted")
+  report("batch_sizes")
+
+
+CHECKS = {"op": check_op, "steps": check_steps_and_restore, "batch_sizes": check_batch_sizes,
           "more_steps": lambda: check_steps_and_restore(
               ("data8", "fsdp8", "fsdp2_tensor4", "data2_fsdp2_tensor2")),
           "pallas": lambda: check_op("pallas_triton")}
 
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()
-  for name in sys.argv[1:] or ("op", "steps"):
+  for name in sys.argv[1:] or ("op", "steps", "batch_sizes"):
     CHECKS[name]()

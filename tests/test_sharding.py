@@ -36,8 +36,11 @@ def test_sharded_op_and_steps_on_8_devices():
     equal one device's (losses, every parameter); no activation is all-gathered; parameters
     and optimizer state are placed and split as the rules say; a checkpoint saved on
     data 4 x tensor 2 restores onto data 2 x fsdp 4 and onto 1 device with the same loss at
-    the next step."""
-  reports = run_checks("op", "steps")
+    the next step.
+  - batch_sizes: a batch_size or eval_batch_size the data axes cannot split is refused by name
+    before anything runs."""
+  reports = run_checks("op", "steps", "batch_sizes")
+  assert "batch_sizes" in reports
   assert reports["op"]["all_gathers"] == 0
   steps = reports["steps"]
   assert set(steps["layouts"]) == {"data4_tensor2", "data2_fsdp4"}
