@@ -33,7 +33,7 @@ import numpy as np
 from experiments.sweep import load_module
 from sleep_lm import profiling, trainer
 from sleep_lm.run_config import RunConfig
-from sleep_lm.sleep import num_windows, window_length
+from sleep_lm.sleep import window_length
 
 # Dense bf16 peak by device kind (vendor datasheets, SXM parts).
 BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "H100": 989.4,
@@ -54,7 +54,7 @@ def peak_tflops(device) -> float | None:
 def model_flops_per_step(run: RunConfig) -> float:
   """Model FLOPs of one train step of one model (forward + backward), see the module docstring."""
   cfg, t = run.model, run.task.seq_len
-  length, windows = window_length(cfg, t), num_windows(cfg, t)
+  length = window_length(cfg, t)
   schedule = trainer.task_schedule(run)
   window_passes = sum(cfg.passes if s else 1 for s in schedule)
   d, f = cfg.d_model, cfg.hidden_dim
@@ -68,7 +68,6 @@ def model_flops_per_step(run: RunConfig) -> float:
   scores = 3 * 4 * length * length * d * cfg.num_attn_layers * run.batch_size * window_passes
   k = cfg.gdn_head_dim
   fast_weight = 3 * 6 * k * k * cfg.num_gdn_heads * cfg.num_gdn_layers * tokens
-  del windows
   return float(dense + scores + fast_weight)
 
 

@@ -64,10 +64,6 @@ def window_length(config: ModelConfig, seq_len: int) -> int:
   return seq_len if config.eviction == "none" else config.window
 
 
-def num_windows(config: ModelConfig, seq_len: int) -> int:
-  return -(-seq_len // window_length(config, seq_len))
-
-
 def sleep_schedule(loss_mask: Array, window: int) -> Array:
   """[B,T] loss mask -> [W] bool: True for consolidation windows (no supervised token)."""
   b, t = loss_mask.shape
