@@ -28,7 +28,10 @@ temporaries - aliased donations) and the allocator's peak bytes in use (`device.
 GPUs and TPUs only), the largest over the mesh's devices.
 
 Prints one JSON line per row and a table last; --json writes every row after each child (a
-timeout keeps what was measured).
+timeout keeps what was measured). Rows measured at once on disjoint GPUs of one host (each
+invocation with its own CUDA_VISIBLE_DEVICES) join into one table with
+  python3 -m experiments.scaling --report one_gpu.json two_gpus.json four_gpus.json --json all.json
+which measures nothing and takes the efficiency against their 1-device row.
 """
 
 from __future__ import annotations
@@ -152,6 +155,46 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def with_efficiency(rows: list[dict], base: dict | None, baseline_name: str) -> None:
+  """Sets each measured row's efficiency against `base` (a 1-device row of the same machine)."""
+  for row in rows:
+    if "tokens_per_s" not in row or base is None:
+      continue
+    if base.get("device_kind") != row.get("device_kind"):
+      row["efficiency_error"] = (f"baseline on {base.get('device_kind')}, this row on "
+                                 f"{row.get('device_kind')}: not compared")
+    else:
+      row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["tokens_per_s"])
+      row["baseline"] = "this invocation" if row is base else baseline_name
+
+
+def report(paths: list[str], out: str | None) -> None:
+  """One table from several --json files of the same config and batch (e.g. 1 GPU and 2 GPUs
+  measured at once on disjoint GPUs of one host), efficiency against their 1-device row."""
+  runs = [json.loads(Path(p).read_text()) for p in paths]
+  keys = ("config", "per_device_batch", "global_batch")
+  for path, run in zip(paths, runs):
+    if any(run.get(k) != runs[0].get(k) for k in keys):
+      raise SystemExit(f"--report: {path} measured {({k: run.get(k) for k in keys})}, "
+                       f"{paths[0]} {({k: runs[0].get(k) for k in keys})}")
+  rows = sorted((row for run in runs for row in run["rows"]), key=lambda r: r.get("devices", 0))
+  base = next((r for r in rows if r.get("devices") == 1 and "tokens_per_s" in r), None)
+  if base is None:
+    raise SystemExit(f"--report: no measured 1-device row in {paths}")
+  for row in rows:
+    row.pop("efficiency", None)
+    row.pop("efficiency_error", None)
+  with_efficiency(rows, base, "the 1-device row of " + paths[0])
+  print(f"config {runs[0]['config']}  on {base.get('device_kind')}  "
+        + (f"global batch {runs[0]['global_batch']}" if runs[0]["global_batch"]
+           else f"{runs[0]['per_device_batch']} examples per batch shard"))
+  print(table(rows))
+  if out:
+    Path(out).write_text(json.dumps({**{k: runs[0][k] for k in keys}, "reported_from": paths,
+                                     "meshes": [r["mesh"] for r in rows], "rows": rows},
+                                    indent=2))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="experiments/rule110.py:large")
@@ -169,8 +212,14 @@ def main(argv=None):
   parser.add_argument("--baseline", default=None,
                       help="a --json of an earlier invocation on the same machine whose 1-device "
                            "row is the baseline (when this one has no data=1 row)")
+  parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                      help="measure nothing: print one table from these --json files (and "
+                           "write it to --json), efficiency against their 1-device row")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.report:
+    report(args.report, args.json)
+    return
   if args.global_batch is None and args.per_device_batch is None:
     args.per_device_batch = 64
 
@@ -212,13 +261,7 @@ def main(argv=None):
       row = {"mesh": spec, "devices": n, "error": f"timed out after {args.timeout} s"}
     if base is None and row.get("devices") == 1 and "tokens_per_s" in row:
       base = row
-    if "tokens_per_s" in row and base is not None:
-      if base.get("device_kind") != row.get("device_kind"):
-        row["efficiency_error"] = (f"baseline on {base.get('device_kind')}, this row on "
-                                   f"{row.get('device_kind')}: not compared")
-      else:
-        row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["tokens_per_s"])
-        row["baseline"] = "this invocation" if base in rows or base is row else args.baseline
+    with_efficiency([row], base, "this invocation" if base in rows else args.baseline)
     rows.append(row)
     print(json.dumps(row), flush=True)
     if args.json:
