@@ -75,3 +75,10 @@ def base_config(name: str, task: dict, model: dict) -> ml_collections.ConfigDict
   c.skip_nonfinite = False        # True: skip steps with a non-finite loss instead of stopping
   c.tensorboard = True            # event files in <workdir>/tensorboard/seed_<s>
   return c
+
+
+def steps_label(last_eval_step: int, planned_steps: int) -> str:
+  """A run's length for plot legends: the planned steps, or how far a stopped run got."""
+  if last_eval_step >= planned_steps:
+    return f"{planned_steps} steps"
+  return f"stopped at {last_eval_step} of {planned_steps} steps"

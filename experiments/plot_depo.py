@@ -20,6 +20,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments import common  # noqa: E402
 from sleep_lm import workdir  # noqa: E402
 from sleep_lm.run_config import RunConfig  # noqa: E402
 from sleep_lm.tasks import depo  # noqa: E402
@@ -32,7 +33,9 @@ def load_runs(root: Path) -> list[dict]:
     evals = [r for r in workdir.read_records(path) if r["kind"] == "eval"]
     if evals:
       runs.append({"N": run.model.passes, "tokens_per_step": run.batch_size * run.task.seq_len,
-                   "evals": evals, "label": f"N = {run.model.passes}, {run.steps} steps"})
+                   "evals": evals,
+                   "label": f"N = {run.model.passes}, "
+                            + common.steps_label(evals[-1]["step"], run.steps)})
   if not runs:
     raise SystemExit(f"no run with eval records under {root}")
   return sorted(runs, key=lambda r: r["N"])
@@ -54,7 +57,8 @@ def main():
   floor_loss = guess_loss()
   sets = [f"k{k}" for k in depo.EVAL_HOPS]
   fig, axes = plt.subplots(2, len(sets), figsize=(3.2 * len(sets), 6.0), dpi=120, sharex=True)
-  print(f"{'run':<24}{'set':>5}{'tokens':>9}{'loss':>8}{'sd':>7}{'query acc':>10}{'floor':>8}")
+  print(f"{'run':<40}{'set':>5}{'tokens':>9}{'loss':>8}{'sd':>7}{'query acc':>10}{'floor':>8}"
+        "  query acc per seed")
   for r in runs:
     for col, name in enumerate(sets):
       by_step = defaultdict(list)
@@ -70,10 +74,11 @@ def main():
         axes[row, col].fill_between(x, [min(v) for v in vals], [max(v) for v in vals],
                                     color=line.get_color(), alpha=0.2, lw=0)
       last = by_step[steps[-1]]
-      print(f"{r['label']:<24}{name:>5}{x[-1]:>8.0f}M{np.mean([e['loss'] for e in last]):>8.3f}"
+      print(f"{r['label']:<40}{name:>5}{x[-1]:>8.0f}M{np.mean([e['loss'] for e in last]):>8.3f}"
             f"{np.std([e['loss'] for e in last]):>7.3f}"
             f"{np.mean([e['query_accuracy'] for e in last]):>10.4f}"
-            f"{last[0]['floor_answer']:>8.4f}")
+            f"{last[0]['floor_answer']:>8.4f}  "
+            + " ".join(f"{e['query_accuracy']:.4f}" for e in sorted(last, key=lambda e: e["seed"])))
   for col, name in enumerate(sets):
     axes[0, col].set_title(f"k = {name[1:]} hops")
     axes[0, col].axhline(floor_loss, color="grey", ls=":", lw=1,

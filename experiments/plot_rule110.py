@@ -25,6 +25,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments import common  # noqa: E402
 from experiments.throughput import model_flops_per_step  # noqa: E402
 from sleep_lm import workdir  # noqa: E402
 from sleep_lm.run_config import RunConfig  # noqa: E402
@@ -54,7 +55,7 @@ def load_runs(roots: list[Path]) -> list[dict]:
       if not evals:
         continue
       run = RunConfig.from_config(config)
-      label = describe(config.to_dict()) + f", {run.steps} steps"
+      label = describe(config.to_dict()) + ", " + common.steps_label(evals[-1]["step"], run.steps)
       runs.append({"name": directory.name, "label": label,
                    "N": run.model.passes, "t": run.task.t,
                    "tokens_per_step": run.batch_size * run.task.seq_len,
@@ -107,7 +108,7 @@ def fig2a(runs, axes):
 def fig2b(runs, axes):
   ax_tokens, ax_flops = axes
   order = sorted(runs, key=lambda r: (("attention" in r["label"]), r["N"], r["label"]))
-  print(f"{'run':<40}{'seeds':>6}{'tokens':>9}{'PFLOP':>9}{'mean':>8}{'sd':>8}{'floor':>8}")
+  print(f"{'run':<56}{'seeds':>6}{'tokens':>9}{'PFLOP':>9}{'mean':>8}{'sd':>8}{'floor':>8}")
   floor = None
   for r in order:
     steps = by_step(r["evals"])
@@ -121,7 +122,7 @@ def fig2b(runs, axes):
       ax.fill_between(xs * scale, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     floor = list(steps.values())[-1][0]["floor_exact"]
     a = acc[-1]
-    print(f"{r['label']:<40}{len(a):>6}{xs[-1] * r['tokens_per_step'] / 1e6:>8.0f}M"
+    print(f"{r['label']:<56}{len(a):>6}{xs[-1] * r['tokens_per_step'] / 1e6:>8.0f}M"
           f"{xs[-1] * r['flops_per_step'] / 1e15:>9.1f}{np.mean(a):>8.4f}"
           f"{np.std(a, ddof=min(1, len(a) - 1)):>8.4f}{floor:>8.4f}")
   for ax in (ax_tokens, ax_flops):
