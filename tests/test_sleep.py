@@ -150,6 +150,21 @@ def test_attention_only_baselines(params):
   assert rel_err(out[0].logits[:, L:], out[1].logits[:, L:]) > 1e-3   # full cache sees it
 
 
+def test_full_cache_equals_one_causal_pass_over_the_sequence(params):
+  """eviction="none" (the full-cache baseline) is the plain causal model: one pass over every
+  token, each query attending to every earlier key, the GDN state and conv never restarting."""
+  cfg = small_config(eviction="none")
+  tokens, mask = tokens_and_mask(8)
+  out = sleep_forward(cfg, params, tokens, mask)
+  pos = jnp.arange(T)
+  causal = pos[None, :] <= pos[:, None]
+  ctx = PassContext(pos, pos, jnp.ones((T,), bool), causal[None, None])
+  model, v = HybridLM(cfg), {"params": params}
+  h = model.apply(v, tokens, method=HybridLM.embed)
+  h, _, _ = model.apply(v, h, zero_states(cfg, 3), ctx, method=HybridLM.run_pass)
+  assert rel_err(out.logits, model.apply(v, h, method=HybridLM.logits)) < 1e-5
+
+
 def test_sliding_one_pass_equals_parallel_sliding_window_hybrid(params):
   cfg = small_config(eviction="sliding")
   tokens, mask = tokens_and_mask(6)
