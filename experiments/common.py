@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from pathlib import Path
+
 import ml_collections
 
 from sleep_lm import sharding
@@ -82,3 +84,11 @@ def steps_label(last_eval_step: int, planned_steps: int) -> str:
   if last_eval_step >= planned_steps:
     return f"{planned_steps} steps"
   return f"stopped at {last_eval_step} of {planned_steps} steps"
+
+
+def save_figure(fig, out: str) -> None:
+  """Writes a plot command's figure (making its folder) and says where."""
+  fig.tight_layout()
+  Path(out).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out)
+  print(f"wrote {out}")

@@ -92,10 +92,7 @@ def main():
   axes[0, 0].legend(fontsize=7)
   fig.suptitle("Depo k-hop retrieval, L = 75: the graph is evicted before the queries "
                "(band: min-max over seeds)")
-  fig.tight_layout()
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(args.out)
-  print(f"wrote {args.out}")
+  common.save_figure(fig, args.out)
 
 
 if __name__ == "__main__":

@@ -148,10 +148,7 @@ def main():
   for ax in axes[0]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(args.out)
-  print(f"wrote {args.out}")
+  common.save_figure(fig, args.out)
 
 
 if __name__ == "__main__":
