@@ -8,7 +8,6 @@ allowed ones, and `apply_shortcuts` writes the values into the config after the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
 from pathlib import Path
 
 import ml_collections

@@ -173,7 +173,7 @@ def report(paths: list[str], out: str | None) -> None:
   measured at once on disjoint GPUs of one host), efficiency against their 1-device row."""
   runs = [json.loads(Path(p).read_text()) for p in paths]
   keys = ("config", "per_device_batch", "global_batch")
-  for path, run in zip(paths, runs):
+  for path, run in zip(paths, runs, strict=True):
     if any(run.get(k) != runs[0].get(k) for k in keys):
       raise SystemExit(f"--report: {path} measured {({k: run.get(k) for k in keys})}, "
                        f"{paths[0]} {({k: runs[0].get(k) for k in keys})}")
