@@ -171,6 +171,10 @@ def with_efficiency(rows: list[dict], base: dict | None, baseline_name: str) -> 
 def report(paths: list[str], out: str | None) -> None:
   """One table from several --json files of the same config and batch (e.g. 1 GPU and 2 GPUs
   measured at once on disjoint GPUs of one host), efficiency against their 1-device row."""
+  missing = [p for p in paths if not Path(p).is_file()]
+  if missing:
+    raise SystemExit(f"--report: no such file: {', '.join(missing)} (give the --json files of "
+                     "earlier scaling runs)")
   runs = [json.loads(Path(p).read_text()) for p in paths]
   keys = ("config", "per_device_batch", "global_batch")
   for path, run in zip(paths, runs, strict=True):

@@ -40,3 +40,5 @@ def test_report_refuses_files_of_different_batches(tmp_path):
     scaling.main(["--report", one, two])
   with pytest.raises(SystemExit, match="no measured 1-device row"):
     scaling.main(["--report", two])
+  with pytest.raises(SystemExit, match="no such file: .*absent.json"):
+    scaling.main(["--report", one, str(tmp_path / "absent.json")])
