@@ -104,6 +104,7 @@ TABLES: dict[tuple[str, str], Table] = {
     ("hf", "llama"): _hf_table("Hugging Face LlamaForCausalLM"),
     ("hf", "qwen2"): _hf_table("Hugging Face Qwen2ForCausalLM"),
 }
+assert all(e.op in OPS for t in TABLES.values() for e in t.entries), "unknown op in a table"
 
 
 def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
