@@ -112,8 +112,13 @@ def test_experiment_config_args():
   c = rule110.get_config("paper,N=4,t=32,seeds=3,dtype=bfloat16")
   assert (c.model.passes, c.task.t, c.seeds, c.model.dtype, c.model.window) == (
       4, 32, 3, "bfloat16", 24)
-  c = depo.get_config("small,N=2,nodes=75")
-  assert (c.model.passes, c.task.train_num_nodes, c.model.d_model) == (2, 75, 256)
+  c = depo.get_config("small,N=2,recipe=full_harmonic_gates,full_share=0.25")
+  assert (c.model.passes, c.task.full_share, c.task.hop_law, c.optimizer.gate_lr,
+          c.model.d_model) == (2, 0.25, "harmonic", 1e-3, 256)
+  c = depo.get_config("recipe=original")
+  assert (c.task.wrap, c.optimizer.gate_lr, c.model.d_model) == (True, 5e-5, 512)
+  with pytest.raises(ValueError, match="depo config: unknown recipe 'best'; allowed: "):
+    depo.get_config("recipe=best")
   for module in (rule110, depo):     # every sweep entry is a valid config
     for runs in module.SWEEPS.values():
       for arg in runs:
