@@ -3,7 +3,12 @@ stopped early."""
 
 from pathlib import Path
 
+import pytest
+
+from experiments import depo as depo_config
 from experiments import plot_depo, plot_rule110
+from sleep_lm import trainer
+from sleep_lm.run_config import RunConfig
 
 RUNS = Path(__file__).resolve().parents[1] / "docs" / "results_runs"
 
@@ -80,3 +85,20 @@ def test_pilot_selection_reads_only_validation_sets():
   assert any("stopped at 500 of 1000 steps" in n for n in notes)
   winner, notes = plot_depo.select([_pilot_run("a", (0.02, 0.02, 0.02))])
   assert any(n.startswith("WARNING: no candidate left the floor at k = 1") for n in notes)
+
+
+@pytest.mark.slow
+def test_depo_figure_and_selection_from_a_real_training_run(tmp_path, capsys, monkeypatch):
+  """A tiny CPU Depo run (the smoke preset, shortened) writes metrics that both plot_depo modes
+  read: the figure with its table, and the pilot's selection of that run's recipe."""
+  config = depo_config.get_config("smoke,recipe=mix_harmonic_gates,steps=6")
+  config.update(eval_every=6, checkpoint_every=6, log_every=3, eval_size=16, eval_batch_size=16,
+                batch_size=4, tensorboard=False, data_dir=str(tmp_path / "data"))
+  trainer.train(RunConfig.from_config(config), tmp_path / "runs" / "pilot", log=lambda _: None)
+  printed = _draw(plot_depo, ["--root", str(tmp_path / "runs")], tmp_path, capsys, monkeypatch)
+  label = "2L d64, N = 1, mix_harmonic_gates, 6 steps"
+  assert [line[len(label):].split()[0] for line in printed.splitlines()
+          if line.startswith(label)] == ["k1", "k2", "k4", "k8", "k16", "train_law"]
+  monkeypatch.setattr("sys.argv", ["plot_depo", "--select", "--root", str(tmp_path / "runs")])
+  plot_depo.main()
+  assert 'FIG3_RECIPE = "mix_harmonic_gates"' in capsys.readouterr().out
