@@ -3,11 +3,11 @@ queries about a graph it saw only before eviction?
 
 `get_config(arg)`: arg is a comma-separated list of presets and key=value overrides.
   presets:   paper (default: 10 layers alternating attn/gdn, width 512, L = 75, batch 128),
-             small (4 layers at width 256: the Rule 110 model, about 6x cheaper per step),
-             smoke (CPU, about a minute)
+             small (4 layers at width 256: the Rule 110 model, ~10x fewer FLOPs per step),
+             smoke (CPU, 1-4 minutes on 2 shared cores)
   overrides: recipe (a name in RECIPES: the training distribution and the gates' learning rate;
-             default FIG3_RECIPE), N (passes), steps, batch, seed, seeds, dtype, node_law,
-             full_share, hop_law, gate_lr (these four after the recipe)
+             default FIG3_RECIPE), N (passes), steps, batch, seed, seeds, dtype, remat, warmup,
+             node_law, full_share, hop_law, gate_lr (these four are applied after the recipe)
 Any field can also be overridden on the command line: --config.task.wrap=True.
 
 The paper's Depo model is "Jet-Nemotron architecture" with 10 layers at d = 512; its Jet block
@@ -16,22 +16,24 @@ Rule 110, alternating (attn, gdn, ...), which the paper leaves unstated.
 
 Every run evaluates, every `eval_every` steps, the held-out sets k1..k16 (n = 75), the held-out
 set at its training law ("train_law") and the validation sets val_k1, val_k2, val_k4 (n = 75, a
-third split of the graphs). Recipes are chosen on the validation sets only.
+third split of the graphs), 512 examples each. Recipes are chosen on the validation sets only.
 
 Launch (single runs):
   python -m sleep_lm.train --config experiments/depo.py:smoke --workdir /tmp/depo_smoke
   python -m sleep_lm.train --workdir runs/depo_N4 \
-      --config experiments/depo.py:small,recipe=mix,N=4,seeds=3,dtype=bfloat16,steps=2500
+      --config experiments/depo.py:small,recipe=mix,N=4,seeds=3,dtype=bfloat16,steps=2000
   python -m sleep_lm.evaluate --workdir runs/depo_N4
-GPU plan (one H200, each sweep's runs at once on it; docs/results.md has the measured costs):
-  1. pilot: N = 1, one seed per recipe, PILOT_STEPS steps; then the selection (validation only):
+GPU plan (one H200; each sweep runs its runs at once on it, with memory on demand):
+  1. pilot: N = 1, one seed per recipe, PILOT_STEPS steps (69M tokens per run); then the
+     selection, which reads only the validation sets (rule: experiments/plot_depo.py):
        python -m experiments.sweep --config experiments/depo.py --sweep pilot --root runs/depo_pilot
        python -m experiments.plot_depo --select --root runs/depo_pilot
-  2. set FIG3_RECIPE below to the printed winner (one line), then Fig. 3, 3 seeds per run:
+  2. set FIG3_RECIPE below to the printed winner (one line), then Fig. 3, 3 seeds per run, steps
+     fixed up front (the warmup-stable-decay schedule ends at them):
        python -m experiments.sweep --config experiments/depo.py --sweep fig3_small --root runs/depo
        python -m experiments.sweep --config experiments/depo.py --sweep fig3_paper \
-           --root runs/depo_paper
-  3. the figure and table:
+           --root runs/depo_paper            # or fig3_paper_1seed, if the budget is short
+  3. the figure and table (the plot command accepts several --root):
        python -m experiments.plot_depo --root runs/depo --out docs/figures/depo_fig3.png
        python -m experiments.plot_depo --root runs/depo_paper --out docs/figures/depo_fig3_paper.png
 """
@@ -62,23 +64,29 @@ RECIPES = {
 FIG3_RECIPE = "mix_harmonic_gates"
 
 PILOT_STEPS = 1500
-FIG3_SMALL_STEPS = 2500
-FIG3_PAPER_STEPS = 600
+FIG3_SMALL_STEPS = 2000
+FIG3_PAPER_STEPS = 500
 _GPU = "dtype=bfloat16"
+_PAPER_RUN = f"steps={FIG3_PAPER_STEPS},warmup=50"    # a short run: warm up over 10%, not 40%
 
 SWEEPS = {
     "pilot": [f"small,recipe={r},N=1,seeds=1,{_GPU},steps={PILOT_STEPS}" for r in RECIPES],
     "fig3_small": [f"small,recipe={FIG3_RECIPE},N={n},seeds=3,{_GPU},steps={FIG3_SMALL_STEPS}"
                    for n in (4, 2, 1)],
-    "fig3_paper": [f"paper,recipe={FIG3_RECIPE},N={n},seeds=3,{_GPU},steps={FIG3_PAPER_STEPS}"
-                   for n in (4, 1)],
+    # The paper-size model at N = 4 with 3 seeds needs more memory than an H200 has without
+    # rematerialisation (estimated ~150 GB; ~50 GB at N = 1), so its passes are recomputed.
+    "fig3_paper": [f"paper,recipe={FIG3_RECIPE},N=4,seeds=3,{_GPU},remat=full,{_PAPER_RUN}",
+                   f"paper,recipe={FIG3_RECIPE},N=1,seeds=3,{_GPU},{_PAPER_RUN}"],
+    "fig3_paper_1seed": [f"paper,recipe={FIG3_RECIPE},N={n},seeds=1,{_GPU},{_PAPER_RUN}"
+                         for n in (4, 1)],
     "smoke": ["smoke,N=1", "smoke,N=2"],
 }
 
 _SHORTCUTS = {"N": ("model", "passes"), "steps": ("steps",), "batch": ("batch_size",),
               "seed": ("seed",), "seeds": ("seeds",), "dtype": ("model", "dtype"),
-              "node_law": ("task", "node_law"), "full_share": ("task", "full_share"),
-              "hop_law": ("task", "hop_law"), "gate_lr": ("optimizer", "gate_lr"),
+              "remat": ("model", "remat"), "node_law": ("task", "node_law"),
+              "full_share": ("task", "full_share"), "hop_law": ("task", "hop_law"),
+              "gate_lr": ("optimizer", "gate_lr"), "warmup": ("optimizer", "warmup_steps"),
               "recipe": ()}
 _PRESETS = ("paper", "small", "smoke")
 
