@@ -192,8 +192,9 @@ def draw(runs: list[dict], out: str) -> None:
             f"{np.std([e['loss'] for e in rs]):>6.3f}{np.mean(acc):>10.4f}"
             f"{rs[0]['floor_answer']:>7.4f}{rs[0]['chance_answer']:>7.4f}  "
             + " ".join(f"{a:.4f}" for a in acc))
-  print("floor: majority answer per query, measured on the set; names: a guesser that knows the "
-        "graph's names, not its edges (1/(n-1))")
+  print("loss: nats at the answer token (one per query); floor: majority answer per query, "
+        "measured on the set; names: a guesser that knows the graph's names, not its edges: "
+        f"1/(n-1), loss log(n-1) = {math.log(depo.MAX_NODES - 1):.3f} at n = 75")
   for col, name in enumerate(HELD_OUT):
     axes[0, col].set_title(f"k = {name[1:]} hops (n = 75)")
     new_loss = [c for _, c in floors[name] if c is not None]
