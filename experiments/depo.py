@@ -74,7 +74,7 @@ SWEEPS = {
     "fig3_small": [f"small,recipe={FIG3_RECIPE},N={n},seeds=3,{_GPU},steps={FIG3_SMALL_STEPS}"
                    for n in (4, 2, 1)],
     # The paper-size model at N = 4 with 3 seeds needs more memory than an H200 has without
-    # rematerialisation (estimated ~150 GB; ~50 GB at N = 1), so its passes are recomputed.
+    # rematerialisation (estimated ~180 GB; ~55 GB at N = 1), so its passes are recomputed.
     "fig3_paper": [f"paper,recipe={FIG3_RECIPE},N=4,seeds=3,{_GPU},remat=full,{_PAPER_RUN}",
                    f"paper,recipe={FIG3_RECIPE},N=1,seeds=3,{_GPU},{_PAPER_RUN}"],
     "fig3_paper_1seed": [f"paper,recipe={FIG3_RECIPE},N={n},seeds=1,{_GPU},{_PAPER_RUN}"
