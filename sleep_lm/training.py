@@ -29,14 +29,19 @@ Array = jax.Array
 # taps, A_log and dt_bias get AdamW). Path: (layer module, projection module, "kernel").
 _MUON_PATH = re.compile(
     r"layer_\d+_(attn/(q|k|v|out)|gdn/(q|k|v|a|b|gate|out)_proj|mlp/(gate|up|down))/kernel")
+# The GDN decay gates (g = -exp(A_log) softplus(a + dt_bias)) get AdamW at their own rate,
+# `gate_lr` (default adamw_lr): they set how long the fast-weight memory keeps what it stored.
+_GATE_PATH = re.compile(r"(.*/)?(A_log|dt_bias)")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """Muon on 2-D weight matrices, AdamW on the rest; warmup-stable-decay schedule; clipping."""
+  """Muon on 2-D weight matrices, AdamW on the rest (the GDN gates at their own rate, gate_lr,
+  None: adamw_lr); warmup-stable-decay schedule; clipping."""
   total_steps: int
   muon_lr: float = 2e-3
   adamw_lr: float = 5e-5
+  gate_lr: float | None = None     # AdamW rate of A_log and dt_bias; None: adamw_lr
   warmup_steps: int = 100
   decay_fraction: float = 0.2      # the last 20% of steps decay linearly to zero
   weight_decay: float = 0.0        # decoupled, for both optimizers
@@ -63,6 +68,8 @@ class OptimizerConfig:
     for field in ("muon_lr", "adamw_lr", "clip_norm"):
       value = getattr(self, field)
       expect(number(value) and value > 0, field, f"must be a finite number > 0, got {value!r}")
+    expect(self.gate_lr is None or (number(self.gate_lr) and self.gate_lr > 0), "gate_lr",
+           f"must be None (= adamw_lr) or a finite number > 0, got {self.gate_lr!r}")
     expect(number(self.decay_fraction) and 0.0 <= self.decay_fraction <= 1.0, "decay_fraction",
            f"must be in [0, 1], got {self.decay_fraction!r}")
     expect(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
@@ -98,22 +105,27 @@ def param_path(path) -> str:
 
 
 def param_labels(params) -> Any:
-  """'muon' for the hidden layers' projection matrices, 'adamw' for everything else."""
+  """'muon' for the hidden layers' projection matrices, 'gates' for the GDN decay gates (A_log,
+  dt_bias), 'adamw' for everything else."""
   def label(path, leaf):
     muon = _MUON_PATH.fullmatch(param_path(path)) is not None
     if muon and leaf.ndim != 2:
       raise ValueError(f"Muon parameter {param_path(path)} must be 2-D, got shape {leaf.shape}")
-    return "muon" if muon else "adamw"
+    if muon:
+      return "muon"
+    return "gates" if _GATE_PATH.fullmatch(param_path(path)) else "adamw"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
   muon = optax.contrib.muon(wsd_schedule(cfg.muon_lr, cfg), beta=cfg.muon_momentum,
                             nesterov=cfg.muon_nesterov, weight_decay=cfg.weight_decay)
-  adamw = optax.adamw(wsd_schedule(cfg.adamw_lr, cfg), b1=cfg.b1, b2=cfg.b2,
-                      weight_decay=cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.multi_transform({"muon": muon, "adamw": adamw}, param_labels))
+  def adamw(lr):
+    return optax.adamw(wsd_schedule(lr, cfg), b1=cfg.b1, b2=cfg.b2,
+                       weight_decay=cfg.weight_decay)
+  gates = adamw(cfg.adamw_lr if cfg.gate_lr is None else cfg.gate_lr)
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(
+      {"muon": muon, "adamw": adamw(cfg.adamw_lr), "gates": gates}, param_labels))
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -1,7 +1,10 @@
 """Optimizer labels, schedules and the evaluator's floors."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -9,7 +12,7 @@ from sleep_lm.config import ModelConfig
 from sleep_lm.evaluation import answer_accuracy, floors
 from sleep_lm.model import init_params
 from sleep_lm.tasks import make_task
-from sleep_lm.training import OptimizerConfig, param_labels, param_path
+from sleep_lm.training import OptimizerConfig, make_optimizer, param_labels, param_path
 
 
 def test_muon_gets_exactly_the_projection_matrices():
@@ -24,17 +27,55 @@ def test_muon_gets_exactly_the_projection_matrices():
       + [f"layer_{i}_mlp/{n}/kernel" for i in (0, 1) for n in ("gate", "up", "down")])
   adamw = sorted(k for k, v in labels.items() if v == "adamw")
   assert adamw == sorted(
-      ["embedding/embedding", "head/kernel", "final_norm/scale", "layer_1_gdn/A_log",
-       "layer_1_gdn/dt_bias", "layer_1_gdn/out_norm/scale"]
+      ["embedding/embedding", "head/kernel", "final_norm/scale", "layer_1_gdn/out_norm/scale"]
       + [f"layer_1_gdn/{n}_conv/kernel" for n in ("q", "k", "v")]
       + [f"layer_{i}_{n}/scale" for i in (0, 1) for n in ("mixer_norm", "mlp_norm")])
+  assert sorted(k for k, v in labels.items() if v == "gates") == [
+      "layer_1_gdn/A_log", "layer_1_gdn/dt_bias"]
+  assert set(labels.values()) == {"muon", "adamw", "gates"}
+
+
+def _one_update(cfg, params, grads):
+  optimizer = make_optimizer(cfg)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  return {param_path(p): np.asarray(u) for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+
+
+def test_gate_lr_moves_only_the_gates():
+  # One parameter of each label, named as in the model (the labels read only the paths).
+  shapes = {"layer_1_gdn": {"A_log": (4,), "dt_bias": (4,), "q_proj": {"kernel": (8, 8)},
+                            "out_norm": {"scale": (8,)}},
+            "head": {"kernel": (8, 5)}}
+  params = jax.tree.map(lambda s: jnp.ones(s), shapes, is_leaf=lambda x: isinstance(x, tuple))
+  labels = {param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(param_labels(params))}
+  assert labels == {"layer_1_gdn/A_log": "gates", "layer_1_gdn/dt_bias": "gates",
+                    "layer_1_gdn/q_proj/kernel": "muon", "layer_1_gdn/out_norm/scale": "adamw",
+                    "head/kernel": "adamw"}
+  grads = jax.tree.map(lambda x: 1e-3 * jnp.cos(jnp.arange(x.size) + 1.0).reshape(x.shape),
+                       params)
+  base = OptimizerConfig(total_steps=10, warmup_steps=0, adamw_lr=5e-5)
+  default = _one_update(base, params, grads)
+  same = _one_update(dataclasses.replace(base, gate_lr=5e-5), params, grads)
+  fast = _one_update(dataclasses.replace(base, gate_lr=1e-3), params, grads)
+  for path in default:
+    np.testing.assert_allclose(same[path], default[path], rtol=1e-6, atol=0)
+    if path.endswith(("A_log", "dt_bias")):
+      np.testing.assert_allclose(fast[path], 20 * default[path], rtol=1e-4)  # Adam: step ~ lr
+    else:
+      np.testing.assert_array_equal(fast[path], default[path])
+  # Without GDN layers there is no gate parameter; the optimizer still works.
+  no_gates = {"head": params["head"]}
+  assert jax.tree.leaves(param_labels(no_gates)) == ["adamw"]
+  _one_update(dataclasses.replace(base, gate_lr=1e-3), no_gates, {"head": grads["head"]})
 
 
 def test_optimizer_config_defaults_and_errors():
   cfg = OptimizerConfig(total_steps=10, warmup_steps=2)
   assert (cfg.muon_momentum, cfg.muon_nesterov) == (0.95, True)
+  assert cfg.gate_lr is None
   for field, value in (("muon_momentum", 1.0), ("weight_decay", -1.0), ("b2", float("nan")),
-                       ("clip_norm", 0.0), ("muon_nesterov", 1)):
+                       ("clip_norm", 0.0), ("muon_nesterov", 1), ("gate_lr", 0.0),
+                       ("gate_lr", "1e-3")):
     with pytest.raises(ValueError, match=f"OptimizerConfig.{field}"):
       OptimizerConfig(total_steps=10, warmup_steps=2, **{field: value})
 
@@ -71,8 +112,13 @@ def test_experiment_config_args():
   c = rule110.get_config("paper,N=4,t=32,seeds=3,dtype=bfloat16")
   assert (c.model.passes, c.task.t, c.seeds, c.model.dtype, c.model.window) == (
       4, 32, 3, "bfloat16", 24)
-  c = depo.get_config("small,N=2,nodes=75")
-  assert (c.model.passes, c.task.train_num_nodes, c.model.d_model) == (2, 75, 256)
+  c = depo.get_config("small,N=2,recipe=full_harmonic_gates,full_share=0.25")
+  assert (c.model.passes, c.task.full_share, c.task.hop_law, c.optimizer.gate_lr,
+          c.model.d_model) == (2, 0.25, "harmonic", 1e-3, 256)
+  c = depo.get_config("recipe=original")
+  assert (c.task.wrap, c.optimizer.gate_lr, c.model.d_model) == (True, 5e-5, 512)
+  with pytest.raises(ValueError, match="depo config: unknown recipe 'best'; allowed: "):
+    depo.get_config("recipe=best")
   for module in (rule110, depo):     # every sweep entry is a valid config
     for runs in module.SWEEPS.values():
       for arg in runs:
