@@ -263,7 +263,8 @@ def test_op_law_and_core_laws():
   assert (two["op"] == 2).all() and (two["answer_size"] >= 1).all()
   assert abs((two["answer_size"] == 2).mean() - 1 / 3) < 0.03
   # The root's constant is uniform in 0..10 and q is a core value.
-  problems = GsmSymbolicTask(seed=2, split="eval", op=1).problems(np.arange(2200))
+  problems = GsmSymbolicTask(seed=2, split="eval", op=1, **gsm.PRESETS["smoke"]).problems(
+      np.arange(2200))
   consts = Counter(p.statements[[s.rhs for s in p.statements].index(None)].operand
                    for p in problems)
   assert sorted(consts) == list(range(11)) and min(consts.values()) > 140
@@ -271,7 +272,8 @@ def test_op_law_and_core_laws():
              for p in problems)
   # A random recursive tree: node i's parent is uniform among the i earlier nodes, so the root
   # has on average H(op-1) = 1 + 1/2 + ... children; at op 8, 2.59.
-  eight = GsmSymbolicTask(seed=3, split="eval", op=8).problems(np.arange(1500))
+  eight = GsmSymbolicTask(seed=3, split="eval", op=8, min_len=80, max_len=100).problems(
+      np.arange(1500))
   root_children = [sum(s.rhs == next(t.lhs for t in p.statements if t.rhs is None)
                        for s in p.statements) for p in eight]
   assert abs(np.mean(root_children) - sum(1 / i for i in range(1, 8))) < 0.12
