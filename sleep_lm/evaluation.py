@@ -7,7 +7,8 @@ reference levels an accuracy must be read against, computed from the set itself:
   floor_exact / floor_answer: a constant predictor that answers, at every supervised position,
     the most common target of that position in the set (for Rule 110 at t >= 10 it scores ~9.4%
     exact, well above the 1/16 of guessing);
-  chance_exact / chance_answer / chance_loss: uniform guessing as the task defines it.
+  chance_exact / chance_answer / chance_loss: uniform guessing as the task defines it;
+  any other floor_* level the task measures on the set (`Task.set_floors`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def prepare_eval_sets(task: Task, *, size: int, data_dir: str | Path,
     whole = next(eval_sets.eval_batches(source, len(source)))
     sets.append(EvalSet(name, source, {**floors(whole["targets"], whole["loss_mask"],
                                                 whole["answer_group"]),
+                                       **task.set_floors(name, whole),
                                        **{f"chance_{k.split('_')[0]}": v
                                           for k, v in task.chance(name).items()}}))
   return sets
@@ -161,4 +163,9 @@ def format_results(results: Mapping[str, dict], seeds: Sequence[int]) -> str:
                  f"   majority answer at each position ({r['examples']} examples)")
     lines.append(f"{name:<8}{'chance':>6}{'':>9}{r['chance_exact']:>9.4f}"
                  f"{r['chance_answer']:>9.4f}   uniform guessing")
+    extra = {k: v for k, v in r.items()
+             if k.startswith("floor_") and k not in ("floor_exact", "floor_answer")}
+    if extra:
+      lines.append(f"{name:<8}{'floors':>6}   " + "  ".join(f"{k[6:]} {v:.4f}"
+                                                         for k, v in extra.items()))
   return "\n".join(lines)

@@ -25,6 +25,9 @@ _RUN_FIELDS = ("name", "seed", "seeds", "task", "model", "optimizer", "batch_siz
                "log_every", "eval_every", "eval_size", "eval_batch_size", "checkpoint_every",
                "keep_checkpoints", "data_dir", "mesh", "sharding_rules", "skip_nonfinite",
                "tensorboard")
+# Optional top-level fields and their defaults: absent from the configs of the experiments
+# that do not use them (and from older workdirs), so their config.json files stay unchanged.
+_OPTIONAL_FIELDS = {"hard_warmup_steps": 0}
 
 
 def _product_or_free(mesh: Mapping) -> int:
@@ -66,6 +69,9 @@ class RunConfig:
   skip_nonfinite: bool
   tensorboard: bool
   config: ml_collections.ConfigDict = dataclasses.field(repr=False, compare=False)
+  # Sliding-window runs: train the first steps with eviction="hard" (same parameters, same
+  # window), then with model.eviction; 0: no warm-up (`sleep_lm.trainer`).
+  hard_warmup_steps: int = 0
 
   @property
   def model_seeds(self) -> tuple[int, ...]:
@@ -78,9 +84,10 @@ class RunConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> RunConfig:
-    unknown = sorted(set(config.keys()) - set(_RUN_FIELDS))
+    allowed = sorted((*_RUN_FIELDS, *_OPTIONAL_FIELDS))
+    unknown = sorted(set(config.keys()) - set(allowed))
     if unknown:
-      raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(_RUN_FIELDS)}")
+      raise ValueError(f"config: unknown field(s) {unknown}; allowed: {allowed}")
     missing = sorted(set(_RUN_FIELDS) - set(config.keys()))
     if missing:
       raise ValueError(f"config: missing field(s) {missing}")
@@ -103,10 +110,18 @@ class RunConfig:
     model = ModelConfig.from_mapping({**config.model.to_dict(), "vocab_size": task.vocab_size})
     optimizer = OptimizerConfig.from_mapping(
         {**config.optimizer.to_dict(), "total_steps": config.steps})
+    warmup = config.get("hard_warmup_steps", _OPTIONAL_FIELDS["hard_warmup_steps"])
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= ints["steps"]:
+      raise ValueError(f"config.hard_warmup_steps must be an integer in [0, config.steps = "
+                       f"{ints['steps']}], got {warmup!r}")
+    if warmup and model.eviction != "sliding":
+      raise ValueError(f"config.hard_warmup_steps = {warmup} warms a sliding-window run up with "
+                       f"hard eviction: it needs config.model.eviction='sliding', got "
+                       f"{model.eviction!r}")
     return cls(task=task, model=model, optimizer=optimizer, seed=seed,
                data_dir=config.data_dir, mesh=mesh, sharding_rules=rules,
                skip_nonfinite=config.skip_nonfinite, tensorboard=config.tensorboard,
-               config=config, **ints)
+               config=config, hard_warmup_steps=warmup, **ints)
 
   @classmethod
   def checked(cls, config: ml_collections.ConfigDict) -> RunConfig:

@@ -14,6 +14,7 @@ two steps and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -87,13 +88,14 @@ def initial_state(run: RunConfig, mesh, boxed):
     return jax.jit(init, out_shardings=out_sh)(), optimizer
 
 
-def sharded_train_step(run: RunConfig, mesh, boxed, optimizer):
+def sharded_train_step(run: RunConfig, mesh, boxed, optimizer, model=None):
   """(jitted step, batch sharding): the train step with the state's and the batch's shardings
   pinned (the state keeps its layout and its donated buffers are reused). Call the step under
-  `jax.set_mesh(mesh)`. The trainer and the benchmarks run this same step."""
+  `jax.set_mesh(mesh)`. The trainer and the benchmarks run this same step. `model`: another
+  ModelConfig with the same parameters (the hard-eviction warm-up's), default run.model."""
   batch_sh = seeded_batch_sharding(mesh, run.sharding_rules)
   state_sh = state_shardings(run, mesh, boxed, optimizer)
-  step = make_train_step(run.model, optimizer, schedule=task_schedule(run),
+  step = make_train_step(model or run.model, optimizer, schedule=task_schedule(run),
                          skip_nonfinite=run.skip_nonfinite, rules=run.sharding_rules,
                          in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, sharding.replicated(mesh)))
@@ -168,10 +170,17 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
   eval_sets = evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
 
   jitted_step, batch_sh = sharded_train_step(run, mesh, boxed, optimizer)
+  # Hard-eviction warm-up of a sliding-window run: steps 1..hard_warmup_steps train the same
+  # parameters with eviction="hard" (the same windows, so the same schedule), then sliding.
+  warmup_step = None
+  if run.hard_warmup_steps:
+    hard = dataclasses.replace(run.model, eviction="hard")
+    warmup_step, _ = sharded_train_step(run, mesh, boxed, optimizer, model=hard)
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, step):
+    fn = warmup_step if step <= run.hard_warmup_steps else jitted_step
     with jax.set_mesh(mesh):
-      return jitted_step(state, batch)
+      return fn(state, batch)
 
   shard_index, shard_count = sharding.process_batch_slice(batch_sh, run.batch_size, axis=1)
   dataset = train_dataset(run.task, run.batch_size, data_seeds=seeds, shard_index=shard_index,
@@ -235,7 +244,10 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
 
   try:
     for step in range(start + 1, run.steps + 1):
-      state, metrics = step_fn(state, to_device(next(batches)))
+      if step == run.hard_warmup_steps + 1 and step > 1:
+        log(f"step {step}: hard-eviction warm-up over; training with eviction "
+            f"{run.model.eviction!r}")
+      state, metrics = step_fn(state, to_device(next(batches)), step)
       pending_device.append((step, metrics))
       interval_steps += 1
       if step % run.log_every == 0 or step == run.steps:

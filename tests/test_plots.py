@@ -102,3 +102,32 @@ def test_depo_figure_and_selection_from_a_real_training_run(tmp_path, capsys, mo
   monkeypatch.setattr("sys.argv", ["plot_depo", "--select", "--root", str(tmp_path / "runs")])
   plot_depo.main()
   assert 'FIG3_RECIPE = "mix_harmonic_gates"' in capsys.readouterr().out
+
+
+def test_gsm_figure_draws_every_run_with_its_floors(tmp_path, capsys, monkeypatch):
+  """Two workdirs (the configs of the smoke sweep, metrics written here) -> one panel each and
+  a table row per run and op set with the floors."""
+  import json
+
+  from experiments import gsm_symbolic, plot_gsm
+  from sleep_lm import workdir
+
+  for i, arg in enumerate(("smoke,N=2", "smoke,sliding,N=2,warmup=20")):
+    run = tmp_path / "runs" / f"run{i}"
+    run.mkdir(parents=True)
+    config = gsm_symbolic.get_config(arg)
+    config.seeds = 2
+    (run / "config.json").write_text(json.dumps(workdir.config_to_dict(config)))
+    with (run / "metrics.jsonl").open("w") as f:
+      for step in (30, 60):
+        for name in ("op1", "op2", "op4"):
+          for seed in (0, 1):
+            f.write(json.dumps({"step": step, "kind": "eval", "set": name, "seed": seed,
+                                "exact_accuracy": 0.1 * seed + step / 600, "floor_exact": 0.0,
+                                "floor_root_only": 0.39, "floor_all_derivable": 0.31,
+                                "floor_mode": 0.02, "floor_empty": 0.0,
+                                "chance_exact": 1 / 3}) + "\n")
+  printed = _draw(plot_gsm, ["--root", str(tmp_path / "runs")], tmp_path, capsys, monkeypatch)
+  assert printed.count("hybrid N = 2, hard L = 32, 60 steps") == 3
+  assert printed.count("hybrid N = 2, sliding L = 16, hard warm-up 20 steps, 60 steps") == 3
+  assert "0.150  0.050  0.100 0.200" in printed and "0.390" in printed

@@ -11,10 +11,11 @@ from typing import Any
 
 from sleep_lm.tasks.base import BATCH_KEYS, Task, train_dataset
 from sleep_lm.tasks.depo import Depo
+from sleep_lm.tasks.gsm_symbolic import GsmSymbolic
 from sleep_lm.tasks.rule110 import Rule110
 
 TASKS: Mapping[str, type[Task]] = types.MappingProxyType({
-    cls.name: cls for cls in (Rule110, Depo)})
+    cls.name: cls for cls in (Rule110, Depo, GsmSymbolic)})
 
 
 def make_task(values: Mapping[str, Any]) -> Task:

@@ -1,13 +1,16 @@
 """The task interface: everything the trainer, the evaluator and the benchmarks know of a task.
 
 A task is a frozen dataclass (its fields are `config.task` minus `name`) that gives:
-  - `vocab_size`, `seq_len`: the token space and the (fixed) example length;
+  - `vocab_size`, `seq_len`: the token space and the (fixed) example length (class attributes,
+    or properties where the task's fields set them);
   - `token_chars` (optional): one character per token, for reading and printing text;
   - `train_examples(data_seed, indices)`: training examples, a pure function of its arguments;
   - `eval_set_names()`, `eval_examples(name, indices)`: the held-out sets (a disjoint stream),
     written once as TFDS array_record files by `sleep_lm.tasks.eval_sets`;
   - `chance(name)`: chance levels of the metrics on an eval set (the majority-answer floor is
-    measured from the set itself by the evaluator, see `sleep_lm.evaluation`).
+    measured from the set itself by the evaluator, see `sleep_lm.evaluation`);
+  - `set_floors(name, batch)` (optional): more reference levels of the task's own, measured on
+    the whole eval set by the evaluator.
 Examples are dicts of NumPy arrays with a leading example axis and the keys `BATCH_KEYS`:
   inputs, targets int32 [n,T]: tokens and the next token to predict at each position;
   loss_mask float32 [n,T]: 1 where the loss is taken (answer tokens), else 0;
@@ -97,6 +100,12 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def chance(self, name: str) -> dict[str, float]:
     """Chance levels on eval set `name`: {"exact_accuracy": ..., "answer_accuracy": ...}."""
+
+  def set_floors(self, name: str, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    """Task-specific reference levels ("floor_..." keys) measured on eval set `name`, given
+    whole as `batch` (the keys of BATCH_KEYS); none by default."""
+    del name, batch
+    return {}
 
   def eval_set_id(self, name: str) -> str:
     """A unique, filesystem-safe id of eval set `name` (its content depends on nothing else)."""

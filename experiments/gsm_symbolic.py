@@ -1,0 +1,155 @@
+r"""GSM-Infinite symbolic (paper Task 3, Figs. 4 and 5): does sleeping (N > 1) help a hybrid
+answer "which variables equal q?" about statements it saw only before eviction?
+
+`get_config(arg)`: arg is a comma-separated list of presets and key=value overrides.
+  presets:   small (default: 4 layers attn/gdn/attn/gdn at width 256, the Rule 110 model;
+               problems of 448-622 tokens, seq_len 640, L = 160 hard / 80 sliding, batch 64),
+             paper (the paper's lengths: problems of 2,000-3,300 tokens, L = 2,000 hard / 512
+               sliding; 10 layers at width 512 like the Depo model, batch 32: the paper
+               fine-tunes 1.4-2B pretrained models, which are not built here),
+             long8k, long32k, long64k (the long-context issue's lengths; L = 2,048; a starting
+               point, not a tuned recipe),
+             smoke (CPU, about a minute: width 64, 2 layers, 72-118-token problems, L = 32),
+             sliding (sliding-window eviction at the preset's sliding L),
+             attn_only (4 attention layers, or the preset's depth; with eviction=none the
+               full-cache baseline: one window over the whole sequence),
+             qlast (the question after the context, as the original's prompt; the paper and
+               the default put it first, so that it is evicted too)
+  overrides: N (passes), L (window), eviction, warmup (hard-eviction warm-up steps of a sliding
+             run), steps, batch, seed, seeds, dtype, ops (largest op count; the answer region
+             grows with it), padding (left: PAD before the problem; middle: the problem at
+             position 0 and PAD before the answer, so windows cut it where the paper's do)
+Any field can also be overridden on the command line: --config.task.min_len=300.
+
+Training draws op uniformly in 1..max_op (the paper: 1..8); eval sets op1, op2, op4, op6, op8
+(the paper reports 2, 4, 6, 8; op1 is pure recall of the one constant assignment). Accuracy is
+exact set match. Read it against the floors printed with every eval (docs/tasks.md):
+floor_root_only answers {the variable assigned a constant} (1/3 at op 2), floor_all_derivable
+every derivable variable (1/3 at op 2, 1/27 at op 4), chance 1/(2^op - 1).
+
+Launch (single run; three seeds at once):
+  python -m sleep_lm.train --config experiments/gsm_symbolic.py:smoke --workdir /tmp/gsm_smoke
+  python -m sleep_lm.train --config experiments/gsm_symbolic.py:N=4,seeds=3,dtype=bfloat16 \
+      --workdir runs/gsm/N4
+  python -m sleep_lm.train --config experiments/gsm_symbolic.py:sliding,N=4,warmup=200,seeds=3 \
+      --workdir runs/gsm/sliding_N4_warm
+  python -m sleep_lm.evaluate --workdir runs/gsm/N4
+Sweeps (Fig. 4: hard eviction + the full-cache attention baseline; Fig. 5: sliding windows with
+and without a hard-eviction warm-up), several runs sharing one GPU:
+  python -m experiments.sweep --config experiments/gsm_symbolic.py --sweep fig4 --root runs/gsm
+  python -m experiments.sweep --config experiments/gsm_symbolic.py --sweep fig5 --root runs/gsm
+  python -m experiments.plot_gsm --root runs/gsm --out docs/figures/gsm_fig45.png
+
+The warm-up (`config.hard_warmup_steps`, shortcut `warmup`): the first steps of a sliding run
+train with eviction="hard" at the same window (same parameters, same schedule, one optimizer
+and one learning-rate schedule over the whole run), then training continues with sliding
+eviction. Evaluation always uses the run's own eviction (sliding).
+"""
+
+import ml_collections
+
+from experiments import common
+from sleep_lm.tasks import gsm_symbolic
+
+# Windows per preset: (hard L, sliding L). Each keeps the answer region (the last 2 max_op + 2
+# tokens) inside the last window, so the static window schedule holds (checked in get_config).
+WINDOWS = {"smoke": (32, 16), "small": (160, 80), "paper": (2000, 512), "long8k": (2048, 2048),
+           "long32k": (2048, 2048), "long64k": (2048, 2048)}
+SMALL_STEPS = 1500
+# Fig. 5 runs are dearer per step (8 windows of 80 tokens) and more numerous: fewer steps, the
+# first 20% of them with hard eviction in the warm-up runs.
+FIG5_STEPS = 1000
+FIG5_WARMUP = FIG5_STEPS // 5
+
+_GPU = "seeds=3,dtype=bfloat16"
+SWEEPS = {
+    # Fig. 4 analogue: hard eviction, N = 1, 2, 4 (the dearest first), and the attention-only
+    # model that keeps the whole problem in its cache, on the same data and steps.
+    "fig4": [f"small,N={n},{_GPU}" for n in (4, 2, 1)] + [f"small,attn_only,eviction=none,{_GPU}"],
+    # Fig. 5 analogue: sliding windows, N = 1, 2, 4, with and without a hard-eviction warm-up
+    # (the dearest first; the last, N = 1 with a warm-up, matters least: the paper's claim is
+    # about N > 1).
+    "fig5": ([f"small,sliding,N={n},warmup={FIG5_WARMUP},steps={FIG5_STEPS},{_GPU}"
+              for n in (4, 2)]
+             + [f"small,sliding,N={n},steps={FIG5_STEPS},{_GPU}" for n in (4, 2, 1)]
+             + [f"small,sliding,N=1,warmup={FIG5_WARMUP},steps={FIG5_STEPS},{_GPU}"]),
+    "smoke": ["smoke,N=1", "smoke,N=2", "smoke,sliding,N=2,warmup=20"],
+}
+
+_SHORTCUTS = {"N": ("model", "passes"), "L": ("model", "window"),
+              "eviction": ("model", "eviction"), "warmup": ("hard_warmup_steps",),
+              "steps": ("steps",), "batch": ("batch_size",), "seed": ("seed",),
+              "seeds": ("seeds",), "dtype": ("model", "dtype"), "ops": ("task", "max_op"),
+              "padding": ("task", "padding")}
+_LENGTHS = ("smoke", "small", "paper", "long8k", "long32k", "long64k")
+_PRESETS = (*_LENGTHS, "sliding", "attn_only", "qlast")
+
+
+def get_config(arg=None):
+  presets, overrides = common.parse_arg("gsm_symbolic", arg, _SHORTCUTS, _PRESETS)
+  lengths = [p for p in presets if p in _LENGTHS]
+  if len(lengths) > 1:
+    raise ValueError(f"gsm_symbolic config: choose one length preset of {_LENGTHS}, got {lengths}")
+  size = lengths[0] if lengths else "small"
+  hard_window, sliding_window = WINDOWS[size]
+  task = dict(name="gsm_symbolic", seed=0, **gsm_symbolic.PRESETS[size], min_op=1,
+              eval_ops=gsm_symbolic.EVAL_OPS, question_first=True, padding="left")
+  c = common.base_config("gsm_symbolic", task=task, model=dict(
+      d_model=256, layers=("attn", "gdn") * 2, mlp_dim=1024, window=hard_window))
+  c.hard_warmup_steps = 0
+  c.batch_size = 64
+  c.steps = SMALL_STEPS
+  c.optimizer.warmup_steps = 100
+  c.log_every = 25
+  c.eval_every = 250
+  c.eval_size = 512
+  c.eval_batch_size = 256
+  c.checkpoint_every = 500
+
+  if size == "paper":
+    c.model.update(d_model=512, layers=("attn", "gdn") * 5, mlp_dim=2048, remat="full")
+    c.batch_size = 32
+    c.steps = 5000
+    c.eval_every = 500
+    c.eval_batch_size = 64
+  if size.startswith("long"):
+    c.model.update(d_model=256, remat="full", unroll=False)
+    c.batch_size = 8
+    c.steps = 2000
+    c.eval_size = 256
+    c.eval_batch_size = 8
+  if "sliding" in presets:
+    c.model.update(eviction="sliding", window=sliding_window)
+  if "attn_only" in presets:
+    c.model.layers = ("attn",) * len(c.model.layers)
+  if "qlast" in presets:
+    c.task.question_first = False
+  if size == "smoke":
+    c.task.eval_ops = (1, 2, 4)
+    c.model.update(d_model=64, layers=("attn", "gdn"), attn_head_dim=32, gdn_head_dim=32,
+                   mlp_dim=128, unroll=False)
+    c.batch_size = 16
+    c.steps = 60
+    c.log_every = 10
+    c.eval_every = 30
+    c.eval_size = 64
+    c.eval_batch_size = 64
+    c.checkpoint_every = 30
+    c.optimizer.warmup_steps = 10
+
+  common.apply_shortcuts(c, overrides, _SHORTCUTS)
+  if c.model.eviction != "none":
+    check_answer_window(c)
+  return c
+
+
+def check_answer_window(c: ml_collections.ConfigDict) -> None:
+  """The answer region (positions max_len .. seq_len-1) must lie in one window: else the
+  windows a batch supervises depend on its answers' sizes and the static schedule breaks."""
+  t = c.task
+  first, last = t.max_len, t.max_len + 2 * t.max_op + 1
+  window = c.model.window
+  if first // window != last // window:
+    raise ValueError(f"config.model.window = {window} cuts the answer region (positions "
+                     f"{first}..{last}) in two; choose a window whose multiples avoid it "
+                     f"(the presets: {WINDOWS})")
