@@ -1,9 +1,9 @@
 """What every command line of sleep_lm shares: user errors as one line and exit status 2.
 
-A `UserError` (a config value, the workdir, a checkpoint), an OSError (a full disk, an
-unwritable folder) and a bad flag or `--config.X=...` override print `error: ...` on stderr and
-exit with status 2. With `--debug` they keep their traceback. Any other exception is a bug and
-keeps its traceback.
+A `UserError` (a config value, the workdir, a checkpoint, a damaged file), an OSError (a full
+disk, an unwritable folder) and a bad flag or `--config.X=...` override print `error: ...` on
+stderr and exit with status 2. With `--debug` user errors keep their traceback. Any other exception
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +25,46 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _config_argument(argv: list[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def unknown_override(config, override: str) -> str | None:
+  """Why `--config.a.b=v` names no field of `config` (the unknown part, the allowed keys), or
+  None if it names one."""
+  key = override[len("--config."):].split("=", 1)[0]
+  node, path = config, "config"
+  for part in key.split("."):
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      where = f"{path} has no fields" if not keys else f"allowed in {path}: {sorted(keys)}"
+      return (f"unknown field {path}.{part} ({override}); {where} (an override sets only a "
+              f"field that the experiment file defines)")
+    node, path = node[part], f"{path}.{part}"
+  return None
+
+
+def _override_error(argv: list[str], e: Exception) -> str:
+  overrides = [a for a in argv if a.startswith("--config.")]
+  config_arg = _config_argument(argv)
+  if config_arg is not None and overrides and "config" in flags.FLAGS:
+    try:
+      config = flags.FLAGS["config"].parser.parse(config_arg)
+    except Exception:  # noqa: BLE001 - the file itself failed: report the original error
+      config = None
+    for override in overrides if config is not None else []:
+      problem = unknown_override(config, override)
+      if problem:
+        return problem
+  cause = str(e).strip().strip('"').splitlines()[0] if str(e).strip() else type(e).__name__
+  return f"cannot apply the config ({' '.join(overrides) or 'no overrides'}): {cause}"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
@@ -36,9 +76,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError, TypeError, ValueError) as e:   # a --config.X override
     if _debug(argv):
       raise
-    overrides = [a for a in argv if a.startswith("--config.")]
-    cause = str(e).strip().strip('"').splitlines()[0] if str(e).strip() else type(e).__name__
-    _fail(f"cannot apply the config ({' '.join(overrides) or 'no overrides'}): {cause}")
+    _fail(_override_error(argv, e))
 
 
 def run(main: Callable[[list[str]], object]) -> None:

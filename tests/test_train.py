@@ -176,15 +176,19 @@ def test_workdir_with_another_config_is_refused(uninterrupted):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("steps", 0, r"config\.steps must be an integer >= 1"),
-    ("keep_checkpoints", 0, r"config\.keep_checkpoints must be an integer >= 1"),
-    ("seeds", 0, r"config\.seeds"),
-    ("model.passes", 0, r"ModelConfig\.passes"),
-    ("model.layers", ("attn", "lstm"), r"ModelConfig\.layers.*lstm"),
-    ("optimizer.warmup_steps", 10_000, r"OptimizerConfig\.warmup_steps"),
-    ("optimizer.adamw_lr", float("inf"), r"OptimizerConfig\.adamw_lr: must be a finite"),
-    ("optimizer.muon_lr", float("nan"), r"OptimizerConfig\.muon_lr"),
-    ("task.t", -1, r"t must be >= 0"),
+    ("steps", 0, r"^config\.steps: must be an integer >= 1, got 0$"),
+    ("keep_checkpoints", 0, r"^config\.keep_checkpoints: must be an integer >= 1"),
+    ("seeds", 0, r"^config\.seeds: "),
+    ("tensorboard", None, r"^config\.tensorboard: must be True or False"),
+    ("model.passes", 0, r"^config\.model\.passes: N must be an integer >= 1"),
+    ("model.d_model", True, r"^config\.model\.d_model: must be an integer >= 1, got True"),
+    ("model.layers", ("attn", "lstm"), r"^config\.model\.layers: .*lstm.*allowed"),
+    ("optimizer.warmup_steps", 10_000, r"^config\.optimizer\.warmup_steps: must be in \[0, "),
+    ("optimizer.adamw_lr", float("inf"), r"^config\.optimizer\.adamw_lr: must be a finite"),
+    ("optimizer.muon_lr", float("nan"), r"^config\.optimizer\.muon_lr"),
+    ("task.t", -1, r"^config\.task\.t: must be >= 0, got -1$"),
+    ("task.foo", 1, r"^config\.task: unknown field\(s\) \['foo'\] .*; allowed: \['seed', 't'\]$"),
+    ("model.foo", 1, r"^config\.model: unknown field\(s\) \['foo'\]; allowed: \['attention_"),
 ])
 def test_bad_config_fails_with_the_field_name(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -204,9 +208,13 @@ def test_a_failed_launch_leaves_the_workdir_free(tmp_path):
 def test_cli_user_errors_are_one_line_with_status_2(tmp_path):
   (tmp_path / "file").write_text("")
   cases = [
-      (["--config.model.foo=1"], tmp_path / "w1", "cannot apply the config"),
-      (["--config.keep_checkpoints=0"], tmp_path / "w2", "config.keep_checkpoints must be"),
-      (["--config.optimizer.adamw_lr=inf"], tmp_path / "w3", "adamw_lr: must be a finite"),
+      (["--config.model.foo=1"], tmp_path / "w1",
+       "unknown field config.model.foo (--config.model.foo=1); allowed in config.model: "
+       "['attention_implementation', 'attn_head_dim', "),
+      (["--config.keep_checkpoints=0"], tmp_path / "w2",
+       "config.keep_checkpoints: must be an integer >= 1, got 0"),
+      (["--config.optimizer.adamw_lr=inf"], tmp_path / "w3",
+       "config.optimizer.adamw_lr: must be a finite"),
       ([], tmp_path / "file", "exists and is not a directory"),
   ]
   for extra, path, message in cases:
@@ -320,3 +328,19 @@ def test_sigterm_stops_between_steps_and_checkpoints(uninterrupted, tmp_path):
   step = int(stopped[0].split()[-1])
   assert 10 <= step < STEPS
   assert (run / "checkpoints" / str(step)).is_dir()
+
+
+def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
+  run = uninterrupted / "run"
+  for overrides, message in [
+      ({"t": "abc"}, r"^--task: config\.task\.t: must be an integer, got 'abc'$"),
+      ({"t": 2.5}, r"^--task: config\.task\.t: must be an integer, got 2\.5$"),
+      ({"T": "3"}, r"^--task: config\.task: unknown field\(s\) \['T'\]; allowed: "
+                   r"\['seed', 't'\]$"),
+      ({"t": "-1"}, r"^config\.task\.t: must be >= 0, got -1$"),
+  ]:
+    with pytest.raises(UserError, match=message):
+      evaluate.evaluate_workdir(run, task_overrides=overrides)
+  with pytest.raises(UserError, match=r"--task: expected KEY=VALUE items, got 't'"):
+    evaluate._parse_overrides("t")
+  assert evaluate._parse_overrides("t=3,seed=1") == {"t": "3", "seed": "1"}
