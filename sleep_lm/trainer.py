@@ -159,7 +159,7 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
     start = int(meta["data_position"])
     pending_host = [(int(s), m) for s, m in meta.get("pending", [])]
     log(f"resuming {path} from step {start}")
-  metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead)
+  metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead, warn=log)
   writers = ([ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in seeds]
              if run.tensorboard and lead else [])
   if lead:                                   # TFDS files: built once, by one process

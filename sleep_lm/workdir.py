@@ -4,20 +4,26 @@
   <workdir>/metrics.jsonl   one strict-JSON object per line (non-finite numbers as null)
   <workdir>/tensorboard/    event files (`sleep_lm.tensorboard`), one folder per seed
   <workdir>/checkpoints/    orbax (`sleep_lm.checkpointing`)
+
+Every file is read back through `sleep_lm.files`: a damaged one is a one-line error naming it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from sleep_lm import files
 from sleep_lm.errors import UserError
+from sleep_lm.files import write_atomic
 from sleep_lm.sharding import DEFAULT_RULES
+
+# Top-level fields every config.json holds (older ones may lack sharding_rules: _upgrade_legacy).
+CONFIG_FIELDS = ("task", "model", "optimizer", "seed", "seeds", "steps", "mesh")
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -33,10 +39,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
 
 
-def write_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+def make(workdir: Path) -> None:
+  """Creates the workdir (and its parents), or says why it cannot be one."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir {workdir} exists and is not a directory")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create --workdir {workdir}: {e.strerror}") from e
 
 
 def claim(workdir: Path, config: ml_collections.ConfigDict, *, write: bool = True) -> None:
@@ -48,16 +58,11 @@ def claim(workdir: Path, config: ml_collections.ConfigDict, *, write: bool = Tru
   `write` (process 0) writes it (atomically: another process reads the old state or the whole
   file).
   """
-  if workdir.exists() and not workdir.is_dir():
-    raise UserError(f"--workdir {workdir} exists and is not a directory")
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"cannot create --workdir {workdir}: {e.strerror}") from e
+  make(workdir)
   path = workdir / "config.json"
   wanted = config_to_dict(config)
   if path.exists():
-    held = json.loads(path.read_text())
+    held = files.read_json(path, fix="restore it, or use a new --workdir")
     if held != wanted:
       a, b = _flatten(held), _flatten(wanted)
       diff = [f"{k}: {a.get(k, '<absent>')!r} in the workdir, {b.get(k, '<absent>')!r} now"
@@ -74,9 +79,11 @@ def claim(workdir: Path, config: ml_collections.ConfigDict, *, write: bool = Tru
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
   """The config a run was claimed with (configs of older versions read as today's)."""
   path = Path(workdir) / "config.json"
-  if not path.exists():
-    raise UserError(f"{path} not found: is {workdir} a sleep_lm.train workdir?")
-  return _upgrade_legacy(ml_collections.ConfigDict(json.loads(path.read_text())))
+  try:
+    held = files.read_json(path, fields=CONFIG_FIELDS, fix="restore it from a copy of the run")
+  except FileNotFoundError:
+    raise UserError(f"{path} not found: is {workdir} a sleep_lm.train workdir?") from None
+  return _upgrade_legacy(ml_collections.ConfigDict(held))
 
 
 def _upgrade_legacy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -108,32 +115,37 @@ def _finite(value):
 
 
 def read_records(path: Path, *, warn=print) -> list[dict]:
-  """The records of a metrics.jsonl; a torn last line (a crash mid-write) is dropped with a
-  warning, any other unreadable line is an error naming the file and line."""
+  """The records of a metrics.jsonl. Each line is a JSON object with an integer "step" and a
+  "kind"; a last line that is not (a crash mid-write tears it) is dropped with a warning, any
+  other bad line is an error naming the file, the line and what is wrong with it."""
   if not path.exists():
     return []
-  lines = path.read_text().splitlines()
+  lines = files.read_text(path).splitlines()
   records = []
   for i, line in enumerate(lines):
     if not line.strip():
       continue
     try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
+      record = files.parse_object(line, fields=("step", "kind"))
+      if isinstance(record["step"], bool) or not isinstance(record["step"], int):
+        raise ValueError(f"its step is not an integer ({record['step']!r})")
+    except ValueError as e:
       if i == len(lines) - 1:
-        warn(f"warning: {path}: ignoring a torn last line ({len(line)} characters)")
+        warn(f"warning: {path}: ignoring a torn last line ({e}; {len(line)} characters)")
         continue
-      raise UserError(f"{path}, line {i + 1}: not JSON ({e.msg}); fix or remove the line") from e
+      raise files.DamagedFile(path, f"line {i + 1}: {e}", "fix or remove the line") from e
+    records.append(record)
   return records
 
 
 class MetricsLog:
-  """metrics.jsonl; on resume, records past the restored step are dropped."""
+  """metrics.jsonl; on resume, records past the restored step are dropped (and a torn last line
+  with them)."""
 
-  def __init__(self, path: Path, resume_step: int, *, write: bool = True):
+  def __init__(self, path: Path, resume_step: int, *, write: bool = True, warn=print):
     self.path, self.enabled = path, write
     if write and path.exists():
-      kept = [r for r in read_records(path) if r["step"] <= resume_step]
+      kept = [r for r in read_records(path, warn=warn) if r["step"] <= resume_step]
       write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, record: dict) -> None:

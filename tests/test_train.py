@@ -4,6 +4,7 @@ TensorBoard, and the failures a user meets (bad config, locked workdir, NaN, bro
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from experiments import rule110 as rule110_config
-from sleep_lm import evaluate, trainer, workdir
+from sleep_lm import evaluate, evaluation, trainer, workdir
 from sleep_lm.checkpointing import Checkpointer
 from sleep_lm.errors import UserError
 from sleep_lm.run_config import RunConfig
@@ -304,8 +305,9 @@ def test_metrics_log_is_strict_json_and_survives_a_torn_line(tmp_path):
   assert "torn last line" in warnings[0]
   workdir.MetricsLog(path, 1)                                # a resume at step 1
   assert [r["step"] for r in workdir.read_records(path)] == [1]
-  path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-  with pytest.raises(UserError, match=r"metrics.jsonl, line 2"):
+  path.write_text('{"step": 1, "kind": "train"}\nnot json\n{"step": 2, "kind": "train"}\n')
+  with pytest.raises(UserError, match=r"metrics\.jsonl: line 2: not JSON \(Expecting value: "
+                                      r"line 1 column 1\); fix or remove the line$"):
     workdir.read_records(path)
 
 
@@ -328,6 +330,52 @@ def test_sigterm_stops_between_steps_and_checkpoints(uninterrupted, tmp_path):
   step = int(stopped[0].split()[-1])
   assert 10 <= step < STEPS
   assert (run / "checkpoints" / str(step)).is_dir()
+
+
+def test_damaged_workdir_files_are_one_line_errors_naming_them(uninterrupted, tmp_path):
+  """config.json, metrics.jsonl and the eval sets' metadata, each damaged for real on disk, end
+  in a UserError naming the file and what is wrong with it (the lock file: the test below)."""
+  config = tmp_path / "w" / "config.json"
+  config.parent.mkdir()
+  held = (uninterrupted / "run" / "config.json").read_text()
+  for text, problem in [("", "empty"), ('{"task": ', "not JSON (Expecting value: line 1 "),
+                        ("[1, 2]", "not a JSON object (a list)"),
+                        ("{}", "missing field(s) ['mesh', 'model', 'optimizer', 'seed', ")]:
+    config.write_text(text)
+    readers = [lambda: workdir.load_config(config.parent)]
+    if text != "{}":                  # training compares the whole config: "{}" is another one
+      readers.append(lambda: workdir.claim(config.parent, tiny_config(tmp_path / "data")))
+    for read in readers:
+      with pytest.raises(UserError) as e:
+        read()
+      assert str(e.value).startswith(f"{config}: {problem}"), str(e.value)
+  config.write_bytes(b"\xff\xfe" + held.encode())
+  with pytest.raises(UserError, match=r"config\.json: not text \(byte 0 is not UTF-8\)"):
+    workdir.load_config(config.parent)
+
+  # metrics.jsonl: a last line that is JSON but no record is dropped like a torn one.
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text('{"step": 1, "kind": "train"}\n{"step": 2, "kind": "train"}\n'
+                     '{"loss": 1.0}\n')
+  warnings = []
+  workdir.MetricsLog(metrics, 2, warn=warnings.append)               # a resume at step 2
+  assert [r["step"] for r in workdir.read_records(metrics)] == [1, 2]
+  assert "ignoring a torn last line (missing field(s) ['kind', 'step']" in warnings[0]
+  metrics.write_text('{"step": 1, "kind": "train"}\n{"step": "2", "kind": "train"}\n'
+                     '{"step": 3, "kind": "train"}\n')
+  with pytest.raises(UserError, match=r"metrics\.jsonl: line 2: its step is not an integer "
+                                      r"\('2'\); fix or remove the line$"):
+    workdir.MetricsLog(metrics, 3)
+
+  # The eval sets' metadata (TFDS would raise a protobuf traceback).
+  data = tmp_path / "data"
+  shutil.copytree(uninterrupted / "data", data)
+  (info,) = data.glob("sleep_lm_eval/rule110_t2_*/*/dataset_info.json")
+  info.write_text("{}")
+  with pytest.raises(UserError, match=rf"^{re.escape(str(info))}: missing field\(s\) \['name', "
+                                      rf"'splits'\]; delete {re.escape(str(info.parent))} to "
+                                      r"rebuild the set$"):
+    evaluation.prepare_eval_sets(tiny_run(data).task, size=32, data_dir=data)
 
 
 def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
