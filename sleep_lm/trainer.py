@@ -128,14 +128,33 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _lock_workdir(path: Path, lead: bool, log) -> workdir.Lock | None:
+  """Process 0 takes the workdir's lock; with several processes all learn whether it did, so
+  that all refuse alike."""
+  lock, refusal = None, None
+  if lead:
+    try:
+      lock = workdir.Lock(path, warn=log)
+    except UserError as e:
+      refusal = e
+  if jax.process_count() > 1:
+    held = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
+    if not held and refusal is None:
+      refusal = UserError(f"process 0 could not lock --workdir {path}; see its error")
+  if refusal is not None:
+    raise refusal
+  return lock
+
+
 def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
   """Trains (or continues) the run in `path`; returns the last evaluation's results.
 
   Multi-host (`jax.distributed.initialize` called first, see `sleep_lm.train`): every process
   runs this with the same config and workdir (a shared file system). Each feeds its own part of
-  the global batch (`sharding.process_batch_slice`); only process 0 writes config.json,
-  metrics.jsonl, TensorBoard files and log lines and builds the eval sets (the others wait, then
-  read them); orbax checkpoints are written by every process, as orbax requires.
+  the global batch (`sharding.process_batch_slice`); only process 0 locks the workdir, writes
+  config.json, metrics.jsonl, TensorBoard files and log lines and builds the eval sets (the
+  others wait, then read them); orbax checkpoints are written by every process, as orbax
+  requires.
   """
   path = Path(path)
   try:
@@ -145,6 +164,15 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
   lead = jax.process_index() == 0
   if not lead:
     log = lambda *_: None                      # one log: process 0's
+  lock = _lock_workdir(path, lead, log)
+  try:
+    return _train(run, path, mesh, boxed, lead=lead, log=log)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
   workdir.claim(path, run.config, write=lead)
   data_dir = Path(run.data_dir) if run.data_dir else path / "eval_data"
   seeds = run.model_seeds

@@ -1,5 +1,6 @@
-"""A run's directory: the config it was claimed with, and its metrics log.
+"""A run's directory: its one writer, the config it was claimed with, and its metrics log.
 
+  <workdir>/train.lock      held (flock) by the training run writing the workdir: its pid, host
   <workdir>/config.json     the config of the run; a different config is refused
   <workdir>/metrics.jsonl   one strict-JSON object per line (non-finite numbers as null)
   <workdir>/tensorboard/    event files (`sleep_lm.tensorboard`), one folder per seed
@@ -10,8 +11,13 @@ Every file is read back through `sleep_lm.files`: a damaged one is a one-line er
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import json
 import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ from sleep_lm.errors import UserError
 from sleep_lm.files import write_atomic
 from sleep_lm.sharding import DEFAULT_RULES
 
+LOCK_NAME = "train.lock"
 # Top-level fields every config.json holds (older ones may lack sharding_rules: _upgrade_legacy).
 CONFIG_FIELDS = ("task", "model", "optimizer", "seed", "seeds", "steps", "mesh")
 
@@ -49,14 +56,76 @@ def make(workdir: Path) -> None:
     raise UserError(f"cannot create --workdir {workdir}: {e.strerror}") from e
 
 
+class WorkdirBusy(UserError):
+  """Another training run holds the workdir's lock."""
+
+
+class Lock:
+  """The workdir's writer lock: an exclusive `flock` on <workdir>/train.lock, held from before
+  config.json is claimed until the run ends (`release`, or the process's death: the kernel
+  drops the lock with the last open descriptor, so a killed run never leaves it behind).
+
+  The holder writes its pid, host and start time into the file after locking, for the message
+  that refuses a second writer. The file itself stays (unlinking it would let two processes lock
+  two different files of that name). Only writers lock: evaluation and generation read a workdir
+  beside its training run. Where the file system has no flock (ENOLCK, EOPNOTSUPP), the run
+  goes on unlocked after a warning.
+  """
+
+  def __init__(self, workdir: Path, *, warn=print):
+    make(workdir)
+    self.path = workdir / LOCK_NAME
+    self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self.release()
+      raise WorkdirBusy(f"workdir {workdir} is in use by another training run "
+                        f"({describe_holder(self.path)}); one run writes a workdir at a time: "
+                        f"wait for it to end or stop it, or use another --workdir") from None
+    except OSError as e:
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        self.release()
+        raise UserError(f"cannot lock {self.path}: {e.strerror}") from e
+      warn(f"warning: cannot lock {self.path} ({e.strerror}): this file system has no flock, "
+           f"so nothing keeps a second training run out of {workdir}")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, (json.dumps(holder) + "\n").encode(), 0)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)                    # closing the last descriptor drops the flock
+      self._fd = None
+
+  def __enter__(self) -> Lock:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def describe_holder(path: Path) -> str:
+  """'pid P on host H, since T' from a lock file, or why that is unknown."""
+  try:
+    holder = files.read_json(path, fields=("pid", "host"))
+  except (FileNotFoundError, files.DamagedFile) as e:
+    # The holder writes the file just after locking: empty only in that instant.
+    problem = e.problem if isinstance(e, files.DamagedFile) else "missing"
+    return f"its pid and host are unknown: {path} is {problem}"
+  since = f", since {holder['since']}" if "since" in holder else ""
+  return f"pid {holder['pid']} on host {holder['host']}{since}"
+
+
 def claim(workdir: Path, config: ml_collections.ConfigDict, *, write: bool = True) -> None:
   """Writes config.json, or refuses a workdir that holds a different config.
 
   Call it only once the config has been validated against the machine (mesh, batch sizes): a
-  failed launch must not leave a config behind that blocks the corrected command. Multi-host:
-  every process checks a config.json that exists (so all refuse alike), only the one with
-  `write` (process 0) writes it (atomically: another process reads the old state or the whole
-  file).
+  failed launch must not leave a config behind that blocks the corrected command; a writer calls
+  it holding the workdir's `Lock`. Multi-host: every process checks a config.json that exists
+  (so all refuse alike), only the one with `write` (process 0) writes it (atomically: another
+  process reads the old state or the whole file).
   """
   make(workdir)
   path = workdir / "config.json"

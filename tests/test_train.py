@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -376,6 +377,21 @@ def test_damaged_workdir_files_are_one_line_errors_naming_them(uninterrupted, tm
                                       rf"'splits'\]; delete {re.escape(str(info.parent))} to "
                                       r"rebuild the set$"):
     evaluation.prepare_eval_sets(tiny_run(data).task, size=32, data_dir=data)
+
+
+def test_the_workdir_lock_is_exclusive_and_names_its_holder(tmp_path):
+  """A real flock: a second writer is refused at once, naming the holder's pid and host; a lock
+  file without them (the instant between locking and writing, or damaged) is said to be so."""
+  with workdir.Lock(tmp_path / "w"):
+    with pytest.raises(workdir.WorkdirBusy, match=rf"\(pid {os.getpid()} on host "
+                                                  rf"{re.escape(socket.gethostname())}, since "):
+      workdir.Lock(tmp_path / "w")
+    (tmp_path / "w" / "train.lock").write_text("")
+    with pytest.raises(workdir.WorkdirBusy, match=r"its pid and host are unknown: .*train\.lock "
+                                                  r"is empty\); one run writes a workdir"):
+      workdir.Lock(tmp_path / "w")
+  with workdir.Lock(tmp_path / "w"):                    # released: free again
+    assert json.loads((tmp_path / "w" / "train.lock").read_text())["pid"] == os.getpid()
 
 
 def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
