@@ -4,10 +4,15 @@ A `UserError` (a config value, the workdir, a checkpoint, a damaged file), an OS
 disk, an unwritable folder) and a bad flag or `--config.X=...` override print `error: ...` on
 stderr and exit with status 2. With `--debug` user errors keep their traceback. Any other exception
 is a bug and keeps its traceback.
+
+orbax logs the failures of its background threads (a checkpoint write on a full disk) with
+tracebacks, and raises them again in the main thread, where they are reported as above; those
+log records are therefore dropped unless `--debug` is given.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
@@ -79,9 +84,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(_override_error(argv, e))
 
 
+class _DropLoggedOrbaxErrors(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or "orbax" not in record.pathname
+
+
 def run(main: Callable[[list[str]], object]) -> None:
   """`app.run(main)` with user errors in flags, config and main reported as one line."""
   def guarded(argv):
+    if not flags.FLAGS.debug:
+      logging.getLogger("absl").addFilter(_DropLoggedOrbaxErrors())
     try:
       return main(argv)
     except (UserError, OSError) as e:

@@ -179,7 +179,7 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
   schedule = task_schedule(run)
 
   state, optimizer = initial_state(run, mesh, boxed)
-  ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints)
+  ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints, clean=lead)
   start, pending_host = 0, []
   restored = ckpt.restore_latest(state, log=log)
   if restored is not None:
@@ -217,6 +217,7 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
       w.scalars(step, {k: v[i] for k, v in values.items()})
 
   def run_eval(step):
+    ckpt.wait()                    # a step is evaluated only once its checkpoint is on disk
     results = evaluation.evaluate(run.model, state.params, mesh, eval_sets,
                                   batch_size=run.eval_batch_size, schedule=schedule,
                                   rules=run.sharding_rules)
@@ -265,6 +266,7 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
     for step in range(start + 1, run.steps + 1):
       state, metrics = step_fn(state, to_device(next(batches)))
       pending_device.append((step, metrics))
+      ckpt.check()                 # a background save that failed stops the run here
       interval_steps += 1
       if step % run.log_every == 0 or step == run.steps:
         sync()
@@ -294,16 +296,20 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
     raise
   finally:
     whole = not any(x.is_deleted() for x in jax.tree.leaves(state))
-    if saved != step and step > start and whole and diverged is None:
+    if saved != step and step > start and whole and diverged is None and not ckpt.failed:
       try:
         save(step)
       except TrainingDiverged:
         pass                                  # found only now: the state is not saved
-    ckpt.close()
-    for w in writers:
-      w.close()
-    if on_main_thread:
-      signal.signal(signal.SIGTERM, previous)
+    try:
+      ckpt.close()
+    finally:
+      if ckpt.failed and lead:
+        ckpt.remove_temporary()               # the failed save's folder: it only fills the disk
+      for w in writers:
+        w.close()
+      if on_main_thread:
+        signal.signal(signal.SIGTERM, previous)
   if diverged:
     raise TrainingDiverged(f"stopped at step {diverged[0]}: {diverged[2]} is not finite")
   return last_eval

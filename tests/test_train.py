@@ -5,6 +5,7 @@ TensorBoard, and the failures a user meets (bad config, locked workdir, NaN, bro
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -333,6 +334,66 @@ def test_sigterm_stops_between_steps_and_checkpoints(uninterrupted, tmp_path):
   assert (run / "checkpoints" / str(step)).is_dir()
 
 
+def one_line_error(stderr: str) -> str:
+  """The last line of stderr, checked to be the CLI's one-line error (library warnings, e.g.
+  TFDS's, may precede it; no traceback may)."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  return stderr.strip().splitlines()[-1]
+
+
+def test_a_full_disk_stops_the_run_and_leaves_the_older_checkpoints(uninterrupted, tmp_path):
+  """A checkpoint that cannot be written for want of space: one line, status 2, the run stops at
+  the next step (no evaluation after the failed save), the older checkpoint, config and metrics
+  survive and no temporary folder is left behind.
+
+  The disk is real: a tmpfs (mounted here, as root) holding the finished run cut back to its
+  step-30 checkpoint and sized to leave 256 KiB free, less than one checkpoint (~520 KiB), so
+  that orbax's background threads fail while writing step 35 with the ValueError
+  RESOURCE_EXHAUSTED (ENOSPC) a full disk gives. Without root the same writes fail for real
+  under RLIMIT_FSIZE (EFBIG: no file may grow past 16 KiB; the checkpoint's files are larger,
+  the run's other files smaller), which tests the same path with another cause."""
+  src = tmp_path / "src"
+  shutil.copytree(uninterrupted / "run", src)
+  for p in (src / "checkpoints").iterdir():
+    if p.name.isdigit() and int(p.name) > 30:
+      shutil.rmtree(p)
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = os.geteuid() == 0 and subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode == 0
+  run = disk / "run"
+  try:
+    shutil.copytree(src, run)
+    if mounted:
+      used = int(subprocess.check_output(["df", "-k", "--output=used", str(disk)],
+                                         text=True).split()[-1])
+      subprocess.run(["mount", "-o", f"remount,size={used + 256}k", str(disk)], check=True)
+      limit_file_size = None
+    else:
+      def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of death
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+    out = run_cli("sleep_lm.train", [*cli_args(uninterrupted / "data"), f"--workdir={run}"],
+                  timeout=600, preexec_fn=limit_file_size)
+    assert out.returncode == 2, out.stderr[-3000:]
+    cause = "No space left on device" if mounted else "File too large"
+    assert one_line_error(out.stderr) == (
+        f"error: cannot save checkpoint step 35 in {run / 'checkpoints'}: {cause}; the run "
+        f"stops here (steps kept: [30])")
+    assert "resuming" in out.stdout and "eval step" not in out.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["30"]   # no tmp folder
+    for p in (src / "checkpoints" / "30").rglob("*"):          # the old checkpoint is intact
+      if p.is_file():
+        assert (run / "checkpoints" / "30" / p.relative_to(src / "checkpoints" / "30")
+                ).read_bytes() == p.read_bytes()
+    assert (run / "config.json").read_text() == (src / "config.json").read_text()
+    assert [r["step"] for r in records(run, "eval", seed=0)] == [20]       # no eval past it
+    assert [r["step"] for r in records(run, "train", seed=0)][:7] == [4, 8, 12, 16, 20, 24, 28]
+  finally:
+    if mounted:
+      subprocess.run(["umount", "-l", str(disk)])
+
+
 def test_damaged_workdir_files_are_one_line_errors_naming_them(uninterrupted, tmp_path):
   """config.json, metrics.jsonl and the eval sets' metadata, each damaged for real on disk, end
   in a UserError naming the file and what is wrong with it (the lock file: the test below)."""
@@ -392,6 +453,22 @@ def test_the_workdir_lock_is_exclusive_and_names_its_holder(tmp_path):
       workdir.Lock(tmp_path / "w")
   with workdir.Lock(tmp_path / "w"):                    # released: free again
     assert json.loads((tmp_path / "w" / "train.lock").read_text())["pid"] == os.getpid()
+
+
+def test_leftover_temporary_checkpoints_are_removed_by_the_writer(uninterrupted, tmp_path):
+  """A save that never completed leaves "<step>.orbax-checkpoint-tmp": the writer removes it
+  when it opens the folder (the older steps stay), a reader (evaluate, generate) never does. The
+  leftover is a copy of a real step under orbax's temporary name."""
+  ckpt_dir = tmp_path / "checkpoints"
+  shutil.copytree(uninterrupted / "run" / "checkpoints", ckpt_dir)
+  shutil.copytree(ckpt_dir / "40", ckpt_dir / "45.orbax-checkpoint-tmp")
+  reader = Checkpointer(ckpt_dir, keep=3, read_only=True)
+  assert reader.steps() == [30, 35, 40]
+  reader.close()
+  assert (ckpt_dir / "45.orbax-checkpoint-tmp").is_dir()
+  writer = Checkpointer(ckpt_dir, keep=3, clean=True)
+  writer.close()
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["30", "35", "40"]
 
 
 def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
