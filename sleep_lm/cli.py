@@ -2,8 +2,9 @@
 
 A `UserError` (a config value, the workdir, a checkpoint, a damaged file), an OSError (a full
 disk, an unwritable folder) and a bad flag or `--config.X=...` override print `error: ...` on
-stderr and exit with status 2. With `--debug` user errors keep their traceback. Any other exception
-is a bug and keeps its traceback.
+stderr and exit with status 2. A run stopped by SIGTERM after its checkpoint (`Preempted`)
+prints `preempted: ...` and exits with status 75 (`errors.PREEMPTED_STATUS`). With `--debug` user
+errors keep their traceback. Any other exception is a bug and keeps its traceback.
 
 orbax logs the failures of its background threads (a checkpoint write on a full disk) with
 tracebacks, and raises them again in the main thread, where they are reported as above; those
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from sleep_lm.errors import UserError
+from sleep_lm.errors import PREEMPTED_STATUS, Preempted, UserError
 
 
 def _debug(argv) -> bool:
@@ -96,6 +97,9 @@ def run(main: Callable[[list[str]], object]) -> None:
       logging.getLogger("absl").addFilter(_DropLoggedOrbaxErrors())
     try:
       return main(argv)
+    except Preempted as e:
+      print(f"preempted: {e}", file=sys.stderr)
+      sys.exit(PREEMPTED_STATUS)
     except (UserError, OSError) as e:
       if flags.FLAGS.debug:
         raise

@@ -6,10 +6,13 @@ continues from the newest readable checkpoint and reproduces the uninterrupted r
 is a pure function of the step (`sleep_lm.tasks.train_dataset`), and the train metrics pending
 since the last log line travel in the checkpoint.
 
-Guards: a non-finite loss or gradient norm stops the run with a `TrainingDiverged` naming the
-first bad step and seed, and that state is never saved (with `config.skip_nonfinite` such steps
-are skipped instead: the state stays as it was). SIGTERM (preemption, `timeout`) stops between
-two steps and checkpoints.
+Guards: one training run per workdir (`sleep_lm.workdir.Lock`, taken by process 0 before
+anything is written); a non-finite loss or gradient norm stops the run with a `TrainingDiverged`
+naming the first bad step and seed, and that state is never saved (with `config.skip_nonfinite`
+such steps are skipped instead: the state stays as it was); a checkpoint that cannot be written
+stops the run at the next step (`CheckpointSaveError`; no evaluation runs before the step's
+checkpoint is on disk) and its temporary folder is removed. SIGTERM (preemption, `timeout`)
+stops between two steps, checkpoints and raises `Preempted` (the CLI's exit status 75).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sleep_lm import evaluation, sharding, workdir
 from sleep_lm.checkpointing import Checkpointer
-from sleep_lm.errors import UserError
+from sleep_lm.errors import Preempted, UserError
 from sleep_lm.run_config import RunConfig
 from sleep_lm.sleep import static_schedule
 from sleep_lm.tasks import train_dataset
@@ -147,7 +150,8 @@ def _lock_workdir(path: Path, lead: bool, log) -> workdir.Lock | None:
 
 
 def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
-  """Trains (or continues) the run in `path`; returns the last evaluation's results.
+  """Trains (or continues) the run in `path`; returns the last evaluation's results. Raises
+  `Preempted` when SIGTERM stopped it before the end (after its checkpoint).
 
   Multi-host (`jax.distributed.initialize` called first, see `sleep_lm.train`): every process
   runs this with the same config and workdir (a shared file system). Each feeds its own part of
@@ -312,5 +316,8 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
         signal.signal(signal.SIGTERM, previous)
   if diverged:
     raise TrainingDiverged(f"stopped at step {diverged[0]}: {diverged[2]} is not finite")
+  if stop_requested and step < run.steps:
+    raise Preempted(f"SIGTERM: stopped at step {step} of {run.steps} with its checkpoint "
+                    f"saved; the same command continues the run")
   return last_eval
 

@@ -1,5 +1,6 @@
 """The trainer end to end at a tiny size: seeds, resume after a kill, evaluation, metrics,
-TensorBoard, and the failures a user meets (bad config, locked workdir, NaN, broken checkpoints).
+TensorBoard, and the failures a user meets (bad config, a second writer, NaN, broken checkpoints,
+a full disk, damaged workdir files, preemption), each injected for real.
 """
 
 import json
@@ -313,32 +314,58 @@ def test_metrics_log_is_strict_json_and_survives_a_torn_line(tmp_path):
     workdir.read_records(path)
 
 
-def test_sigterm_stops_between_steps_and_checkpoints(uninterrupted, tmp_path):
-  """Preemption: SIGTERM ends the run cleanly with a checkpoint at the step where it stopped."""
-  run = tmp_path / "run"
-  cmd = [sys.executable, "-m", "sleep_lm.train", *cli_args(uninterrupted / "data"),
-         f"--workdir={run}"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 600
-  while not (run / "checkpoints" / "10").is_dir():
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
-  stopped = [line for line in out.splitlines() if line.startswith("SIGTERM: stopping at step")]
-  assert stopped, out[-3000:]
-  step = int(stopped[0].split()[-1])
-  assert 10 <= step < STEPS
-  assert (run / "checkpoints" / str(step)).is_dir()
-
-
 def one_line_error(stderr: str) -> str:
   """The last line of stderr, checked to be the CLI's one-line error (library warnings, e.g.
   TFDS's, may precede it; no traceback may)."""
   assert "Traceback" not in stderr, stderr[-3000:]
   return stderr.strip().splitlines()[-1]
+
+
+def test_one_writer_per_workdir_and_sigterm_exits_75(uninterrupted, tmp_path):
+  """Two trainings into one workdir: the second is refused at once (status 2) naming the holder
+  while evaluation runs beside it; then preemption: SIGTERM stops the first between two steps,
+  checkpoints the step it stopped at and exits 75, and its lock is gone with it."""
+  run = tmp_path / "run"
+  cmd = [sys.executable, "-m", "sleep_lm.train", *cli_args(uninterrupted / "data"),
+         f"--workdir={run}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 600
+    while not (run / "checkpoints" / "10").is_dir():
+      assert first.poll() is None and time.time() < deadline
+      time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)     # it keeps its lock, and cannot finish meanwhile
+    try:
+      t0 = time.time()
+      second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+      assert second.returncode == 2, second.stderr[-3000:]
+      line = one_line_error(second.stderr)
+      assert re.fullmatch(
+          rf"error: workdir {re.escape(str(run))} is in use by another training run \(pid "
+          rf"{first.pid} on host {re.escape(socket.gethostname())}, since [^)]+\); one run "
+          rf"writes a workdir at a time: .*", line), line
+      assert time.time() - t0 < 120 and second.stdout.count("step ") == 0  # refused at once
+      assert evaluate.evaluate_workdir(run)["step"] >= 10          # a reader runs beside it
+    finally:
+      first.send_signal(signal.SIGCONT)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert first.returncode == 75, err[-3000:]
+  stopped = [line for line in out.splitlines() if line.startswith("SIGTERM: stopping at step")]
+  assert stopped, out[-3000:]
+  step = int(stopped[0].split()[-1])
+  assert 10 <= step < STEPS
+  assert one_line_error(err) == (f"preempted: SIGTERM: stopped at step {step} of {STEPS} with "
+                                 f"its checkpoint saved; the same command continues the run")
+  assert (run / "checkpoints" / str(step)).is_dir()
+  with workdir.Lock(run):                  # released by the kernel with the process
+    pass
 
 
 def test_a_full_disk_stops_the_run_and_leaves_the_older_checkpoints(uninterrupted, tmp_path):
