@@ -1,10 +1,11 @@
 """What every command line of sleep_lm shares: user errors as one line and exit status 2.
 
 A `UserError` (a config value, the workdir, a checkpoint, a damaged file), an OSError (a full
-disk, an unwritable folder) and a bad flag or `--config.X=...` override print `error: ...` on
-stderr and exit with status 2. A run stopped by SIGTERM after its checkpoint (`Preempted`)
-prints `preempted: ...` and exits with status 75 (`errors.PREEMPTED_STATUS`). With `--debug` user
-errors keep their traceback. Any other exception is a bug and keeps its traceback.
+disk, an unwritable folder), a bad flag or `--config.X=...` override and a platform the machine
+lacks (JAX_PLATFORMS) print `error: ...` on stderr and exit with status 2. A run stopped by SIGTERM
+after its checkpoint (`Preempted`) prints `preempted: ...` and exits with status 75
+(`errors.PREEMPTED_STATUS`). With `--debug` user errors keep their traceback. Any other exception
+is a bug and keeps its traceback.
 
 orbax logs the failures of its background threads (a checkpoint write on a full disk) with
 tracebacks, and raises them again in the main thread, where they are reported as above; those
@@ -14,6 +15,7 @@ log records are therefore dropped unless `--debug` is given.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -85,17 +87,55 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(_override_error(argv, e))
 
 
+def check_platform() -> None:
+  """A UserError if JAX_PLATFORMS asks for a platform this machine cannot start, naming what it
+  asked for and what is there. Call it where the CLI first needs the devices (after
+  `jax.distributed.initialize`, if any)."""
+  import jax
+  wanted = os.environ.get("JAX_PLATFORMS", "")
+  if not wanted:
+    return                                    # JAX picks what is there
+  try:
+    jax.devices()
+  except Exception as e:  # noqa: BLE001 - RuntimeError, or an AssertionError for 'cuda'
+    text = str(e).strip()
+    reason = text.splitlines()[0].split(" (set JAX_PLATFORMS")[0] if text else "no backend"
+    raise UserError(f"JAX_PLATFORMS={wanted} asks for a platform this machine cannot start "
+                    f"({reason}); available here: {_available_platforms()}. Unset "
+                    f"JAX_PLATFORMS or name one of those") from e
+
+
+def _available_platforms() -> str:
+  """The platforms JAX starts when free to choose (the failed choice is cleared first)."""
+  import jax
+  import jax.extend.backend
+  logging.disable(logging.WARNING)          # JAX logs each platform it tries and lacks
+  try:
+    jax.extend.backend.clear_backends()
+    jax.config.update("jax_platforms", "")
+    return ", ".join(sorted({d.platform for d in jax.devices()}))
+  except Exception:  # noqa: BLE001 - nothing starts at all
+    return "none"
+  finally:
+    logging.disable(logging.NOTSET)
+
+
 class _DropLoggedOrbaxErrors(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR or "orbax" not in record.pathname
 
 
-def run(main: Callable[[list[str]], object]) -> None:
-  """`app.run(main)` with user errors in flags, config and main reported as one line."""
+def run(main: Callable[[list[str]], object], *, check_platform_first: bool = True) -> None:
+  """`app.run(main)` with user errors in flags, config and main reported as one line.
+
+  `check_platform_first`: run `check_platform` before `main` (train.py calls it itself, after
+  `jax.distributed.initialize`)."""
   def guarded(argv):
     if not flags.FLAGS.debug:
       logging.getLogger("absl").addFilter(_DropLoggedOrbaxErrors())
     try:
+      if check_platform_first:
+        check_platform()
       return main(argv)
     except Preempted as e:
       print(f"preempted: {e}", file=sys.stderr)

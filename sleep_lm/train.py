@@ -64,6 +64,7 @@ def main(argv):
   f = flags.FLAGS
   initialize_distributed(distributed=f.distributed, coordinator_address=f.coordinator_address,
                          num_processes=f.num_processes, process_id=f.process_id)
+  cli.check_platform()
   import jax
 
   from sleep_lm import trainer
@@ -96,4 +97,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
   flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..P-1.")
   flags.mark_flags_as_required(["config", "workdir"])
-  cli.run(main)
+  cli.run(main, check_platform_first=False)   # main checks it after jax.distributed

@@ -512,3 +512,20 @@ def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
   with pytest.raises(UserError, match=r"--task: expected KEY=VALUE items, got 't'"):
     evaluate._parse_overrides("t")
   assert evaluate._parse_overrides("t=3,seed=1") == {"t": "3", "seed": "1"}
+
+
+def test_cli_damaged_files_and_missing_platforms_are_one_line(uninterrupted, tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text("")
+  out = run_cli("sleep_lm.evaluate", [f"--workdir={run}"], timeout=300)
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      f"error: {run / 'config.json'}: empty; restore it from a copy of the run"], out.stderr
+  wanted = "tpu" if jax.devices()[0].platform == "gpu" else "cuda"
+  out = subprocess.run([sys.executable, "-m", "sleep_lm.evaluate",
+                        f"--workdir={uninterrupted / 'run'}"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "JAX_PLATFORMS": wanted}, timeout=300)
+  assert out.returncode == 2, out.stderr[-3000:]
+  (line,) = out.stderr.strip().splitlines()
+  assert line.startswith(f"error: JAX_PLATFORMS={wanted} asks for a platform this machine "
+                         f"cannot start (") and "; available here: cpu" in line, line
