@@ -514,6 +514,23 @@ def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
   assert evaluate._parse_overrides("t=3,seed=1") == {"t": "3", "seed": "1"}
 
 
+def test_generate_num_streams_is_bounded_by_memory(uninterrupted):
+  from sleep_lm import generate, memory
+  run = generate.load_run(uninterrupted / "run")
+  make = lambda b: generate.init_state(run.model, b)
+  per_stream = memory.bytes_per_item(make)
+  limit, _ = memory.max_items(per_stream, jax.devices()[0])
+  assert per_stream == memory.tree_bytes(jax.eval_shape(lambda: make(3))) - memory.tree_bytes(
+      jax.eval_shape(lambda: make(2))) > 0
+  assert 1 <= limit < 10**12
+  with pytest.raises(UserError, match=rf"^--num_streams {10**12} does not fit: each holds "
+                                      r".* of state \(.*\), so at most (\d+); ask for fewer$") as e:
+    generate.generate_from_workdir(uninterrupted / "run", "0110", max_new_tokens=1,
+                                   num_streams=10**12)
+  told = int(re.search(r"at most (\d+)", str(e.value)).group(1))
+  assert abs(told - limit) <= limit / 2          # the free memory moves a little meanwhile
+
+
 def test_cli_damaged_files_and_missing_platforms_are_one_line(uninterrupted, tmp_path):
   run = tmp_path / "run"
   run.mkdir()
