@@ -11,7 +11,8 @@ its output in ROOT/ARG/train.log. Without --gpus the runs share the device (each
 slice of its memory); with --gpus, run i gets GPU gpus[i % len(gpus)] to itself (one run per GPU
 at a time). The eval sets are built once, before the runs start, in ROOT/eval_data. Repeating the
 command resumes unfinished runs. Prints a table of final held-out accuracies (mean over seeds)
-and the floors last.
+and the floors last. SIGTERM stops every run after its checkpoint; the sweep then exits with 75,
+like a run (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sleep_lm.errors import PREEMPTED_STATUS
 
 
 def load_module(path: str):
@@ -85,7 +88,7 @@ def main():
   share = parallel if not gpus else max(1, parallel // len(gpus))
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / share:.3f}")
   started = 0
-  pending, active, failed = list(runs), {}, []
+  pending, active, failed, stopped = list(runs), {}, [], []
   t0 = time.time()
 
   def stop(*_):   # on SIGTERM (e.g. `timeout`), let every run checkpoint and leave
@@ -119,8 +122,12 @@ def main():
       if proc.poll() is not None:
         log.close()
         del active[arg]
-        status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
-        if proc.returncode:
+        if proc.returncode == PREEMPTED_STATUS:   # stopped by SIGTERM after its checkpoint
+          status = "stopped (rerun the sweep to continue)"
+          stopped.append(arg)
+        else:
+          status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
+        if proc.returncode and arg not in stopped:
           failed.append(arg)
         print(f"[{time.time() - t0:6.0f}s] {status} {arg}  (log: {workdir / 'train.log'})",
               flush=True)
@@ -142,7 +149,7 @@ def main():
             f"{rs[0]['floor_exact']:>8.4f}")
     if not evals and arg not in failed:
       print(f"{arg:<32}  no evaluation yet")
-  sys.exit(1 if failed else 0)
+  sys.exit(1 if failed else PREEMPTED_STATUS if stopped else 0)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Model configuration: one frozen dataclass, checked on construction.
 
-Every field that can be wrong raises a ValueError that names the field and the allowed values, so
-a typo in an ml-collections override fails at start-up rather than deep inside a jitted scan.
+Every field that can be wrong raises a ValueError (`sleep_lm.validation.FieldError`) that names the
+field and the allowed values, so a typo in an ml-collections override fails at start-up rather than
+deep inside a jitted scan. `RunConfig` reports it at the field's config path (config.model.<field>).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 
 from kernels import available_implementations
 from kernels.gated_delta_rule.base import CHUNK_SIZES, MAX_HEAD_DIM
+from sleep_lm.validation import FieldError, check_int, unknown_fields
 
 BLOCK_TYPES = ("attn", "gdn")
 RULES = ("gdn", "gated_linear")
@@ -79,12 +81,10 @@ class ModelConfig:
 
     def expect(cond, field, message):
       if not cond:
-        raise ValueError(f"ModelConfig.{field}: {message}")
+        raise FieldError(f"ModelConfig.{field}", message)
 
     for field in ("vocab_size", "d_model", "attn_head_dim", "gdn_head_dim", "conv_kernel"):
-      value = getattr(self, field)
-      expect(isinstance(value, int) and value >= 1, field,
-             f"must be an integer >= 1, got {value!r}")
+      check_int(f"ModelConfig.{field}", getattr(self, field), minimum=1)
     expect(isinstance(self.window, int) and self.window >= 1, "window",
            f"L must be an integer >= 1, got {self.window!r}")
     expect(isinstance(self.passes, int) and self.passes >= 1, "passes",
@@ -151,8 +151,5 @@ class ModelConfig:
   def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
     """Builds a config from a dict or ConfigDict, rejecting unknown keys by name."""
     values = dict(values)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f"ModelConfig: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    unknown_fields("ModelConfig", values, (f.name for f in dataclasses.fields(cls)))
     return cls(**values)

@@ -10,26 +10,67 @@ of the trained task (e.g. another Rule 110 depth t).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import jax
 from absl import flags, logging
 
-from sleep_lm import cli, evaluation, trainer, workdir
+from sleep_lm import cli, evaluation, trainer, validation, workdir
 from sleep_lm.checkpointing import Checkpointer
 from sleep_lm.errors import UserError
 from sleep_lm.run_config import RunConfig
+from sleep_lm.tasks import TASKS
 
 
-def _parse_overrides(text: str) -> dict:
+def _parse_overrides(text: str) -> dict[str, str]:
   overrides = {}
   for item in filter(None, text.split(",")):
     key, sep, value = item.partition("=")
-    if not sep:
+    if not sep or not key:
       raise UserError(f"--task: expected KEY=VALUE items, got {item!r}")
-    overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    overrides[key] = value
   return overrides
+
+
+_KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(path: str, value, like):
+  """`value` (a --task string, or a value from the API) as the type of the field's current value
+  `like` (None, a field the config leaves at its default: an integer if it reads as one, else
+  the text)."""
+  kind = type(like)
+  if like is None:
+    return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+  if not isinstance(value, str):
+    if type(value) is kind or kind is float and type(value) is int:
+      return value
+    raise validation.FieldError(path, f"must be {_KINDS.get(kind, kind.__name__)}, got {value!r}")
+  try:
+    if kind is bool:
+      if value.lower() not in ("true", "false"):
+        raise ValueError(value)
+      return value.lower() == "true"
+    return kind(value)
+  except ValueError:
+    raise validation.FieldError(path, f"must be {_KINDS.get(kind, kind.__name__)}, got "
+                                      f"{value!r}") from None
+
+
+def apply_task_overrides(config, overrides: dict) -> None:
+  """Sets `config.task` fields to `overrides` (--task), each as its field's type; a UserError
+  names config.task.<key> and what it takes (the task's fields, or the field's type)."""
+  cls = TASKS.get(config.task.get("name"))
+  try:
+    if cls is not None:
+      validation.unknown_fields("config.task", overrides,
+                                [f.name for f in dataclasses.fields(cls)])
+    for key, value in overrides.items():
+      config.task[key] = _typed(f"config.task.{key}", value, config.task.get(key))
+  except ValueError as e:
+    raise UserError(f"--task: {e}") from e
 
 
 def evaluate_workdir(path: str | Path, *, step: int | None = None,
@@ -38,7 +79,7 @@ def evaluate_workdir(path: str | Path, *, step: int | None = None,
   path = Path(path)
   config = workdir.load_config(path)
   if task_overrides:
-    config.task.update(task_overrides)
+    apply_task_overrides(config, task_overrides)
   run = RunConfig.checked(config)
   mesh, boxed = trainer.setup(run)
   state, _ = trainer.initial_state(run, mesh, boxed)
@@ -62,7 +103,7 @@ def evaluate_workdir(path: str | Path, *, step: int | None = None,
                                 schedule=trainer.task_schedule(run), rules=run.sharding_rules)
   out = {"step": int(meta["step"]), "seeds": list(run.model_seeds), "task": run.task.fields(),
          "sets": results}
-  suffix = "".join(f"_{k}{v}" for k, v in sorted((task_overrides or {}).items()))
+  suffix = "".join(f"_{k}{config.task[k]}" for k in sorted(task_overrides or {}))
   (path / f"eval_step{out['step']}{suffix}.json").write_text(json.dumps(out, indent=2))
   return out
 

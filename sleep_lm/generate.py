@@ -51,6 +51,7 @@ import numpy as np
 
 from sleep_lm.config import ModelConfig
 from sleep_lm.errors import UserError
+from sleep_lm.memory import check_batch_fits
 from sleep_lm.model import HybridLM, PassContext, StepContext, zero_states
 
 Array = jax.Array
@@ -495,6 +496,7 @@ def generate_from_workdir(path: str | Path, prompt: str, *, max_new_tokens: int,
   ids = parse_prompt(prompt, cfg.vocab_size, chars)       # user errors before the restore
   params, ckpt_step = restore_params(path, run, step=step, seed_index=seed_index)
   capacity = len(ids) + max_new_tokens if cfg.eviction == "none" else None
+  check_batch_fits(lambda b: init_state(cfg, b, capacity), num_streams, what="--num_streams")
   stream = Stream(cfg, params, num_streams, capacity=capacity, timed=True)
   warm_s = stream.warm_up(temperature=temperature, top_k=top_k)
   t0 = time.perf_counter()

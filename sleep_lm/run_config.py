@@ -1,7 +1,8 @@
 """The typed view of an experiment config, built and validated once by the CLIs.
 
 `RunConfig.from_config(config)` checks every field a run depends on and raises a ValueError that
-names the field and the allowed values; `trainer.setup` then checks what depends on the machine
+names the field by its full config path (config.model.passes, config.task.t) and the allowed keys
+or values (`sleep_lm.validation`); `trainer.setup` then checks what depends on the machine
 (mesh sizes against the devices, batch sizes and weights against the mesh). Both run before a
 workdir is claimed, so a bad launch leaves nothing behind.
 """
@@ -14,10 +15,10 @@ from typing import Any
 
 import ml_collections
 
-from sleep_lm import sharding
+from sleep_lm import sharding, validation
 from sleep_lm.config import ModelConfig
 from sleep_lm.errors import UserError
-from sleep_lm.tasks import Task, make_task
+from sleep_lm.tasks import TASKS, Task, make_task
 from sleep_lm.training import OptimizerConfig
 
 # Top-level fields of an experiment config (`experiments/*.py`).
@@ -41,10 +42,18 @@ def _product_or_free(mesh: Mapping) -> int:
 
 
 def _int_field(config: Mapping[str, Any], field: str, minimum: int) -> int:
-  value = config[field]
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"config.{field} must be an integer >= {minimum}, got {value!r}")
-  return value
+  return validation.check_int(f"config.{field}", config[field], minimum)
+
+
+def _task(values: Mapping[str, Any]) -> Task:
+  """The task of `config.task`; its errors name the field as config.task.<field>."""
+  name = values.get("name")
+  cls = TASKS.get(name) if isinstance(name, str) else None
+  fields = [f.name for f in dataclasses.fields(cls)] if cls else []
+  try:
+    return make_task(values)
+  except ValueError as e:
+    raise validation.relocate(e, "config.task", fields=fields) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,40 +93,38 @@ class RunConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> RunConfig:
-    allowed = sorted((*_RUN_FIELDS, *_OPTIONAL_FIELDS))
-    unknown = sorted(set(config.keys()) - set(allowed))
-    if unknown:
-      raise ValueError(f"config: unknown field(s) {unknown}; allowed: {allowed}")
-    missing = sorted(set(_RUN_FIELDS) - set(config.keys()))
-    if missing:
-      raise ValueError(f"config: missing field(s) {missing}")
+    validation.unknown_fields("config", config.keys(), (*_RUN_FIELDS, *_OPTIONAL_FIELDS))
+    validation.missing_fields("config", config.keys(), _RUN_FIELDS)
     ints = {f: _int_field(config, f, 1) for f in (
         "seeds", "batch_size", "steps", "log_every", "eval_every", "eval_size",
         "eval_batch_size", "checkpoint_every", "keep_checkpoints")}
     seed = _int_field(config, "seed", 0)
     for field in ("skip_nonfinite", "tensorboard"):
-      if not isinstance(config[field], bool):
-        raise ValueError(f"config.{field} must be True or False, got {config[field]!r}")
-    if not isinstance(config.data_dir, str):
-      raise ValueError(f"config.data_dir must be a string, got {config.data_dir!r}")
+      validation.check_bool(f"config.{field}", config[field])
+    validation.check_str("config.data_dir", config.data_dir)
     mesh = config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh
     if not isinstance(mesh, Mapping):
       raise ValueError(f"config.mesh must be a dict of mesh axis sizes, got {config.mesh!r}")
     mesh = dict(mesh)
     sharding.mesh_shape(mesh, _product_or_free(mesh))      # names and values; sizes at setup
     rules = sharding.check_rules(config.sharding_rules)
-    task = make_task(config.task.to_dict())
-    model = ModelConfig.from_mapping({**config.model.to_dict(), "vocab_size": task.vocab_size})
-    optimizer = OptimizerConfig.from_mapping(
-        {**config.optimizer.to_dict(), "total_steps": config.steps})
-    warmup = config.get("hard_warmup_steps", _OPTIONAL_FIELDS["hard_warmup_steps"])
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= ints["steps"]:
-      raise ValueError(f"config.hard_warmup_steps must be an integer in [0, config.steps = "
-                       f"{ints['steps']}], got {warmup!r}")
+    task = _task(config.task.to_dict())
+    try:
+      model = ModelConfig.from_mapping({**config.model.to_dict(), "vocab_size": task.vocab_size})
+    except ValueError as e:
+      raise validation.relocate(e, "config.model", owner="ModelConfig") from e
+    try:
+      optimizer = OptimizerConfig.from_mapping(
+          {**config.optimizer.to_dict(), "total_steps": config.steps})
+    except ValueError as e:
+      raise validation.relocate(e, "config.optimizer", owner="OptimizerConfig") from e
+    warmup = validation.check_int(
+        "config.hard_warmup_steps",
+        config.get("hard_warmup_steps", _OPTIONAL_FIELDS["hard_warmup_steps"]), 0, ints["steps"])
     if warmup and model.eviction != "sliding":
-      raise ValueError(f"config.hard_warmup_steps = {warmup} warms a sliding-window run up with "
-                       f"hard eviction: it needs config.model.eviction='sliding', got "
-                       f"{model.eviction!r}")
+      raise validation.FieldError(
+          "config.hard_warmup_steps", f"{warmup} warms a sliding-window run up with hard "
+          f"eviction: it needs config.model.eviction='sliding', got {model.eviction!r}")
     return cls(task=task, model=model, optimizer=optimizer, seed=seed,
                data_dir=config.data_dir, mesh=mesh, sharding_rules=rules,
                skip_nonfinite=config.skip_nonfinite, tensorboard=config.tensorboard,

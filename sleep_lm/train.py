@@ -20,8 +20,14 @@ and `jax.distributed.initialize` runs before anything touches the devices. Proce
 writes config.json, metrics.jsonl, TensorBoard files and the log; every process feeds its own
 part of each batch and writes its part of the checkpoints.
 
-User errors (a config value, the workdir, a checkpoint, the disk) print one or two lines and
-exit with status 2; `--debug` shows their traceback.
+One run writes a workdir at a time: the first takes <workdir>/train.lock (process 0 of a
+multi-host run), a second is refused at once naming the holder's pid and host; `evaluate` and
+`generate` only read and run beside it.
+
+Exit status: 0 when the run is complete; 2 for user errors (a config value, the workdir, a
+damaged file, a checkpoint that cannot be read or written, the disk), printed as one line
+(`--debug` shows their traceback); 75 (EX_TEMPFAIL) when SIGTERM stopped the run before its last
+step, after its checkpoint: rerun the same command to continue (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ def main(argv):
   f = flags.FLAGS
   initialize_distributed(distributed=f.distributed, coordinator_address=f.coordinator_address,
                          num_processes=f.num_processes, process_id=f.process_id)
+  cli.check_platform()
   import jax
 
   from sleep_lm import trainer
@@ -90,4 +97,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
   flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..P-1.")
   flags.mark_flags_as_required(["config", "workdir"])
-  cli.run(main)
+  cli.run(main, check_platform_first=False)   # main checks it after jax.distributed

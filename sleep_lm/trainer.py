@@ -6,10 +6,13 @@ continues from the newest readable checkpoint and reproduces the uninterrupted r
 is a pure function of the step (`sleep_lm.tasks.train_dataset`), and the train metrics pending
 since the last log line travel in the checkpoint.
 
-Guards: a non-finite loss or gradient norm stops the run with a `TrainingDiverged` naming the
-first bad step and seed, and that state is never saved (with `config.skip_nonfinite` such steps
-are skipped instead: the state stays as it was). SIGTERM (preemption, `timeout`) stops between
-two steps and checkpoints.
+Guards: one training run per workdir (`sleep_lm.workdir.Lock`, taken by process 0 before
+anything is written); a non-finite loss or gradient norm stops the run with a `TrainingDiverged`
+naming the first bad step and seed, and that state is never saved (with `config.skip_nonfinite`
+such steps are skipped instead: the state stays as it was); a checkpoint that cannot be written
+stops the run at the next step (`CheckpointSaveError`; no evaluation runs before the step's
+checkpoint is on disk) and its temporary folder is removed. SIGTERM (preemption, `timeout`)
+stops between two steps, checkpoints and raises `Preempted` (the CLI's exit status 75).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sleep_lm import evaluation, sharding, workdir
 from sleep_lm.checkpointing import Checkpointer
-from sleep_lm.errors import UserError
+from sleep_lm.errors import Preempted, UserError
 from sleep_lm.run_config import RunConfig
 from sleep_lm.sleep import static_schedule
 from sleep_lm.tasks import train_dataset
@@ -130,14 +133,34 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _lock_workdir(path: Path, lead: bool, log) -> workdir.Lock | None:
+  """Process 0 takes the workdir's lock; with several processes all learn whether it did, so
+  that all refuse alike."""
+  lock, refusal = None, None
+  if lead:
+    try:
+      lock = workdir.Lock(path, warn=log)
+    except UserError as e:
+      refusal = e
+  if jax.process_count() > 1:
+    held = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
+    if not held and refusal is None:
+      refusal = UserError(f"process 0 could not lock --workdir {path}; see its error")
+  if refusal is not None:
+    raise refusal
+  return lock
+
+
 def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
-  """Trains (or continues) the run in `path`; returns the last evaluation's results.
+  """Trains (or continues) the run in `path`; returns the last evaluation's results. Raises
+  `Preempted` when SIGTERM stopped it before the end (after its checkpoint).
 
   Multi-host (`jax.distributed.initialize` called first, see `sleep_lm.train`): every process
   runs this with the same config and workdir (a shared file system). Each feeds its own part of
-  the global batch (`sharding.process_batch_slice`); only process 0 writes config.json,
-  metrics.jsonl, TensorBoard files and log lines and builds the eval sets (the others wait, then
-  read them); orbax checkpoints are written by every process, as orbax requires.
+  the global batch (`sharding.process_batch_slice`); only process 0 locks the workdir, writes
+  config.json, metrics.jsonl, TensorBoard files and log lines and builds the eval sets (the
+  others wait, then read them); orbax checkpoints are written by every process, as orbax
+  requires.
   """
   path = Path(path)
   try:
@@ -147,13 +170,22 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
   lead = jax.process_index() == 0
   if not lead:
     log = lambda *_: None                      # one log: process 0's
+  lock = _lock_workdir(path, lead, log)
+  try:
+    return _train(run, path, mesh, boxed, lead=lead, log=log)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
   workdir.claim(path, run.config, write=lead)
   data_dir = Path(run.data_dir) if run.data_dir else path / "eval_data"
   seeds = run.model_seeds
   schedule = task_schedule(run)
 
   state, optimizer = initial_state(run, mesh, boxed)
-  ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints)
+  ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints, clean=lead)
   start, pending_host = 0, []
   restored = ckpt.restore_latest(state, log=log)
   if restored is not None:
@@ -161,7 +193,7 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
     start = int(meta["data_position"])
     pending_host = [(int(s), m) for s, m in meta.get("pending", [])]
     log(f"resuming {path} from step {start}")
-  metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead)
+  metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead, warn=log)
   writers = ([ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in seeds]
              if run.tensorboard and lead else [])
   if lead:                                   # TFDS files: built once, by one process
@@ -198,6 +230,7 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
       w.scalars(step, {k: v[i] for k, v in values.items()})
 
   def run_eval(step):
+    ckpt.wait()                    # a step is evaluated only once its checkpoint is on disk
     results = evaluation.evaluate(run.model, state.params, mesh, eval_sets,
                                   batch_size=run.eval_batch_size, schedule=schedule,
                                   rules=run.sharding_rules)
@@ -249,6 +282,7 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
             f"{run.model.eviction!r}")
       state, metrics = step_fn(state, to_device(next(batches)), step)
       pending_device.append((step, metrics))
+      ckpt.check()                 # a background save that failed stops the run here
       interval_steps += 1
       if step % run.log_every == 0 or step == run.steps:
         sync()
@@ -278,17 +312,24 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
     raise
   finally:
     whole = not any(x.is_deleted() for x in jax.tree.leaves(state))
-    if saved != step and step > start and whole and diverged is None:
+    if saved != step and step > start and whole and diverged is None and not ckpt.failed:
       try:
         save(step)
       except TrainingDiverged:
         pass                                  # found only now: the state is not saved
-    ckpt.close()
-    for w in writers:
-      w.close()
-    if on_main_thread:
-      signal.signal(signal.SIGTERM, previous)
+    try:
+      ckpt.close()
+    finally:
+      if ckpt.failed and lead:
+        ckpt.remove_temporary()               # the failed save's folder: it only fills the disk
+      for w in writers:
+        w.close()
+      if on_main_thread:
+        signal.signal(signal.SIGTERM, previous)
   if diverged:
     raise TrainingDiverged(f"stopped at step {diverged[0]}: {diverged[2]} is not finite")
+  if stop_requested and step < run.steps:
+    raise Preempted(f"SIGTERM: stopped at step {step} of {run.steps} with its checkpoint "
+                    f"saved; the same command continues the run")
   return last_eval
 

@@ -3,7 +3,7 @@
 Two `python -m sleep_lm.train` processes (one CPU device each, gloo collectives) form one
 2-device mesh through `jax.distributed.initialize` (--coordinator_address, --num_processes,
 --process_id); each reads its half of every batch. Their losses must equal a one-process run
-with the same global batch, and only process 0 may write the workdir's logs.
+with the same global batch, and only process 0 may write the workdir's logs and take its lock.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def test_two_processes_train_like_one(tmp_path):
     events = list((workdir / "tensorboard" / f"seed_{seed}").iterdir())
     assert len(events) == 1, events                               # one writer: process 0
   assert (workdir / "checkpoints" / str(STEPS)).is_dir()
+  # Process 0 alone took the workdir's lock (had process 1 tried too, one would be refused).
+  assert json.loads((workdir / "train.lock").read_text())["pid"] == procs[0].pid
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,11 +1,15 @@
 """The trainer end to end at a tiny size: seeds, resume after a kill, evaluation, metrics,
-TensorBoard, and the failures a user meets (bad config, locked workdir, NaN, broken checkpoints).
+TensorBoard, and the failures a user meets (bad config, a second writer, NaN, broken checkpoints,
+a full disk, damaged workdir files, preemption), each injected for real.
 """
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +20,7 @@ import numpy as np
 import pytest
 
 from experiments import rule110 as rule110_config
-from sleep_lm import evaluate, trainer, workdir
+from sleep_lm import evaluate, evaluation, trainer, workdir
 from sleep_lm.checkpointing import Checkpointer
 from sleep_lm.errors import UserError
 from sleep_lm.run_config import RunConfig
@@ -176,15 +180,19 @@ def test_workdir_with_another_config_is_refused(uninterrupted):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("steps", 0, r"config\.steps must be an integer >= 1"),
-    ("keep_checkpoints", 0, r"config\.keep_checkpoints must be an integer >= 1"),
-    ("seeds", 0, r"config\.seeds"),
-    ("model.passes", 0, r"ModelConfig\.passes"),
-    ("model.layers", ("attn", "lstm"), r"ModelConfig\.layers.*lstm"),
-    ("optimizer.warmup_steps", 10_000, r"OptimizerConfig\.warmup_steps"),
-    ("optimizer.adamw_lr", float("inf"), r"OptimizerConfig\.adamw_lr: must be a finite"),
-    ("optimizer.muon_lr", float("nan"), r"OptimizerConfig\.muon_lr"),
-    ("task.t", -1, r"t must be >= 0"),
+    ("steps", 0, r"^config\.steps: must be an integer >= 1, got 0$"),
+    ("keep_checkpoints", 0, r"^config\.keep_checkpoints: must be an integer >= 1"),
+    ("seeds", 0, r"^config\.seeds: "),
+    ("tensorboard", None, r"^config\.tensorboard: must be True or False"),
+    ("model.passes", 0, r"^config\.model\.passes: N must be an integer >= 1"),
+    ("model.d_model", True, r"^config\.model\.d_model: must be an integer >= 1, got True"),
+    ("model.layers", ("attn", "lstm"), r"^config\.model\.layers: .*lstm.*allowed"),
+    ("optimizer.warmup_steps", 10_000, r"^config\.optimizer\.warmup_steps: must be in \[0, "),
+    ("optimizer.adamw_lr", float("inf"), r"^config\.optimizer\.adamw_lr: must be a finite"),
+    ("optimizer.muon_lr", float("nan"), r"^config\.optimizer\.muon_lr"),
+    ("task.t", -1, r"^config\.task\.t: must be >= 0, got -1$"),
+    ("task.foo", 1, r"^config\.task: unknown field\(s\) \['foo'\] .*; allowed: \['seed', 't'\]$"),
+    ("model.foo", 1, r"^config\.model: unknown field\(s\) \['foo'\]; allowed: \['attention_"),
 ])
 def test_bad_config_fails_with_the_field_name(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -204,9 +212,13 @@ def test_a_failed_launch_leaves_the_workdir_free(tmp_path):
 def test_cli_user_errors_are_one_line_with_status_2(tmp_path):
   (tmp_path / "file").write_text("")
   cases = [
-      (["--config.model.foo=1"], tmp_path / "w1", "cannot apply the config"),
-      (["--config.keep_checkpoints=0"], tmp_path / "w2", "config.keep_checkpoints must be"),
-      (["--config.optimizer.adamw_lr=inf"], tmp_path / "w3", "adamw_lr: must be a finite"),
+      (["--config.model.foo=1"], tmp_path / "w1",
+       "unknown field config.model.foo (--config.model.foo=1); allowed in config.model: "
+       "['attention_implementation', 'attn_head_dim', "),
+      (["--config.keep_checkpoints=0"], tmp_path / "w2",
+       "config.keep_checkpoints: must be an integer >= 1, got 0"),
+      (["--config.optimizer.adamw_lr=inf"], tmp_path / "w3",
+       "config.optimizer.adamw_lr: must be a finite"),
       ([], tmp_path / "file", "exists and is not a directory"),
   ]
   for extra, path, message in cases:
@@ -296,27 +308,241 @@ def test_metrics_log_is_strict_json_and_survives_a_torn_line(tmp_path):
   assert "torn last line" in warnings[0]
   workdir.MetricsLog(path, 1)                                # a resume at step 1
   assert [r["step"] for r in workdir.read_records(path)] == [1]
-  path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-  with pytest.raises(UserError, match=r"metrics.jsonl, line 2"):
+  path.write_text('{"step": 1, "kind": "train"}\nnot json\n{"step": 2, "kind": "train"}\n')
+  with pytest.raises(UserError, match=r"metrics\.jsonl: line 2: not JSON \(Expecting value: "
+                                      r"line 1 column 1\); fix or remove the line$"):
     workdir.read_records(path)
 
 
-def test_sigterm_stops_between_steps_and_checkpoints(uninterrupted, tmp_path):
-  """Preemption: SIGTERM ends the run cleanly with a checkpoint at the step where it stopped."""
+def one_line_error(stderr: str) -> str:
+  """The last line of stderr, checked to be the CLI's one-line error (library warnings, e.g.
+  TFDS's, may precede it; no traceback may)."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  return stderr.strip().splitlines()[-1]
+
+
+def test_one_writer_per_workdir_and_sigterm_exits_75(uninterrupted, tmp_path):
+  """Two trainings into one workdir: the second is refused at once (status 2) naming the holder
+  while evaluation runs beside it; then preemption: SIGTERM stops the first between two steps,
+  checkpoints the step it stopped at and exits 75, and its lock is gone with it."""
   run = tmp_path / "run"
   cmd = [sys.executable, "-m", "sleep_lm.train", *cli_args(uninterrupted / "data"),
          f"--workdir={run}"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 600
-  while not (run / "checkpoints" / "10").is_dir():
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 600
+    while not (run / "checkpoints" / "10").is_dir():
+      assert first.poll() is None and time.time() < deadline
+      time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)     # it keeps its lock, and cannot finish meanwhile
+    try:
+      t0 = time.time()
+      second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+      assert second.returncode == 2, second.stderr[-3000:]
+      line = one_line_error(second.stderr)
+      assert re.fullmatch(
+          rf"error: workdir {re.escape(str(run))} is in use by another training run \(pid "
+          rf"{first.pid} on host {re.escape(socket.gethostname())}, since [^)]+\); one run "
+          rf"writes a workdir at a time: .*", line), line
+      assert time.time() - t0 < 120 and second.stdout.count("step ") == 0  # refused at once
+      assert evaluate.evaluate_workdir(run)["step"] >= 10          # a reader runs beside it
+    finally:
+      first.send_signal(signal.SIGCONT)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert first.returncode == 75, err[-3000:]
   stopped = [line for line in out.splitlines() if line.startswith("SIGTERM: stopping at step")]
   assert stopped, out[-3000:]
   step = int(stopped[0].split()[-1])
   assert 10 <= step < STEPS
+  assert one_line_error(err) == (f"preempted: SIGTERM: stopped at step {step} of {STEPS} with "
+                                 f"its checkpoint saved; the same command continues the run")
   assert (run / "checkpoints" / str(step)).is_dir()
+  with workdir.Lock(run):                  # released by the kernel with the process
+    pass
+
+
+def test_a_full_disk_stops_the_run_and_leaves_the_older_checkpoints(uninterrupted, tmp_path):
+  """A checkpoint that cannot be written for want of space: one line, status 2, the run stops at
+  the next step (no evaluation after the failed save), the older checkpoint, config and metrics
+  survive and no temporary folder is left behind.
+
+  The disk is real: a tmpfs (mounted here, as root) holding the finished run cut back to its
+  step-30 checkpoint and sized to leave 256 KiB free, less than one checkpoint (~520 KiB), so
+  that orbax's background threads fail while writing step 35 with the ValueError
+  RESOURCE_EXHAUSTED (ENOSPC) a full disk gives. Without root the same writes fail for real
+  under RLIMIT_FSIZE (EFBIG: no file may grow past 16 KiB; the checkpoint's files are larger,
+  the run's other files smaller), which tests the same path with another cause."""
+  src = tmp_path / "src"
+  shutil.copytree(uninterrupted / "run", src)
+  for p in (src / "checkpoints").iterdir():
+    if p.name.isdigit() and int(p.name) > 30:
+      shutil.rmtree(p)
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = os.geteuid() == 0 and subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode == 0
+  run = disk / "run"
+  try:
+    shutil.copytree(src, run)
+    if mounted:
+      used = int(subprocess.check_output(["df", "-k", "--output=used", str(disk)],
+                                         text=True).split()[-1])
+      subprocess.run(["mount", "-o", f"remount,size={used + 256}k", str(disk)], check=True)
+      limit_file_size = None
+    else:
+      def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of death
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+    out = run_cli("sleep_lm.train", [*cli_args(uninterrupted / "data"), f"--workdir={run}"],
+                  timeout=600, preexec_fn=limit_file_size)
+    assert out.returncode == 2, out.stderr[-3000:]
+    cause = "No space left on device" if mounted else "File too large"
+    assert one_line_error(out.stderr) == (
+        f"error: cannot save checkpoint step 35 in {run / 'checkpoints'}: {cause}; the run "
+        f"stops here (steps kept: [30])")
+    assert "resuming" in out.stdout and "eval step" not in out.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["30"]   # no tmp folder
+    for p in (src / "checkpoints" / "30").rglob("*"):          # the old checkpoint is intact
+      if p.is_file():
+        assert (run / "checkpoints" / "30" / p.relative_to(src / "checkpoints" / "30")
+                ).read_bytes() == p.read_bytes()
+    assert (run / "config.json").read_text() == (src / "config.json").read_text()
+    assert [r["step"] for r in records(run, "eval", seed=0)] == [20]       # no eval past it
+    assert [r["step"] for r in records(run, "train", seed=0)][:7] == [4, 8, 12, 16, 20, 24, 28]
+  finally:
+    if mounted:
+      subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_damaged_workdir_files_are_one_line_errors_naming_them(uninterrupted, tmp_path):
+  """config.json, metrics.jsonl and the eval sets' metadata, each damaged for real on disk, end
+  in a UserError naming the file and what is wrong with it (the lock file: the test below)."""
+  config = tmp_path / "w" / "config.json"
+  config.parent.mkdir()
+  held = (uninterrupted / "run" / "config.json").read_text()
+  for text, problem in [("", "empty"), ('{"task": ', "not JSON (Expecting value: line 1 "),
+                        ("[1, 2]", "not a JSON object (a list)"),
+                        ("{}", "missing field(s) ['mesh', 'model', 'optimizer', 'seed', ")]:
+    config.write_text(text)
+    readers = [lambda: workdir.load_config(config.parent)]
+    if text != "{}":                  # training compares the whole config: "{}" is another one
+      readers.append(lambda: workdir.claim(config.parent, tiny_config(tmp_path / "data")))
+    for read in readers:
+      with pytest.raises(UserError) as e:
+        read()
+      assert str(e.value).startswith(f"{config}: {problem}"), str(e.value)
+  config.write_bytes(b"\xff\xfe" + held.encode())
+  with pytest.raises(UserError, match=r"config\.json: not text \(byte 0 is not UTF-8\)"):
+    workdir.load_config(config.parent)
+
+  # metrics.jsonl: a last line that is JSON but no record is dropped like a torn one.
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text('{"step": 1, "kind": "train"}\n{"step": 2, "kind": "train"}\n'
+                     '{"loss": 1.0}\n')
+  warnings = []
+  workdir.MetricsLog(metrics, 2, warn=warnings.append)               # a resume at step 2
+  assert [r["step"] for r in workdir.read_records(metrics)] == [1, 2]
+  assert "ignoring a torn last line (missing field(s) ['kind', 'step']" in warnings[0]
+  metrics.write_text('{"step": 1, "kind": "train"}\n{"step": "2", "kind": "train"}\n'
+                     '{"step": 3, "kind": "train"}\n')
+  with pytest.raises(UserError, match=r"metrics\.jsonl: line 2: its step is not an integer "
+                                      r"\('2'\); fix or remove the line$"):
+    workdir.MetricsLog(metrics, 3)
+
+  # The eval sets' metadata (TFDS would raise a protobuf traceback).
+  data = tmp_path / "data"
+  shutil.copytree(uninterrupted / "data", data)
+  (info,) = data.glob("sleep_lm_eval/rule110_t2_*/*/dataset_info.json")
+  info.write_text("{}")
+  with pytest.raises(UserError, match=rf"^{re.escape(str(info))}: missing field\(s\) \['name', "
+                                      rf"'splits'\]; delete {re.escape(str(info.parent))} to "
+                                      r"rebuild the set$"):
+    evaluation.prepare_eval_sets(tiny_run(data).task, size=32, data_dir=data)
+
+
+def test_the_workdir_lock_is_exclusive_and_names_its_holder(tmp_path):
+  """A real flock: a second writer is refused at once, naming the holder's pid and host; a lock
+  file without them (the instant between locking and writing, or damaged) is said to be so."""
+  with workdir.Lock(tmp_path / "w"):
+    with pytest.raises(workdir.WorkdirBusy, match=rf"\(pid {os.getpid()} on host "
+                                                  rf"{re.escape(socket.gethostname())}, since "):
+      workdir.Lock(tmp_path / "w")
+    (tmp_path / "w" / "train.lock").write_text("")
+    with pytest.raises(workdir.WorkdirBusy, match=r"its pid and host are unknown: .*train\.lock "
+                                                  r"is empty\); one run writes a workdir"):
+      workdir.Lock(tmp_path / "w")
+  with workdir.Lock(tmp_path / "w"):                    # released: free again
+    assert json.loads((tmp_path / "w" / "train.lock").read_text())["pid"] == os.getpid()
+
+
+def test_leftover_temporary_checkpoints_are_removed_by_the_writer(uninterrupted, tmp_path):
+  """A save that never completed leaves "<step>.orbax-checkpoint-tmp": the writer removes it
+  when it opens the folder (the older steps stay), a reader (evaluate, generate) never does. The
+  leftover is a copy of a real step under orbax's temporary name."""
+  ckpt_dir = tmp_path / "checkpoints"
+  shutil.copytree(uninterrupted / "run" / "checkpoints", ckpt_dir)
+  shutil.copytree(ckpt_dir / "40", ckpt_dir / "45.orbax-checkpoint-tmp")
+  reader = Checkpointer(ckpt_dir, keep=3, read_only=True)
+  assert reader.steps() == [30, 35, 40]
+  reader.close()
+  assert (ckpt_dir / "45.orbax-checkpoint-tmp").is_dir()
+  writer = Checkpointer(ckpt_dir, keep=3, clean=True)
+  writer.close()
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["30", "35", "40"]
+
+
+def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
+  run = uninterrupted / "run"
+  for overrides, message in [
+      ({"t": "abc"}, r"^--task: config\.task\.t: must be an integer, got 'abc'$"),
+      ({"t": 2.5}, r"^--task: config\.task\.t: must be an integer, got 2\.5$"),
+      ({"T": "3"}, r"^--task: config\.task: unknown field\(s\) \['T'\]; allowed: "
+                   r"\['seed', 't'\]$"),
+      ({"t": "-1"}, r"^config\.task\.t: must be >= 0, got -1$"),
+  ]:
+    with pytest.raises(UserError, match=message):
+      evaluate.evaluate_workdir(run, task_overrides=overrides)
+  with pytest.raises(UserError, match=r"--task: expected KEY=VALUE items, got 't'"):
+    evaluate._parse_overrides("t")
+  assert evaluate._parse_overrides("t=3,seed=1") == {"t": "3", "seed": "1"}
+
+
+def test_generate_num_streams_is_bounded_by_memory(uninterrupted):
+  from sleep_lm import generate, memory
+  run = generate.load_run(uninterrupted / "run")
+  make = lambda b: generate.init_state(run.model, b)
+  per_stream = memory.bytes_per_item(make)
+  limit, _ = memory.max_items(per_stream, jax.devices()[0])
+  assert per_stream == memory.tree_bytes(jax.eval_shape(lambda: make(3))) - memory.tree_bytes(
+      jax.eval_shape(lambda: make(2))) > 0
+  assert 1 <= limit < 10**12
+  with pytest.raises(UserError, match=rf"^--num_streams {10**12} does not fit: each holds "
+                                      r".* of state \(.*\), so at most (\d+); ask for fewer$") as e:
+    generate.generate_from_workdir(uninterrupted / "run", "0110", max_new_tokens=1,
+                                   num_streams=10**12)
+  told = int(re.search(r"at most (\d+)", str(e.value)).group(1))
+  assert abs(told - limit) <= limit / 2          # the free memory moves a little meanwhile
+
+
+def test_cli_damaged_files_and_missing_platforms_are_one_line(uninterrupted, tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text("")
+  out = run_cli("sleep_lm.evaluate", [f"--workdir={run}"], timeout=300)
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      f"error: {run / 'config.json'}: empty; restore it from a copy of the run"], out.stderr
+  wanted = "tpu" if jax.devices()[0].platform == "gpu" else "cuda"
+  out = subprocess.run([sys.executable, "-m", "sleep_lm.evaluate",
+                        f"--workdir={uninterrupted / 'run'}"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "JAX_PLATFORMS": wanted}, timeout=300)
+  assert out.returncode == 2, out.stderr[-3000:]
+  (line,) = out.stderr.strip().splitlines()
+  assert line.startswith(f"error: JAX_PLATFORMS={wanted} asks for a platform this machine "
+                         f"cannot start (") and "; available here: cpu" in line, line

@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from sleep_lm import files
 from sleep_lm.tasks.base import BATCH_KEYS, Task, check_int
 
 SPLIT = "eval"
@@ -93,10 +95,11 @@ def eval_source(task: Task, eval_set: str, *, size: int, data_dir: str):
   plus an int64 "index" field. Usable directly with `grain.MapDataset.source(...)`.
   """
   tfds.disable_progress_bar()
+  config = make_config(task, eval_set, size)
+  _check_metadata(Path(data_dir) / SleepLmEval.name / config.name / str(SleepLmEval.VERSION))
 
   def builder():
-    return SleepLmEval(config=make_config(task, eval_set, size), data_dir=str(data_dir),
-                       file_format="array_record")
+    return SleepLmEval(config=config, data_dir=str(data_dir), file_format="array_record")
 
   prepared = builder()
   try:
@@ -110,6 +113,15 @@ def eval_source(task: Task, eval_set: str, *, size: int, data_dir: str):
     if not prepared.is_prepared():
       raise
   return prepared.as_data_source(split=SPLIT)
+
+
+def _check_metadata(directory: Path) -> None:
+  """The metadata of a set built before, read through `sleep_lm.files`: a damaged file (a crash
+  or a full disk while TFDS wrote it) is one line naming it, where TFDS would raise a protobuf
+  traceback. The set's records themselves are trusted."""
+  path = directory / "dataset_info.json"
+  if path.exists():
+    files.read_json(path, fields=("name", "splits"), fix=f"delete {directory} to rebuild the set")
 
 
 def eval_batches(source, batch_size: int, *,
