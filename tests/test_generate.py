@@ -1,4 +1,5 @@
-"""Streaming generation (sleep_lm.generate) against the training forward, sampling, and the CLI.
+"""Streaming generation (sleep_lm.stream, sleep_lm.decoding) against the training forward,
+sampling, and the CLI (sleep_lm.generate).
 
 The equivalence tested: a stream's logits for the tokens of window c are those of `sleep_forward`
 over the tokens up to the end of window c with only window c supervised (the windows before it
@@ -21,12 +22,13 @@ import numpy as np
 import pytest
 
 from experiments import rule110 as rule110_config
-from sleep_lm import generate
+from sleep_lm import decoding, generate
 from sleep_lm.config import ModelConfig
+from sleep_lm.decoding import sample
 from sleep_lm.errors import UserError
-from sleep_lm.generate import Stream, sample
-from sleep_lm.model import HybridLM, StepContext, init_params
+from sleep_lm.model import HybridLM, init_params, split_caches
 from sleep_lm.sleep import parallel_forward, sleep_forward
+from sleep_lm.stream import Stream
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 6            # window
@@ -89,7 +91,8 @@ def test_generation_matches_training_forward(params, tokens, passes, eviction):
     assert got.shape == (2, T, 7)
     assert rel_err(got, want) < TOL, prompt_len
     assert stream.sleep_events == T // L and stream.position == T
-    for s, w in zip(stream.state.states, want_states, strict=True):
+    gdn, _ = split_caches(cfg, stream.state.caches)
+    for s, w in zip((c.state for c in gdn), want_states, strict=True):
       assert rel_err(s, w) < TOL, prompt_len       # the state after the last window slept
 
   if passes == 1 and eviction == "hard":             # the plain hybrid: one parallel forward
@@ -115,23 +118,19 @@ def test_length_limited_attention_is_the_position_mask(params):
   """The cuDNN decode path (keys limited by key_value_seq_lengths, no mask) attends to what the
   position mask allows; checked here with the XLA implementation, which takes both."""
   cfg = small_config(eviction="none")
-  lay = generate.cache_layout(cfg, 8)
-  state = generate.init_state(cfg, 2, 8)
-  keys = iter(jax.random.split(jax.random.key(3), 4))
-  caches = tuple(tuple(jax.random.normal(next(keys), x.shape) for x in kv) for kv in state.caches)
+  lay = decoding.cache_layout(cfg, 8)
+  state = decoding.init_state(cfg, 2, 8)
+  keys = iter(jax.random.split(jax.random.key(3), 8))
+  caches = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), state.caches)
   h = jax.random.normal(next(keys), (2, 1, 32))
-  p = jnp.array([5])
-
-  def step(mask, lengths):
-    ctx = StepContext(p, p, 5, mask, lengths)
-    return jax.jit(lambda h: HybridLM(cfg).apply(
-        {"params": params}, h, state.states, state.convs, caches, ctx,
-        method=HybridLM.wake_step))(h)
-
-  by_mask = step(generate._attention_mask(lay, 0, p), None)
-  by_length = step(None, jnp.full((2,), 6, jnp.int32))
-  assert rel_err(by_length[0], by_mask[0]) < 1e-6
-  assert rel_err(step(None, jnp.full((2,), 5, jnp.int32))[0], by_mask[0]) > 1e-4
+  by_mask = decoding.step_context(cfg, lay, jnp.asarray(5), 2, 1)
+  assert by_mask.mask is not None and by_mask.kv_lengths is None
+  by_length = by_mask.replace(mask=None, kv_lengths=jnp.full((2,), 6, jnp.int32))
+  step = jax.jit(lambda ctx: HybridLM(cfg).apply({"params": params}, h, caches, ctx,
+                                                 method=HybridLM.run_pass)[0])
+  assert rel_err(step(by_length), step(by_mask)) < 1e-6
+  assert rel_err(step(by_length.replace(kv_lengths=jnp.full((2,), 5, jnp.int32))),
+                 step(by_mask)) > 1e-4
 
 
 def test_greedy_generation_is_its_own_teacher_forcing(params, tokens):
@@ -247,7 +246,7 @@ def test_cli_subprocess(workdir):
          "--max_new_tokens=7"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "stream 0: " in out.stdout and "per token median" in out.stdout
+  assert "stream 0: " in out.stdout and "ms per token" in out.stdout
   bad = subprocess.run(cmd[:-2] + ["--prompt=0x"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ")
