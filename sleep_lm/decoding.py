@@ -116,9 +116,12 @@ def state_bytes(state: DecodeState) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
 
 
+_convert = jax.jit(convert_params, static_argnums=(0, 2))
+
+
 def prepare_params(config: ModelConfig, params, layout: Layout):
   """Training-layout parameters of one model in `layout`, on the device (once per stream)."""
-  return jax.jit(functools.partial(convert_params, config, layout=layout))(params)
+  return _convert(config, params, layout)
 
 
 # ------------------------------------------------------------------------ the wake pass

@@ -139,10 +139,16 @@ def test_greedy_generation_is_its_own_teacher_forcing(params, tokens):
   first = stream.feed(tokens[:, :9])[:, -1]         # the shapes test_generation... compiled
   out = np.asarray(stream.generate(9, first))
   assert out.shape == (2, 9) and stream.position == 18 and stream.sleep_events == 3
+  # Two windows' worth (3 then 6 tokens, a sleep between): one compiled loop for any count.
+  assert stream.fns.generate._cache_size() == 1
   sequence = np.concatenate([tokens[:, :9], out], axis=1)
   replay = Stream(cfg, params, 2)
   logits = jnp.concatenate([replay.feed(sequence[:, :9]), replay.feed(sequence[:, 9:])], 1)
   np.testing.assert_array_equal(np.argmax(logits[:, 8:17], -1), out)
+  fixed = Stream(cfg, params, 2, loop="fixed")       # a loop compiled for its trip count
+  np.testing.assert_array_equal(fixed.generate(3, fixed.feed(tokens[:, :9])[:, -1]), out[:, :3])
+  with pytest.raises(ValueError, match="loop: must be one of"):
+    Stream(cfg, params, 2, loop="while")
 
 
 def test_sampling():
