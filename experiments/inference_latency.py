@@ -7,7 +7,9 @@ vs a full-cache attention model of the same width and depth, both through `Strea
   python3 -m experiments.inference_latency --quick --out /tmp/inference
   # decode formulations compared (hybrid N = 1 and attention at one context), with profiles:
   python3 -m experiments.inference_latency --out $OUT/variants --variants_only \
-      --layouts rows,cols,gemm,train --loops dynamic,fixed --profile
+      --layouts rows,cols,gemm,train --loops dynamic,fixed --profile \
+      --xla_flag_sets="--xla_gpu_enable_command_buffer=;\
+--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 
 Random weights (decode cost does not depend on training), matrices in the compute dtype; caches
 and states filled with random values (never timed on zeros). Per size, at each context C (tokens
@@ -47,9 +49,12 @@ import argparse
 import functools
 import gc
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import flax.linen as nn
@@ -439,7 +444,34 @@ def run(args, log=print, checkpoint=None) -> dict:
   for size in args.sizes:
     log(f"{size}: {SIZES[size]}")
     save(size, bench_size(size, args, log, save))
+  if args.xla_flag_sets:
+    result["xla_flag_sets"] = []
+    for flags in args.xla_flag_sets:
+      log(f"XLA_FLAGS={flags!r}: the variant table in a process of its own")
+      result["xla_flag_sets"].append({"xla_flags": flags, **variants_with_flags(flags, args)})
+      if checkpoint is not None:
+        checkpoint(result)
   return result
+
+
+def variants_with_flags(flags: str, args) -> dict:
+  """The variant table (--variants_only) run by a child process with XLA_FLAGS = flags (XLA
+  reads its flags once per process)."""
+  out = Path(args.out) / f"xla_flags_{zlib.crc32(flags.encode()):08x}"
+  probe = [c for c in args.contexts if c <= 32768][-1:] or args.contexts[:1]
+  cmd = [sys.executable, "-m", "experiments.inference_latency", "--variants_only",
+         "--out", str(out), "--sizes", ",".join(args.sizes),
+         "--contexts", ",".join(map(str, probe)), "--layouts", ",".join(args.layouts),
+         "--loops", ",".join(args.loops), "--attention", ",".join(args.attention),
+         "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+         "--singles", str(args.singles)] + (["--profile"] if args.profile else [])
+  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+  try:
+    subprocess.run(cmd, env=env, check=True, timeout=args.xla_flag_timeout)
+    sub = json.loads((out / "inference_latency.json").read_text())
+  except (subprocess.SubprocessError, OSError, ValueError) as e:
+    return {"error": describe(e)}
+  return {"variants": {size: entry.get("variants", []) for size, entry in sub["sizes"].items()}}
 
 
 def _cell(value, fmt):
@@ -454,13 +486,17 @@ def table(result: dict) -> str:
   for size, entry in result["sizes"].items():
     lines.append(f"\n{size}: hybrid {entry['hybrid_params'] / 1e6:.3g}M params, attention-only "
                  f"{entry['attention_params'] / 1e6:.3g}M")
-    for row in entry.get("variants", []):
+    rows = [(row, "") for row in entry.get("variants", [])]
+    rows += [(row, f" XLA_FLAGS={f['xla_flags']!r}") for f in result.get("xla_flag_sets", [])
+             for row in f.get("variants", {}).get(size, [])]
+    for row, flags in rows:
       cells = []
       for name in ("hybrid", "attention"):
         points = row.get(name, {}).get("points", [])
         cells.append(f"{name} " + (", ".join(f"C={p['context']}: {p['median_ms']:.4f}" for p in
                                              points if "median_ms" in p) or "error"))
-      lines.append(f"variant layout={row['layout']} loop={row['loop']}: " + "; ".join(cells))
+      lines.append(f"variant layout={row['layout']} loop={row['loop']}{flags}: "
+                   + "; ".join(cells))
     columns = [(f"hybrid {k}", v) for k, v in entry["hybrid"].items() if "points" in v]
     columns += [(f"attn {k}", v) for k, v in entry["attention"].items() if "points" in v]
     if not columns:
@@ -570,10 +606,15 @@ def main(argv=None) -> dict:
   parser.add_argument("--loops", default="dynamic", help="generation loops: dynamic, fixed")
   parser.add_argument("--variants_only", action="store_true",
                       help="only the variant table (and --profile of each variant)")
+  parser.add_argument("--xla_flag_sets", default=None,
+                      help="';'-separated XLA_FLAGS values: the variant table again in a child "
+                           "process under each (give it as --xla_flag_sets='--xla_...=...;...')")
+  parser.add_argument("--xla_flag_timeout", type=int, default=240,
+                      help="seconds each --xla_flag_sets child may take")
   parser.add_argument("--batch", type=int, default=64, help="streams for the throughput")
-  parser.add_argument("--tokens", type=int, default=64, help="tokens per generate call")
+  parser.add_argument("--tokens", type=int, default=32, help="tokens per generate call")
   parser.add_argument("--repeats", type=int, default=10, help="timed generate calls per point")
-  parser.add_argument("--singles", type=int, default=20, help="timed generate(1) calls")
+  parser.add_argument("--singles", type=int, default=10, help="timed generate(1) calls")
   parser.add_argument("--sleeps", type=int, default=5, help="timed sleep events per model")
   parser.add_argument("--profile", action="store_true",
                       help="print the device-time table of the decode loop")
@@ -595,6 +636,7 @@ def main(argv=None) -> dict:
   for name, kind in (("sizes", str), ("contexts", int), ("passes", int), ("evictions", str),
                      ("prefill_evictions", str), ("layouts", str), ("loops", str)):
     setattr(args, name, _list(kind)(getattr(args, name)))
+  args.xla_flag_sets = [f for f in (args.xla_flag_sets or "").split(";") if f.strip()]
   unknown = sorted(set(args.sizes) - set(SIZES))
   if unknown:
     parser.error(f"--sizes: unknown {unknown}; allowed: {sorted(SIZES)}")
