@@ -49,6 +49,7 @@ import argparse
 import functools
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -122,6 +123,12 @@ def place(stream: Stream, position: int, seed: int = 1) -> None:
   stream.state = state._replace(position=jnp.asarray(position, jnp.int32))
   stream.position = position
   jax.block_until_ready(stream.state)
+
+
+def cache_bytes(config: ModelConfig, capacity: int) -> int:
+  """Bytes of one full-cache stream's decode state (from shapes: nothing is allocated)."""
+  shapes = jax.eval_shape(lambda: init_state(config, 1, capacity))
+  return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
 def describe(e: Exception) -> str:
@@ -282,7 +289,7 @@ def bench_attention(size, implementation, params, contexts, args, log, layout=No
                         layout=layout, loop=loop)
       place(stream, context)
       point = {"context": context, **latency(stream, logits, args),
-               "state_bytes": state_bytes(init_state(cfg, 1, capacity(context)))}
+               "state_bytes": cache_bytes(cfg, capacity(context))}
     except Exception as e:  # noqa: BLE001 - out of memory or unsupported: record, go on
       point = {"context": context, "error": describe(e)}
       stream = None
@@ -310,7 +317,7 @@ def bench_attention(size, implementation, params, contexts, args, log, layout=No
     if "error" in point:
       continue
     context = point["context"]
-    per_stream = state_bytes(init_state(cfg, 1, capacity(context)))
+    per_stream = cache_bytes(cfg, capacity(context))
     batch = max_batch(per_stream, args.batch)
     point["max_batch"] = batch
     try:

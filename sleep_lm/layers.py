@@ -280,6 +280,8 @@ class Attention(nn.Module):
       o = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=ctx.mask,
                                        key_value_seq_lengths=ctx.kv_lengths,
                                        implementation=cfg.attention_implementation)
+    if self.layout.fused:     # the attention's own products stay out of the projection's kernel
+      o = jax.lax.optimization_barrier(o)
     out = project(o.reshape(b, t, h * d), "out", {"out": (cfg.d_model, "embed")},
                   in_axis="heads", **kw)[0]
     return out, new

@@ -23,6 +23,7 @@ import pytest
 
 from experiments import rule110 as rule110_config
 from sleep_lm import decoding, generate
+from sleep_lm import stream as stream_lib
 from sleep_lm.config import ModelConfig
 from sleep_lm.decoding import sample
 from sleep_lm.errors import UserError
@@ -101,6 +102,21 @@ def test_generation_matches_training_forward(params, tokens, passes, eviction):
   if passes > 1:                                     # the sleep matters (the test can fail)
     assert rel_err(got[:, L:], reference(params, tokens, np.ones((2, T), np.float32)
                                          ).logits[:, L:]) > 1e-3
+
+
+def test_prefill_of_several_windows_per_call(params, tokens, monkeypatch):
+  """Whole windows two per call (a scan over windows) give what one per call gives (the path
+  test_generation_matches_training_forward checks against the training forward)."""
+  cfg = small_config(passes=2, eviction="sliding")
+  one = Stream(cfg, params, 2)
+  want = one.feed(tokens)
+  monkeypatch.setattr(stream_lib, "PREFILL_TOKENS", 2 * L)
+  two = Stream(cfg, params, 2)
+  got = two.feed(tokens)                       # 2 windows, then 1
+  assert two.fns.prefill._cache_size() == 2 and two.sleep_events == 3
+  assert rel_err(got, want) < TOL
+  for a, b in zip(jax.tree.leaves(two.state), jax.tree.leaves(one.state), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=TOL * max(1.0, float(np.abs(b).max())))
 
 
 def test_full_cache_stream_is_the_plain_forward(params, tokens):
