@@ -4,7 +4,7 @@
 
     carry = (S_1..S_G fast-weight states, retained prefix K/V (sliding only))
     for each window c = 0..W-1:
-        h, S <- run_pass(h, S)       N times if window c sleeps (no supervised token), else once
+        h, S <- window_pass(h, S)    N times if window c sleeps (no supervised token), else once
                                      (attention over the window's own recomputed K/V; each GDN
                                       layer rescans the window from the current S)
         emit h;  drop h and the KV cache;  keep S             # hard eviction
