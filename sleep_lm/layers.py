@@ -147,17 +147,18 @@ class Linear(nn.Module):
     return jax.lax.optimization_barrier(y) if lay.fused else y
 
 
-def project(x: Array, group: str, outputs: Mapping[str, tuple[int, str]], *, in_axis: str,
-            dtype: Any, layout: Layout) -> list[Array]:
-  """The projections `outputs` ({name: (features, logical out axis)}, in order) of x: one
-  `Linear` each, named by the projection, or, in a fused layout, one named `group` whose output
-  is split. Called inside a module's compact method (the Linears become its children)."""
+def project(module: nn.Module, x: Array, group: str, widths: Mapping[str, tuple[int, str]], *,
+            in_axis: str, dtype: Any, layout: Layout) -> list[Array]:
+  """The projections of x that `module.PROJECTIONS[group]` names, in that order (`widths`:
+  name -> (features, logical out axis)): one `Linear` each, named by the projection, or, in a
+  fused layout, one named `group` whose output is split (`convert_module_params` concatenates
+  the matrices in the same order). Called inside the module's compact method."""
+  members = module.PROJECTIONS[group]
   if not layout.fused:
-    return [Linear(n, (in_axis, axis), dtype, layout, name=name)(x)
-            for name, (n, axis) in outputs.items()]
-  sizes = [n for n, _ in outputs.values()]
-  axis = next(iter(outputs.values()))[1]
-  y = Linear(sum(sizes), (in_axis, axis), dtype, layout, name=group)(x)
+    return [Linear(widths[m][0], (in_axis, widths[m][1]), dtype, layout, name=m)(x)
+            for m in members]
+  sizes = [widths[m][0] for m in members]
+  y = Linear(sum(sizes), (in_axis, widths[members[0]][1]), dtype, layout, name=group)(x)
   return jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
 
 
@@ -187,9 +188,9 @@ class SwiGLU(nn.Module):
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, layout=self.layout)
     f = self.hidden_dim
-    gate, up = project(x, "gate_up", {"gate": (f, "mlp"), "up": (f, "mlp")}, in_axis="embed",
-                       **kw)
-    return project(nn.silu(gate) * up, "down", {"down": (x.shape[-1], "embed")},
+    gate, up = project(self, x, "gate_up", {"gate": (f, "mlp"), "up": (f, "mlp")},
+                       in_axis="embed", **kw)
+    return project(self, nn.silu(gate) * up, "down", {"down": (x.shape[-1], "embed")},
                    in_axis="mlp", **kw)[0]
 
 
@@ -258,7 +259,8 @@ class Attention(nn.Module):
     h, d = cfg.num_attn_heads, cfg.attn_head_dim
     dt = cfg.activation_dtype
     kw = dict(dtype=dt, layout=self.layout)
-    q, k, v = project(x, "qkv", {n: (h * d, "heads") for n in "qkv"}, in_axis="embed", **kw)
+    q, k, v = project(self, x, "qkv", {n: (h * d, "heads") for n in "qkv"}, in_axis="embed",
+                      **kw)
     q = apply_rope(q.reshape(b, t, h, d), ctx.positions, cfg.rope_base)
     k = apply_rope(k.reshape(b, t, h, d), ctx.positions, cfg.rope_base)
     v = v.reshape(b, t, h, d)
@@ -282,7 +284,7 @@ class Attention(nn.Module):
                                        implementation=cfg.attention_implementation)
     if self.layout.fused:     # the attention's own products stay out of the projection's kernel
       o = jax.lax.optimization_barrier(o)
-    out = project(o.reshape(b, t, h * d), "out", {"out": (cfg.d_model, "embed")},
+    out = project(self, o.reshape(b, t, h * d), "out", {"out": (cfg.d_model, "embed")},
                   in_axis="heads", **kw)[0]
     return out, new
 
@@ -316,12 +318,12 @@ class GatedDeltaNet(nn.Module):
     kw = dict(dtype=dt, layout=self.layout)
     widths = {"q_proj": (hk, "heads"), "k_proj": (hk, "heads"), "v_proj": (hk, "heads"),
               "a_proj": (h, "gdn_heads"), "b_proj": (h, "gdn_heads"), "gate_proj": (hk, "heads")}
-    q, k, v, a, beta_logit, gate = project(x, "in_proj", widths, in_axis="embed", **kw)
+    q, k, v, a, beta_logit, gate = project(self, x, "in_proj", widths, in_axis="embed", **kw)
 
     if self.layout.fused:
       taps = jnp.split(ConvKernel(3 * hk, cfg.conv_kernel, name="qkv_conv")(), 3, axis=1)
     else:
-      taps = [ConvKernel(hk, cfg.conv_kernel, name=f"{n}_conv")() for n in "qkv"]
+      taps = [ConvKernel(hk, cfg.conv_kernel, name=n)() for n in self.CONVS["qkv_conv"]]
     pasts = [None] * 3 if cache.conv is None else jnp.split(cache.conv, 3, axis=-1)
     convs = [causal_conv(y, w.astype(dt), ctx.segment_pos, past)
              for y, w, past in zip((q, k, v), taps, pasts, strict=True)]
@@ -348,7 +350,7 @@ class GatedDeltaNet(nn.Module):
         cfg.rule, q, k, v, g, beta, cache.state, use_qk_l2norm=True, chunk_size=chunk,
         implementation="single_token" if t == 1 else cfg.kernel_implementation)
     o = RMSNorm(dt, axis_name="head_dim", name="out_norm")(o) * nn.silu(gate.reshape(b, t, h, d))
-    out = project(o.reshape(b, t, hk), "out_proj", {"out_proj": (cfg.d_model, "embed")},
+    out = project(self, o.reshape(b, t, hk), "out_proj", {"out_proj": (cfg.d_model, "embed")},
                   in_axis="heads", **kw)[0]
     return out, GDNCache(state, conv)
 
