@@ -26,7 +26,7 @@ Array = jax.Array
 LOOP_STEPS = 4096
 # Tokens of whole windows one prefill call takes (at least one window): longer prompts take
 # several calls of one compiled shape, and fewer whole windows go one at a time.
-PREFILL_TOKENS = 8192
+PREFILL_TOKENS = 2048
 LOOPS = ("dynamic", "fixed")
 
 
