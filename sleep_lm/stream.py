@@ -60,15 +60,16 @@ class Stream:
   def loop_steps(self) -> int:
     return min(self.cache_layout.window, LOOP_STEPS)
 
-  def warm_up(self, *, temperature: float = 0.0, top_k: int = 0) -> None:
-    """Compiles the generation loop and the sleep by running them on a scratch state as large
-    as the stream's (its own is untouched), so that `generate` calls that follow run at once."""
+  def warm_up(self, *, temperature: float = 0.0, top_k: int = 0, sleep: bool = True) -> None:
+    """Compiles the generation loop (and the sleep, unless `sleep` is False) by running them on
+    a scratch state as large as the stream's (its own is untouched), so that `generate` calls
+    that follow run at once."""
     scratch = decoding.init_state(self.config, self.batch, self.capacity)
     logits = jnp.zeros((self.batch, self.config.vocab_size), jnp.float32)
     fn = self.fns.generate if self.loop == "dynamic" else self.fns.generate_fixed
     scratch, _, _ = fn(self.params, scratch, logits, jax.random.key(0), 0, 1,
                        steps=self.loop_steps, temperature=float(temperature), top_k=int(top_k))
-    if self.cache_layout.evicts:
+    if sleep and self.cache_layout.evicts:
       scratch = self.fns.sleep(self.params, scratch)
     jax.block_until_ready(scratch)
 
