@@ -473,13 +473,13 @@ def run(args, log=print, checkpoint=None) -> dict:
 
 
 def variants_with_flags(flags: str, args) -> dict:
-  """The variant table (--variants_only) run by a child process with XLA_FLAGS = flags (XLA
-  reads its flags once per process)."""
+  """The variant table (--variants_only) of the first layout and every loop, run by a child
+  process with XLA_FLAGS = flags (XLA reads its flags once per process)."""
   out = Path(args.out) / f"xla_flags_{zlib.crc32(flags.encode()):08x}"
   probe = [c for c in args.contexts if c <= 32768][-1:] or args.contexts[:1]
   cmd = [sys.executable, "-m", "experiments.inference_latency", "--variants_only",
          "--out", str(out), "--sizes", ",".join(args.sizes),
-         "--contexts", ",".join(map(str, probe)), "--layouts", ",".join(args.layouts),
+         "--contexts", ",".join(map(str, probe)), "--layouts", args.layouts[0],
          "--loops", ",".join(args.loops), "--attention", ",".join(args.attention),
          "--tokens", str(args.tokens), "--repeats", str(args.repeats),
          "--singles", str(args.singles)] + (["--profile"] if args.profile else [])
