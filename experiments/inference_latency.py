@@ -80,7 +80,7 @@ DEFAULT_CONTEXTS = (1024, 4096, 16384, 32768, 65536, 131072)
 # Every measurement once, few compilations: batch 1 for the throughput too (the latency's
 # compiled loop), one attention buffer for both contexts.
 QUICK = dict(sizes="tiny", contexts="64,256", passes="1", evictions="hard", tokens=4,
-             repeats=3, singles=3, batch=1, sleeps=2, attention_buffer="shared")
+             repeats=3, singles=3, batch=1, sleeps=2, attention_buffer="shared", prefill="hard")
 
 
 def hybrid_config(size: str, passes: int, eviction: str) -> ModelConfig:
@@ -650,7 +650,7 @@ def main(argv=None) -> dict:
     given = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else sys.argv[1:])}
     for key, value in QUICK.items():
       if key not in given:
-        setattr(args, key, value)
+        setattr(args, "prefill_evictions" if key == "prefill" else key, value)
   for name, kind in (("sizes", str), ("contexts", int), ("passes", int), ("evictions", str),
                      ("prefill_evictions", str), ("layouts", str), ("loops", str)):
     setattr(args, name, _list(kind)(getattr(args, name)))

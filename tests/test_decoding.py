@@ -106,7 +106,7 @@ def test_argument_count_of_the_decode_loop(params):
       9 + 18 + 3)
 
 
-@pytest.mark.parametrize("layout", ["cols", "gemm", "train"])
+@pytest.mark.parametrize("layout", ["cols", "gemm", pytest.param("train", marks=pytest.mark.slow)])
 def test_every_layout_computes_the_training_forward(params, layout):
   """Batch 1, two single tokens (the shapes where the layouts differ: the gemm layout pads the
   row, the fused ones barrier and split) against the plain forward in the training layout."""
