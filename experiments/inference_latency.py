@@ -402,10 +402,11 @@ def bench_size(size, args, log, checkpoint) -> dict:
       for loop in args.loops:
         log(f"{size} variant layout={layout} loop={loop}")
         row = {"layout": layout, "loop": loop}
-        for name, fn, params in (("hybrid", bench_hybrid, hybrid_params),
-                                 ("attention", bench_attention, attention_params)):
+        models = [("hybrid", bench_hybrid, hybrid_params, (1, "hard"))]
+        if args.attention:
+          models.append(("attention", bench_attention, attention_params, (args.attention[0],)))
+        for name, fn, params, spec in models:
           try:
-            spec = (1, "hard") if name == "hybrid" else (args.attention[0],)
             row[name] = fn(size, *spec, params, probe, args, log, layout=layout, loop=loop,
                            only="latency")
           except Exception as e:  # noqa: BLE001 - one formulation failing is a result
@@ -509,8 +510,8 @@ def table(result: dict) -> str:
              for row in f.get("variants", {}).get(size, [])]
     for row, flags in rows:
       cells = []
-      for name in ("hybrid", "attention"):
-        points = row.get(name, {}).get("points", [])
+      for name in [n for n in ("hybrid", "attention") if n in row]:
+        points = row[name].get("points", [])
         cells.append(f"{name} " + (", ".join(f"C={p['context']}: {p['median_ms']:.4f}" for p in
                                              points if "median_ms" in p) or "error"))
       lines.append(f"variant layout={row['layout']} loop={row['loop']}{flags}: "
@@ -613,8 +614,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--prefill", default="hard,attention", dest="prefill_evictions",
                       help="which models' prefill to time: hybrid evictions and/or 'attention'")
   parser.add_argument("--attention", default=None,
-                      help="attention implementations, comma-separated from xla, cudnn "
-                           "(default: cudnn on a GPU for bfloat16 models, else xla)")
+                      help="attention implementations, comma-separated from xla, cudnn, or "
+                           "none (default: cudnn on a GPU for bfloat16 models, else xla)")
   parser.add_argument("--attention_buffer", default=None, choices=("shared", "per_context"),
                       help="attention's batch-1 cache: one for every context, or one sized to "
                            "each (default: shared for cudnn, which reads only the filled part)")
@@ -662,10 +663,10 @@ def main(argv=None) -> dict:
     gpu = jax.devices()[0].platform == "gpu"
     args.attention = "cudnn" if gpu and all(SIZES[s]["dtype"] == "bfloat16"
                                             for s in args.sizes) else "xla"
-  args.attention = _list(str)(args.attention)
+  args.attention = [a for a in _list(str)(args.attention) if a != "none"]
   bad = sorted(set(args.attention) - {"xla", "cudnn"})
   if bad:
-    parser.error(f"--attention: unknown {bad}; allowed: xla, cudnn")
+    parser.error(f"--attention: unknown {bad}; allowed: xla, cudnn, or none")
   write = lambda result: (out / "inference_latency.json").write_text(
       json.dumps({**result, "quick": args.quick}, indent=2, default=str))
   start = time.perf_counter()
