@@ -5,7 +5,9 @@ vs a full-cache attention model of the same width and depth, both through `Strea
   python3 -m experiments.inference_latency --out $OUT/inference
   # CPU smoke (< 1 minute):
   python3 -m experiments.inference_latency --quick --out /tmp/inference
-  # decode formulations compared (hybrid N = 1 and attention at one context), with profiles:
+  # decode formulations compared (hybrid N = 1 and attention at one context), with profiles
+  # (no preallocation: the XLA flag sets run in child processes that need memory too):
+  XLA_PYTHON_CLIENT_PREALLOCATE=false \
   python3 -m experiments.inference_latency --out $OUT/variants --variants_only \
       --layouts rows,cols,gemm,train --loops dynamic,fixed --profile \
       --xla_flag_sets="--xla_gpu_enable_command_buffer=;\
@@ -484,7 +486,9 @@ def variants_with_flags(flags: str, args) -> dict:
          "--loops", ",".join(args.loops), "--attention", ",".join(args.attention),
          "--tokens", str(args.tokens), "--repeats", str(args.repeats),
          "--singles", str(args.singles)] + (["--profile"] if args.profile else [])
-  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+  # The parent still holds its device memory: the child allocates as it goes.
+  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
+         "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
   try:
     subprocess.run(cmd, env=env, check=True, timeout=args.xla_flag_timeout)
     sub = json.loads((out / "inference_latency.json").read_text())
