@@ -44,50 +44,27 @@ import numpy as np
 import optax
 
 from sleep_lm.config import ModelConfig
-from sleep_lm.model import HybridLM, init_params, zero_states
+from sleep_lm.layers import Context
+from sleep_lm.model import HybridLM, init_params, pass_caches, zero_states
 from sleep_lm.sleep import sleep_forward
 
 MODES = ("sequential", "sequential_sliding", "parallel")
 
 
 # ---------------------------------------------------------------- the parallel sliding model
-# The one place that uses model internals (the blocks' submodules and the attention layer's
-# parameter names q, k, v, out): keep it in step with sleep_lm/model.py and sleep_lm/layers.py.
 
 def parallel_sliding_forward(config: ModelConfig, params, tokens: jax.Array, *,
                              conv_restart: bool = False) -> jax.Array:
   """Logits [B,T,V] of one parallel pass over tokens [B,T]: attention over a causal band of
   `config.window` keys, GDN over the whole sequence from zero states, the conv restarting every
   window only if `conv_restart` (then this is `sleep_forward` with eviction="sliding", N = 1)."""
-  from sleep_lm.layers import _dense_forward, apply_rope
-
   b, t = tokens.shape
   positions = jnp.arange(t)
   segment_pos = positions % config.window if conv_restart else positions
-  valid = jnp.ones((t,), bool)
-  dt = config.activation_dtype
-
-  def band_attention(mixer, x):
-    p = nn.meta.unbox(mixer.variables["params"])
-    heads, d = config.num_attn_heads, config.attn_head_dim
-    proj = lambda name: _dense_forward(p[name], x, dt).reshape(b, t, heads, d)
-    q = apply_rope(proj("q"), positions, config.rope_base)
-    k = apply_rope(proj("k"), positions, config.rope_base)
-    o = jax.nn.dot_product_attention(q, k, proj("v"), is_causal=True,
-                                     local_window_size=(config.window - 1, 0),
-                                     implementation=config.attention_implementation)
-    return _dense_forward(p["out"], o.reshape(b, t, heads * d), dt)
+  ctx = Context(positions, segment_pos, causal=True, band=config.window)
 
   def forward(model, tokens):
-    h = model.embed(tokens)
-    states = iter(zero_states(config, b))
-    for kind, mixer, mixer_norm, mlp, mlp_norm in zip(
-        config.layers, model.mixers, model.mixer_norms, model.mlps, model.mlp_norms, strict=True):
-      x = mixer_norm(h)
-      y = (band_attention(mixer, x) if kind == "attn"
-           else mixer(x, next(states), segment_pos, valid)[0])
-      h = h + y.astype(h.dtype)
-      h = h + mlp(mlp_norm(h)).astype(h.dtype)
+    h, _ = model.run_pass(model.embed(tokens), pass_caches(config, zero_states(config, b)), ctx)
     return model.logits(h)
 
   return HybridLM(config).apply({"params": params}, tokens, method=forward)

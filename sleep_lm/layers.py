@@ -1,7 +1,12 @@
 """Building blocks of the hybrid model (Flax linen, pure functions of params and inputs).
 
-Shape legend: B batch, T tokens in the current pass, P retained prefix tokens, D d_model,
-H heads, K key head dim, V value head dim, F MLP hidden width.
+Shape legend: B batch, T tokens in the current call, P retained prefix tokens, C cache slots,
+D d_model, H heads, K key head dim, V value head dim, F MLP hidden width.
+
+One block (`Block`: norm, mixer, norm, SwiGLU) serves every pass: a training pass over a window,
+a replay (sleep) pass, prefill, and a decode step of one token. Its `__call__(h, ctx, cache)`
+returns `(h, new_cache)`; `Context` says where the tokens sit, the typed cache (`AttentionCache`,
+`GDNCache`) what the mixer carries between calls.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) from this set, which
 `sleep_lm.sharding` maps to mesh axes:
@@ -9,15 +14,24 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`) from
   norm gains), "gdn_heads" (one scalar per GDN head), "conv" (conv taps).
 Activations at block boundaries carry ("batch", "activation_length", "activation_embed").
 Projections are 2-D matrices (heads flattened) so that Muon sees every weight matrix as 2-D.
+
+Parameter layouts (`Layout`): training keeps one [in, out] matrix per projection (Muon
+orthogonalises each). A decode layout is the same weights rearranged once, when a stream is built
+(`convert_params`): projections that read one input fused into one matrix, stored [out, in], each
+product's output behind an optimization barrier (see `Layout`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -30,21 +44,125 @@ Array = jax.Array
 f32 = jnp.float32
 
 
-def dense(features: int, axes: tuple[str, str], dtype: Any, name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=f32, name=name,
-                  kernel_init=P(nn.initializers.lecun_normal(), axes))
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the weight matrices are stored and multiplied.
+
+  fused: the projections that read one input are one matrix (attention q|k|v, GDN
+    q|k|v|gate|a|b, SwiGLU gate|up; the GDN conv taps q|k|v likewise), and every product's
+    output passes `jax.lax.optimization_barrier`. For batch 1, XLA's GPU compiler rewrites a
+    vector-matrix product as multiply + reduce and may fuse that reduce into a consumer such as
+    the concatenate of the conv history, where it runs one output element per thread (measured:
+    85% of a decode step). The barrier leaves each product a kernel of its own.
+  transposed: matrices stored [out, in]: that batch-1 reduce then runs along the contiguous axis
+    (a row reduction) instead of down the columns.
+  pad_single_row: a product with one row is computed on two (the second zeros), which XLA keeps
+    a matrix multiplication (cuBLAS) instead of a reduce.
+  """
+  fused: bool = False
+  transposed: bool = False
+  pad_single_row: bool = False
 
 
-def _params(module: nn.Module) -> dict:
-  """The (unboxed) parameters of a bound module, for its methods that are not @compact."""
-  return nn.meta.unbox(module.variables["params"])
+TRAIN = Layout()
+# Decode layouts by name (`Stream(layout=...)`, experiments/inference_latency.py --layouts).
+LAYOUTS: Mapping[str, Layout] = {
+    "train": TRAIN,                                # as trained (the unfused baseline)
+    "rows": Layout(fused=True, transposed=True),
+    "cols": Layout(fused=True),
+    "gemm": Layout(fused=True, transposed=True, pad_single_row=True),
+}
 
 
-def _dense_forward(params: dict, x: Array, dtype: Any) -> Array:
-  """A `dense` layer's forward on its parameter dict, callable outside @compact methods (the
-  same nn.Dense as `dense`, detached from any parent module)."""
-  return nn.Dense(params["kernel"].shape[-1], use_bias=False, dtype=dtype, param_dtype=f32,
-                  parent=None).apply({"params": params}, x)
+def layout_named(name: str) -> Layout:
+  if name not in LAYOUTS:
+    raise ValueError(f"layout: must be one of {sorted(LAYOUTS)}, got {name!r}")
+  return LAYOUTS[name]
+
+
+@flax.struct.dataclass
+class Context:
+  """Where the T tokens of a call sit, shared by every layer of the call.
+
+  positions: [T] absolute token positions (RoPE).
+  segment_pos: [T] positions inside the current window (the GDN conv restarts at 0).
+  valid: [T] bool, False for padding past the end of a sequence (leaves S unchanged), or None.
+  mask: [1, 1, T, S] bool, which keys each query sees, or None (kv_lengths or causal instead).
+  slot: None: the keys are [the cache's (a retained prefix) ; the call's own]; else the cache is
+    a fixed-size buffer and the call's keys/values are written into slots [slot, slot + T).
+  kv_lengths: [B] int32, queries see the buffer's slots [0, kv_lengths) (cuDNN's padding mask),
+    or None.
+  causal: queries see their own keys causally and nothing else (the buffer was empty before
+    the call); no mask is built (cuDNN skips the masked blocks).
+  band: with causal, each query sees only its own and the band - 1 keys before it (sliding-window
+    attention over one long call, cuDNN's local window), or None: all earlier keys.
+  """
+  positions: Array
+  segment_pos: Array
+  valid: Array | None = None
+  mask: Array | None = None
+  slot: Array | None = None
+  kv_lengths: Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+  band: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
+class AttentionCache(NamedTuple):
+  """keys (RoPE-rotated), values [B,S,H,K]: a retained prefix, a window's own keys or a
+  fixed-size decode buffer (see `Context.slot`)."""
+  keys: Array
+  values: Array
+
+
+class GDNCache(NamedTuple):
+  """state: the fast weights S [B,H,K,V] float32. conv: the q|k|v projections of the window's
+  last kernel-1 tokens [B, kernel-1, 3*H*K] (decode), or None: the conv starts with the call."""
+  state: Array
+  conv: Array | None = None
+
+
+class Linear(nn.Module):
+  """x W without bias. In the training layout exactly `nn.Dense(use_bias=False)`: W [in, out]
+  float32, both cast to `dtype` for the product."""
+  features: int
+  axes: tuple[str, str]
+  dtype: Any = f32
+  layout: Layout = TRAIN
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    lay, d = self.layout, x.shape[-1]
+    if lay.transposed:
+      w = self.param("kernel", P(nn.initializers.lecun_normal(in_axis=1, out_axis=0),
+                                 self.axes[::-1]), (self.features, d), f32)
+    else:
+      w = self.param("kernel", P(nn.initializers.lecun_normal(), self.axes),
+                     (d, self.features), f32)
+    x, w = x.astype(self.dtype), w.astype(self.dtype)
+    lead = x.shape[:-1]
+    pad = lay.pad_single_row and math.prod(lead) == 1
+    if pad:
+      x = jnp.concatenate([x.reshape(1, d), jnp.zeros((1, d), x.dtype)])
+    dims = (((x.ndim - 1,), (1 if lay.transposed else 0,)), ((), ()))
+    y = jax.lax.dot_general(x, w, dims)
+    if pad:
+      y = y[:1].reshape(*lead, self.features)
+    return jax.lax.optimization_barrier(y) if lay.fused else y
+
+
+def project(module: nn.Module, x: Array, group: str, widths: Mapping[str, tuple[int, str]], *,
+            in_axis: str, dtype: Any, layout: Layout) -> list[Array]:
+  """The projections of x that `module.PROJECTIONS[group]` names, in that order (`widths`:
+  name -> (features, logical out axis)): one `Linear` each, named by the projection, or, in a
+  fused layout, one named `group` whose output is split (`convert_module_params` concatenates
+  the matrices in the same order). Called inside the module's compact method."""
+  members = module.PROJECTIONS[group]
+  if not layout.fused:
+    return [Linear(widths[m][0], (in_axis, widths[m][1]), dtype, layout, name=m)(x)
+            for m in members]
+  sizes = [widths[m][0] for m in members]
+  y = Linear(sum(sizes), (in_axis, widths[members[0]][1]), dtype, layout, name=group)(x)
+  return jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
 
 
 class RMSNorm(nn.Module):
@@ -65,12 +183,18 @@ class SwiGLU(nn.Module):
   """x -> W_down (SiLU(W_gate x) * W_up x)."""
   hidden_dim: int
   dtype: Any = f32
+  layout: Layout = TRAIN
+
+  PROJECTIONS = {"gate_up": ("gate", "up"), "down": ("down",)}
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    gate = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, "gate")(x)
-    up = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, "up")(x)
-    return dense(x.shape[-1], ("mlp", "embed"), self.dtype, "down")(nn.silu(gate) * up)
+    kw = dict(dtype=self.dtype, layout=self.layout)
+    f = self.hidden_dim
+    gate, up = project(self, x, "gate_up", {"gate": (f, "mlp"), "up": (f, "mlp")},
+                       in_axis="embed", **kw)
+    return project(self, nn.silu(gate) * up, "down", {"down": (x.shape[-1], "embed")},
+                   in_axis="mlp", **kw)[0]
 
 
 def apply_rope(x: Array, positions: Array, base: float) -> Array:
@@ -83,86 +207,90 @@ def apply_rope(x: Array, positions: Array, base: float) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-class CausalDepthwiseConv(nn.Module):
-  """Causal depthwise 1-D convolution that restarts at every segment boundary.
-
-  `segment_pos` [T] is each token's position inside its window: tap j (looking j tokens back)
-  only reads a token of the same window, i.e. when segment_pos >= j. Windows are evicted whole,
-  so no convolution history crosses a window boundary.
-  """
+class ConvKernel(nn.Module):
+  """The taps [kernel_size, channels] of a depthwise conv (`causal_conv`); tap j looks j tokens
+  back."""
+  channels: int
   kernel_size: int
-  dtype: Any = f32
 
   @nn.compact
-  def __call__(self, x: Array, segment_pos: Array) -> Array:
-    channels = x.shape[-1]
+  def __call__(self) -> Array:
     init = nn.initializers.normal(stddev=1.0 / math.sqrt(self.kernel_size))
-    w = self.param("kernel", P(init, ("conv", "heads")), (self.kernel_size, channels), f32)
-    w = w.astype(self.dtype)
-    out = x * w[0]
-    for j in range(1, self.kernel_size):
-      shifted = jnp.pad(x, ((0, 0), (j, 0), (0, 0)))[:, : x.shape[1]]
-      keep = (segment_pos >= j)[None, :, None]
-      out = out + jnp.where(keep, shifted, 0) * w[j]
-    return out
+    return self.param("kernel", P(init, ("conv", "heads")), (self.kernel_size, self.channels),
+                      f32)
+
+
+def causal_conv(x: Array, w: Array, segment_pos: Array, history: Array | None = None
+                ) -> tuple[Array, Array | None]:
+  """Causal depthwise 1-D convolution of x [B,T,C] with taps w [kernel,C] that restarts at every
+  segment boundary: tap j (looking j tokens back) only reads a token of the same window, i.e.
+  when segment_pos [T] >= j. Windows are evicted whole, so no history crosses a boundary.
+
+  history: the inputs of the kernel-1 tokens before x [B,kernel-1,C] (a decode stream), or None
+  (zeros: the conv starts here). Returns the output and the new history (None if none given).
+  """
+  size, t = w.shape[0], x.shape[1]
+  if history is not None:
+    xs = jnp.concatenate([history.astype(x.dtype), x], axis=1)          # [B, kernel-1+T, C]
+    taps = lambda j: xs[:, size - 1 - j:size - 1 - j + t]
+  else:
+    taps = lambda j: jnp.pad(x, ((0, 0), (j, 0), (0, 0)))[:, :t]
+  out = x * w[0]
+  for j in range(1, size):
+    keep = (segment_pos >= j)[None, :, None]
+    out = out + jnp.where(keep, taps(j), 0) * w[j]
+  return out, (None if history is None else xs[:, t:])
 
 
 class Attention(nn.Module):
-  """Causal softmax attention over the window's own keys/values and an optional prefix.
+  """Causal softmax attention; which keys a query sees: `Context` (mask, buffer, lengths).
 
-  `mask` [1 or B, 1, T, P+T] says which keys each query sees. Returns the output and the
-  window's own (RoPE-rotated) keys and values, which the sliding variant retains.
+  cache None: the call's own keys; an `AttentionCache` and ctx.slot None: [the cache (a
+  retained prefix) ; own], returning own (the sliding variant retains its tail); ctx.slot given:
+  own keys written into the fixed-size buffer at slot, attention over the buffer, returning it.
   """
   config: ModelConfig
+  layout: Layout = TRAIN
+
+  PROJECTIONS = {"qkv": ("q", "k", "v"), "out": ("out",)}
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array,
-               prefix: tuple[Array, Array] | None) -> tuple[Array, tuple[Array, Array]]:
+  def __call__(self, x: Array, ctx: Context, cache: AttentionCache | None = None
+               ) -> tuple[Array, AttentionCache]:
     cfg = self.config
     b, t, _ = x.shape
     h, d = cfg.num_attn_heads, cfg.attn_head_dim
     dt = cfg.activation_dtype
-    proj = lambda name: dense(h * d, ("embed", "heads"), dt, name)(x).reshape(b, t, h, d)
-    q = apply_rope(proj("q"), positions, cfg.rope_base)
-    k = apply_rope(proj("k"), positions, cfg.rope_base)
-    v = proj("v")
-    keys, values = k, v
-    if prefix is not None:
-      keys = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
-      values = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
-    o = jax.nn.dot_product_attention(q, keys, values, mask=mask,
-                                     implementation=cfg.attention_implementation)
-    out = dense(cfg.d_model, ("heads", "embed"), dt, "out")(o.reshape(b, t, h * d))
-    return out, (k, v)
-
-  def step(self, x: Array, positions: Array, cache: tuple[Array, Array], slot: Array, *,
-           mask: Array | None = None, kv_lengths: Array | None = None
-           ) -> tuple[Array, tuple[Array, Array]]:
-    """Decode: T new tokens x [B,T,D] at absolute `positions` [T] against a fixed-size cache.
-
-    Writes their (RoPE'd) keys/values into slots [slot, slot+T) of `cache` (keys, values
-    [B,C,H,K], C fixed: its shape never depends on the context length) and attends to the
-    whole cache under `mask` [1,1,T,C] (which slots each query sees, by key position) or, for
-    one query over a cache filled from slot 0, `kv_lengths` [B] (the cuDNN path). Same
-    parameters and math as `__call__`; returns the output and the updated cache.
-    """
-    cfg = self.config
-    p = _params(self)
-    b, t, _ = x.shape
-    h, d = cfg.num_attn_heads, cfg.attn_head_dim
-    dt = cfg.activation_dtype
-    proj = lambda name: _dense_forward(p[name], x, dt).reshape(b, t, h, d)
-    q = apply_rope(proj("q"), positions, cfg.rope_base)
-    k = apply_rope(proj("k"), positions, cfg.rope_base)
-    v = proj("v")
-    at = (0, slot, 0, 0)
-    keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
-    values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
-    o = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask,
-                                     key_value_seq_lengths=kv_lengths,
-                                     implementation=cfg.attention_implementation)
-    out = _dense_forward(p["out"], o.reshape(b, t, h * d), dt)
-    return out, (keys, values)
+    kw = dict(dtype=dt, layout=self.layout)
+    q, k, v = project(self, x, "qkv", {n: (h * d, "heads") for n in "qkv"}, in_axis="embed",
+                      **kw)
+    q = apply_rope(q.reshape(b, t, h, d), ctx.positions, cfg.rope_base)
+    k = apply_rope(k.reshape(b, t, h, d), ctx.positions, cfg.rope_base)
+    v = v.reshape(b, t, h, d)
+    if ctx.slot is not None:
+      at = (0, ctx.slot, 0, 0)
+      keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), at)
+      values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), at)
+      new = AttentionCache(keys, values)
+    else:
+      keys, values = k, v
+      if cache is not None:
+        keys = jnp.concatenate([cache.keys.astype(dt), k], axis=1)
+        values = jnp.concatenate([cache.values.astype(dt), v], axis=1)
+      new = AttentionCache(k, v)
+    if ctx.causal:
+      band = None if ctx.band is None else (ctx.band - 1, 0)
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=band,
+                                       implementation=cfg.attention_implementation)
+    else:
+      o = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=ctx.mask,
+                                       key_value_seq_lengths=ctx.kv_lengths,
+                                       implementation=cfg.attention_implementation)
+    if self.layout.fused:     # the attention's own products stay out of the projection's kernel
+      o = jax.lax.optimization_barrier(o)
+    out = project(self, o.reshape(b, t, h * d), "out", {"out": (cfg.d_model, "embed")},
+                  in_axis="heads", **kw)[0]
+    return out, new
 
 
 def _inverse_softplus(x: Array) -> Array:
@@ -175,26 +303,36 @@ class GatedDeltaNet(nn.Module):
   q, k, v: projection -> causal depthwise conv -> SiLU; q and k L2-normalised (inside the op),
   q scaled by K^-1/2. g = -exp(A_log) * softplus(W_a x + dt_bias), beta = sigmoid(W_b x).
   Output: RMSNorm(o) * SiLU(W_gate x) per head, heads concatenated, output projection.
-  Tokens with valid = False (padding) get g = 0 and beta = 0, so they leave S unchanged.
+  Tokens with valid = False (padding) get g = 0 and beta = 0, so they leave S unchanged. One
+  token (T = 1, the decode step) takes the op's one-token path.
   """
   config: ModelConfig
+  layout: Layout = TRAIN
+
+  PROJECTIONS = {"in_proj": ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "gate_proj"),
+                 "out_proj": ("out_proj",)}
+  CONVS = {"qkv_conv": ("q_conv", "k_conv", "v_conv")}
 
   @nn.compact
-  def __call__(self, x: Array, state: Array, segment_pos: Array,
-               valid: Array) -> tuple[Array, Array]:
+  def __call__(self, x: Array, ctx: Context, cache: GDNCache) -> tuple[Array, GDNCache]:
     cfg = self.config
     b, t, _ = x.shape
     h, d = cfg.num_gdn_heads, cfg.gdn_head_dim
-    dt = cfg.activation_dtype
+    hk, dt = h * d, cfg.activation_dtype
+    kw = dict(dtype=dt, layout=self.layout)
+    widths = {"q_proj": (hk, "heads"), "k_proj": (hk, "heads"), "v_proj": (hk, "heads"),
+              "a_proj": (h, "gdn_heads"), "b_proj": (h, "gdn_heads"), "gate_proj": (hk, "heads")}
+    q, k, v, a, beta_logit, gate = project(self, x, "in_proj", widths, in_axis="embed", **kw)
 
-    def conv_branch(name):
-      y = dense(h * d, ("embed", "heads"), dt, f"{name}_proj")(x)
-      y = CausalDepthwiseConv(cfg.conv_kernel, dt, name=f"{name}_conv")(y, segment_pos)
-      return nn.silu(y).reshape(b, t, h, d)
-
-    q, k, v = conv_branch("q"), conv_branch("k"), conv_branch("v")
-    a = dense(h, ("embed", "gdn_heads"), dt, "a_proj")(x).astype(f32)
-    beta_logit = dense(h, ("embed", "gdn_heads"), dt, "b_proj")(x).astype(f32)
+    if self.layout.fused:
+      taps = jnp.split(ConvKernel(3 * hk, cfg.conv_kernel, name="qkv_conv")(), 3, axis=1)
+    else:
+      taps = [ConvKernel(hk, cfg.conv_kernel, name=n)() for n in self.CONVS["qkv_conv"]]
+    pasts = [None] * 3 if cache.conv is None else jnp.split(cache.conv, 3, axis=-1)
+    convs = [causal_conv(y, w.astype(dt), ctx.segment_pos, past)
+             for y, w, past in zip((q, k, v), taps, pasts, strict=True)]
+    q, k, v = (nn.silu(y).reshape(b, t, h, d) for y, _ in convs)
+    conv = None if cache.conv is None else jnp.concatenate([c for _, c in convs], axis=-1)
 
     def a_log_init(key, shape, dtype):
       return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
@@ -205,60 +343,82 @@ class GatedDeltaNet(nn.Module):
 
     a_log = self.param("A_log", P(a_log_init, ("gdn_heads",)), (h,), f32)
     dt_bias = self.param("dt_bias", P(dt_bias_init, ("gdn_heads",)), (h,), f32)
-    g = -jnp.exp(a_log) * jax.nn.softplus(a + dt_bias)
-    beta = jax.nn.sigmoid(beta_logit)
-    keep = valid.astype(f32)[None, :, None]
-    g, beta = g * keep, beta * keep
+    g = -jnp.exp(a_log) * jax.nn.softplus(a.astype(f32) + dt_bias)
+    beta = jax.nn.sigmoid(beta_logit.astype(f32))
+    if ctx.valid is not None:
+      keep = ctx.valid.astype(f32)[None, :, None]
+      g, beta = g * keep, beta * keep
 
     chunk = next(c for c in (16, 32, 64) if c >= min(t, cfg.chunk_size))
     o, state = sharded_fast_weight_op(
-        cfg.rule, q, k, v, g, beta, state, use_qk_l2norm=True, chunk_size=chunk,
-        implementation=cfg.kernel_implementation)
-    gate = dense(h * d, ("embed", "heads"), dt, "gate_proj")(x).reshape(b, t, h, d)
-    o = RMSNorm(dt, axis_name="head_dim", name="out_norm")(o) * nn.silu(gate)
-    out = dense(cfg.d_model, ("heads", "embed"), dt, "out_proj")(o.reshape(b, t, h * d))
-    return out, state
+        cfg.rule, q, k, v, g, beta, cache.state, use_qk_l2norm=True, chunk_size=chunk,
+        implementation="single_token" if t == 1 else cfg.kernel_implementation)
+    o = RMSNorm(dt, axis_name="head_dim", name="out_norm")(o) * nn.silu(gate.reshape(b, t, h, d))
+    out = project(self, o.reshape(b, t, hk), "out_proj", {"out_proj": (cfg.d_model, "embed")},
+                  in_axis="heads", **kw)[0]
+    return out, GDNCache(state, conv)
 
-  def step(self, x: Array, state: Array, conv_state: tuple[Array, ...], segment_pos: Array
-           ) -> tuple[Array, Array, tuple[Array, ...]]:
-    """Decode: T new tokens x [B,T,D] of the current window (no padding), one recurrent step
-    per token for T = 1.
 
-    `segment_pos` [T]: the tokens' positions inside their window. `conv_state`: for q, k and
-    v, the projected inputs [B,kernel-1,H*K] of the window's previous kernel-1 tokens (slots
-    before the window's start are never read: the conv masks them by segment position, as it
-    restarts every window in `__call__`). Same parameters and math as `__call__`; returns the
-    output, the new state S and the new conv state.
-    """
-    cfg = self.config
-    p = _params(self)
-    b, t, _ = x.shape
-    h, d = cfg.num_gdn_heads, cfg.gdn_head_dim
-    dt = cfg.activation_dtype
-    history = cfg.conv_kernel - 1
-    seg = jnp.concatenate([segment_pos[0] - history + jnp.arange(history), segment_pos])
+class Block(nn.Module):
+  """Layer `index` of the stack: h += mixer(RMSNorm(h)); h += SwiGLU(RMSNorm(h)).
 
-    def conv_branch(name, past):
-      y = _dense_forward(p[f"{name}_proj"], x, dt)
-      y = jnp.concatenate([past.astype(dt), y], axis=1)                  # [B,kernel-1+T,H*K]
-      out = CausalDepthwiseConv(cfg.conv_kernel, dt, parent=None).apply(
-          {"params": p[f"{name}_conv"]}, y, seg)[:, history:]
-      return nn.silu(out).reshape(b, t, h, d), y[:, t:]
+  Its parameters are named `layer_{index}_{kind}`, `layer_{index}_mixer_norm`,
+  `layer_{index}_mlp`, `layer_{index}_mlp_norm`; `HybridLM` shares its scope with its blocks so
+  that they sit directly under the model. The block's options come from the config (the mixer
+  kind from `config.layers[index]`).
+  """
+  config: ModelConfig
+  index: int
+  layout: Layout = TRAIN
 
-    (q, q_past), (k, k_past), (v, v_past) = (
-        conv_branch(name, past) for name, past in zip("qkv", conv_state, strict=True))
-    a = _dense_forward(p["a_proj"], x, dt).astype(f32)
-    beta = jax.nn.sigmoid(_dense_forward(p["b_proj"], x, dt).astype(f32))
-    g = -jnp.exp(p["A_log"]) * jax.nn.softplus(a + p["dt_bias"])
-    chunk = next(c for c in (16, 32, 64) if c >= min(t, cfg.chunk_size))
-    impl = "recurrent" if t == 1 else cfg.kernel_implementation
-    o, state = kernels.RULES[cfg.rule](
-        q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, chunk_size=chunk,
-        implementation=impl)
-    gate = _dense_forward(p["gate_proj"], x, dt).reshape(b, t, h, d)
-    o = RMSNorm(dt, axis_name="head_dim", parent=None).apply({"params": p["out_norm"]}, o)
-    out = _dense_forward(p["out_proj"], (o * nn.silu(gate)).reshape(b, t, h * d), dt)
-    return out, state, (q_past, k_past, v_past)
+  def setup(self):
+    cfg, dt = self.config, self.config.activation_dtype
+    kind = cfg.layers[self.index]
+    prefix = f"layer_{self.index}_"
+    mixer_cls = Attention if kind == "attn" else GatedDeltaNet
+    self.mixer = mixer_cls(cfg, self.layout, name=prefix + kind)
+    self.mixer_norm = RMSNorm(dt, name=prefix + "mixer_norm")
+    self.mlp = SwiGLU(cfg.hidden_dim, dt, self.layout, name=prefix + "mlp")
+    self.mlp_norm = RMSNorm(dt, name=prefix + "mlp_norm")
+
+  def __call__(self, h: Array, ctx: Context, cache) -> tuple[Array, Any]:
+    """h [B,T,D] float32 (the residual stream); cache: `AttentionCache` (or None) or
+    `GDNCache`, as the mixer takes it. Returns the new h and the mixer's new cache."""
+    y, cache = self.mixer(self.mixer_norm(h), ctx, cache)
+    h = h + y.astype(h.dtype)
+    h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
+    return h, cache
+
+
+# ------------------------------------------------------------------ decode parameter layouts
+
+
+def _matrix(kernel: Array, layout: Layout, dtype: Any) -> Array:
+  """A [in, out] training kernel as `layout` stores it, in the compute dtype (the module casts
+  it to that dtype at every call: casting once changes no value)."""
+  kernel = kernel.astype(dtype)
+  return kernel.T if layout.transposed else kernel
+
+
+def convert_module_params(params: Mapping, module: type, layout: Layout, dtype: Any) -> dict:
+  """One module's training-layout parameters in `layout`: its projections (`module.PROJECTIONS`,
+  {group: member names}) and conv taps (`module.CONVS`) fused per group when the layout fuses,
+  matrices stored as it stores them; anything else unchanged."""
+  out = dict(params)
+  for group, members in getattr(module, "PROJECTIONS", {}).items():
+    kernels_ = [out.pop(m)["kernel"] for m in members]
+    stored = ({group: jnp.concatenate(kernels_, axis=1)} if layout.fused
+              else dict(zip(members, kernels_, strict=True)))
+    out.update({n: {"kernel": _matrix(w, layout, dtype)} for n, w in stored.items()})
+  for group, members in getattr(module, "CONVS", {}).items():
+    taps = [out.pop(m)["kernel"].astype(dtype) for m in members]
+    stored = ({group: jnp.concatenate(taps, axis=1)} if layout.fused
+              else dict(zip(members, taps, strict=True)))
+    out.update({n: {"kernel": w} for n, w in stored.items()})
+  return out
+
+
+# ------------------------------------------------------------------------ the fast-weight op
 
 
 def sharded_fast_weight_op(rule: str, q: Array, k: Array, v: Array, g: Array, beta: Array,

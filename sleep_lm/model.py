@@ -1,57 +1,39 @@
 """The hybrid language model: embedding, one pass of the layer stack, output head.
 
-`HybridLM` is a linen module whose methods are the three stages that the sleep scan
-(`sleep_lm.sleep`) composes: `embed`, `run_pass` (one pass of every layer over a window, GDN
-states in and out) and `logits`. Each is a pure function of the parameters and its inputs, so the
-scan can call them through `model.apply(..., method=...)` inside `jax.lax.scan`.
+`HybridLM` is a linen module whose methods are the stages that the sleep scan (`sleep_lm.sleep`)
+and the decoder (`sleep_lm.decoding`) compose: `embed`, `run_pass` (every layer's `Block` over
+the tokens of one call, per-layer caches in and out) and `logits`. Each is a pure function of the
+parameters and its inputs, so the scans call them through `model.apply(..., method=...)`.
+
+`run_pass` is the one layer loop: a training pass over a window, a replay (sleep) pass, prefill,
+and a decode step differ only in their `Context` and caches (`sleep_lm.layers`).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sleep_lm.config import ModelConfig
-from sleep_lm.layers import Attention, GatedDeltaNet, P, RMSNorm, SwiGLU, dense
+from sleep_lm.layers import (
+  TRAIN,
+  Attention,
+  AttentionCache,
+  Block,
+  Context,
+  GatedDeltaNet,
+  GDNCache,
+  Layout,
+  Linear,
+  P,
+  RMSNorm,
+  SwiGLU,
+  convert_module_params,
+)
 from sleep_lm.sharding import ACTIVATION
 
 Array = jax.Array
-
-
-class PassContext(NamedTuple):
-  """Where the tokens of a pass sit, shared by every layer of that pass.
-
-  positions: [T] absolute token positions (RoPE).
-  segment_pos: [T] position inside the token's window (the GDN conv restarts at 0).
-  valid: [T] False for padding past the end of the sequence.
-  mask: [1, 1, T, P+T] bool, which keys (prefix then own) each query attends to.
-  prefix: per attention layer, retained (keys, values) [B,P,H,K] of the sliding variant, or None.
-  """
-  positions: Array
-  segment_pos: Array
-  valid: Array
-  mask: Array
-  prefix: tuple[tuple[Array, Array], ...] | None = None
-
-
-class StepContext(NamedTuple):
-  """Where the T new tokens of a wake step sit (`HybridLM.wake_step`).
-
-  positions: [T] absolute token positions (RoPE).
-  segment_pos: [T] positions inside the current window (the GDN conv restarts at 0).
-  slot: [] int, the cache slot of the first new token.
-  mask: [1, 1, T, C] bool, which cache slots each query attends to (by key position), or None
-    when kv_lengths is given.
-  kv_lengths: [B] int32, attend to cache slots [0, kv_lengths) (one query per stream), or None.
-  """
-  positions: Array
-  segment_pos: Array
-  slot: Array
-  mask: Array | None
-  kv_lengths: Array | None = None
 
 
 def zero_states(config: ModelConfig, batch: int) -> tuple[Array, ...]:
@@ -60,8 +42,42 @@ def zero_states(config: ModelConfig, batch: int) -> tuple[Array, ...]:
   return tuple(jnp.zeros((batch, h, d, d), jnp.float32) for _ in range(config.num_gdn_layers))
 
 
+def join_caches(config: ModelConfig, gdn, attn) -> tuple:
+  """Per-layer caches (layer order) from the GDN layers' and the attention layers' caches."""
+  gdn, attn = iter(gdn), iter(attn)
+  return tuple(next(gdn) if kind == "gdn" else next(attn) for kind in config.layers)
+
+
+def split_caches(config: ModelConfig, caches) -> tuple[tuple, tuple]:
+  """(the GDN layers' caches, the attention layers' caches), each in layer order."""
+  pairs = list(zip(config.layers, caches, strict=True))
+  return (tuple(c for kind, c in pairs if kind == "gdn"),
+          tuple(c for kind, c in pairs if kind == "attn"))
+
+
+def pass_caches(config: ModelConfig, states, prefix=None) -> tuple:
+  """The per-layer caches of a pass over a window (`run_pass`): each GDN layer's state S (its
+  conv starts with the window), each attention layer's retained prefix (`AttentionCache`,
+  sliding eviction) or None."""
+  prefix = prefix if prefix is not None else (None,) * config.num_attn_layers
+  return join_caches(config, (GDNCache(s) for s in states), prefix)
+
+
+def window_pass(config: ModelConfig, params, ctx: Context, prefix, h: Array, states,
+                layout: Layout = TRAIN) -> tuple[Array, tuple, tuple]:
+  """One pass of the layer stack over a window (a training pass, a replay pass, a prefill
+  window): the GDN states and, for sliding eviction, the attention layers' retained prefix in;
+  (h, the GDN states after the window, the attention layers' own keys/values) out."""
+  model = HybridLM(config, layout)
+  h, caches = model.apply({"params": params}, h, pass_caches(config, states, prefix), ctx,
+                          method=HybridLM.run_pass)
+  gdn, attn = split_caches(config, caches)
+  return h, tuple(c.state for c in gdn), attn
+
+
 class HybridLM(nn.Module):
   config: ModelConfig
+  layout: Layout = TRAIN
 
   def setup(self):
     cfg = self.config
@@ -72,16 +88,11 @@ class HybridLM(nn.Module):
     self.embedding = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
         embedding_init=P(nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
-    mixers, mixer_norms, mlps, mlp_norms = [], [], [], []
-    for i, kind in enumerate(cfg.layers):
-      mixer_cls = Attention if kind == "attn" else GatedDeltaNet
-      mixers.append(mixer_cls(cfg, name=f"layer_{i}_{kind}"))
-      mixer_norms.append(RMSNorm(dt, name=f"layer_{i}_mixer_norm"))
-      mlps.append(SwiGLU(cfg.hidden_dim, dt, name=f"layer_{i}_mlp"))
-      mlp_norms.append(RMSNorm(dt, name=f"layer_{i}_mlp_norm"))
-    self.mixers, self.mixer_norms, self.mlps, self.mlp_norms = mixers, mixer_norms, mlps, mlp_norms
+    self.blocks = [Block(cfg, i, self.layout) for i in range(len(cfg.layers))]
+    for block in self.blocks:   # its parameters directly under the model: layer_{i}_...
+      nn.share_scope(self, block)
     self.final_norm = RMSNorm(dt, name="final_norm")
-    self.head = dense(cfg.vocab_size, ("embed", "vocab"), dt, "head")
+    self.head = Linear(cfg.vocab_size, ("embed", "vocab"), dt, self.layout, name="head")
 
   def embed(self, tokens: Array) -> Array:
     """[B,T] int -> [B,T,D] float32: the residual stream stays float32 (mixed precision); each
@@ -93,58 +104,17 @@ class HybridLM(nn.Module):
     table = nn.with_logical_constraint(self.embedding.embedding, ("vocab", None))
     return nn.with_logical_constraint(jnp.take(table, tokens, axis=0), ACTIVATION)
 
-  def run_pass(self, h: Array, states: tuple[Array, ...], ctx: PassContext
-               ) -> tuple[Array, tuple[Array, ...], tuple[tuple[Array, Array], ...]]:
-    """One pass of every layer over h [B,T,D].
-
-    Returns the new h, the GDN states after the pass, and each attention layer's own (RoPE'd)
-    keys/values of this pass (what the sliding variant retains).
-    """
-    new_states, kvs = [], []
+  def run_pass(self, h: Array, caches: tuple, ctx: Context) -> tuple[Array, tuple]:
+    """Every layer once over h [B,T,D]; caches: one per layer (`GDNCache` for a GDN layer,
+    `AttentionCache` or None for an attention layer). Returns the new h and the layers' new
+    caches (GDN: the state after the tokens; attention: see `layers.Attention`)."""
     h = nn.with_logical_constraint(h, ACTIVATION)     # block boundaries: see sleep_lm.sharding
-    state_iter = iter(states)
-    prefix_iter = iter(ctx.prefix) if ctx.prefix is not None else None
-    for kind, mixer, mixer_norm, mlp, mlp_norm in zip(
-        self.config.layers, self.mixers, self.mixer_norms, self.mlps, self.mlp_norms, strict=True):
-      x = mixer_norm(h)
-      if kind == "attn":
-        prefix = next(prefix_iter) if prefix_iter is not None else None
-        y, kv = mixer(x, ctx.positions, ctx.mask, prefix)
-        kvs.append(kv)
-      else:
-        y, state = mixer(x, next(state_iter), ctx.segment_pos, ctx.valid)
-        new_states.append(state)
-      h = h + y.astype(h.dtype)
-      h = h + mlp(mlp_norm(h)).astype(h.dtype)
+    new = []
+    for block, cache in zip(self.blocks, caches, strict=True):
+      h, cache = block(h, ctx, cache)
       h = nn.with_logical_constraint(h, ACTIVATION)
-    return h, tuple(new_states), tuple(kvs)
-
-  def wake_step(self, h: Array, states: tuple[Array, ...], conv_states: tuple, caches: tuple,
-                ctx: StepContext) -> tuple[Array, tuple[Array, ...], tuple, tuple]:
-    """The wake pass over T new tokens h [B,T,D] of the current window (T = 1: one decode
-    step), against fixed-size caches (`sleep_lm.generate`).
-
-    conv_states: per GDN layer, the (q, k, v) conv histories of `GatedDeltaNet.step`; caches:
-    per attention layer, (keys, values) [B,C,H,K]. Returns the new h and the updated states,
-    conv histories and caches. Computes what `run_pass` computes for these tokens when it is
-    given the window so far (tested in tests/test_generate.py).
-    """
-    new_states, new_convs, new_caches = [], [], []
-    state_iter, conv_iter, cache_iter = iter(states), iter(conv_states), iter(caches)
-    for kind, mixer, mixer_norm, mlp, mlp_norm in zip(
-        self.config.layers, self.mixers, self.mixer_norms, self.mlps, self.mlp_norms, strict=True):
-      x = mixer_norm(h)
-      if kind == "attn":
-        y, cache = mixer.step(x, ctx.positions, next(cache_iter), ctx.slot, mask=ctx.mask,
-                              kv_lengths=ctx.kv_lengths)
-        new_caches.append(cache)
-      else:
-        y, state, conv = mixer.step(x, next(state_iter), next(conv_iter), ctx.segment_pos)
-        new_states.append(state)
-        new_convs.append(conv)
-      h = h + y.astype(h.dtype)
-      h = h + mlp(mlp_norm(h)).astype(h.dtype)
-    return h, tuple(new_states), tuple(new_convs), tuple(new_caches)
+      new.append(cache)
+    return h, tuple(new)
 
   def logits(self, h: Array) -> Array:
     """[B,T,D] -> [B,T,vocab] float32 logits."""
@@ -154,9 +124,9 @@ class HybridLM(nn.Module):
     """Plain single-window forward; used to create parameters (`init`)."""
     t = tokens.shape[1]
     pos = jnp.arange(t)
-    ctx = PassContext(pos, pos, jnp.ones((t,), bool),
-                      jnp.tril(jnp.ones((t, t), bool))[None, None])
-    h, _, _ = self.run_pass(self.embed(tokens), zero_states(self.config, tokens.shape[0]), ctx)
+    ctx = Context(pos, pos, jnp.ones((t,), bool), jnp.tril(jnp.ones((t, t), bool))[None, None])
+    caches = pass_caches(self.config, zero_states(self.config, tokens.shape[0]))
+    h, _ = self.run_pass(self.embed(tokens), caches, ctx)
     return self.logits(h)
 
 
@@ -164,3 +134,26 @@ def init_params(config: ModelConfig, rng: Array, batch: int = 1):
   """Boxed (logically partitioned) parameters; `nn.meta.unbox` gives plain arrays."""
   tokens = jnp.zeros((batch, min(config.window, 8)), jnp.int32)
   return HybridLM(config).init(rng, tokens)["params"]
+
+
+def convert_params(config: ModelConfig, params, layout: Layout) -> dict:
+  """Training-layout parameters (unboxed, one model) as `HybridLM(config, layout)` reads them:
+  projections fused and stored as the layout says, matrices in the compute dtype. Run once when
+  a stream is built; training never sees this layout."""
+  dt = config.activation_dtype
+  out = dict(params)
+  for i, kind in enumerate(config.layers):
+    mixer = Attention if kind == "attn" else GatedDeltaNet
+    out[f"layer_{i}_{kind}"] = convert_module_params(params[f"layer_{i}_{kind}"], mixer,
+                                                     layout, dt)
+    out[f"layer_{i}_mlp"] = convert_module_params(params[f"layer_{i}_mlp"], SwiGLU, layout, dt)
+  out.update(convert_module_params({"head": params["head"]}, _Head, layout, dt))
+  return out
+
+
+class _Head:
+  PROJECTIONS = {"head": ("head",)}
+
+
+__all__ = ["AttentionCache", "Context", "GDNCache", "HybridLM", "convert_params", "init_params",
+           "join_caches", "pass_caches", "split_caches", "window_pass", "zero_states"]

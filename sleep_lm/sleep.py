@@ -4,7 +4,7 @@
 
     carry = (S_1..S_G fast-weight states, retained prefix K/V (sliding only))
     for each window c = 0..W-1:
-        h, S <- run_pass(h, S)       N times if window c sleeps (no supervised token), else once
+        h, S <- window_pass(h, S)    N times if window c sleeps (no supervised token), else once
                                      (attention over the window's own recomputed K/V; each GDN
                                       layer rescans the window from the current S)
         emit h;  drop h and the KV cache;  keep S             # hard eviction
@@ -42,7 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_lm.config import ModelConfig
-from sleep_lm.model import HybridLM, PassContext, zero_states
+from sleep_lm.layers import AttentionCache, Context
+from sleep_lm.model import HybridLM, pass_caches, split_caches, window_pass, zero_states
+from sleep_lm.windows import retain, window_context
 
 Array = jax.Array
 
@@ -119,34 +121,19 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   sliding = config.eviction == "sliding"
   retained = length - 1 if sliding else 0
 
-  local = jnp.arange(length)
-  own_causal = local[None, :] <= local[:, None]                           # [L,L]
+  def context(start):
+    return window_context(start, length, retained=retained, sliding=sliding, total=t)
 
-  def context(start, prefix) -> PassContext:
-    positions = start + local
-    valid = positions < t
-    if not sliding:
-      return PassContext(positions, local, valid, own_causal[None, None])
-    key_pos = jnp.concatenate([start - retained + jnp.arange(retained), positions])
-    mask = ((key_pos[None, :] <= positions[:, None])
-            & (key_pos[None, :] > positions[:, None] - length) & (key_pos[None, :] >= 0))
-    return PassContext(positions, local, valid, mask[None, None], prefix)
-
-  def one_pass(ctx, h, states):
-    return model.apply({"params": params}, h, states, ctx, method=HybridLM.run_pass)
+  def one_pass(ctx, prefix, h, states):
+    return window_pass(config, params, ctx, prefix if sliding else None, h, states)
 
   def evict(prefix, kvs):
-    if not sliding:
-      return prefix
-    # Keep the last L-1 keys/values of [prefix ; this window's final pass]. (Not x[:, -n:]:
-    # with L = 1, n = 0 and that would keep everything.)
-    last = lambda a, b: (x := jnp.concatenate([a, b], 1))[:, x.shape[1] - retained:]
-    return tuple((last(pk, k), last(pv, v)) for (pk, pv), (k, v) in zip(prefix, kvs, strict=True))
+    return retain(prefix, kvs, retained) if sliding else prefix
 
   def traced_window(carry, xs):
     states, prefix = carry
     h, sleep, start = xs
-    pass_fn = _remat(functools.partial(one_pass, context(start, prefix)), config.remat)
+    pass_fn = _remat(functools.partial(one_pass, context(start), prefix), config.remat)
     carry = pass_fn(h, states)
     if config.passes > 1:
       def replay(carry, _):
@@ -158,7 +145,7 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   def static_window(passes, carry, xs):
     states, prefix = carry
     h, start = xs
-    pass_fn = _remat(functools.partial(one_pass, context(start, prefix)), config.remat)
+    pass_fn = _remat(functools.partial(one_pass, context(start), prefix), config.remat)
     carry = pass_fn(h, states)
     if passes > 1:
       carry, _ = jax.lax.scan(lambda c, _: (pass_fn(c[0], c[1]), None), carry, None,
@@ -169,7 +156,7 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   prefix = ()
   if sliding:
     shape = (b, retained, config.num_attn_heads, config.attn_head_dim)
-    prefix = tuple((jnp.zeros(shape, config.activation_dtype),) * 2
+    prefix = tuple(AttentionCache(*(jnp.zeros(shape, config.activation_dtype),) * 2)
                    for _ in range(config.num_attn_layers))
   carry = (states, prefix)
   if schedule is None:
@@ -206,9 +193,11 @@ def parallel_forward(config: ModelConfig, params, tokens: Array) -> SleepOutput:
   pos = jnp.arange(t)
   window_id = pos // config.window
   mask = (window_id[None, :] == window_id[:, None]) & (pos[None, :] <= pos[:, None])
-  ctx = PassContext(pos, pos % config.window, jnp.ones((t,), bool), mask[None, None])
+  ctx = Context(pos, pos % config.window, jnp.ones((t,), bool), mask[None, None])
   variables = {"params": params}
   h = model.apply(variables, tokens, method=HybridLM.embed)
-  h, states, _ = model.apply(variables, h, zero_states(config, b), ctx, method=HybridLM.run_pass)
+  h, caches = model.apply(variables, h, pass_caches(config, zero_states(config, b)), ctx,
+                          method=HybridLM.run_pass)
+  states = tuple(c.state for c in split_caches(config, caches)[0])
   logits = model.apply(variables, h, method=HybridLM.logits)
   return SleepOutput(logits, h, states, jnp.zeros((-(-t // config.window),), bool))

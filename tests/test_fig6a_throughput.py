@@ -10,7 +10,8 @@ import numpy as np
 
 from experiments import fig6a_throughput as fig6a
 from sleep_lm.config import ModelConfig
-from sleep_lm.model import HybridLM, PassContext, init_params, zero_states
+from sleep_lm.layers import Context
+from sleep_lm.model import HybridLM, init_params, window_pass, zero_states
 from sleep_lm.sleep import sleep_forward
 
 CFG = ModelConfig(vocab_size=11, d_model=32, layers=("attn", "gdn"), attn_head_dim=16,
@@ -19,21 +20,22 @@ CFG = ModelConfig(vocab_size=11, d_model=32, layers=("attn", "gdn"), attn_head_d
 
 
 def test_parallel_model_against_the_public_api():
-  """Without the conv restart: one `run_pass` over the sequence with a causal band of L keys.
+  """Without the conv restart: one pass over the sequence with an explicit band mask of L keys
+  (the parallel model asks the attention for cuDNN's local window instead).
   With it: `sleep_forward` with sliding eviction at N = 1, window after window."""
   params = nn.meta.unbox(jax.jit(lambda k: init_params(CFG, k))(jax.random.key(1)))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 32)), jnp.int32)
   t = tokens.shape[1]
   pos = jnp.arange(t)
   band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - CFG.window)
-  ctx = PassContext(pos, pos, jnp.ones((t,), bool), band[None, None])
+  ctx = Context(pos, pos, jnp.ones((t,), bool), band[None, None])
   model = HybridLM(CFG)
 
   @jax.jit
   def references(params, tokens):
     variables = {"params": params}
     h = model.apply(variables, tokens, method=HybridLM.embed)
-    h, _, _ = model.apply(variables, h, zero_states(CFG, 2), ctx, method=HybridLM.run_pass)
+    h, _, _ = window_pass(CFG, params, ctx, None, h, zero_states(CFG, 2))
     banded = model.apply(variables, h, method=HybridLM.logits)
     mask = jnp.ones(tokens.shape, jnp.float32)
     return banded, sleep_forward(CFG, params, tokens, mask, schedule=(False,) * 4).logits

@@ -1,4 +1,5 @@
-"""Streaming generation (sleep_lm.generate) against the training forward, sampling, and the CLI.
+"""Streaming generation (sleep_lm.stream, sleep_lm.decoding) against the training forward,
+sampling, and the CLI (sleep_lm.generate).
 
 The equivalence tested: a stream's logits for the tokens of window c are those of `sleep_forward`
 over the tokens up to the end of window c with only window c supervised (the windows before it
@@ -21,12 +22,14 @@ import numpy as np
 import pytest
 
 from experiments import rule110 as rule110_config
-from sleep_lm import generate
+from sleep_lm import decoding, generate
+from sleep_lm import stream as stream_lib
 from sleep_lm.config import ModelConfig
+from sleep_lm.decoding import sample
 from sleep_lm.errors import UserError
-from sleep_lm.generate import Stream, sample
-from sleep_lm.model import HybridLM, StepContext, init_params
+from sleep_lm.model import HybridLM, init_params, split_caches
 from sleep_lm.sleep import parallel_forward, sleep_forward
+from sleep_lm.stream import Stream
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 6            # window
@@ -89,7 +92,8 @@ def test_generation_matches_training_forward(params, tokens, passes, eviction):
     assert got.shape == (2, T, 7)
     assert rel_err(got, want) < TOL, prompt_len
     assert stream.sleep_events == T // L and stream.position == T
-    for s, w in zip(stream.state.states, want_states, strict=True):
+    gdn, _ = split_caches(cfg, stream.state.caches)
+    for s, w in zip((c.state for c in gdn), want_states, strict=True):
       assert rel_err(s, w) < TOL, prompt_len       # the state after the last window slept
 
   if passes == 1 and eviction == "hard":             # the plain hybrid: one parallel forward
@@ -98,6 +102,21 @@ def test_generation_matches_training_forward(params, tokens, passes, eviction):
   if passes > 1:                                     # the sleep matters (the test can fail)
     assert rel_err(got[:, L:], reference(params, tokens, np.ones((2, T), np.float32)
                                          ).logits[:, L:]) > 1e-3
+
+
+def test_prefill_of_several_windows_per_call(params, tokens, monkeypatch):
+  """Whole windows two per call (a scan over windows) give what one per call gives (the path
+  test_generation_matches_training_forward checks against the training forward)."""
+  cfg = small_config(passes=2, eviction="sliding")
+  one = Stream(cfg, params, 2)
+  want = one.feed(tokens)
+  monkeypatch.setattr(stream_lib, "PREFILL_TOKENS", 2 * L)
+  two = Stream(cfg, params, 2)
+  got = two.feed(tokens)                       # 2 windows, then 1
+  assert two.fns.prefill._cache_size() == 2 and two.sleep_events == 3
+  assert rel_err(got, want) < TOL
+  for a, b in zip(jax.tree.leaves(two.state), jax.tree.leaves(one.state), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=TOL * max(1.0, float(np.abs(b).max())))
 
 
 def test_full_cache_stream_is_the_plain_forward(params, tokens):
@@ -115,23 +134,19 @@ def test_length_limited_attention_is_the_position_mask(params):
   """The cuDNN decode path (keys limited by key_value_seq_lengths, no mask) attends to what the
   position mask allows; checked here with the XLA implementation, which takes both."""
   cfg = small_config(eviction="none")
-  lay = generate.cache_layout(cfg, 8)
-  state = generate.init_state(cfg, 2, 8)
-  keys = iter(jax.random.split(jax.random.key(3), 4))
-  caches = tuple(tuple(jax.random.normal(next(keys), x.shape) for x in kv) for kv in state.caches)
+  lay = decoding.cache_layout(cfg, 8)
+  state = decoding.init_state(cfg, 2, 8)
+  keys = iter(jax.random.split(jax.random.key(3), 8))
+  caches = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), state.caches)
   h = jax.random.normal(next(keys), (2, 1, 32))
-  p = jnp.array([5])
-
-  def step(mask, lengths):
-    ctx = StepContext(p, p, 5, mask, lengths)
-    return jax.jit(lambda h: HybridLM(cfg).apply(
-        {"params": params}, h, state.states, state.convs, caches, ctx,
-        method=HybridLM.wake_step))(h)
-
-  by_mask = step(generate._attention_mask(lay, 0, p), None)
-  by_length = step(None, jnp.full((2,), 6, jnp.int32))
-  assert rel_err(by_length[0], by_mask[0]) < 1e-6
-  assert rel_err(step(None, jnp.full((2,), 5, jnp.int32))[0], by_mask[0]) > 1e-4
+  by_mask = decoding.step_context(cfg, lay, jnp.asarray(5), 2, 1)
+  assert by_mask.mask is not None and by_mask.kv_lengths is None
+  by_length = by_mask.replace(mask=None, kv_lengths=jnp.full((2,), 6, jnp.int32))
+  step = jax.jit(lambda ctx: HybridLM(cfg).apply({"params": params}, h, caches, ctx,
+                                                 method=HybridLM.run_pass)[0])
+  assert rel_err(step(by_length), step(by_mask)) < 1e-6
+  assert rel_err(step(by_length.replace(kv_lengths=jnp.full((2,), 5, jnp.int32))),
+                 step(by_mask)) > 1e-4
 
 
 def test_greedy_generation_is_its_own_teacher_forcing(params, tokens):
@@ -140,10 +155,24 @@ def test_greedy_generation_is_its_own_teacher_forcing(params, tokens):
   first = stream.feed(tokens[:, :9])[:, -1]         # the shapes test_generation... compiled
   out = np.asarray(stream.generate(9, first))
   assert out.shape == (2, 9) and stream.position == 18 and stream.sleep_events == 3
+  # Two windows' worth (3 then 6 tokens, a sleep between): one compiled loop for any count.
+  assert stream.fns.generate._cache_size() == 1
   sequence = np.concatenate([tokens[:, :9], out], axis=1)
   replay = Stream(cfg, params, 2)
   logits = jnp.concatenate([replay.feed(sequence[:, :9]), replay.feed(sequence[:, 9:])], 1)
   np.testing.assert_array_equal(np.argmax(logits[:, 8:17], -1), out)
+  with pytest.raises(ValueError, match="loop: must be one of"):
+    Stream(cfg, params, 2, loop="while")
+
+
+@pytest.mark.slow
+def test_fixed_loop_generates_what_the_dynamic_one_does(params, tokens):
+  cfg = small_config(passes=2, eviction="sliding")
+  dynamic, fixed = Stream(cfg, params, 2), Stream(cfg, params, 2, loop="fixed")
+  want = dynamic.generate(9, dynamic.feed(tokens[:, :9])[:, -1], temperature=1.0, seed=4)
+  got = fixed.generate(9, fixed.feed(tokens[:, :9])[:, -1], temperature=1.0, seed=4)
+  np.testing.assert_array_equal(got, want)
+  assert fixed.fns.generate_fixed._cache_size() == 2          # counts 3, then 6
 
 
 def test_sampling():
@@ -247,7 +276,7 @@ def test_cli_subprocess(workdir):
          "--max_new_tokens=7"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "stream 0: " in out.stdout and "per token median" in out.stdout
+  assert "stream 0: " in out.stdout and "ms per token" in out.stdout
   bad = subprocess.run(cmd[:-2] + ["--prompt=0x"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sleep_lm.config import ModelConfig
-from sleep_lm.model import HybridLM, PassContext, init_params, zero_states
+from sleep_lm.model import Context, HybridLM, init_params, window_pass, zero_states
 from sleep_lm.sleep import parallel_forward, sleep_forward, sleep_forward_embedded, sleep_schedule
 from sleep_lm.training import (
   OptimizerConfig,
@@ -78,11 +78,11 @@ def unrolled_sleep(cfg, params, tokens, mask):
     h = h_all[:, start:start + cfg.window]
     n = h.shape[1]
     pos = jnp.arange(n)
-    ctx = PassContext(start + pos, pos, jnp.ones((n,), bool),
-                      jnp.tril(jnp.ones((n, n), bool))[None, None])
+    ctx = Context(start + pos, pos, jnp.ones((n,), bool),
+                  jnp.tril(jnp.ones((n, n), bool))[None, None])
     supervised = bool(np.asarray(mask)[:, start:start + cfg.window].any())
     for _ in range(1 if supervised else cfg.passes):
-      h, states, _ = model.apply(v, h, states, ctx, method=HybridLM.run_pass)
+      h, states, _ = window_pass(cfg, params, ctx, None, h, states)
     outs.append(h)
   return model.apply(v, jnp.concatenate(outs, 1), method=HybridLM.logits), states
 
@@ -158,10 +158,10 @@ def test_full_cache_equals_one_causal_pass_over_the_sequence(params):
   out = sleep_forward(cfg, params, tokens, mask)
   pos = jnp.arange(T)
   causal = pos[None, :] <= pos[:, None]
-  ctx = PassContext(pos, pos, jnp.ones((T,), bool), causal[None, None])
+  ctx = Context(pos, pos, jnp.ones((T,), bool), causal[None, None])
   model, v = HybridLM(cfg), {"params": params}
   h = model.apply(v, tokens, method=HybridLM.embed)
-  h, _, _ = model.apply(v, h, zero_states(cfg, 3), ctx, method=HybridLM.run_pass)
+  h, _, _ = window_pass(cfg, params, ctx, None, h, zero_states(cfg, 3))
   assert rel_err(out.logits, model.apply(v, h, method=HybridLM.logits)) < 1e-5
 
 
@@ -172,10 +172,10 @@ def test_sliding_one_pass_equals_parallel_sliding_window_hybrid(params):
   # Independent computation: one pass over everything, each query attending to its last L keys.
   pos = jnp.arange(T)
   window_mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - L)
-  ctx = PassContext(pos, pos % L, jnp.ones((T,), bool), window_mask[None, None])
+  ctx = Context(pos, pos % L, jnp.ones((T,), bool), window_mask[None, None])
   model, v = HybridLM(cfg), {"params": params}
   h = model.apply(v, tokens, method=HybridLM.embed)
-  h, states, _ = model.apply(v, h, zero_states(cfg, 3), ctx, method=HybridLM.run_pass)
+  h, states, _ = window_pass(cfg, params, ctx, None, h, zero_states(cfg, 3))
   assert rel_err(out.logits, model.apply(v, h, method=HybridLM.logits)) < 1e-5
   hard = sleep_forward(small_config(), params, tokens, mask)
   assert rel_err(out.logits, hard.logits) > 1e-3

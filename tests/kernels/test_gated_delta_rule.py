@@ -204,7 +204,8 @@ _LENGTH_CASES = (
     [("delta", "recurrent", t, 64) for t in (1, 63, 75, 130)]
     + [("linear", "recurrent", t, 64) for t in (1, 63, 75, 130)]
     + [("delta", "chunked", t, c) for t in (1, 63, 75, 130) for c in (16, 32, 64)]
-    + [("linear", "chunked", t, c) for t, c in ((1, 16), (63, 32), (75, 64), (130, 32))])
+    + [("linear", "chunked", t, c) for t, c in ((1, 16), (63, 32), (75, 64), (130, 32))]
+    + [(rule, "single_token", 1, 64) for rule in RULES])
 
 
 @pytest.mark.parametrize("rule,impl,t,chunk_size", _LENGTH_CASES)
@@ -253,6 +254,29 @@ def test_shapes_match_float64_loop(rng, rule, impl, b, h, dk, dv):
   assert_close(s, s_ref, FWD_TOL, "final_state")
 
 
+@pytest.mark.parametrize("rule", ["delta", pytest.param("linear", marks=pytest.mark.slow)])
+def test_single_token_options_and_refusal(rng, rule):
+  """The decode step's op: every option value and bf16 inputs at T = 1; longer inputs refused
+  (by name only: the model asks for it when T = 1)."""
+  for use_qk_l2norm, scale, with_state in ((True, 0.3, True), (False, 0.7, False)):
+    args = make_inputs(rng, b=3, t=1, h=2, dk=16, dv=32, normalize_k=not use_qk_l2norm,
+                       with_state=with_state)
+    args = (args[0] * 3.0,) + args[1:]
+    o, s = op(args, rule=rule, impl="single_token", scale=scale, use_qk_l2norm=use_qk_l2norm)
+    o_ref, s_ref = ref(args, rule=rule, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    assert_close(o, o_ref, FWD_TOL, "o")
+    assert_close(s, s_ref, FWD_TOL, "final_state")
+  args = make_inputs(rng, b=2, t=1, h=2, dk=16, dv=32, dtype=jnp.bfloat16)
+  o, s = op(args, rule=rule, impl="single_token")
+  assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+  o_ref, s_ref = ref(tuple(np.asarray(x.astype(jnp.float32)) for x in args), rule=rule)
+  assert_close(o, o_ref, BF16_TOL, "o")
+  assert_close(s, s_ref, BF16_TOL, "final_state")
+  with pytest.raises(NotImplementedError, match="T = 1.*got T = 2"):
+    op(make_inputs(rng, b=1, t=2, h=1, dk=16, dv=16), rule=rule, impl="single_token")
+  assert "single_token" not in kernels.default_implementations("gpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients against the float64 scan, with random cotangents on both outputs.
 
@@ -260,7 +284,8 @@ def test_shapes_match_float64_loop(rng, rule, impl, b, h, dk, dv):
 _GRAD_CASES = [("recurrent", 75, 64, False), ("recurrent", 63, 64, True),
                ("chunked", 1, 16, False), ("chunked", 75, 16, False), ("chunked", 130, 64, True)]
 _GRAD_CASES = ([(rule,) + c for rule in RULES for c in _GRAD_CASES]
-               + [("delta", "chunked", 63, 32, True)])
+               + [("delta", "chunked", 63, 32, True)]
+               + [("delta", "single_token", 1, 64, True)])
 
 
 @pytest.mark.parametrize("rule,impl,t,chunk_size,use_qk_l2norm", _GRAD_CASES)
