@@ -545,7 +545,7 @@ def table(result: dict) -> str:
                    f"{h['window']}), {h['amortized_sleep_ms_per_token'] * 1e3:.3f} us/token "
                    f"amortised; state {h['state_bytes'] / 2**20:.2f} MiB per stream; flat "
                    f"ratio {h['flat_ratio']:.3f}")
-      for impl, c in entry["comparison"].get(name, {}).items():
+      for impl, c in entry.get("comparison", {}).get(name, {}).items():
         lines.append(f"  vs attention {impl}: crossover {c['crossover']}; " + ", ".join(
             f"{k} {_cell(v, '.2f')}" for k, v in c.items() if k != "crossover"))
     for name, v in entry["attention"].items():
