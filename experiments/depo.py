@@ -28,7 +28,8 @@ GPU plan (one H200; each sweep runs its runs at once on it, with memory on deman
      selection, which reads only the validation sets (rule: experiments/plot_depo.py):
        python -m experiments.sweep --config experiments/depo.py --sweep pilot --root runs/depo_pilot
        python -m experiments.plot_depo --select --root runs/depo_pilot
-  2. set FIG3_RECIPE below to the printed winner (one line), then Fig. 3, 3 seeds per run, steps
+  2. FIG3_RECIPE below holds the printed winner ("mix_harmonic"); then Fig. 3, 3 seeds per run,
+     steps
      fixed up front (the warmup-stable-decay schedule ends at them):
        python -m experiments.sweep --config experiments/depo.py --sweep fig3_small --root runs/depo
        python -m experiments.sweep --config experiments/depo.py --sweep fig3_paper \
@@ -59,9 +60,10 @@ RECIPES = {
                             "task.hop_law": "harmonic", "task.wrap": False,
                             "optimizer.gate_lr": 1e-3},
 }
-# The recipe of the Fig. 3 runs: a prior guess until the pilot's selection prints the winner
-# (`plot_depo --select`); replace it with that name before launching fig3_small / fig3_paper.
-FIG3_RECIPE = "mix_harmonic_gates"
+# The recipe of the Fig. 3 runs: the pilot's winner (`plot_depo --select` on
+# docs/results_runs/depo_pilot, 2026-12-03: val_k1 0.962, tied with mix_harmonic_gates and
+# ahead by validation loss).
+FIG3_RECIPE = "mix_harmonic"
 
 PILOT_STEPS = 1500
 FIG3_SMALL_STEPS = 2000

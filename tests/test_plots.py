@@ -38,7 +38,7 @@ def test_fig2b_draws_runs_from_several_roots(tmp_path, capsys, monkeypatch):
 
 
 def test_depo_figure_draws_every_run(tmp_path, capsys, monkeypatch):
-  root = RUNS / "depo"
+  root = RUNS / "depo_fig3"
   printed = _draw(plot_depo, ["--root", str(root)], tmp_path, capsys, monkeypatch)
   runs = plot_depo.load_runs([root])
   assert len(runs) == len(list(root.glob("*/metrics.jsonl"))) > 0
@@ -46,6 +46,12 @@ def test_depo_figure_draws_every_run(tmp_path, capsys, monkeypatch):
     lines = [line for line in printed.splitlines() if line.startswith(run["label"])]
     assert [line[len(run["label"]):].split()[0] for line in lines][:5] == [
         "k1", "k2", "k4", "k8", "k16"], lines
+
+
+def test_committed_pilot_selects_the_configured_recipe():
+  """The Fig. 3 recipe in experiments/depo.py is what the rule picks from the committed pilot."""
+  winner, _ = plot_depo.select(plot_depo.load_runs([RUNS / "depo_pilot"]))
+  assert winner is not None and winner["recipe"] == depo_config.FIG3_RECIPE
 
 
 def _pilot_run(recipe, val_acc, val_loss=3.0, *, n=1, step=1000, steps=1000, held_out_acc=0.0):
