@@ -29,8 +29,7 @@ GPU plan (one H200; each sweep runs its runs at once on it, with memory on deman
        python -m experiments.sweep --config experiments/depo.py --sweep pilot --root runs/depo_pilot
        python -m experiments.plot_depo --select --root runs/depo_pilot
   2. FIG3_RECIPE below holds the printed winner ("mix_harmonic"); then Fig. 3, 3 seeds per run,
-     steps
-     fixed up front (the warmup-stable-decay schedule ends at them):
+     steps fixed up front (the warmup-stable-decay schedule ends at them):
        python -m experiments.sweep --config experiments/depo.py --sweep fig3_small --root runs/depo
        python -m experiments.sweep --config experiments/depo.py --sweep fig3_paper \
            --root runs/depo_paper            # or fig3_paper_1seed, if the budget is short
