@@ -32,8 +32,10 @@ issue adds "jax": sleep_lm's own model with the imported weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import platform
 import sys
@@ -97,10 +99,39 @@ def compare(ours: np.ndarray, theirs: np.ndarray, seq: list[int], n_prompt: int)
   return result
 
 
+@contextlib.contextmanager
+def _without_our_kernels():
+  """Hides this repository's top-level `kernels` package (on sys.path here) from transformers,
+  which takes any importable `kernels` for Hugging Face's package of that name and imports it
+  (failing where jax is missing). find_spec and import see a None entry in sys.modules as absent."""
+  saved = sys.modules.get("kernels", _ABSENT)
+  spec = (importlib.util.find_spec("kernels") if saved is _ABSENT
+          else getattr(saved, "__spec__", None))
+  repo = Path(__file__).resolve().parents[1]
+  ours = bool(spec and spec.origin and Path(spec.origin).resolve().is_relative_to(repo))
+  if ours:
+    sys.modules["kernels"] = None
+  try:
+    yield
+  finally:
+    if ours:
+      if saved is _ABSENT:
+        del sys.modules["kernels"]
+      else:
+        sys.modules["kernels"] = saved
+
+
+_ABSENT = object()
+
+
 class Transformers:
   """transformers' own GGUF load of the same file (model and tokenizer)."""
 
   def __init__(self, gguf: Path, device: str | None):
+    with _without_our_kernels():
+      self._load(gguf, device)
+
+  def _load(self, gguf: Path, device: str | None):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
