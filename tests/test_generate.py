@@ -74,8 +74,10 @@ def stream_logits(cfg, params, tokens, prompt_len, **kwargs):
   return jnp.concatenate(logits, axis=1), stream
 
 
-@pytest.mark.parametrize("eviction", ["hard", "sliding"])
-@pytest.mark.parametrize("passes", [1, 2, 4])
+@pytest.mark.parametrize("passes, eviction", [
+    (1, "hard"), (2, "sliding"), (4, "hard"),
+    *(pytest.param(n, e, marks=pytest.mark.slow)     # CI time: run with -m slow
+      for n, e in ((1, "sliding"), (2, "hard"), (4, "sliding")))])
 def test_generation_matches_training_forward(params, tokens, passes, eviction):
   cfg = small_config(passes=passes, eviction=eviction)
   reference = jax.jit(lambda p, x, m: sleep_forward(cfg, p, x, m))

@@ -63,6 +63,7 @@ def launch(workdir, data_dir, port, process_id):
                           stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow   # CI time: run with -m slow
 def test_two_processes_train_like_one(tmp_path):
   """Losses of a 2-process run (2 seeds, 3 steps, one eval) equal the 1-process run's; process 0
   alone writes metrics, TensorBoard files and the log; the checkpoint is complete."""

@@ -115,6 +115,7 @@ def test_earlier_window_acts_only_through_states(params):
   np.testing.assert_array_equal(zeroed[0], zeroed[1])                 # no S, no dependence
 
 
+@pytest.mark.slow   # CI time: run with -m slow
 def test_gradients_reach_earlier_window_only_through_states(params):
   cfg = small_config(passes=2)
   tokens, mask = tokens_and_mask(4, seq=2 * L, supervised_from=L)
@@ -184,7 +185,8 @@ def test_sliding_one_pass_equals_parallel_sliding_window_hybrid(params):
   assert rel_err(slept.logits, out.logits) > 1e-3
 
 
-@pytest.mark.parametrize("policy", ["full", pytest.param("dots", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("policy", [pytest.param(p, marks=pytest.mark.slow)
+                                    for p in ("full", "dots")])
 def test_remat_policy_keeps_values_and_gradients(params, policy):
   tokens, mask = tokens_and_mask(7)
   targets = (tokens + 1) % 7
@@ -199,6 +201,7 @@ def test_remat_policy_keeps_values_and_gradients(params, policy):
     assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.slow   # CI time: run with -m slow
 def test_bf16_activations_with_fp32_states(params):
   tokens, mask = tokens_and_mask(8)
   out32 = sleep_forward(small_config(passes=2), params, tokens, mask)
@@ -281,7 +284,8 @@ def test_sliding_with_one_token_window_retains_nothing():
   assert rel_err(got, want) < 1e-6
 
 
-@pytest.mark.parametrize("eviction, unroll", [("hard", False), ("sliding", True)])
+@pytest.mark.parametrize("eviction, unroll", [
+    ("hard", False), pytest.param("sliding", True, marks=pytest.mark.slow)])
 def test_static_schedule_equals_traced(eviction, unroll):
   """The schedule known before tracing (no cond) computes the traced one's values and grads."""
   from sleep_lm.sleep import static_schedule

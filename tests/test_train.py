@@ -103,6 +103,7 @@ def test_seeds_have_their_own_records_and_tensorboard(uninterrupted):
                                rtol=1e-6)
 
 
+@pytest.mark.slow   # CI time: run with -m slow
 def test_vmapped_seeds_equal_separate_runs(tmp_path):
   """S models in one vmapped step train exactly as S separate one-seed runs."""
   from sleep_lm.tasks import train_dataset
