@@ -66,3 +66,21 @@ def test_convert_tied_folder_without_tokenizer(tmp_path):
   result = generate_from_workdir(out, "5,17,200,3", max_new_tokens=3, log=lambda *_: None)
   assert result["tokens"] == [Reference(ckpt, np.float64).greedy([5, 17, 200, 3], 3)]
   assert result["text"] is None
+
+
+@pytest.mark.slow
+def test_convert_with_inserted_gdn_layers_generates_the_reference(tmp_path):
+  """--gdn_layers: fresh GDN layers with zero output projections leave the function unchanged,
+  through the whole path (import, insertion, checkpoint, restore, decode with GDN states)."""
+  source = write_gguf(tmp_path / "tiny.gguf", hf_weights("llama", seed=5))
+  ckpt, tok = load(source)
+  out = convert(source, tmp_path / "run", gdn_layers=(1, 3), freeze_pretrained=True,
+                log=lambda *_: None)
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["model"]["layers"] == ["attn", "gdn", "attn", "gdn"]
+  assert cfg["model"]["mlp_layers"] == [True, False, True, False]
+  assert cfg["optimizer"]["train_layers"] == [1, 3]
+  result = generate_from_workdir(out, PROMPT, max_new_tokens=6, log=lambda *_: None)
+  assert result["tokens"] == [Reference(ckpt, np.float64).greedy(tok.encode(PROMPT), 6)]
+  with pytest.raises(UserError, match="give --gdn_layers"):
+    convert(source, tmp_path / "other", freeze_pretrained=True, log=lambda *_: None)

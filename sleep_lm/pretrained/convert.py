@@ -3,6 +3,7 @@ restore.
 
   python -m sleep_lm.pretrained.convert --source SmolLM2-135M-Instruct.Q4_1.gguf \
       --workdir runs/smollm2 [--eviction none | --eviction hard --window 512] [--dtype float32]
+      [--gdn_layers 10,20 [--passes 2] [--freeze_pretrained]]
   python -m sleep_lm.generate --workdir runs/smollm2 --prompt "The capital of France is" \
       --max_new_tokens 8
 
@@ -16,6 +17,9 @@ restore.
                    template) and config.json (bos/eos/pad ids), which
                    `sleep_lm.pretrained.tokenizer.from_hf` reads back; `sleep_lm.generate` then
                    takes text prompts and prints text
+With --gdn_layers, fresh GDN layers are inserted (`sleep_lm.retrofit`: no MLP, zero output
+projection, so the function is the pretrained one until trained); --freeze_pretrained writes the
+retrofit's stage 1 into the optimizer config (`train_layers`: only the new layers train).
 The workdir is claimed like a training run's (its lock, its config.json); converting into a
 workdir that holds another config, or a checkpoint already, is refused.
 """
@@ -30,21 +34,23 @@ import jax
 import ml_collections
 
 from sleep_lm import sharding, workdir
+from sleep_lm.config import ModelConfig
 from sleep_lm.errors import UserError
 from sleep_lm.files import write_atomic
 from sleep_lm.pretrained.checkpoint import Checkpoint
 from sleep_lm.pretrained.importer import import_params, model_config
 from sleep_lm.pretrained.tokenizer import TextTokenizer
+from sleep_lm.retrofit import insert_gdn_layers
 
 TOKENIZER_DIR = "tokenizer"
 
 
-def run_config(checkpoint: Checkpoint, *, name: str, eviction: str = "none",
-               window: int | None = None, dtype: str = "float32",
-               seq_len: int | None = None) -> ml_collections.ConfigDict:
-  """The run config of a converted checkpoint (validated by `RunConfig` when it is used)."""
-  model = dataclasses.asdict(model_config(checkpoint.arch, eviction=eviction, window=window,
-                                          dtype=dtype))
+def run_config(checkpoint: Checkpoint, model: ModelConfig, *, name: str,
+               seq_len: int | None = None,
+               train_layers: tuple[int, ...] | None = None) -> ml_collections.ConfigDict:
+  """The run config of a converted checkpoint whose model is `model` (validated by `RunConfig`
+  when it is used); `train_layers`: `OptimizerConfig.train_layers` (None: all train)."""
+  model = dataclasses.asdict(model)
   vocab = model.pop("vocab_size")               # the task sets it (RunConfig)
   c = ml_collections.ConfigDict()
   c.name = name
@@ -56,6 +62,8 @@ def run_config(checkpoint: Checkpoint, *, name: str, eviction: str = "none",
   c.optimizer = dict(muon_lr=2e-3, adamw_lr=5e-5, warmup_steps=0, decay_fraction=0.2,
                      weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.95, muon_momentum=0.95,
                      muon_nesterov=True)
+  if train_layers is not None:
+    c.optimizer.train_layers = tuple(train_layers)
   c.batch_size = 1
   c.steps = 1
   c.log_every = 1
@@ -94,10 +102,15 @@ def load_tokenizer(path: str | Path) -> TextTokenizer | None:
 
 def convert(source: str | Path, path: str | Path, *, eviction: str = "none",
             window: int | None = None, dtype: str = "float32", seq_len: int | None = None,
+            passes: int = 1, gdn_layers: tuple[int, ...] = (), freeze_pretrained: bool = False,
             checkpoint: Checkpoint | None = None, tokenizer: TextTokenizer | None = None,
             log=print) -> Path:
   """Writes the workdir `path` from `source` (or from an already loaded `checkpoint` and
-  `tokenizer`, `source` then only naming it). Returns the workdir's path."""
+  `tokenizer`, `source` then only naming it). Returns the workdir's path.
+
+  gdn_layers: fresh GDN layers (no MLP, zero output projection: the function unchanged) at
+  these indices of the new stack (`sleep_lm.retrofit`); freeze_pretrained: the run config's
+  optimizer trains only them (the retrofit's stage 1)."""
   from sleep_lm import trainer
   from sleep_lm.checkpointing import Checkpointer
   from sleep_lm.run_config import RunConfig
@@ -106,10 +119,18 @@ def convert(source: str | Path, path: str | Path, *, eviction: str = "none",
   if checkpoint is None:
     from sleep_lm.pretrained.sources import load
     checkpoint, tokenizer = load(source)
-  config = run_config(checkpoint, name=f"pretrained:{Path(source).name}", eviction=eviction,
-                      window=window, dtype=dtype, seq_len=seq_len)
+  if freeze_pretrained and not gdn_layers:
+    raise UserError("--freeze_pretrained trains only the inserted layers: give --gdn_layers")
+  model = model_config(checkpoint.arch, eviction=eviction, window=window, dtype=dtype,
+                       passes=1)
+  params = import_params(checkpoint, model)             # errors before anything is written
+  if gdn_layers:
+    model, params = insert_gdn_layers(model, params, gdn_layers, jax.random.key(0))
+  model = dataclasses.replace(model, passes=passes)
+  config = run_config(checkpoint, model, name=f"pretrained:{Path(source).name}",
+                      seq_len=seq_len,
+                      train_layers=tuple(gdn_layers) if freeze_pretrained else None)
   run = RunConfig.checked(config)
-  params = import_params(checkpoint, run.model)         # errors before anything is written
   mesh, boxed = trainer.setup(run)
   with workdir.Lock(path, warn=log):
     workdir.claim(path, config)
@@ -128,8 +149,9 @@ def convert(source: str | Path, path: str | Path, *, eviction: str = "none",
       save_tokenizer(tokenizer, path / TOKENIZER_DIR)
   a = checkpoint.arch
   log(f"converted {source} ({a.family}, {a.layers} layers, d {a.d_model}, {a.heads}/{a.kv_heads} "
-      f"heads, {checkpoint.num_parameters:,} parameters) into {path}: eviction {eviction}, "
-      f"tokenizer {'stored' if tokenizer is not None else 'absent'}")
+      f"heads, {checkpoint.num_parameters:,} parameters) into {path}: layers "
+      f"{''.join('A' if k == 'attn' else 'G' for k in run.model.layers)}, eviction {eviction}, "
+      f"N={passes}, tokenizer {'stored' if tokenizer is not None else 'absent'}")
   return path
 
 
@@ -140,7 +162,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # orbax logs every step of a save at INFO
   f = flags.FLAGS
   convert(f.source, f.workdir, eviction=f.eviction, window=f.window, dtype=f.dtype,
-          seq_len=f.seq_len)
+          seq_len=f.seq_len, passes=f.passes,
+          gdn_layers=tuple(int(x) for x in f.gdn_layers), freeze_pretrained=f.freeze_pretrained)
   return 0
 
 
@@ -157,6 +180,12 @@ if __name__ == "__main__":
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
   flags.DEFINE_integer("seq_len", None, "The text task's example length (default: the context "
                        "length, at most 2048).")
+  flags.DEFINE_integer("passes", 1, "N, passes per window (N > 1 needs --gdn_layers and a "
+                       "window eviction).")
+  flags.DEFINE_list("gdn_layers", [], "Indices in the new stack of fresh GDN layers to insert "
+                    "(no MLP, zero output projection), e.g. 2,5.")
+  flags.DEFINE_bool("freeze_pretrained", False, "The run config's optimizer trains only the "
+                    "inserted GDN layers (the retrofit's stage 1).")
   cli.define_debug_flag()
   flags.mark_flags_as_required(["source", "workdir"])
   cli.run(main)
