@@ -124,7 +124,7 @@ class HybridLM(nn.Module):
     if self.config.tie_embeddings:
       dt = self.config.activation_dtype
       table = self.embedding.embedding.astype(dt)
-      return jnp.einsum("btd,vd->btv", x.astype(dt), table).astype(jnp.float32)
+      return jnp.einsum("...d,vd->...v", x.astype(dt), table).astype(jnp.float32)
     return self.head(x).astype(jnp.float32)
 
   def __call__(self, tokens: Array) -> Array:

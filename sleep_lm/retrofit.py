@@ -64,7 +64,7 @@ def insert_gdn_layers(config: ModelConfig, params, positions: Sequence[int], rng
   GDN layers at `positions` whose output projections are zero."""
   from sleep_lm.model import init_params
   new_cfg = inserted_config(config, positions)
-  fresh = nn.meta.unbox(init_params(new_cfg, rng))
+  fresh = jax.jit(lambda key: nn.meta.unbox(init_params(new_cfg, key)))(rng)
   where = dict(enumerate(old_layer_indices(config, positions)))
   out = {}
   for name, value in params.items():

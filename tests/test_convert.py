@@ -2,7 +2,8 @@
 tests/test_pretrained.py's helpers (GQA, untied, with its byte-level BPE tokenizer) becomes a
 workdir; `sleep_lm.generate` restores it, takes a text prompt and its greedy tokens equal the NumPy
 oracle's greedy continuation; `sleep_lm.evaluate` restores it too (the "text" task has no eval
-sets). A tied Hugging Face folder without a tokenizer converts, and generate takes ids there.
+sets). Under `slow`: a tied Hugging Face folder without a tokenizer converts, and generate takes
+ids there; GDN layers inserted by the conversion leave the greedy tokens unchanged.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def test_convert_then_generate_text_equals_reference_greedy(tmp_path):
   assert evaluated["step"] == 0 and evaluated["sets"] == {}
 
 
+@pytest.mark.slow
 def test_convert_tied_folder_without_tokenizer(tmp_path):
   w = hf_weights("llama", tied=True, seed=6)
   source = write_hf(tmp_path / "hf", w, hf_config(tied=True))

@@ -34,7 +34,15 @@ def config(**overrides) -> ModelConfig:
 
 
 def make_params(cfg: ModelConfig, seed: int = 0):
-  return nn.meta.unbox(jax.jit(lambda k: init_params(cfg, k))(jax.random.key(seed)))
+  """Random parameters of every shape `HybridLM(cfg)` creates (`jax.eval_shape` of its init:
+  nothing compiled), drawn with NumPy."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(cfg, jax.random.key(0))))
+
+  def draw(path, leaf):
+    x = rng.standard_normal(leaf.shape).astype(np.float32)
+    return 1 + 0.1 * x if "norm" in jax.tree_util.keystr(path) else 0.3 * x
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def logits(cfg, params, tokens):
