@@ -53,6 +53,9 @@ def test_convert_then_generate_text_equals_reference_greedy(tmp_path):
     convert(source, out, window=8, eviction="hard", log=lambda *_: None)
   with pytest.raises(UserError, match="already holds steps"):
     convert(source, out, log=lambda *_: None)
+  with pytest.raises(UserError, match="ModelConfig.passes"):       # N > 1 needs a GDN layer
+    convert(source, tmp_path / "n2", eviction="hard", window=8, passes=2, log=lambda *_: None)
+  assert not (tmp_path / "n2").exists()                   # refused before writing anything
   evaluated = evaluate_workdir(out)
   assert evaluated["step"] == 0 and evaluated["sets"] == {}
 

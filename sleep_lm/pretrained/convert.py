@@ -121,12 +121,15 @@ def convert(source: str | Path, path: str | Path, *, eviction: str = "none",
     checkpoint, tokenizer = load(source)
   if freeze_pretrained and not gdn_layers:
     raise UserError("--freeze_pretrained trains only the inserted layers: give --gdn_layers")
-  model = model_config(checkpoint.arch, eviction=eviction, window=window, dtype=dtype,
-                       passes=1)
-  params = import_params(checkpoint, model)             # errors before anything is written
-  if gdn_layers:
-    model, params = insert_gdn_layers(model, params, gdn_layers, jax.random.key(0))
-  model = dataclasses.replace(model, passes=passes)
+  try:                                                 # errors before anything is written
+    model = model_config(checkpoint.arch, eviction=eviction, window=window, dtype=dtype,
+                         passes=1)
+    params = import_params(checkpoint, model)
+    if gdn_layers:
+      model, params = insert_gdn_layers(model, params, gdn_layers, jax.random.key(0))
+    model = dataclasses.replace(model, passes=passes)
+  except ValueError as e:                              # a ModelConfig field (FieldError)
+    raise UserError(str(e)) from e
   config = run_config(checkpoint, model, name=f"pretrained:{Path(source).name}",
                       seq_len=seq_len,
                       train_layers=tuple(gdn_layers) if freeze_pretrained else None)
@@ -155,6 +158,14 @@ def convert(source: str | Path, path: str | Path, *, eviction: str = "none",
   return path
 
 
+def _indices(items) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in items)
+  except ValueError:
+    raise UserError(f"--gdn_layers: expected comma-separated layer indices, got "
+                    f"{','.join(items)!r}") from None
+
+
 def main(argv):
   from absl import flags, logging
   del argv
@@ -163,7 +174,7 @@ def main(argv):
   f = flags.FLAGS
   convert(f.source, f.workdir, eviction=f.eviction, window=f.window, dtype=f.dtype,
           seq_len=f.seq_len, passes=f.passes,
-          gdn_layers=tuple(int(x) for x in f.gdn_layers), freeze_pretrained=f.freeze_pretrained)
+          gdn_layers=_indices(f.gdn_layers), freeze_pretrained=f.freeze_pretrained)
   return 0
 
 
