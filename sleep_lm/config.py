@@ -41,6 +41,7 @@ class ModelConfig:
       head n // (attn_heads / attn_kv_heads), as Hugging Face's `repeat_kv`); must divide the
       query heads; None: as many as query heads (multi-head attention). Decode caches hold
       attn_kv_heads heads.
+    attn_qkv_bias: the attention's q, k, v projections have biases (Qwen2); False: none.
     gdn_head_dim: GDN key and value head size; heads = d_model / gdn_head_dim.
     mlp_dim: SwiGLU hidden width (default 4 * d_model).
     conv_kernel: GDN causal depthwise convolution width.
@@ -75,6 +76,7 @@ class ModelConfig:
   attn_head_dim: int = 64
   attn_heads: int | None = None
   attn_kv_heads: int | None = None
+  attn_qkv_bias: bool = False
   gdn_head_dim: int = 64
   mlp_dim: int | None = None
   conv_kernel: int = 4
@@ -130,6 +132,8 @@ class ModelConfig:
     expect(isinstance(self.norm_eps, (int, float)) and not isinstance(self.norm_eps, bool)
            and math.isfinite(self.norm_eps) and self.norm_eps > 0, "norm_eps",
            f"must be a finite number > 0, got {self.norm_eps!r}")
+    expect(isinstance(self.attn_qkv_bias, bool), "attn_qkv_bias",
+           f"must be True or False, got {self.attn_qkv_bias!r}")
     expect(isinstance(self.tie_embeddings, bool), "tie_embeddings",
            f"must be True or False, got {self.tie_embeddings!r}")
     expect(self.mlp_layers is None or (

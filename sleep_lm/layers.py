@@ -122,12 +122,14 @@ class GDNCache(NamedTuple):
 
 
 class Linear(nn.Module):
-  """x W without bias. In the training layout exactly `nn.Dense(use_bias=False)`: W [in, out]
-  float32, both cast to `dtype` for the product."""
+  """x W (+ b with `use_bias`). In the training layout exactly `nn.Dense`: W [in, out] float32,
+  both cast to `dtype` for the product; the bias [out] float32, cast to `dtype` and added to
+  the product."""
   features: int
   axes: tuple[str, str]
   dtype: Any = f32
   layout: Layout = TRAIN
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -147,21 +149,25 @@ class Linear(nn.Module):
     y = jax.lax.dot_general(x, w, dims)
     if pad:
       y = y[:1].reshape(*lead, self.features)
+    if self.use_bias:
+      b = self.param("bias", P(nn.initializers.zeros, self.axes[1:]), (self.features,), f32)
+      y = y + b.astype(self.dtype)
     return jax.lax.optimization_barrier(y) if lay.fused else y
 
 
 def project(module: nn.Module, x: Array, group: str, widths: Mapping[str, tuple[int, str]], *,
-            in_axis: str, dtype: Any, layout: Layout) -> list[Array]:
+            in_axis: str, dtype: Any, layout: Layout, use_bias: bool = False) -> list[Array]:
   """The projections of x that `module.PROJECTIONS[group]` names, in that order (`widths`:
   name -> (features, logical out axis)): one `Linear` each, named by the projection, or, in a
   fused layout, one named `group` whose output is split (`convert_module_params` concatenates
-  the matrices in the same order). Called inside the module's compact method."""
+  the matrices, and biases, in the same order). Called inside the module's compact method."""
   members = module.PROJECTIONS[group]
   if not layout.fused:
-    return [Linear(widths[m][0], (in_axis, widths[m][1]), dtype, layout, name=m)(x)
+    return [Linear(widths[m][0], (in_axis, widths[m][1]), dtype, layout, use_bias, name=m)(x)
             for m in members]
   sizes = [widths[m][0] for m in members]
-  y = Linear(sum(sizes), (in_axis, widths[members[0]][1]), dtype, layout, name=group)(x)
+  y = Linear(sum(sizes), (in_axis, widths[members[0]][1]), dtype, layout, use_bias,
+             name=group)(x)
   return jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
 
 
@@ -268,7 +274,7 @@ class Attention(nn.Module):
     dt = cfg.activation_dtype
     kw = dict(dtype=dt, layout=self.layout)
     widths = {"q": (h * d, "heads"), "k": (g * d, "heads"), "v": (g * d, "heads")}
-    q, k, v = project(self, x, "qkv", widths, in_axis="embed", **kw)
+    q, k, v = project(self, x, "qkv", widths, in_axis="embed", use_bias=cfg.attn_qkv_bias, **kw)
     q = apply_rope(q.reshape(b, t, h, d), ctx.positions, cfg.rope_base)
     k = apply_rope(k.reshape(b, t, g, d), ctx.positions, cfg.rope_base)
     v = v.reshape(b, t, g, d)
@@ -415,10 +421,16 @@ def convert_module_params(params: Mapping, module: type, layout: Layout, dtype: 
   matrices stored as it stores them; anything else unchanged."""
   out = dict(params)
   for group, members in getattr(module, "PROJECTIONS", {}).items():
-    kernels_ = [out.pop(m)["kernel"] for m in members]
+    linears = [out.pop(m) for m in members]
+    kernels_ = [p["kernel"] for p in linears]
     stored = ({group: jnp.concatenate(kernels_, axis=1)} if layout.fused
               else dict(zip(members, kernels_, strict=True)))
     out.update({n: {"kernel": _matrix(w, layout, dtype)} for n, w in stored.items()})
+    if "bias" in linears[0]:                      # float32, as the module creates it
+      biases = [p["bias"] for p in linears]
+      for n, b in ({group: jnp.concatenate(biases)} if layout.fused
+                   else dict(zip(members, biases, strict=True))).items():
+        out[n]["bias"] = b
   for group, members in getattr(module, "CONVS", {}).items():
     taps = [out.pop(m)["kernel"].astype(dtype) for m in members]
     stored = ({group: jnp.concatenate(taps, axis=1)} if layout.fused

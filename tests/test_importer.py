@@ -70,18 +70,19 @@ def random_checkpoint(seed: int, **arch) -> Checkpoint:
   return Checkpoint(a, tensors, source="random")
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_imported_files_compute_the_reference(tmp_path, tied):
-  """GQA (4 query heads, 2 kv heads): a Hugging Face folder; the untied case also as a GGUF
-  (llama.cpp's q/k permutation undone by the reader)."""
-  w = hf_weights("llama", tied=tied, seed=3)
-  sources = [write_hf(tmp_path / "hf", w, hf_config(tied=tied))]
-  if not tied:
-    sources.append(write_gguf(tmp_path / "m.gguf", w))
+@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_imported_files_compute_the_reference(tmp_path, family, tied):
+  """GQA (4 query heads, 2 kv heads): a Hugging Face folder; the untied Llama and the Qwen2
+  (q/k/v biases) also as a GGUF (llama.cpp's q/k permutation undone by the reader for Llama)."""
+  w = hf_weights(family, tied=tied, seed=3)
+  sources = [write_hf(tmp_path / "hf", w, hf_config(family, tied=tied))]
+  if family == "qwen2" or not tied:
+    sources.append(write_gguf(tmp_path / "m.gguf", w, family=family))
   tokens = np.random.default_rng(4).integers(0, VOCAB, 13)
   for source in sources:
     ckpt, _ = load(source, with_tokenizer=False)
     assert ckpt.arch.kv_heads == 2 and ckpt.arch.tied_embeddings == tied
+    assert ckpt.arch.qkv_bias == (family == "qwen2")
     want = Reference(ckpt, np.float32).logits(tokens)
     err = rel_rms(jax_logits(ckpt, tokens), want)
     assert err < TOL, (source, err)
@@ -92,6 +93,7 @@ def test_imported_files_compute_the_reference(tmp_path, tied):
     dict(kv_heads=1, tied_embeddings=True),          # multi-query, tied
     dict(heads=6, kv_heads=3, head_dim=8),           # 6 * 8 = 48 query features != d_model 32
     dict(kv_heads=4, norm_eps=1e-2, rope_base=500.0),  # multi-head; eps and base matter
+    dict(family="qwen2", qkv_bias=True),             # q/k/v biases
 ])
 def test_imported_random_checkpoints_compute_the_reference(arch):
   ckpt = random_checkpoint(7, **arch)
@@ -111,7 +113,8 @@ def test_mapping_table_and_config():
   assert param_path("blocks.12.attn.o_proj") == "layer_12_attn/out/kernel"
   assert param_path("blocks.3.mlp.down_proj") == "layer_3_mlp/down/kernel"
   assert param_path("embed") == "embedding/embedding"
-  assert param_path("blocks.0.attn.q_bias") is None
+  assert param_path("blocks.0.attn.q_bias") == "layer_0_attn/q/bias"
+  assert param_path("blocks.0.attn.q_norm") is None
   cfg = model_config(random_checkpoint(0, tied_embeddings=True).arch, eviction="hard", window=8,
                      dtype="bfloat16")
   assert (cfg.layers, cfg.attn_kv_heads, cfg.attn_heads, cfg.tie_embeddings, cfg.norm_eps,
@@ -124,8 +127,10 @@ def test_import_errors_name_the_tensor_and_parameter():
   with pytest.raises(CheckpointError, match="eviction='sliding' needs a window"):
     model_config(ckpt.arch, eviction="sliding")
   qwen = random_checkpoint(0, family="qwen2", qkv_bias=True)
-  with pytest.raises(CheckpointError, match="Architecture.qkv_bias"):
-    model_config(qwen.arch)
+  assert model_config(qwen.arch).attn_qkv_bias
+  with pytest.raises(CheckpointError, match=r"tensors without a parameter: blocks\.0\.attn\."
+                     r"q_bias \(-> layer_0_attn/q/bias\)"):
+    import_params(qwen, model_config(ckpt.arch))         # biases, but a bias-free model
   # A config that does not fit the checkpoint: one layer fewer, an untied head, a wider MLP.
   cfg = model_config(ckpt.arch)
   import dataclasses

@@ -65,6 +65,7 @@ def test_defaults_keep_todays_parameters():
   shapes = jax.tree.map(lambda x: x.shape, make_params(cfg))
   assert shapes["layer_0_attn"] == {n: {"kernel": (32, 32)} for n in ("q", "k", "v", "out")}
   assert shapes["head"] == {"kernel": (32, 11)}
+  assert not cfg.attn_qkv_bias
   assert all(f"layer_{i}_{n}" in shapes for i in range(2) for n in ("mlp", "mlp_norm"))
 
 
@@ -123,6 +124,27 @@ def test_mlp_less_layer_is_a_layer_whose_mlp_adds_nothing():
   assert rel_err(logits(cfg, params, x), logits(config(), padded, x)) < TOL
 
 
+def test_qkv_biases_are_added_to_the_projections():
+  cfg = config(attn_qkv_bias=True)
+  params = make_params(cfg, seed=6)
+  assert params["layer_0_attn"]["k"]["bias"].shape == (32,)
+  assert "bias" not in params["layer_0_attn"]["out"]
+  # Zero biases compute the bias-free model; non-zero ones change it. (Their values against an
+  # independent forward: tests/test_importer.py, Qwen2 checkpoints against the NumPy oracle.)
+  zero = jax.tree.map(lambda x: x, params)
+  for i in (0, 1):
+    for n in "qkv":
+      zero[f"layer_{i}_attn"][n] = {"kernel": params[f"layer_{i}_attn"][n]["kernel"],
+                                   "bias": np.zeros(32, np.float32)}
+  plain = jax.tree.map(lambda x: x, zero)
+  for i in (0, 1):
+    for n in "qkv":
+      plain[f"layer_{i}_attn"][n] = {"kernel": zero[f"layer_{i}_attn"][n]["kernel"]}
+  x = tokens(6)
+  assert rel_err(logits(cfg, zero, x), logits(config(), plain, x)) < TOL
+  assert rel_err(logits(cfg, params, x), logits(cfg, zero, x)) > 1e-3
+
+
 def test_norm_eps_reaches_every_norm():
   x = np.random.default_rng(4).standard_normal((3, 5, 16)).astype(np.float32) * 0.05
   gain = np.random.default_rng(5).standard_normal(16).astype(np.float32)
@@ -138,12 +160,13 @@ def test_norm_eps_reaches_every_norm():
 
 @pytest.mark.parametrize("eviction", [pytest.param("hard", marks=pytest.mark.slow), "sliding"])
 def test_decoding_with_every_feature_matches_training(eviction):
-  """GQA, tied head, an MLP-less GDN layer, eps 1e-5; every window sleeps with N = 2: a stream fed
+  """GQA, q/k/v biases, tied head, an MLP-less GDN layer, eps 1e-5; every window sleeps with
+  N = 2 (the stream's decode layout fuses q|k|v and their biases): a stream fed
   a prompt and then one token at a time gives the training forward's logits (as
   tests/test_generate.py checks for today's configs). Hard eviction under `slow`."""
   L, T = 6, 13
   cfg = config(layers=("attn", "gdn"), attn_kv_heads=2, tie_embeddings=True,
-               mlp_layers=(True, False),
+               mlp_layers=(True, False), attn_qkv_bias=True,
                norm_eps=1e-5, passes=2, eviction=eviction, window=L)
   params = make_params(cfg, seed=5)
   x = tokens(5, (2, T))
@@ -156,6 +179,7 @@ def test_decoding_with_every_feature_matches_training(eviction):
   want = np.concatenate(want, axis=1)
   stream = Stream(cfg, params, 2)
   assert stream.state.caches[0].keys.shape[2] == 2          # the caches hold the kv heads
+  assert stream.params["layer_0_attn"]["qkv"]["bias"].shape == (8 * 4 + 2 * 8 * 2,)
   got = [stream.feed(x[:, :L])] + [stream.feed(x[:, i:i + 1]) for i in range(L, T)]
   assert rel_err(np.concatenate(got, axis=1), want) < TOL
 
@@ -167,6 +191,7 @@ def test_decoding_with_every_feature_matches_training(eviction):
     (dict(attn_head_dim=12), "attn_head_dim", "when attn_heads is None"),
     (dict(norm_eps=0.0), "norm_eps", "finite number > 0"),
     (dict(tie_embeddings=1), "tie_embeddings", "True or False"),
+    (dict(attn_qkv_bias=None), "attn_qkv_bias", "True or False"),
     (dict(mlp_layers=(True,)), "mlp_layers", "one True/False per layer (2 layers)"),
     (dict(mlp_layers=(1, 0)), "mlp_layers", "one True/False per layer"),
 ])

@@ -13,12 +13,13 @@ a mismatch is a `CheckpointError` naming the canonical tensor and the parameter 
   blocks.{i}.attn_norm      layer_{i}_mixer_norm/scale
   blocks.{i}.attn.q_proj    layer_{i}_attn/q/kernel       (k_proj, v_proj: k, v)
   blocks.{i}.attn.o_proj    layer_{i}_attn/out/kernel
+  blocks.{i}.attn.q_bias    layer_{i}_attn/q/bias         (k_bias, v_bias: k, v; Qwen2)
   blocks.{i}.mlp_norm       layer_{i}_mlp_norm/scale
   blocks.{i}.mlp.gate_proj  layer_{i}_mlp/gate/kernel     (up_proj, down_proj: up, down)
   final_norm                final_norm/scale
   lm_head                   head/kernel                    (tied: none, the embedding serves)
 
-Qwen2's q/k/v biases have no sleep_lm parameter: `model_config` refuses them by name.
+Qwen2's q/k/v biases become `ModelConfig.attn_qkv_bias` and the projections' `bias` parameters.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ PARAM_NAMES: tuple[tuple[str, str], ...] = (
     ("blocks.{i}.attn.k_proj", "layer_{i}_attn/k/kernel"),
     ("blocks.{i}.attn.v_proj", "layer_{i}_attn/v/kernel"),
     ("blocks.{i}.attn.o_proj", "layer_{i}_attn/out/kernel"),
+    ("blocks.{i}.attn.q_bias", "layer_{i}_attn/q/bias"),
+    ("blocks.{i}.attn.k_bias", "layer_{i}_attn/k/bias"),
+    ("blocks.{i}.attn.v_bias", "layer_{i}_attn/v/bias"),
     ("blocks.{i}.mlp_norm", "layer_{i}_mlp_norm/scale"),
     ("blocks.{i}.mlp.gate_proj", "layer_{i}_mlp/gate/kernel"),
     ("blocks.{i}.mlp.up_proj", "layer_{i}_mlp/up/kernel"),
@@ -68,11 +72,7 @@ def model_config(arch: Architecture, *, eviction: str = "none", window: int | No
 
   window: L, needed for eviction "hard" / "sliding"; for "none" it defaults to the model's
   context length (training ignores it then). `overrides`: any other ModelConfig field (dtype,
-  passes, gdn_head_dim, ...). Refuses q/k/v biases (Qwen2) by name."""
-  if arch.qkv_bias:
-    raise CheckpointError(
-        f"Architecture.qkv_bias: this {arch.family} checkpoint has q/k/v projection biases; "
-        "sleep_lm's attention has none (only bias-free Llama-family checkpoints import)")
+  passes, gdn_head_dim, ...). Q/k/v biases (Qwen2): `attn_qkv_bias`."""
   if eviction != "none" and window is None:
     raise CheckpointError(f"eviction={eviction!r} needs a window (L)")
   gdn_head_dim = arch.head_dim if arch.d_model % arch.head_dim == 0 else 64
@@ -81,6 +81,7 @@ def model_config(arch: Architecture, *, eviction: str = "none", window: int | No
       attn_head_dim=arch.head_dim,
       attn_heads=None if arch.heads * arch.head_dim == arch.d_model else arch.heads,
       attn_kv_heads=None if arch.kv_heads == arch.heads else arch.kv_heads,
+      attn_qkv_bias=arch.qkv_bias,
       gdn_head_dim=gdn_head_dim, mlp_dim=arch.mlp_dim, rope_base=float(arch.rope_base),
       norm_eps=float(arch.norm_eps), tie_embeddings=arch.tied_embeddings, eviction=eviction,
       window=window if window is not None else arch.context_length)
