@@ -25,8 +25,9 @@ its error is recorded otherwise), max rel err <= --tol and all tokens agree; exi
 Writes <out>/pretrained_check.json and prints a table.
 
 `OUR_MODELS` maps a name to a function Checkpoint -> (ids [T] -> logits [T, vocab]); "numpy" is
-the plain NumPy oracle (`sleep_lm.pretrained.reference`, float64). Phase B of the pretrained
-issue adds "jax": sleep_lm's own model with the imported weights.
+the plain NumPy oracle (`sleep_lm.pretrained.reference`, float64), "jax" sleep_lm's own model
+(`HybridLM`, float32) with the imported weights (`sleep_lm.pretrained.importer`).
+`--models numpy,jax` runs both (default: numpy).
 """
 
 from __future__ import annotations
@@ -64,9 +65,29 @@ def numpy_model(ckpt: Checkpoint) -> Callable[[np.ndarray], np.ndarray]:
   return ref.logits
 
 
-# name -> Checkpoint -> (ids [T] -> logits [T, vocab]). Phase B adds "jax".
+def jax_model(ckpt: Checkpoint) -> Callable[[np.ndarray], np.ndarray]:
+  """sleep_lm's own model (`HybridLM`, float32, eviction "none": one causal window) with the
+  imported parameters (`sleep_lm.pretrained.importer`); matmuls at "highest" precision (no
+  TF32 on the GPU), as transformers runs here."""
+  import jax
+
+  from sleep_lm.model import HybridLM
+  from sleep_lm.pretrained.importer import import_params, model_config
+  cfg = model_config(ckpt.arch)
+  params = jax.device_put(import_params(ckpt, cfg))
+  forward = jax.jit(HybridLM(cfg).apply)
+
+  def logits(ids: np.ndarray) -> np.ndarray:
+    with jax.default_matmul_precision("highest"):
+      out = forward({"params": params}, np.asarray(ids, np.int32)[None])
+    return np.asarray(out[0], np.float64)
+  return logits
+
+
+# name -> Checkpoint -> (ids [T] -> logits [T, vocab]).
 OUR_MODELS: dict[str, Callable[[Checkpoint], Callable[[np.ndarray], np.ndarray]]] = {
     "numpy": numpy_model,
+    "jax": jax_model,
 }
 
 

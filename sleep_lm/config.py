@@ -8,6 +8,7 @@ deep inside a jitted scan. `RunConfig` reports it at the field's config path (co
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,8 +33,15 @@ class ModelConfig:
     vocab_size: number of token ids.
     d_model: width of the residual stream.
     layers: the layer pattern, one entry per layer, each "attn" or "gdn"; every layer is a mixer
-      (softmax attention or Gated DeltaNet) followed by a SwiGLU MLP, both pre-norm residual.
-    attn_head_dim: attention head size; heads = d_model / attn_head_dim.
+      (softmax attention or Gated DeltaNet) followed by a SwiGLU MLP (unless `mlp_layers` says
+      not), both pre-norm residual.
+    attn_head_dim: attention head size.
+    attn_heads: attention query heads; None: d_model / attn_head_dim (which must then divide).
+    attn_kv_heads: attention key/value heads (grouped-query attention: query head n reads key/value
+      head n // (attn_heads / attn_kv_heads), as Hugging Face's `repeat_kv`); must divide the
+      query heads; None: as many as query heads (multi-head attention). Decode caches hold
+      attn_kv_heads heads.
+    attn_qkv_bias: the attention's q, k, v projections have biases (Qwen2); False: none.
     gdn_head_dim: GDN key and value head size; heads = d_model / gdn_head_dim.
     mlp_dim: SwiGLU hidden width (default 4 * d_model).
     conv_kernel: GDN causal depthwise convolution width.
@@ -49,6 +57,11 @@ class ModelConfig:
       "bfloat16"). Parameters, fast-weight states, norms and the residual stream (carried through
       up to 4N + 1 window-passes) stay float32 whatever this says: mixed precision.
     rope_base: RoPE frequency base.
+    norm_eps: epsilon of every RMSNorm (x / sqrt(mean(x^2) + eps) * gain).
+    tie_embeddings: the output head is the transposed embedding (logits = h @ embedding^T, no
+      `head` parameter); False: a `head` matrix of its own.
+    mlp_layers: per layer, whether it has its SwiGLU MLP (and the MLP's norm); None: every layer
+      does. A layer without one is norm + mixer + residual only (the paper's inserted Jet layers).
     kernel_implementation: name passed to `kernels.gated_delta_rule(implementation=...)`, or
       None for the backend's best.
     chunk_size: largest chunk for the chunked op; shorter windows use the smallest allowed
@@ -61,6 +74,9 @@ class ModelConfig:
   d_model: int = 256
   layers: tuple[str, ...] = ("attn", "gdn", "attn", "gdn")
   attn_head_dim: int = 64
+  attn_heads: int | None = None
+  attn_kv_heads: int | None = None
+  attn_qkv_bias: bool = False
   gdn_head_dim: int = 64
   mlp_dim: int | None = None
   conv_kernel: int = 4
@@ -71,6 +87,9 @@ class ModelConfig:
   remat: str = "none"
   dtype: str = "float32"
   rope_base: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  mlp_layers: tuple[bool, ...] | None = None
   kernel_implementation: str | None = None
   chunk_size: int = 64
   attention_implementation: str | None = None
@@ -78,6 +97,8 @@ class ModelConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))
+    if isinstance(self.mlp_layers, (list, tuple)):
+      object.__setattr__(self, "mlp_layers", tuple(self.mlp_layers))
 
     def expect(cond, field, message):
       if not cond:
@@ -95,10 +116,31 @@ class ModelConfig:
     expect(self.passes == 1 or "gdn" in self.layers, "passes",
            f"N = {self.passes} > 1 needs at least one 'gdn' layer (only fast-weight states "
            f"survive eviction), got layers {self.layers}")
-    for field in ("attn_head_dim", "gdn_head_dim"):
-      head = getattr(self, field)
-      expect(self.d_model % head == 0, field,
-             f"must divide d_model = {self.d_model}, got {head}")
+    expect(self.attn_heads is not None or self.d_model % self.attn_head_dim == 0,
+           "attn_head_dim", f"must divide d_model = {self.d_model} when attn_heads is None, "
+           f"got {self.attn_head_dim}")
+    expect(self.d_model % self.gdn_head_dim == 0, "gdn_head_dim",
+           f"must divide d_model = {self.d_model}, got {self.gdn_head_dim}")
+    for field in ("attn_heads", "attn_kv_heads"):
+      value = getattr(self, field)
+      expect(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= 1),
+             field, f"must be None or an integer >= 1, got {value!r}")
+    expect(self.attn_kv_heads is None or self.num_attn_heads % self.attn_kv_heads == 0,
+           "attn_kv_heads", f"must divide the query heads ({self.num_attn_heads}), got "
+           f"{self.attn_kv_heads}")
+    expect(isinstance(self.norm_eps, (int, float)) and not isinstance(self.norm_eps, bool)
+           and math.isfinite(self.norm_eps) and self.norm_eps > 0, "norm_eps",
+           f"must be a finite number > 0, got {self.norm_eps!r}")
+    expect(isinstance(self.attn_qkv_bias, bool), "attn_qkv_bias",
+           f"must be True or False, got {self.attn_qkv_bias!r}")
+    expect(isinstance(self.tie_embeddings, bool), "tie_embeddings",
+           f"must be True or False, got {self.tie_embeddings!r}")
+    expect(self.mlp_layers is None or (
+        isinstance(self.mlp_layers, tuple) and len(self.mlp_layers) == len(self.layers)
+        and all(isinstance(x, bool) for x in self.mlp_layers)), "mlp_layers",
+        f"must be None (every layer has an MLP) or one True/False per layer ({len(self.layers)} "
+        f"layers), got {self.mlp_layers!r}")
     expect(self.gdn_head_dim <= MAX_HEAD_DIM, "gdn_head_dim",
            f"must be <= {MAX_HEAD_DIM}, got {self.gdn_head_dim}")
     expect(self.mlp_dim is None or (isinstance(self.mlp_dim, int) and self.mlp_dim >= 1),
@@ -125,7 +167,17 @@ class ModelConfig:
 
   @property
   def num_attn_heads(self) -> int:
-    return self.d_model // self.attn_head_dim
+    """Query heads."""
+    return self.attn_heads if self.attn_heads is not None else self.d_model // self.attn_head_dim
+
+  @property
+  def num_kv_heads(self) -> int:
+    """Key/value heads (the decode caches' heads)."""
+    return self.attn_kv_heads if self.attn_kv_heads is not None else self.num_attn_heads
+
+  def has_mlp(self, index: int) -> bool:
+    """Whether layer `index` has its SwiGLU MLP."""
+    return self.mlp_layers is None or self.mlp_layers[index]
 
   @property
   def num_gdn_heads(self) -> int:

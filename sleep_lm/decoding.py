@@ -56,7 +56,7 @@ class DecodeState(NamedTuple):
 
   position: [] int32, tokens consumed so far (the streams advance in lockstep).
   caches: per layer, in layer order: `GDNCache(S [B,H,K,V] float32, conv [B,kernel-1,3*H*K])`
-    or `AttentionCache(keys, values [B,C,H,K])` in the compute dtype.
+    or `AttentionCache(keys, values [B,C,G,K])` (G key/value heads) in the compute dtype.
   hidden: [B,L,D] float32 wake-pass features of the current window, replayed at sleep (N > 1),
     else None.
   """
@@ -102,7 +102,7 @@ def init_state(config: ModelConfig, batch: int, capacity: int | None = None) -> 
   dt = config.activation_dtype
   channels = 3 * config.num_gdn_heads * config.gdn_head_dim
   # A separate buffer per leaf: the state is donated, and one buffer cannot be donated twice.
-  kv = lambda: jnp.zeros((batch, lay.slots, config.num_attn_heads, config.attn_head_dim), dt)
+  kv = lambda: jnp.zeros((batch, lay.slots, config.num_kv_heads, config.attn_head_dim), dt)
   gdn = tuple(GDNCache(s, jnp.zeros((batch, config.conv_kernel - 1, channels), dt))
               for s in zero_states(config, batch))
   attn = tuple(AttentionCache(kv(), kv()) for _ in range(config.num_attn_layers))

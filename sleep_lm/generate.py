@@ -5,8 +5,10 @@ r"""Generate from a trained run: the command line of streaming inference.
 
 Restores a `sleep_lm.train` workdir (its params carry a leading seed axis: --seed_index picks the
 model), reads the prompt as comma-separated token ids or, for tasks with token characters (Rule
-110: '0', '1', 'Q'), as a string of them, feeds it to a `sleep_lm.stream.Stream` and generates,
-then prints the tokens and the timing. User errors print one line and exit with status 2.
+110: '0', '1', 'Q'), as a string of them, or, in the workdir of a converted pretrained model
+(`sleep_lm.pretrained.convert`: it holds tokenizer/tokenizer.json), as text through that
+tokenizer; feeds it to a `sleep_lm.stream.Stream` and generates, then prints the tokens (as text
+with a tokenizer) and the timing. User errors print one line and exit with status 2.
 How a stream wakes, sleeps and evicts: `sleep_lm.decoding`, docs/inference.md.
 """
 
@@ -65,6 +67,15 @@ def restore_params(path: str | Path, run, *, step: int | None = None, seed_index
   return jax.tree.map(lambda x: x[seed_index], state.params), int(meta["step"])
 
 
+def load_text_tokenizer(path: str | Path):
+  """The text tokenizer a converted pretrained model's workdir holds
+  (`sleep_lm.pretrained.convert`), or None."""
+  if not (Path(path) / "tokenizer" / "tokenizer.json").is_file():
+    return None
+  from sleep_lm.pretrained.convert import load_tokenizer
+  return load_tokenizer(path)
+
+
 def parse_prompt(text: str, vocab_size: int, token_chars: str | None) -> list[int]:
   """Comma-separated token ids ("0,1,2"; a single id: "2,") or, when the task has token
   characters and the text has no comma, one token per character ("011Q")."""
@@ -105,7 +116,15 @@ def generate_from_workdir(path: str | Path, prompt: str, *, max_new_tokens: int,
                     f"--top_k >= 0; got {max_new_tokens}, {num_streams}, {temperature}, {top_k}")
   run = load_run(path)
   cfg, chars = run.model, run.task.token_chars
-  ids = parse_prompt(prompt, cfg.vocab_size, chars)       # user errors before the restore
+  tok = load_text_tokenizer(path)
+  if tok is None:
+    ids = parse_prompt(prompt, cfg.vocab_size, chars)     # user errors before the restore
+  else:
+    ids = tok.encode(prompt)
+    if not ids:
+      raise UserError("--prompt is empty: give some text")
+  show = (lambda x: repr(tok.decode(x))) if tok is not None else (
+      lambda x: format_tokens(x, chars))
   params, ckpt_step = restore_params(path, run, step=step, seed_index=seed_index)
   capacity = len(ids) + max_new_tokens if cfg.eviction == "none" else None
   check_batch_fits(lambda b: init_state(cfg, b, capacity), num_streams, what="--num_streams")
@@ -125,16 +144,18 @@ def generate_from_workdir(path: str | Path, prompt: str, *, max_new_tokens: int,
   log(f"workdir {path}  step {ckpt_step}  model seed {run.model_seeds[seed_index]} (index "
       f"{seed_index})  N={cfg.passes} L={cfg.window} eviction={cfg.eviction}  device "
       f"{jax.devices()[0].device_kind}")
-  log(f"prompt ({len(ids)} tokens): {format_tokens(ids, chars)}")
+  log(f"prompt ({len(ids)} tokens): {show(ids)}")
   for b in range(num_streams):
-    log(f"stream {b}: {format_tokens(out[b].tolist(), chars)}")
+    log(f"stream {b}: {show(out[b].tolist())}")
   log(f"compilation of the generation loop and the sleep: {warm_s * 1e3:.1f} ms")
   log(f"prefill: {len(ids)} tokens in {prefill_s * 1e3:.1f} ms (compilation of whole-window and "
       f"partial-window prefill included)")
   per_token = decode_s / max(max_new_tokens, 1) * 1e3
   log(f"decode: {max_new_tokens} tokens in {decode_s * 1e3:.1f} ms, {per_token:.3f} ms per token "
       f"({stream.sleep_events - sleeps_before} sleep events included)")
-  return {"step": ckpt_step, "prompt": ids, "tokens": out.tolist(), "compile_s": warm_s,
+  texts = None if tok is None else [tok.decode(row) for row in out.tolist()]
+  return {"step": ckpt_step, "prompt": ids, "tokens": out.tolist(), "text": texts,
+          "compile_s": warm_s,
           "prefill_s": prefill_s, "decode_s": decode_s, "sleep_events": stream.sleep_events}
 
 
@@ -158,7 +179,7 @@ if __name__ == "__main__":
 
   flags.DEFINE_string("workdir", None, "A sleep_lm.train workdir.")
   flags.DEFINE_string("prompt", None, "Comma-separated token ids, or the task's token "
-                      "characters (Rule 110: 0, 1, Q).")
+                      "characters (Rule 110: 0, 1, Q), or text (a converted pretrained model).")
   flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per stream.")
   flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample from softmax(logits / T).")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens only (0: all).")

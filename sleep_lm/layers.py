@@ -108,8 +108,8 @@ class Context:
 
 
 class AttentionCache(NamedTuple):
-  """keys (RoPE-rotated), values [B,S,H,K]: a retained prefix, a window's own keys or a
-  fixed-size decode buffer (see `Context.slot`)."""
+  """keys (RoPE-rotated), values [B,S,G,K] (G key/value heads): a retained prefix, a window's
+  own keys or a fixed-size decode buffer (see `Context.slot`)."""
   keys: Array
   values: Array
 
@@ -122,12 +122,14 @@ class GDNCache(NamedTuple):
 
 
 class Linear(nn.Module):
-  """x W without bias. In the training layout exactly `nn.Dense(use_bias=False)`: W [in, out]
-  float32, both cast to `dtype` for the product."""
+  """x W (+ b with `use_bias`). In the training layout exactly `nn.Dense`: W [in, out] float32,
+  both cast to `dtype` for the product; the bias [out] float32, cast to `dtype` and added to
+  the product."""
   features: int
   axes: tuple[str, str]
   dtype: Any = f32
   layout: Layout = TRAIN
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -147,26 +149,31 @@ class Linear(nn.Module):
     y = jax.lax.dot_general(x, w, dims)
     if pad:
       y = y[:1].reshape(*lead, self.features)
+    if self.use_bias:
+      b = self.param("bias", P(nn.initializers.zeros, self.axes[1:]), (self.features,), f32)
+      y = y + b.astype(self.dtype)
     return jax.lax.optimization_barrier(y) if lay.fused else y
 
 
 def project(module: nn.Module, x: Array, group: str, widths: Mapping[str, tuple[int, str]], *,
-            in_axis: str, dtype: Any, layout: Layout) -> list[Array]:
+            in_axis: str, dtype: Any, layout: Layout, use_bias: bool = False) -> list[Array]:
   """The projections of x that `module.PROJECTIONS[group]` names, in that order (`widths`:
   name -> (features, logical out axis)): one `Linear` each, named by the projection, or, in a
   fused layout, one named `group` whose output is split (`convert_module_params` concatenates
-  the matrices in the same order). Called inside the module's compact method."""
+  the matrices, and biases, in the same order). Called inside the module's compact method."""
   members = module.PROJECTIONS[group]
   if not layout.fused:
-    return [Linear(widths[m][0], (in_axis, widths[m][1]), dtype, layout, name=m)(x)
+    return [Linear(widths[m][0], (in_axis, widths[m][1]), dtype, layout, use_bias, name=m)(x)
             for m in members]
   sizes = [widths[m][0] for m in members]
-  y = Linear(sum(sizes), (in_axis, widths[members[0]][1]), dtype, layout, name=group)(x)
+  y = Linear(sum(sizes), (in_axis, widths[members[0]][1]), dtype, layout, use_bias,
+             name=group)(x)
   return jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
 
 
 class RMSNorm(nn.Module):
-  """RMS normalisation over the last axis, computed in float32, with a learned gain."""
+  """RMS normalisation over the last axis, computed in float32, with a learned gain (every norm
+  of a model takes its eps from `ModelConfig.norm_eps`)."""
   dtype: Any = f32
   axis_name: str = "embed"
   eps: float = 1e-6
@@ -245,6 +252,10 @@ def causal_conv(x: Array, w: Array, segment_pos: Array, history: Array | None = 
 class Attention(nn.Module):
   """Causal softmax attention; which keys a query sees: `Context` (mask, buffer, lengths).
 
+  Grouped-query attention when config.num_kv_heads < num_attn_heads: k and v (and every cache)
+  have the G key/value heads; `jax.nn.dot_product_attention` lets query head n read key/value
+  head n // (H/G).
+
   cache None: the call's own keys; an `AttentionCache` and ctx.slot None: [the cache (a
   retained prefix) ; own], returning own (the sliding variant retains its tail); ctx.slot given:
   own keys written into the fixed-size buffer at slot, attention over the buffer, returning it.
@@ -259,14 +270,14 @@ class Attention(nn.Module):
                ) -> tuple[Array, AttentionCache]:
     cfg = self.config
     b, t, _ = x.shape
-    h, d = cfg.num_attn_heads, cfg.attn_head_dim
+    h, g, d = cfg.num_attn_heads, cfg.num_kv_heads, cfg.attn_head_dim
     dt = cfg.activation_dtype
     kw = dict(dtype=dt, layout=self.layout)
-    q, k, v = project(self, x, "qkv", {n: (h * d, "heads") for n in "qkv"}, in_axis="embed",
-                      **kw)
+    widths = {"q": (h * d, "heads"), "k": (g * d, "heads"), "v": (g * d, "heads")}
+    q, k, v = project(self, x, "qkv", widths, in_axis="embed", use_bias=cfg.attn_qkv_bias, **kw)
     q = apply_rope(q.reshape(b, t, h, d), ctx.positions, cfg.rope_base)
-    k = apply_rope(k.reshape(b, t, h, d), ctx.positions, cfg.rope_base)
-    v = v.reshape(b, t, h, d)
+    k = apply_rope(k.reshape(b, t, g, d), ctx.positions, cfg.rope_base)
+    v = v.reshape(b, t, g, d)
     if ctx.slot is not None:
       at = (0, ctx.slot, 0, 0)
       keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), at)
@@ -353,19 +364,21 @@ class GatedDeltaNet(nn.Module):
     o, state = sharded_fast_weight_op(
         cfg.rule, q, k, v, g, beta, cache.state, use_qk_l2norm=True, chunk_size=chunk,
         implementation="single_token" if t == 1 else cfg.kernel_implementation)
-    o = RMSNorm(dt, axis_name="head_dim", name="out_norm")(o) * nn.silu(gate.reshape(b, t, h, d))
+    o = RMSNorm(dt, axis_name="head_dim", eps=cfg.norm_eps, name="out_norm")(o)
+    o = o * nn.silu(gate.reshape(b, t, h, d))
     out = project(self, o.reshape(b, t, hk), "out_proj", {"out_proj": (cfg.d_model, "embed")},
                   in_axis="heads", **kw)[0]
     return out, GDNCache(state, conv)
 
 
 class Block(nn.Module):
-  """Layer `index` of the stack: h += mixer(RMSNorm(h)); h += SwiGLU(RMSNorm(h)).
+  """Layer `index` of the stack: h += mixer(RMSNorm(h)); h += SwiGLU(RMSNorm(h)) (the second
+  step only if `config.has_mlp(index)`).
 
   Its parameters are named `layer_{index}_{kind}`, `layer_{index}_mixer_norm`,
-  `layer_{index}_mlp`, `layer_{index}_mlp_norm`; `HybridLM` shares its scope with its blocks so
-  that they sit directly under the model. The block's options come from the config (the mixer
-  kind from `config.layers[index]`).
+  `layer_{index}_mlp`, `layer_{index}_mlp_norm` (the last two only with an MLP); `HybridLM`
+  shares its scope with its blocks so that they sit directly under the model. The block's
+  options come from the config (the mixer kind from `config.layers[index]`).
   """
   config: ModelConfig
   index: int
@@ -377,16 +390,18 @@ class Block(nn.Module):
     prefix = f"layer_{self.index}_"
     mixer_cls = Attention if kind == "attn" else GatedDeltaNet
     self.mixer = mixer_cls(cfg, self.layout, name=prefix + kind)
-    self.mixer_norm = RMSNorm(dt, name=prefix + "mixer_norm")
-    self.mlp = SwiGLU(cfg.hidden_dim, dt, self.layout, name=prefix + "mlp")
-    self.mlp_norm = RMSNorm(dt, name=prefix + "mlp_norm")
+    self.mixer_norm = RMSNorm(dt, eps=cfg.norm_eps, name=prefix + "mixer_norm")
+    if cfg.has_mlp(self.index):
+      self.mlp = SwiGLU(cfg.hidden_dim, dt, self.layout, name=prefix + "mlp")
+      self.mlp_norm = RMSNorm(dt, eps=cfg.norm_eps, name=prefix + "mlp_norm")
 
   def __call__(self, h: Array, ctx: Context, cache) -> tuple[Array, Any]:
     """h [B,T,D] float32 (the residual stream); cache: `AttentionCache` (or None) or
     `GDNCache`, as the mixer takes it. Returns the new h and the mixer's new cache."""
     y, cache = self.mixer(self.mixer_norm(h), ctx, cache)
     h = h + y.astype(h.dtype)
-    h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
+    if self.config.has_mlp(self.index):
+      h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
     return h, cache
 
 
@@ -406,10 +421,16 @@ def convert_module_params(params: Mapping, module: type, layout: Layout, dtype: 
   matrices stored as it stores them; anything else unchanged."""
   out = dict(params)
   for group, members in getattr(module, "PROJECTIONS", {}).items():
-    kernels_ = [out.pop(m)["kernel"] for m in members]
+    linears = [out.pop(m) for m in members]
+    kernels_ = [p["kernel"] for p in linears]
     stored = ({group: jnp.concatenate(kernels_, axis=1)} if layout.fused
               else dict(zip(members, kernels_, strict=True)))
     out.update({n: {"kernel": _matrix(w, layout, dtype)} for n, w in stored.items()})
+    if "bias" in linears[0]:                      # float32, as the module creates it
+      biases = [p["bias"] for p in linears]
+      for n, b in ({group: jnp.concatenate(biases)} if layout.fused
+                   else dict(zip(members, biases, strict=True))).items():
+        out[n]["bias"] = b
   for group, members in getattr(module, "CONVS", {}).items():
     taps = [out.pop(m)["kernel"].astype(dtype) for m in members]
     stored = ({group: jnp.concatenate(taps, axis=1)} if layout.fused

@@ -91,8 +91,9 @@ class HybridLM(nn.Module):
     self.blocks = [Block(cfg, i, self.layout) for i in range(len(cfg.layers))]
     for block in self.blocks:   # its parameters directly under the model: layer_{i}_...
       nn.share_scope(self, block)
-    self.final_norm = RMSNorm(dt, name="final_norm")
-    self.head = Linear(cfg.vocab_size, ("embed", "vocab"), dt, self.layout, name="head")
+    self.final_norm = RMSNorm(dt, eps=cfg.norm_eps, name="final_norm")
+    if not cfg.tie_embeddings:
+      self.head = Linear(cfg.vocab_size, ("embed", "vocab"), dt, self.layout, name="head")
 
   def embed(self, tokens: Array) -> Array:
     """[B,T] int -> [B,T,D] float32: the residual stream stays float32 (mixed precision); each
@@ -117,8 +118,14 @@ class HybridLM(nn.Module):
     return h, tuple(new)
 
   def logits(self, h: Array) -> Array:
-    """[B,T,D] -> [B,T,vocab] float32 logits."""
-    return self.head(self.final_norm(h)).astype(jnp.float32)
+    """[B,T,D] -> [B,T,vocab] float32 logits; tied: final-normed h @ embedding^T (in the
+    compute dtype, like the untied head)."""
+    x = self.final_norm(h)
+    if self.config.tie_embeddings:
+      dt = self.config.activation_dtype
+      table = self.embedding.embedding.astype(dt)
+      return jnp.einsum("...d,vd->...v", x.astype(dt), table).astype(jnp.float32)
+    return self.head(x).astype(jnp.float32)
 
   def __call__(self, tokens: Array) -> Array:
     """Plain single-window forward; used to create parameters (`init`)."""
@@ -146,8 +153,11 @@ def convert_params(config: ModelConfig, params, layout: Layout) -> dict:
     mixer = Attention if kind == "attn" else GatedDeltaNet
     out[f"layer_{i}_{kind}"] = convert_module_params(params[f"layer_{i}_{kind}"], mixer,
                                                      layout, dt)
-    out[f"layer_{i}_mlp"] = convert_module_params(params[f"layer_{i}_mlp"], SwiGLU, layout, dt)
-  out.update(convert_module_params({"head": params["head"]}, _Head, layout, dt))
+    if config.has_mlp(i):
+      out[f"layer_{i}_mlp"] = convert_module_params(params[f"layer_{i}_mlp"], SwiGLU, layout,
+                                                    dt)
+  if not config.tie_embeddings:
+    out.update(convert_module_params({"head": params["head"]}, _Head, layout, dt))
   return out
 
 

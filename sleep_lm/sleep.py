@@ -155,7 +155,7 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
 
   prefix = ()
   if sliding:
-    shape = (b, retained, config.num_attn_heads, config.attn_head_dim)
+    shape = (b, retained, config.num_kv_heads, config.attn_head_dim)
     prefix = tuple(AttentionCache(*(jnp.zeros(shape, config.activation_dtype),) * 2)
                    for _ in range(config.num_attn_layers))
   carry = (states, prefix)

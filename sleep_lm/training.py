@@ -50,6 +50,10 @@ class OptimizerConfig:
   b2: float = 0.95                 # AdamW
   muon_momentum: float = 0.95
   muon_nesterov: bool = True
+  # Layers whose parameters train (indices into ModelConfig.layers); every other parameter
+  # (other layers, embedding, head, final norm) is frozen. None: all train. The retrofit's
+  # stage 1 trains only the inserted layers (sleep_lm.retrofit).
+  train_layers: tuple[int, ...] | None = None
 
   def __post_init__(self):
     def expect(cond, field, message):
@@ -79,6 +83,14 @@ class OptimizerConfig:
       expect(number(value) and 0 <= value < 1, field, f"must be in [0, 1), got {value!r}")
     expect(isinstance(self.muon_nesterov, bool), "muon_nesterov",
            f"must be True or False, got {self.muon_nesterov!r}")
+    if isinstance(self.train_layers, list):
+      object.__setattr__(self, "train_layers", tuple(self.train_layers))
+    expect(self.train_layers is None or (
+        isinstance(self.train_layers, tuple) and len(self.train_layers) >= 1
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                for i in self.train_layers)), "train_layers",
+        f"must be None (every parameter trains) or a non-empty tuple of layer indices >= 0, got "
+        f"{self.train_layers!r}")
 
   @classmethod
   def from_mapping(cls, values: Mapping[str, Any]) -> OptimizerConfig:
@@ -104,28 +116,50 @@ def param_path(path) -> str:
   return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
-def param_labels(params) -> Any:
+_LAYER_PATH = re.compile(r"layer_(\d+)_.*")
+
+
+def param_labels(params, train_layers: tuple[int, ...] | None = None) -> Any:
   """'muon' for the hidden layers' projection matrices, 'gates' for the GDN decay gates (A_log,
-  dt_bias), 'adamw' for everything else."""
+  dt_bias), 'adamw' for everything else; with `train_layers`, 'frozen' for every parameter
+  outside those layers (the embedding, head and final norm included)."""
   def label(path, leaf):
-    muon = _MUON_PATH.fullmatch(param_path(path)) is not None
+    name = param_path(path)
+    if train_layers is not None:
+      layer = _LAYER_PATH.match(name)
+      if layer is None or int(layer.group(1)) not in train_layers:
+        return "frozen"
+    muon = _MUON_PATH.fullmatch(name) is not None
     if muon and leaf.ndim != 2:
-      raise ValueError(f"Muon parameter {param_path(path)} must be 2-D, got shape {leaf.shape}")
+      raise ValueError(f"Muon parameter {name} must be 2-D, got shape {leaf.shape}")
     if muon:
       return "muon"
-    return "gates" if _GATE_PATH.fullmatch(param_path(path)) else "adamw"
+    return "gates" if _GATE_PATH.fullmatch(name) else "adamw"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+  """Clipping, then Muon / AdamW / the gates' AdamW by `param_labels`. With `train_layers`,
+  the frozen parameters' gradients are zeroed first (so that they count neither in the clipping
+  norm nor anywhere else) and their updates are zero (`optax.set_to_zero`: no optimizer state
+  either, and no weight decay); the optimizer state's structure then differs from the default's."""
   muon = optax.contrib.muon(wsd_schedule(cfg.muon_lr, cfg), beta=cfg.muon_momentum,
                             nesterov=cfg.muon_nesterov, weight_decay=cfg.weight_decay)
   def adamw(lr):
     return optax.adamw(wsd_schedule(lr, cfg), b1=cfg.b1, b2=cfg.b2,
                        weight_decay=cfg.weight_decay)
   gates = adamw(cfg.adamw_lr if cfg.gate_lr is None else cfg.gate_lr)
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(
-      {"muon": muon, "adamw": adamw(cfg.adamw_lr), "gates": gates}, param_labels))
+  transforms = {"muon": muon, "adamw": adamw(cfg.adamw_lr), "gates": gates}
+  if cfg.train_layers is None:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.multi_transform(transforms, param_labels))
+  labels = lambda params: param_labels(params, cfg.train_layers)
+  frozen = lambda params: jax.tree.map(lambda x: "frozen" if x == "frozen" else "train",
+                                       labels(params))
+  return optax.chain(
+      optax.multi_transform({"frozen": optax.set_to_zero(), "train": optax.identity()}, frozen),
+      optax.clip_by_global_norm(cfg.clip_norm),
+      optax.multi_transform(transforms | {"frozen": optax.set_to_zero()}, labels))
 
 
 class TrainState(flax.struct.PyTreeNode):

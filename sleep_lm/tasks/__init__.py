@@ -13,9 +13,10 @@ from sleep_lm.tasks.base import BATCH_KEYS, Task, train_dataset
 from sleep_lm.tasks.depo import Depo
 from sleep_lm.tasks.gsm_symbolic import GsmSymbolic
 from sleep_lm.tasks.rule110 import Rule110
+from sleep_lm.tasks.text import Text
 
 TASKS: Mapping[str, type[Task]] = types.MappingProxyType({
-    cls.name: cls for cls in (Rule110, Depo, GsmSymbolic)})
+    cls.name: cls for cls in (Rule110, Depo, GsmSymbolic, Text)})
 
 
 def make_task(values: Mapping[str, Any]) -> Task:
