@@ -243,6 +243,7 @@ def test_a_full_disk_is_a_user_error(tmp_path):
   assert "No space left on device" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow   # CI time: run with -m slow
 def test_nan_stops_the_run_and_is_never_saved(tmp_path):
   """A learning rate of 1e9: the run stops naming the step; no checkpoint holds a NaN."""
   fast = {"seeds": 1, "model.passes": 1, "eval_every": 1000}   # what is tested needs no sleep
