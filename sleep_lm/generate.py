@@ -155,8 +155,8 @@ def generate_from_workdir(path: str | Path, prompt: str, *, max_new_tokens: int,
       f"({stream.sleep_events - sleeps_before} sleep events included)")
   texts = None if tok is None else [tok.decode(row) for row in out.tolist()]
   return {"step": ckpt_step, "prompt": ids, "tokens": out.tolist(), "text": texts,
-          "compile_s": warm_s,
-          "prefill_s": prefill_s, "decode_s": decode_s, "sleep_events": stream.sleep_events}
+          "compile_s": warm_s, "prefill_s": prefill_s, "decode_s": decode_s,
+          "sleep_events": stream.sleep_events}
 
 
 def main(argv):

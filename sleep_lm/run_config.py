@@ -118,6 +118,11 @@ class RunConfig:
           {**config.optimizer.to_dict(), "total_steps": config.steps})
     except ValueError as e:
       raise validation.relocate(e, "config.optimizer", owner="OptimizerConfig") from e
+    layers = optimizer.train_layers or ()
+    if any(i >= len(model.layers) for i in layers):
+      raise validation.FieldError(
+          "config.optimizer.train_layers", f"layer indices must be < the model's "
+          f"{len(model.layers)} layers, got {optimizer.train_layers}")
     warmup = validation.check_int(
         "config.hard_warmup_steps",
         config.get("hard_warmup_steps", _OPTIONAL_FIELDS["hard_warmup_steps"]), 0, ints["steps"])

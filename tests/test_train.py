@@ -191,6 +191,8 @@ def test_workdir_with_another_config_is_refused(uninterrupted):
     ("optimizer.warmup_steps", 10_000, r"^config\.optimizer\.warmup_steps: must be in \[0, "),
     ("optimizer.adamw_lr", float("inf"), r"^config\.optimizer\.adamw_lr: must be a finite"),
     ("optimizer.muon_lr", float("nan"), r"^config\.optimizer\.muon_lr"),
+    ("optimizer.train_layers", (0, 9), r"^config\.optimizer\.train_layers: layer indices must "
+     r"be < the model's"),
     ("task.t", -1, r"^config\.task\.t: must be >= 0, got -1$"),
     ("task.foo", 1, r"^config\.task: unknown field\(s\) \['foo'\] .*; allowed: \['seed', 't'\]$"),
     ("model.foo", 1, r"^config\.model: unknown field\(s\) \['foo'\]; allowed: \['attention_"),
