@@ -13,7 +13,7 @@ the new layer is behind it); after the first update the rest follow.
 
 The old layers keep their parameters, renamed to their new indices (`layer_{i}_...` ->
 `layer_{j}_...`). The two-stage recipe trains the new layers first, then everything:
-`OptimizerConfig.train_layers` (stage 1: the new layers' indices, `new_layers(config)`; stage 2:
+`OptimizerConfig.train_layers` (stage 1: the new layers' indices, i.e. `positions`; stage 2:
 None) freezes every other parameter (`sleep_lm.training.param_labels`).
 """
 
@@ -80,9 +80,3 @@ def insert_gdn_layers(config: ModelConfig, params, positions: Sequence[int], rng
     raise ValueError(f"retrofit: the parameters do not fit {new_cfg.layers}: got "
                      f"{sorted(out)}, want {sorted(fresh)}")
   return new_cfg, out
-
-
-def new_layers(config: ModelConfig, positions: Sequence[int]) -> tuple[int, ...]:
-  """Stage 1's `OptimizerConfig.train_layers`: the inserted layers (their indices)."""
-  del config
-  return tuple(positions)
