@@ -203,6 +203,11 @@ def profile(stream: Stream, logits, args, log) -> dict:
   return {"tokens_per_call": args.tokens, **table}
 
 
+def wants_throughput(context: int, args) -> bool:
+  """Whether throughput and prefill are measured at this context (--throughput_contexts)."""
+  return not args.throughput_contexts or context in args.throughput_contexts
+
+
 def max_batch(per_stream_bytes: int, want: int, margin: float = 0.85) -> int:
   """The most streams whose decode state fits the device's free memory (want, when the device
   does not report its memory)."""
@@ -252,17 +257,18 @@ def bench_hybrid(size, passes, eviction, params, contexts, args, log, layout=Non
 
   many = Stream(cfg, params, args.batch, layout=layout, loop=loop)
   # The sleep is compiled only if a window fills during the measurement.
-  many.warm_up(sleep=any(c % cfg.window + args.tokens * (THROUGHPUT_CALLS + 1) >= cfg.window
-                         for c in contexts))
+  batch_points = [p for p in out["points"] if wants_throughput(p["context"], args)]
+  many.warm_up(sleep=any(p["context"] % cfg.window + args.tokens * (THROUGHPUT_CALLS + 1)
+                         >= cfg.window for p in batch_points))
   logits = jax.random.normal(key, (args.batch, cfg.vocab_size))
-  for point in out["points"]:
+  for point in batch_points:
     place(many, point["context"])
     point["throughput"] = throughput(many, logits, args)
   out["memory_batch"] = memory_stats()
   del many
   gc.collect()
   if eviction in args.prefill_evictions:
-    for point in out["points"]:
+    for point in batch_points:
       point["prefill"] = prefill(lambda: Stream(cfg, params, 1, layout=layout, loop=loop),
                                  point["context"], cfg.vocab_size)
   medians = [p["median_ms"] for p in out["points"]]
@@ -270,13 +276,14 @@ def bench_hybrid(size, passes, eviction, params, contexts, args, log, layout=Non
   log(f"  hybrid N={passes} {eviction}: sleep {out['sleep']['median_ms']:.3f} ms per event, "
       f"{out['amortized_sleep_ms_per_token'] * 1e3:.3f} us per token over L = {cfg.window}; "
       f"flat ratio {out['flat_ratio']:.3f}; batch {args.batch}: "
-      + ", ".join(f"{p['throughput']['tokens_per_s']:.0f}" for p in out["points"]) + " tok/s")
+      + ", ".join(f"{p['throughput']['tokens_per_s']:.0f}" for p in batch_points) + " tok/s")
   return out
 
 
 def bench_attention(size, implementation, params, contexts, args, log, layout=None,
-                    loop=None, only=None) -> dict:
-  """The full-cache attention model: latency, throughput (largest batch that fits), prefill."""
+                    loop=None, only=None, progress=lambda out: None) -> dict:
+  """The full-cache attention model: latency, throughput (largest batch that fits), prefill.
+  `progress(out)` after each measurement, so that a run cut short keeps what it measured."""
   layout, loop = layout or args.layouts[0], loop or args.loops[0]
   cfg = attention_config(size, None if implementation == "xla" else implementation)
   key = jax.random.key(4)
@@ -303,6 +310,7 @@ def bench_attention(size, implementation, params, contexts, args, log, layout=No
       stream = None
       gc.collect()
     out["points"].append(point)
+    progress(out)
     log(f"  attention ({out['implementation']}) C={context:>6}: "
         + (f"{point['median_ms']:.4f} / {point['p99_ms']:.4f} ms per token; one token "
            f"{point['single_token']['median_ms']:.3f} ms" if "error" not in point
@@ -322,7 +330,7 @@ def bench_attention(size, implementation, params, contexts, args, log, layout=No
   gc.collect()
 
   for point in out["points"]:
-    if "error" in point:
+    if "error" in point or not wants_throughput(point["context"], args):
       continue
     context = point["context"]
     per_stream = cache_bytes(cfg, capacity(context))
@@ -350,6 +358,7 @@ def bench_attention(size, implementation, params, contexts, args, log, layout=No
     log(f"  attention ({out['implementation']}) C={context:>6}: batch {batch}: "
         f"{point['throughput'].get('tokens_per_s', float('nan')):.0f} tok/s; prefill "
         f"{point.get('prefill', {}).get('tokens_per_s', float('nan')):.0f} tok/s")
+    progress(out)
   return out
 
 
@@ -433,9 +442,12 @@ def bench_size(size, args, log, checkpoint) -> dict:
       checkpoint(size, entry)
   implementations = list(args.attention)
   for impl in implementations:
+    def progress(out, impl=impl):
+      entry["attention"][impl] = out
+      checkpoint(size, entry)
     try:
       entry["attention"][impl] = bench_attention(size, impl, attention_params, contexts, args,
-                                                 log)
+                                                 log, progress=progress)
     except Exception as e:  # noqa: BLE001
       entry["attention"][impl] = {"error": describe(e)}
       log(f"  attention {impl}: {describe(e)}")
@@ -613,6 +625,9 @@ def main(argv=None) -> dict:
                       help=f"tiny CPU smoke run: {QUICK} (flags given explicitly still win)")
   parser.add_argument("--sizes", default="300m", help=f"comma-separated {list(SIZES)}")
   parser.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)))
+  parser.add_argument("--throughput_contexts", default="",
+                      help="contexts at which throughput and prefill are measured (default: "
+                           "every context; latency is always measured at every context)")
   parser.add_argument("--passes", default="1,2,4", help="hybrid N values")
   parser.add_argument("--evictions", default="hard,sliding", help="hybrid eviction variants")
   parser.add_argument("--prefill", default="hard,attention", dest="prefill_evictions",
@@ -656,7 +671,8 @@ def main(argv=None) -> dict:
     for key, value in QUICK.items():
       if key not in given:
         setattr(args, "prefill_evictions" if key == "prefill" else key, value)
-  for name, kind in (("sizes", str), ("contexts", int), ("passes", int), ("evictions", str),
+  for name, kind in (("sizes", str), ("contexts", int), ("throughput_contexts", int),
+                     ("passes", int), ("evictions", str),
                      ("prefill_evictions", str), ("layouts", str), ("loops", str)):
     setattr(args, name, _list(kind)(getattr(args, name)))
   args.xla_flag_sets = [f for f in (args.xla_flag_sets or "").split(";") if f.strip()]
