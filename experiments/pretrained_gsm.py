@@ -8,8 +8,9 @@ unmodified SmolLM2 with the whole problem in its context (eviction none), fine-t
                region, seq_len 2,048 = 4 windows of L = 512, so a problem spans 3-4 windows;
                batch 16, 32,768 tokens a step; stage 1 200 steps (6.6M tokens), stage 2 400
                steps (13.1M tokens); bfloat16, remat "full"),
-             smoke (CPU, a couple of minutes on a tiny converted checkpoint, tens of minutes on
-               SmolLM2 itself: prompts of 160-240 tokens, max_op 2, L = 96, batch 2, 2 steps),
+             smoke (CPU: about a minute a stage on a tiny converted checkpoint, measured; not
+               timed on SmolLM2 itself: prompts of 160-240 tokens, max_op 2, L = 96, batch 2,
+               2 steps),
              reference (eviction none, no inserted layers: init must be the plain conversion;
                only stage 2 exists for it)
   overrides: init (required: the workdir to start from; stage 1 and the reference: the
