@@ -28,7 +28,7 @@ _RUN_FIELDS = ("name", "seed", "seeds", "task", "model", "optimizer", "batch_siz
                "tensorboard")
 # Optional top-level fields and their defaults: absent from the configs of the experiments
 # that do not use them (and from older workdirs), so their config.json files stay unchanged.
-_OPTIONAL_FIELDS = {"hard_warmup_steps": 0}
+_OPTIONAL_FIELDS = {"hard_warmup_steps": 0, "init_from": ""}
 
 
 def _product_or_free(mesh: Mapping) -> int:
@@ -81,6 +81,10 @@ class RunConfig:
   # Sliding-window runs: train the first steps with eviction="hard" (same parameters, same
   # window), then with model.eviction; 0: no warm-up (`sleep_lm.trainer`).
   hard_warmup_steps: int = 0
+  # A workdir (a converted checkpoint, or a finished stage of a run) whose newest checkpoint's
+  # parameters start this run, with a fresh optimizer state; "": a fresh init
+  # (`sleep_lm.init_from`).
+  init_from: str = ""
 
   @property
   def model_seeds(self) -> tuple[int, ...]:
@@ -130,10 +134,12 @@ class RunConfig:
       raise validation.FieldError(
           "config.hard_warmup_steps", f"{warmup} warms a sliding-window run up with hard "
           f"eviction: it needs config.model.eviction='sliding', got {model.eviction!r}")
+    init_from = config.get("init_from", _OPTIONAL_FIELDS["init_from"])
+    validation.check_str("config.init_from", init_from)
     return cls(task=task, model=model, optimizer=optimizer, seed=seed,
                data_dir=config.data_dir, mesh=mesh, sharding_rules=rules,
                skip_nonfinite=config.skip_nonfinite, tensorboard=config.tensorboard,
-               config=config, hard_warmup_steps=warmup, **ints)
+               config=config, hard_warmup_steps=warmup, init_from=init_from, **ints)
 
   @classmethod
   def checked(cls, config: ml_collections.ConfigDict) -> RunConfig:

@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sleep_lm import evaluation, sharding, workdir
+from sleep_lm import evaluation, init_from, sharding, workdir
 from sleep_lm.checkpointing import Checkpointer
 from sleep_lm.errors import Preempted, UserError
 from sleep_lm.run_config import RunConfig
@@ -77,9 +77,10 @@ def state_shardings(run: RunConfig, mesh, boxed, optimizer):
   return with_seed_axis(TrainState(sharding.replicated(mesh), param_sh, opt_sh))
 
 
-def initial_state(run: RunConfig, mesh, boxed):
+def initial_state(run: RunConfig, mesh, boxed, *, abstract: bool = False):
   """Train states of every model seed (stacked), created in place by one jitted program whose
-  output shardings are `state_shardings`: nothing is materialised whole on one device."""
+  output shardings are `state_shardings`: nothing is materialised whole on one device.
+  `abstract`: their shapes, dtypes and shardings only (`jax.ShapeDtypeStruct`s, nothing run)."""
   optimizer = make_optimizer(run.optimizer)
   out_sh = state_shardings(run, mesh, boxed, optimizer)
 
@@ -88,7 +89,8 @@ def initial_state(run: RunConfig, mesh, boxed):
       return create_train_states(run.model, optimizer, run.model_seeds)
 
   with jax.set_mesh(mesh):
-    return jax.jit(init, out_shardings=out_sh)(), optimizer
+    fn = jax.jit(init, out_shardings=out_sh)
+    return (jax.eval_shape(fn) if abstract else fn()), optimizer
 
 
 def sharded_train_step(run: RunConfig, mesh, boxed, optimizer, model=None):
@@ -167,6 +169,7 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
     mesh, boxed = setup(run)                   # everything checked before the workdir is claimed
   except ValueError as e:
     raise UserError(str(e)) from e
+  init_from.check(run, boxed)
   lead = jax.process_index() == 0
   if not lead:
     log = lambda *_: None                      # one log: process 0's
@@ -193,6 +196,8 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
     start = int(meta["data_position"])
     pending_host = [(int(s), m) for s, m in meta.get("pending", [])]
     log(f"resuming {path} from step {start}")
+  elif run.init_from:
+    state = init_from.start_state(run, mesh, boxed, state, optimizer, log=log)
   metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead, warn=log)
   writers = ([ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in seeds]
              if run.tensorboard and lead else [])

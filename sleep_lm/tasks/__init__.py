@@ -12,11 +12,12 @@ from typing import Any
 from sleep_lm.tasks.base import BATCH_KEYS, Task, train_dataset
 from sleep_lm.tasks.depo import Depo
 from sleep_lm.tasks.gsm_symbolic import GsmSymbolic
+from sleep_lm.tasks.gsm_text import GsmText
 from sleep_lm.tasks.rule110 import Rule110
 from sleep_lm.tasks.text import Text
 
 TASKS: Mapping[str, type[Task]] = types.MappingProxyType({
-    cls.name: cls for cls in (Rule110, Depo, GsmSymbolic, Text)})
+    cls.name: cls for cls in (Rule110, Depo, GsmSymbolic, GsmText, Text)})
 
 
 def make_task(values: Mapping[str, Any]) -> Task:

@@ -530,13 +530,19 @@ def decode(inputs: np.ndarray, max_len: int) -> Problem:
 
 def structural_floors(inputs: np.ndarray, max_len: int) -> dict[str, float]:
   """Exact accuracy of answers that need no arithmetic, on a set of examples (int [n, seq_len]):
-  floor_root_only ({the variable assigned a constant}), floor_all_derivable (every derivable
-  variable), floor_mode (the most common answer set) and floor_empty (the empty set)."""
+  `problem_floors` of the problems their tokens show."""
+  return problem_floors([decode(row, max_len) for row in inputs])
+
+
+def problem_floors(problems: Sequence[Problem]) -> dict[str, float]:
+  """Exact accuracy of answers that need no arithmetic, on a set of problems (answers
+  included): floor_root_only ({the variable assigned a constant}), floor_all_derivable (every
+  derivable variable), floor_mode (the most common answer set) and floor_empty (the empty
+  set). Derivability comes from `solve` on the statements shown."""
   hits = Counter()
   answers = Counter()
-  n = len(inputs)
-  for row in inputs:
-    problem = decode(row, max_len)
+  n = len(problems)
+  for problem in problems:
     values = solve(problem)
     root = next(s.lhs for s in problem.statements if s.rhs is None)
     hits["root_only"] += problem.answer == (root,)

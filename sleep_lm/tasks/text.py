@@ -5,8 +5,8 @@ A run config needs a task (it sets the vocabulary size and the example length); 
 from a pretrained checkpoint has a vocabulary but no training or evaluation data in sleep_lm.
 `Text` holds just that: `vocab_size` (the checkpoint's) and `seq_len`. It has no eval sets
 (`sleep_lm.evaluate` restores the workdir and reports none), and asking it for training
-examples is an error that says so: fine-tuning a converted model on text data (e.g. GSM-Infinite
-rendered as text) is not implemented yet (docs/pretrained.md, "Phase B (to do)").
+examples is an error that says so: a converted model fine-tunes on a task with data, e.g.
+`gsm_text` (GSM-Infinite rendered as text in the model's tokens; experiments/pretrained_gsm.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class Text(Task):
 
   def train_examples(self, data_seed: int, indices) -> dict[str, np.ndarray]:
     raise ValueError("config.task: the 'text' task has no training data (a converted "
-                     "pretrained model; fine-tuning on text is not implemented yet)")
+                     "pretrained model); fine-tune on a task with data, e.g. 'gsm_text' "
+                     "(experiments/pretrained_gsm.py)")
 
   def eval_set_names(self) -> tuple[str, ...]:
     return ()
