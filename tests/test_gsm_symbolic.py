@@ -478,3 +478,16 @@ def test_bad_curriculum_names_the_stage(stages, match):
     make_task({"name": "gsm_symbolic", **gsm.PRESETS["smoke"], "eval_ops": [1],
                "curriculum": stages})
 
+
+def test_config_recipe_and_curriculum_in_steps():
+  c = gsm_config.get_config("smoke,steps=2000,ops=2")
+  assert c.model.tie_embeddings and c.optimizer.adamw_lr == 3e-3
+  assert c.task.curriculum == ((12800, 17, 40, 2), (19200, 40, 80, 2))   # 0.4, 0.6 of 2000 x 16
+  assert c.task.eval_ops == (1, 2)                   # the smoke sets of op <= ops
+  assert gsm_config.get_config("small,nocurriculum").task.curriculum == ()
+  for sweep in ("fig4", "fig5"):
+    for arg in gsm_config.SWEEPS[sweep]:
+      run = RunConfig.from_config(gsm_config.get_config(arg))
+      assert run.task.curriculum and run.model.tie_embeddings
+      last = run.task.curriculum[-1][0] // run.batch_size
+      assert last < run.steps                       # the preset's own problems at the end
