@@ -52,7 +52,9 @@ Launch (single run; three seeds at once):
       --workdir runs/gsm/sliding_N4_warm
   python -m sleep_lm.evaluate --workdir runs/gsm/N4
 Sweeps (Fig. 4: hard eviction + the full-cache attention baseline; Fig. 5: sliding windows with
-and without a hard-eviction warm-up), several runs sharing one GPU:
+and without a hard-eviction warm-up; pilot: fig4's N = 1 and attention runs alone, to check that
+op 1 is learned at this size first), several runs sharing one GPU:
+  python -m experiments.sweep --config experiments/gsm_symbolic.py --sweep pilot --root runs/gsm
   python -m experiments.sweep --config experiments/gsm_symbolic.py --sweep fig4 --root runs/gsm
   python -m experiments.sweep --config experiments/gsm_symbolic.py --sweep fig5 --root runs/gsm
   python -m experiments.plot_gsm --root runs/gsm --out docs/figures/gsm_fig45.png
@@ -99,6 +101,9 @@ SWEEPS = {
               for n in (4, 2)]
              + [f"small,sliding,N={n},steps={FIG5_STEPS},{_GPU}" for n in (4, 2, 1)]
              + [f"small,sliding,N=1,warmup={FIG5_WARMUP},steps={FIG5_STEPS},{_GPU}"]),
+    # Issue 22: the two runs that must learn op 1 before fig4 / fig5 are worth their GPU time
+    # (the attention baseline and the N = 1 hybrid of fig4, same configs).
+    "pilot": [f"small,N=1,{_GPU}", f"small,attn_only,eviction=none,{_GPU}"],
     "smoke": ["smoke,N=1", "smoke,N=2", "smoke,sliding,N=2,warmup=20"],
 }
 

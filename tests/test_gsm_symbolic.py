@@ -485,7 +485,7 @@ def test_config_recipe_and_curriculum_in_steps():
   assert c.task.curriculum == ((12800, 17, 40, 2), (19200, 40, 80, 2))   # 0.4, 0.6 of 2000 x 16
   assert c.task.eval_ops == (1, 2)                   # the smoke sets of op <= ops
   assert gsm_config.get_config("small,nocurriculum").task.curriculum == ()
-  for sweep in ("fig4", "fig5"):
+  for sweep in ("fig4", "fig5", "pilot"):
     for arg in gsm_config.SWEEPS[sweep]:
       run = RunConfig.from_config(gsm_config.get_config(arg))
       assert run.task.curriculum and run.model.tie_embeddings
