@@ -401,3 +401,93 @@ def test_trainer_hard_warmup_then_sliding(tmp_path):
   assert any("warm-up over" in line for line in lines)
   r = results["op2"]
   assert 0 <= r["exact_accuracy"][0] <= 1 and "floor_root_only" in r
+
+
+# ------------------------------------------------------------------------------ curriculum
+
+def test_layout_fields_place_a_smaller_problem_as_the_larger_task_does():
+  small = GsmSymbolicTask(seed=3, min_len=17, max_len=40, max_op=2)
+  for padding in ("left", "middle"):
+    placed = small.replace(layout_len=118, layout_op=4, padding=padding)
+    own = small.replace(padding=padding).batch(np.arange(16))
+    big = placed.batch(np.arange(16))
+    assert placed.seq_len == 118 + 10 and big["inputs"].shape == (16, 128)
+    for i in range(16):
+      # Same problem and answer, read back from either layout.
+      assert gsm.decode(big["inputs"][i], 118) == gsm.decode(own["inputs"][i], 40)
+      # Supervision: ANSWER .. last name token, the answer region starting at layout_len.
+      k = own["answer_size"][i]
+      assert np.flatnonzero(big["loss_mask"][i]).tolist() == list(range(118, 119 + 2 * k))
+      sup = big["loss_mask"][i] > 0
+      assert (big["targets"][i][sup] == big["inputs"][i][np.flatnonzero(sup) + 1]).all()
+    problem = big["inputs"][:, :118]
+    if padding == "left":
+      assert (problem[:, -1] == DOT).all()
+    else:
+      assert (problem[:, 0] == QUESTION).all()
+  with pytest.raises(ValueError, match="layout_len"):
+    small.replace(layout_len=39)
+  with pytest.raises(ValueError, match="layout_op"):
+    small.replace(layout_op=1)
+
+
+def test_curriculum_stages_by_example_index():
+  stages = ((64, 17, 40, 1), (128, 40, 80, 2))
+  plain = make_task({"name": "gsm_symbolic", **gsm.PRESETS["smoke"], "eval_ops": [1, 2]})
+  task = make_task({"name": "gsm_symbolic", **gsm.PRESETS["smoke"], "eval_ops": [1, 2],
+                    "curriculum": [list(s) for s in stages]})          # lists, as from JSON
+  assert task.curriculum == stages and task.seq_len == plain.seq_len
+  idx = np.arange(32, 224)                  # crosses both boundaries, out of order below
+  idx = np.concatenate([idx[100:], idx[:100]])
+  batch = task.train_examples(5, idx)
+  # Each example is the stage generator's (or, past the last stage, the plain task's) example.
+  for j, i in enumerate(idx):
+    row = gsm.decode(batch["inputs"][j], plain.max_len)
+    if i < 64:
+      ref = GsmSymbolicTask(seed=5, min_len=17, max_len=40, max_op=1)
+    elif i < 128:
+      ref = GsmSymbolicTask(seed=5, min_len=40, max_len=80, max_op=2)
+    else:
+      ref = plain._generator("train", seed=5)
+    assert row == gsm.decode(ref.replace(layout_len=118, layout_op=4).example(int(i))["inputs"],
+                             118)
+    length = int((batch["inputs"][j, :118] != PAD).sum())
+    assert ref.min_len <= length <= ref.max_len and row.op <= ref.max_op
+  past = plain.train_examples(5, idx[idx >= 128])
+  for k in past:
+    assert (batch[k][idx >= 128] == past[k]).all()
+  # The window schedule never changes, and eval sets ignore the curriculum.
+  assert (batch["loss_mask"] <= task.layout_mask()).all()
+  assert (task.layout_mask() == plain.layout_mask()).all()
+  assert task.eval_set_id("op2") == plain.eval_set_id("op2")
+  assert (task.eval_examples("op2", np.arange(4))["inputs"]
+          == plain.eval_examples("op2", np.arange(4))["inputs"]).all()
+  pickle.loads(pickle.dumps(task))
+
+
+@pytest.mark.parametrize("stages, match", [
+    ([[64, 17, 40]], r"curriculum\[0\]"),
+    ([[64, 17, 40, 2], [64, 40, 80, 2]], r"curriculum\[1\]: until"),
+    ([[64, 17, 200, 2]], r"curriculum\[0\]: max_len"),
+    ([[64, 17, 40, 5]], r"curriculum\[0\]: max_op"),
+    ([[64, 10, 40, 2]], r"curriculum\[0\]: min_len"),       # shorter than an op-2 core
+    ("abc", "config.task.curriculum"),
+])
+def test_bad_curriculum_names_the_stage(stages, match):
+  with pytest.raises(ValueError, match=match):
+    make_task({"name": "gsm_symbolic", **gsm.PRESETS["smoke"], "eval_ops": [1],
+               "curriculum": stages})
+
+
+def test_config_recipe_and_curriculum_in_steps():
+  c = gsm_config.get_config("smoke,steps=2000,ops=2")
+  assert c.model.tie_embeddings and c.optimizer.adamw_lr == 3e-3
+  assert c.task.curriculum == ((12800, 17, 40, 2), (19200, 40, 80, 2))   # 0.4, 0.6 of 2000 x 16
+  assert c.task.eval_ops == (1, 2)                   # the smoke sets of op <= ops
+  assert gsm_config.get_config("small,nocurriculum").task.curriculum == ()
+  for sweep in ("fig4", "fig5", "pilot"):
+    for arg in gsm_config.SWEEPS[sweep]:
+      run = RunConfig.from_config(gsm_config.get_config(arg))
+      assert run.task.curriculum and run.model.tie_embeddings
+      last = run.task.curriculum[-1][0] // run.batch_size
+      assert last < run.steps                       # the preset's own problems at the end

@@ -57,6 +57,11 @@ through counter-based splitmix64 hashing (`tasks.base.example_keys`), vectorised
 worker or resumed run can make any example. Training draws op uniformly in [min_op, max_op] per
 example (the paper: 1..8); the eval sets fix it ("op2" has op = 2, ...).
 
+Curriculum (`GsmSymbolic.curriculum`, training only): stages of (until, min_len, max_len,
+max_op) by training example index; a stage's problems are drawn with its smaller lengths and op
+counts and placed in the task's own layout (`GsmSymbolicTask.layout_len`, `layout_op`), so
+seq_len and the window schedule never change.
+
 Train/eval disjointness is exact: the 10^6 names are split in two pools by the parity of a
 64-bit hash of the name (`name_pool`), train problems use only pool-0 names and eval problems only
 pool-1 names, so no eval problem shares even one variable with any training problem, whatever
@@ -297,6 +302,10 @@ class GsmSymbolicTask:
     after the statements, as the original's prompt does.
   padding: "left" (PAD before the problem) or "middle" (the problem at position 0, PAD between
     it and the answer).
+  layout_len, layout_op: the layout's sizes (None: max_len, max_op): the problem region holds
+    layout_len tokens and the answer region 2 layout_op + 2, so that problems drawn with smaller
+    max_len / max_op (a curriculum stage) sit in a longer task's layout, exactly as that task
+    places its own shorter problems.
   """
 
   seed: int = 0
@@ -308,6 +317,8 @@ class GsmSymbolicTask:
   max_op: int = PRESETS["small"]["max_op"]
   question_first: bool = True
   padding: str = "left"
+  layout_len: int | None = None
+  layout_op: int | None = None
 
   def __post_init__(self):
     check_int("seed", self.seed, 0, MASK64)
@@ -325,14 +336,23 @@ class GsmSymbolicTask:
       raise ValueError(f"question_first must be True or False, got {self.question_first!r}")
     if self.padding not in PADDINGS:
       raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+    if self.layout_len is not None:
+      check_int("layout_len", self.layout_len, self.max_len)
+    if self.layout_op is not None:
+      check_int("layout_op", self.layout_op, self.max_op, MAX_OP)
+
+  @property
+  def problem_len(self) -> int:
+    """Tokens of the problem region (layout_len, default max_len)."""
+    return self.max_len if self.layout_len is None else self.layout_len
 
   @property
   def answer_len(self) -> int:
-    return 2 * self.max_op + 2
+    return 2 * (self.max_op if self.layout_op is None else self.layout_op) + 2
 
   @property
   def seq_len(self) -> int:
-    return self.max_len + self.answer_len
+    return self.problem_len + self.answer_len
 
   def replace(self, **changes) -> GsmSymbolicTask:
     return dataclasses.replace(self, **changes)
@@ -464,7 +484,8 @@ class GsmSymbolicTask:
     parts = [question, tok] if self.question_first else [tok, question]
     problem = np.concatenate(parts, axis=1)
     present = problem >= 0
-    start = self.max_len - a.length if self.padding == "left" else np.zeros(m, np.int64)
+    region = self.problem_len
+    start = region - a.length if self.padding == "left" else np.zeros(m, np.int64)
     pos = start[:, None] + np.cumsum(present, axis=1) - 1
     inputs = np.full((m, t), PAD, np.int32)
     r, c = np.nonzero(present)
@@ -475,15 +496,17 @@ class GsmSymbolicTask:
     ans = np.full((m, self.answer_len), PAD, np.int64)
     ans[:, 0] = ANSWER
     names = a.answer
-    slot = np.arange(self.max_op)[None, :]
+    width = (self.answer_len - 2) // 2
+    names = np.pad(names, ((0, 0), (0, width - names.shape[1])), constant_values=-1)
+    slot = np.arange(width)[None, :]
     has = slot < k[:, None]
     ans[:, 1:-1:2] = np.where(has, HI_BASE + names // 1000, PAD)
     ans[:, 2::2] = np.where(has, LO_BASE + names % 1000, PAD)
     ans[np.arange(m), 1 + 2 * k] = END
-    inputs[:, self.max_len:] = ans
-    offsets = np.arange(t - self.max_len)[None, :]
+    inputs[:, region:] = ans
+    offsets = np.arange(t - region)[None, :]
     supervised = np.zeros((m, t), bool)
-    supervised[:, self.max_len:] = offsets <= 2 * k[:, None]
+    supervised[:, region:] = offsets <= 2 * k[:, None]
     targets = np.zeros((m, t), np.int32)
     targets[:, :-1] = np.where(supervised[:, :-1], inputs[:, 1:], 0)
     return {"inputs": inputs, "targets": targets, "loss_mask": supervised.astype(np.float32),
@@ -571,6 +594,13 @@ class GsmSymbolic(Task):
   2 max_op + 2 tokens; seq_len = max_len + 2 max_op + 2); min_op: training draws op uniformly
   in [min_op, max_op]; eval_ops: one eval set "op<k>" per k (each k <= max_op);
   question_first, padding: see `GsmSymbolicTask`. Presets: `PRESETS`.
+  curriculum: training stages, a tuple of (until, min_len, max_len, max_op), `until`
+    increasing: training example i of a seed's stream (step s holds s * batch_size ..
+    (s + 1) * batch_size - 1) with i < until (and past the stage before) is drawn with that
+    stage's length range and op range [min_op, max_op] and laid out in the task's layout
+    (seq_len, padding and the answer's place do not change, so neither does the window
+    schedule); past the last stage, the task's own fields. Every stage's max_len and max_op are
+    at most the task's. Eval sets ignore it. () (the default): no curriculum.
   """
 
   name = "gsm_symbolic"
@@ -584,6 +614,7 @@ class GsmSymbolic(Task):
   eval_ops: tuple[int, ...] = EVAL_OPS
   question_first: bool = True
   padding: str = "left"
+  curriculum: tuple[tuple[int, int, int, int], ...] = ()
 
   def __post_init__(self):
     ops = self.eval_ops
@@ -598,6 +629,35 @@ class GsmSymbolic(Task):
       raise ValueError(f"config.task.{e}") from None
     if len(set(self.eval_ops)) != len(self.eval_ops):
       raise ValueError(f"config.task.eval_ops must not repeat an op count, got {self.eval_ops}")
+    object.__setattr__(self, "curriculum", self._check_curriculum(self.curriculum))
+
+  def _check_curriculum(self, stages) -> tuple[tuple[int, int, int, int], ...]:
+    where = "config.task.curriculum"
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+      raise ValueError(f"{where} must be a list of (until, min_len, max_len, max_op) stages, "
+                       f"got {stages!r}")
+    out, last = [], 0
+    for k, stage in enumerate(stages):
+      if isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence) or len(stage) != 4:
+        raise ValueError(f"{where}[{k}] must be (until, min_len, max_len, max_op), got {stage!r}")
+      try:
+        until = check_int("until", stage[0], last + 1)
+        min_len, max_len, max_op = (int(check_int(n, v, 1)) for n, v in
+                                    zip(("min_len", "max_len", "max_op"), stage[1:], strict=True))
+        check_int("max_len", max_len, 1, self.max_len)
+        check_int("max_op", max_op, 1, self.max_op)
+        self._stage_generator((until, min_len, max_len, max_op), seed=0)
+      except ValueError as e:
+        raise ValueError(f"{where}[{k}]: {e}") from None
+      out.append((int(until), min_len, max_len, max_op))
+      last = until
+    return tuple(out)
+
+  def _stage_generator(self, stage, seed: int) -> GsmSymbolicTask:
+    _, min_len, max_len, max_op = stage
+    return GsmSymbolicTask(seed=seed, split="train", min_len=min_len, max_len=max_len,
+                           min_op=self.min_op, max_op=max_op, question_first=self.question_first,
+                           padding=self.padding, layout_len=self.max_len, layout_op=self.max_op)
 
   def _generator(self, split: str, seed: int | None = None, op: int | None = None):
     return GsmSymbolicTask(seed=self.seed if seed is None else seed, split=split, op=op,
@@ -610,8 +670,25 @@ class GsmSymbolic(Task):
     return self._generator("train").seq_len
 
   def train_examples(self, data_seed: int, indices) -> dict[str, np.ndarray]:
-    batch = self._generator("train", seed=self.seed + data_seed).batch(indices)
-    return {k: batch[k] for k in BATCH_KEYS}
+    seed = self.seed + data_seed
+    if not self.curriculum:
+      batch = self._generator("train", seed=seed).batch(indices)
+      return {k: batch[k] for k in BATCH_KEYS}
+    indices = np.asarray(indices, np.uint64).reshape(-1)
+    bounds = np.array([s[0] for s in self.curriculum], np.uint64)
+    stage = np.searchsorted(bounds, indices, side="right")     # len(bounds): past the last
+    out = None
+    for k in np.unique(stage):
+      gen = (self._generator("train", seed=seed) if k == len(bounds)
+             else self._stage_generator(self.curriculum[k], seed))
+      rows = np.flatnonzero(stage == k)
+      part = gen.batch(indices[rows])
+      if out is None:
+        out = {key: np.zeros((len(indices), *part[key].shape[1:]), part[key].dtype)
+               for key in BATCH_KEYS}
+      for key in BATCH_KEYS:
+        out[key][rows] = part[key]
+    return out
 
   def eval_set_names(self) -> tuple[str, ...]:
     return tuple(f"op{k}" for k in self.eval_ops)
