@@ -121,11 +121,38 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   sliding = config.eviction == "sliding"
   retained = length - 1 if sliding else 0
 
+  # The looped block range (`ModelConfig.loop_layers`): spans of layers, None where empty; the
+  # range is None (the whole stack, `window_pass`'s default) when it is every layer, so that
+  # the program is the plain one.
+  first, last = config.loop_span
+  prelude = (0, first) if first > 0 else None
+  looped = (first, last) if config.partial_loop else None
+  coda = (last, len(config.layers)) if last < len(config.layers) else None
+
   def context(start):
     return window_context(start, length, retained=retained, sliding=sliding, total=t)
 
-  def one_pass(ctx, prefix, h, states):
-    return window_pass(config, params, ctx, prefix if sliding else None, h, states)
+  def segment(ctx, prefix, span):
+    """One pass of the layers of `span` over a window, wrapped in the remat policy:
+    (h, states) -> (h, states, the span's attention layers' own keys/values)."""
+    def one_pass(h, states):
+      return window_pass(config, params, ctx, prefix if sliding else None, h, states, span=span)
+    return _remat(one_pass, config.remat)
+
+  def run_window(ctx, prefix, h, states, replay):
+    """Prelude once, the range's wake pass, `replay(pass_fn, carry)` (its passes 2..N), coda
+    once; (h, states, every attention layer's own keys/values from the pass that ran it last)."""
+    kvs = ()
+    if prelude is not None:
+      h, states, kv = segment(ctx, prefix, prelude)(h, states)
+      kvs += kv
+    pass_fn = segment(ctx, prefix, looped)
+    h, states, kv = replay(pass_fn, pass_fn(h, states))
+    kvs += kv
+    if coda is not None:
+      h, states, kv = segment(ctx, prefix, coda)(h, states)
+      kvs += kv
+    return h, states, kvs
 
   def evict(prefix, kvs):
     return retain(prefix, kvs, retained) if sliding else prefix
@@ -133,24 +160,28 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   def traced_window(carry, xs):
     states, prefix = carry
     h, sleep, start = xs
-    pass_fn = _remat(functools.partial(one_pass, context(start), prefix), config.remat)
-    carry = pass_fn(h, states)
-    if config.passes > 1:
-      def replay(carry, _):
-        return jax.lax.cond(sleep, lambda c: pass_fn(c[0], c[1]), lambda c: c, carry), None
-      carry, _ = jax.lax.scan(replay, carry, None, length=config.passes - 1)
-    h, states, kvs = carry
+
+    def replay(pass_fn, carry):
+      if config.passes > 1:
+        def one(carry, _):
+          return jax.lax.cond(sleep, lambda c: pass_fn(c[0], c[1]), lambda c: c, carry), None
+        carry, _ = jax.lax.scan(one, carry, None, length=config.passes - 1)
+      return carry
+
+    h, states, kvs = run_window(context(start), prefix, h, states, replay)
     return (states, evict(prefix, kvs)), h
 
   def static_window(passes, carry, xs):
     states, prefix = carry
     h, start = xs
-    pass_fn = _remat(functools.partial(one_pass, context(start), prefix), config.remat)
-    carry = pass_fn(h, states)
-    if passes > 1:
-      carry, _ = jax.lax.scan(lambda c, _: (pass_fn(c[0], c[1]), None), carry, None,
-                              length=passes - 1, unroll=config.unroll)
-    h, states, kvs = carry
+
+    def replay(pass_fn, carry):
+      if passes > 1:
+        carry, _ = jax.lax.scan(lambda c, _: (pass_fn(c[0], c[1]), None), carry, None,
+                                length=passes - 1, unroll=config.unroll)
+      return carry
+
+    h, states, kvs = run_window(context(start), prefix, h, states, replay)
     return (states, evict(prefix, kvs)), h
 
   prefix = ()
