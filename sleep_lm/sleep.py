@@ -20,6 +20,12 @@ Two ways to know which windows sleep, computing the same function (tested agains
   per replay pass, not one between "1 pass" and "N passes": under autodiff a cond keeps the
   residuals of both branches, and the identity branch has none, so memory stays at N passes.
 
+Looped block range (`ModelConfig.loop_layers` = (a, b); None: the whole stack): a window with
+p passes (N or 1) runs layers [0, a) once, [a, b) p times (the replay passes above apply to the
+range only), then [b, L) once on the range's final output; each segment is one `window_pass`
+over a layer span, the GDN states chained through them. With the whole stack the prelude and
+coda are empty and the program is the plain one.
+
 Gradients reach an earlier window only through S (and, for the sliding variant, the retained
 K/V). Each pass is wrapped in `jax.checkpoint` with the configured policy; `config.unroll`
 unrolls the static scans (a straight-line program: no loop carries to copy, longer compiles).

@@ -211,3 +211,12 @@ def test_decoding_refuses_a_partial_range(params):
   # The whole stack, or N = 1 (nothing sleeps, so the range changes nothing), decode.
   decoding.cache_layout(config(loop_layers=(0, 4), passes=2))
   decoding.cache_layout(config(loop_layers=(1, 3), passes=1))
+
+
+def test_retrofit_keeps_the_whole_stack_and_refuses_a_partial_range():
+  from sleep_lm.errors import UserError
+  from sleep_lm.retrofit import inserted_config
+  assert inserted_config(config(), (1,)).loop_layers is None
+  assert inserted_config(config(loop_layers=(0, 4)), (1,)).loop_layers == (0, 5)
+  with pytest.raises(UserError, match=r"config\.model\.loop_layers"):
+    inserted_config(config(loop_layers=(1, 3)), (1,))
