@@ -110,7 +110,9 @@ def _oracle(cfg: ModelConfig, sleeps, params, tokens):
   return logits, tuple(states[i] for i in sorted(states))
 
 
-CASES = [(span, passes, eviction)
+# N = 3 cases compile longest (~15-20 s each on a loaded 2-core CPU): `pytest -m slow`.
+CASES = [pytest.param(span, passes, eviction,
+                      marks=[pytest.mark.slow] if passes == 3 else [])
          for span in [(1, 3), (0, 2), (2, 4)]
          for passes in (2, 3)
          for eviction in ("hard", "sliding")] + [((1, 3), 1, "hard"), ((1, 3), 1, "sliding")]
