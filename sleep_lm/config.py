@@ -62,6 +62,12 @@ class ModelConfig:
       `head` parameter); False: a `head` matrix of its own.
     mlp_layers: per layer, whether it has its SwiGLU MLP (and the MLP's norm); None: every layer
       does. A layer without one is norm + mixer + residual only (the paper's inserted Jet layers).
+    loop_layers: the block range [a, b) that a consolidation window loops (Jet-Nemotron's middle
+      blocks): such a window runs layers [0, a) once (the prelude), [a, b) N times, each pass
+      feeding its output to the next (the first is the range's wake pass), then [b, len(layers))
+      once (the coda) on the range's final output; a window that does not sleep runs every layer
+      once. None: the whole stack (a = 0, b = len(layers)). Training and evaluation (the sleep
+      scan) only: decoding refuses a partial range with N > 1 (docs/pretrained.md).
     kernel_implementation: name passed to `kernels.gated_delta_rule(implementation=...)`, or
       None for the backend's best.
     chunk_size: largest chunk for the chunked op; shorter windows use the smallest allowed
@@ -90,6 +96,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   mlp_layers: tuple[bool, ...] | None = None
+  loop_layers: tuple[int, int] | None = None
   kernel_implementation: str | None = None
   chunk_size: int = 64
   attention_implementation: str | None = None
@@ -99,6 +106,8 @@ class ModelConfig:
     object.__setattr__(self, "layers", tuple(self.layers))
     if isinstance(self.mlp_layers, (list, tuple)):
       object.__setattr__(self, "mlp_layers", tuple(self.mlp_layers))
+    if isinstance(self.loop_layers, list):     # from config.json
+      object.__setattr__(self, "loop_layers", tuple(self.loop_layers))
 
     def expect(cond, field, message):
       if not cond:
@@ -141,6 +150,13 @@ class ModelConfig:
         and all(isinstance(x, bool) for x in self.mlp_layers)), "mlp_layers",
         f"must be None (every layer has an MLP) or one True/False per layer ({len(self.layers)} "
         f"layers), got {self.mlp_layers!r}")
+    n = len(self.layers)
+    expect(self.loop_layers is None or (
+        isinstance(self.loop_layers, tuple) and len(self.loop_layers) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in self.loop_layers)
+        and 0 <= self.loop_layers[0] < self.loop_layers[1] <= n), "loop_layers",
+        f"must be None (the whole stack) or a pair (a, b) of layer indices with "
+        f"0 <= a < b <= {n} (the model's layers), got {self.loop_layers!r}")
     expect(self.gdn_head_dim <= MAX_HEAD_DIM, "gdn_head_dim",
            f"must be <= {MAX_HEAD_DIM}, got {self.gdn_head_dim}")
     expect(self.mlp_dim is None or (isinstance(self.mlp_dim, int) and self.mlp_dim >= 1),
@@ -178,6 +194,16 @@ class ModelConfig:
   def has_mlp(self, index: int) -> bool:
     """Whether layer `index` has its SwiGLU MLP."""
     return self.mlp_layers is None or self.mlp_layers[index]
+
+  @property
+  def loop_span(self) -> tuple[int, int]:
+    """(a, b): the layers [a, b) a consolidation window loops N times (`loop_layers`)."""
+    return self.loop_layers if self.loop_layers is not None else (0, len(self.layers))
+
+  @property
+  def partial_loop(self) -> bool:
+    """Whether sleep loops less than the whole stack (a prelude or a coda runs once)."""
+    return self.loop_span != (0, len(self.layers))
 
   @property
   def num_gdn_heads(self) -> int:

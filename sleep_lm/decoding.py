@@ -85,8 +85,26 @@ class CacheLayout:
     return self.retained + self.window
 
 
+def check_decodable(config: ModelConfig) -> None:
+  """Refuses a looped block range smaller than the stack (`ModelConfig.loop_layers`) with N > 1.
+
+  Not implemented: a stream would have to keep the range's output features (not the final
+  ones) for the sleep, and re-run the coda after the sleep from a snapshot of its GDN states at
+  the window's start (docs/pretrained.md, "The looped block range"). With N = 1 nothing sleeps
+  and the range changes nothing."""
+  if config.partial_loop and config.passes > 1:
+    raise ValueError(
+        f"config.model.loop_layers: decoding a partial loop range is not implemented "
+        f"(loop_layers={config.loop_layers!r} of {len(config.layers)} layers, N = "
+        f"{config.passes}); only training and evaluation (the sleep scan) loop part of the "
+        f"stack. Use loop_layers=None (the whole stack) or N = 1 to decode.")
+
+
 def cache_layout(config: ModelConfig, capacity: int | None = None) -> CacheLayout:
-  """The layout of `config`'s streams; eviction "none" needs the capacity (max tokens)."""
+  """The layout of `config`'s streams; eviction "none" needs the capacity (max tokens).
+  Every decoding function takes one, so this is where a config decoding cannot serve is
+  refused (`check_decodable`)."""
+  check_decodable(config)
   if config.eviction == "none":
     if capacity is None or capacity < 1:
       raise ValueError(f"eviction='none' keeps every key: give the capacity (max tokens of a "

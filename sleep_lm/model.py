@@ -64,15 +64,29 @@ def pass_caches(config: ModelConfig, states, prefix=None) -> tuple:
 
 
 def window_pass(config: ModelConfig, params, ctx: Context, prefix, h: Array, states,
-                layout: Layout = TRAIN) -> tuple[Array, tuple, tuple]:
+                layout: Layout = TRAIN, span: tuple[int, int] | None = None
+                ) -> tuple[Array, tuple, tuple]:
   """One pass of the layer stack over a window (a training pass, a replay pass, a prefill
   window): the GDN states and, for sliding eviction, the attention layers' retained prefix in;
-  (h, the GDN states after the window, the attention layers' own keys/values) out."""
+  (h, the GDN states after the window, the attention layers' own keys/values) out.
+
+  span: (a, b), only the layers [a, b) run (`HybridLM.run_pass`): the other GDN layers' states
+  come back unchanged, and only the attention layers inside the span are returned (in layer
+  order; `attn_in_span`). None: the whole stack."""
   model = HybridLM(config, layout)
   h, caches = model.apply({"params": params}, h, pass_caches(config, states, prefix), ctx,
-                          method=HybridLM.run_pass)
+                          method=HybridLM.run_pass, span=span)
   gdn, attn = split_caches(config, caches)
+  if span is not None:
+    attn = tuple(attn[j] for j in attn_in_span(config, span))
   return h, tuple(c.state for c in gdn), attn
+
+
+def attn_in_span(config: ModelConfig, span: tuple[int, int]) -> tuple[int, ...]:
+  """The indices (among the attention layers, in layer order) of the attention layers in the
+  layers [a, b)."""
+  indices = [i for i, kind in enumerate(config.layers) if kind == "attn"]
+  return tuple(j for j, i in enumerate(indices) if span[0] <= i < span[1])
 
 
 class HybridLM(nn.Module):
@@ -105,16 +119,23 @@ class HybridLM(nn.Module):
     table = nn.with_logical_constraint(self.embedding.embedding, ("vocab", None))
     return nn.with_logical_constraint(jnp.take(table, tokens, axis=0), ACTIVATION)
 
-  def run_pass(self, h: Array, caches: tuple, ctx: Context) -> tuple[Array, tuple]:
+  def run_pass(self, h: Array, caches: tuple, ctx: Context,
+               span: tuple[int, int] | None = None) -> tuple[Array, tuple]:
     """Every layer once over h [B,T,D]; caches: one per layer (`GDNCache` for a GDN layer,
     `AttentionCache` or None for an attention layer). Returns the new h and the layers' new
-    caches (GDN: the state after the tokens; attention: see `layers.Attention`)."""
+    caches (GDN: the state after the tokens; attention: see `layers.Attention`).
+
+    span: (a, b), run only the layers [a, b) (a segment of a looped block range,
+    `ModelConfig.loop_layers`); the other layers' caches come back as they went in. None: all."""
+    if len(caches) != len(self.blocks):
+      raise ValueError(f"run_pass: needs one cache per layer ({len(self.blocks)}), got "
+                       f"{len(caches)}")
+    start, stop = (0, len(self.blocks)) if span is None else span
     h = nn.with_logical_constraint(h, ACTIVATION)     # block boundaries: see sleep_lm.sharding
-    new = []
-    for block, cache in zip(self.blocks, caches, strict=True):
-      h, cache = block(h, ctx, cache)
+    new = list(caches)
+    for i in range(start, stop):
+      h, new[i] = self.blocks[i](h, ctx, caches[i])
       h = nn.with_logical_constraint(h, ACTIVATION)
-      new.append(cache)
     return h, tuple(new)
 
   def logits(self, h: Array) -> Array:
@@ -165,5 +186,6 @@ class _Head:
   PROJECTIONS = {"head": ("head",)}
 
 
-__all__ = ["AttentionCache", "Context", "GDNCache", "HybridLM", "convert_params", "init_params",
-           "join_caches", "pass_caches", "split_caches", "window_pass", "zero_states"]
+__all__ = ["AttentionCache", "Context", "GDNCache", "HybridLM", "attn_in_span", "convert_params",
+           "init_params", "join_caches", "pass_caches", "split_caches", "window_pass",
+           "zero_states"]

@@ -48,7 +48,12 @@ def inserted_config(config: ModelConfig, positions: Sequence[int]) -> ModelConfi
     kind, mlp = ("gdn", False) if j in positions else next(old)
     layers.append(kind)
     mlps.append(mlp)
-  return dataclasses.replace(config, layers=tuple(layers),
+  if config.partial_loop:    # where an inserted layer at a boundary goes is the user's choice
+    raise UserError(f"config.model.loop_layers: inserting layers into a model that loops part "
+                    f"of its stack ({config.loop_layers}) is not supported; insert first, then "
+                    f"set the range of the new stack")
+  loop = None if config.loop_layers is None else (0, total)
+  return dataclasses.replace(config, layers=tuple(layers), loop_layers=loop,
                              mlp_layers=None if all(mlps) else tuple(mlps))
 
 

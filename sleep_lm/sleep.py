@@ -20,6 +20,12 @@ Two ways to know which windows sleep, computing the same function (tested agains
   per replay pass, not one between "1 pass" and "N passes": under autodiff a cond keeps the
   residuals of both branches, and the identity branch has none, so memory stays at N passes.
 
+Looped block range (`ModelConfig.loop_layers` = (a, b); None: the whole stack): a window with
+p passes (N or 1) runs layers [0, a) once, [a, b) p times (the replay passes above apply to the
+range only), then [b, L) once on the range's final output; each segment is one `window_pass`
+over a layer span, the GDN states chained through them. With the whole stack the prelude and
+coda are empty and the program is the plain one.
+
 Gradients reach an earlier window only through S (and, for the sliding variant, the retained
 K/V). Each pass is wrapped in `jax.checkpoint` with the configured policy; `config.unroll`
 unrolls the static scans (a straight-line program: no loop carries to copy, longer compiles).
@@ -121,11 +127,38 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   sliding = config.eviction == "sliding"
   retained = length - 1 if sliding else 0
 
+  # The looped block range (`ModelConfig.loop_layers`): spans of layers, None where empty; the
+  # range is None (the whole stack, `window_pass`'s default) when it is every layer, so that
+  # the program is the plain one.
+  first, last = config.loop_span
+  prelude = (0, first) if first > 0 else None
+  looped = (first, last) if config.partial_loop else None
+  coda = (last, len(config.layers)) if last < len(config.layers) else None
+
   def context(start):
     return window_context(start, length, retained=retained, sliding=sliding, total=t)
 
-  def one_pass(ctx, prefix, h, states):
-    return window_pass(config, params, ctx, prefix if sliding else None, h, states)
+  def segment(ctx, prefix, span):
+    """One pass of the layers of `span` over a window, wrapped in the remat policy:
+    (h, states) -> (h, states, the span's attention layers' own keys/values)."""
+    def one_pass(h, states):
+      return window_pass(config, params, ctx, prefix if sliding else None, h, states, span=span)
+    return _remat(one_pass, config.remat)
+
+  def run_window(ctx, prefix, h, states, replay):
+    """Prelude once, the range's wake pass, `replay(pass_fn, carry)` (its passes 2..N), coda
+    once; (h, states, every attention layer's own keys/values from the pass that ran it last)."""
+    kvs = ()
+    if prelude is not None:
+      h, states, kv = segment(ctx, prefix, prelude)(h, states)
+      kvs += kv
+    pass_fn = segment(ctx, prefix, looped)
+    h, states, kv = replay(pass_fn, pass_fn(h, states))
+    kvs += kv
+    if coda is not None:
+      h, states, kv = segment(ctx, prefix, coda)(h, states)
+      kvs += kv
+    return h, states, kvs
 
   def evict(prefix, kvs):
     return retain(prefix, kvs, retained) if sliding else prefix
@@ -133,24 +166,28 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   def traced_window(carry, xs):
     states, prefix = carry
     h, sleep, start = xs
-    pass_fn = _remat(functools.partial(one_pass, context(start), prefix), config.remat)
-    carry = pass_fn(h, states)
-    if config.passes > 1:
-      def replay(carry, _):
-        return jax.lax.cond(sleep, lambda c: pass_fn(c[0], c[1]), lambda c: c, carry), None
-      carry, _ = jax.lax.scan(replay, carry, None, length=config.passes - 1)
-    h, states, kvs = carry
+
+    def replay(pass_fn, carry):
+      if config.passes > 1:
+        def one(carry, _):
+          return jax.lax.cond(sleep, lambda c: pass_fn(c[0], c[1]), lambda c: c, carry), None
+        carry, _ = jax.lax.scan(one, carry, None, length=config.passes - 1)
+      return carry
+
+    h, states, kvs = run_window(context(start), prefix, h, states, replay)
     return (states, evict(prefix, kvs)), h
 
   def static_window(passes, carry, xs):
     states, prefix = carry
     h, start = xs
-    pass_fn = _remat(functools.partial(one_pass, context(start), prefix), config.remat)
-    carry = pass_fn(h, states)
-    if passes > 1:
-      carry, _ = jax.lax.scan(lambda c, _: (pass_fn(c[0], c[1]), None), carry, None,
-                              length=passes - 1, unroll=config.unroll)
-    h, states, kvs = carry
+
+    def replay(pass_fn, carry):
+      if passes > 1:
+        carry, _ = jax.lax.scan(lambda c, _: (pass_fn(c[0], c[1]), None), carry, None,
+                                length=passes - 1, unroll=config.unroll)
+      return carry
+
+    h, states, kvs = run_window(context(start), prefix, h, states, replay)
     return (states, evict(prefix, kvs)), h
 
   prefix = ()
