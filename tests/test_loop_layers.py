@@ -110,12 +110,16 @@ def _oracle(cfg: ModelConfig, sleeps, params, tokens):
   return logits, tuple(states[i] for i in sorted(states))
 
 
-# N = 3 cases compile longest (~15-20 s each on a loaded 2-core CPU): `pytest -m slow`.
+# Each case compiles for 10-20 s on a loaded 2-core CPU: two in the default suite (a partial
+# range inside the stack with sliding eviction, a range at the start with hard eviction), every
+# other one under `pytest -m slow`.
+DEFAULT_CASES = {((1, 3), 2, "sliding"), ((0, 2), 2, "hard")}
 CASES = [pytest.param(span, passes, eviction,
-                      marks=[pytest.mark.slow] if passes == 3 else [])
+                      marks=[] if (span, passes, eviction) in DEFAULT_CASES else [pytest.mark.slow])
          for span in [(1, 3), (0, 2), (2, 4)]
          for passes in (2, 3)
-         for eviction in ("hard", "sliding")] + [((1, 3), 1, "hard"), ((1, 3), 1, "sliding")]
+         for eviction in ("hard", "sliding")] + [
+  pytest.param((1, 3), 1, eviction, marks=[pytest.mark.slow]) for eviction in ("hard", "sliding")]
 
 
 @pytest.mark.parametrize(("span", "passes", "eviction"), CASES)
@@ -140,7 +144,7 @@ def test_the_range_matters(params):
   assert rel_rms(part, whole) > 1e-3
 
 
-@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("eviction", ["hard", pytest.param("sliding", marks=pytest.mark.slow)])
 def test_whole_stack_is_todays_program(params, eviction):
   """loop_layers=None and (0, len(layers)): the same program (jaxpr) and the same output, and
   the oracle agrees."""
@@ -157,6 +161,7 @@ def test_whole_stack_is_todays_program(params, eviction):
     assert rel_rms(a, want_logits) < 1e-5
 
 
+@pytest.mark.slow      # ~35 s of compiling on a loaded 2-core CPU
 def test_gradients_match_the_oracle(params):
   cfg = config(loop_layers=(1, 3), passes=2, eviction="sliding", remat="full")
   tokens, mask = data(t=2 * L)                              # (sleep, wake): short to compile
