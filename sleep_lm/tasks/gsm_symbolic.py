@@ -577,6 +577,13 @@ def problem_floors(problems: Sequence[Problem]) -> dict[str, float]:
   return out
 
 
+def subset_chance(op: int) -> dict[str, float]:
+  """The chance of a guesser that knows the op derivable variables and names a uniform
+  non-empty subset of them: 1 / (2^op - 1) (the eval sets' "chance")."""
+  p = 1.0 / (2 ** op - 1)
+  return {"exact_accuracy": p, "answer_accuracy": p}
+
+
 def statements_per_token(length: int) -> dict[str, float]:
   """Expected statements in a problem of `length` tokens: ours and the original's law."""
   return {"ours": (length - QUESTION_LEN) / TOKENS_PER_STATEMENT,
@@ -706,10 +713,8 @@ class GsmSymbolic(Task):
             f"{self.padding}_s{self.seed}")
 
   def chance(self, name: str) -> dict[str, float]:
-    """A guesser that knows the derivable variables and names a uniform non-empty subset."""
     self._check_eval_name(name)
-    p = 1.0 / (2 ** int(name[2:]) - 1)
-    return {"exact_accuracy": p, "answer_accuracy": p}
+    return subset_chance(int(name[2:]))
 
   def set_floors(self, name: str, batch: dict[str, np.ndarray]) -> dict[str, float]:
     self._check_eval_name(name)
