@@ -692,6 +692,9 @@ def main(argv=None) -> dict:
                      ("prefill_evictions", str), ("layouts", str), ("loops", str)):
     setattr(args, name, _list(kind)(getattr(args, name)))
   args.xla_flag_sets = [f for f in (args.xla_flag_sets or "").split(";") if f.strip()]
+  stray = sorted(set(args.throughput_contexts) - set(args.contexts))
+  if stray:
+    parser.error(f"--throughput_contexts: {stray} not in --contexts {args.contexts}")
   unknown = sorted(set(args.sizes) - set(SIZES))
   if unknown:
     parser.error(f"--sizes: unknown {unknown}; allowed: {sorted(SIZES)}")

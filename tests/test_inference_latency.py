@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments import inference_latency
 
 
@@ -33,3 +35,9 @@ def test_quick_benchmark_writes_json_and_plot(tmp_path):
   assert cache[1] > cache[0] > hybrid["state_bytes"]     # the full cache grows with the context
   assert set(tiny["comparison"]) == {"N1_hard"}
   assert "crossover" in tiny["comparison"]["N1_hard"]["xla"]
+
+
+def test_throughput_contexts_outside_the_contexts_are_refused(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    inference_latency.main(["--quick", "--out", str(tmp_path), "--throughput_contexts", "999"])
+  assert "--throughput_contexts: [999] not in --contexts" in capsys.readouterr().err
