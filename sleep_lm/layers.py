@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+import kernels.gemv
 from sleep_lm import sharding
 from sleep_lm.config import ModelConfig
 
@@ -58,10 +59,14 @@ class Layout:
     (a row reduction) instead of down the columns.
   pad_single_row: a product with one row is computed on two (the second zeros), which XLA keeps
     a matrix multiplication (cuBLAS) instead of a reduce.
+  gemv: with transposed, a product with one row runs `kernels.gemv.gemv` (a Pallas kernel that
+    streams the [out, in] matrix near bandwidth; XLA's multiply + reduce reads some shapes at a
+    third of it, docs/kernels.md). Interpreted off a GPU.
   """
   fused: bool = False
   transposed: bool = False
   pad_single_row: bool = False
+  gemv: bool = False
 
 
 TRAIN = Layout()
@@ -71,6 +76,7 @@ LAYOUTS: Mapping[str, Layout] = {
     "rows": Layout(fused=True, transposed=True),
     "cols": Layout(fused=True),
     "gemm": Layout(fused=True, transposed=True, pad_single_row=True),
+    "gemv": Layout(fused=True, transposed=True, gemv=True),
 }
 
 
@@ -145,8 +151,11 @@ class Linear(nn.Module):
     pad = lay.pad_single_row and math.prod(lead) == 1
     if pad:
       x = jnp.concatenate([x.reshape(1, d), jnp.zeros((1, d), x.dtype)])
-    dims = (((x.ndim - 1,), (1 if lay.transposed else 0,)), ((), ()))
-    y = jax.lax.dot_general(x, w, dims)
+    if lay.gemv and lay.transposed and math.prod(lead) == 1:
+      y = kernels.gemv.gemv(x.reshape(d), w).reshape(*lead, self.features)
+    else:
+      dims = (((x.ndim - 1,), (1 if lay.transposed else 0,)), ((), ()))
+      y = jax.lax.dot_general(x, w, dims)
     if pad:
       y = y[:1].reshape(*lead, self.features)
     if self.use_bias:
