@@ -66,6 +66,15 @@ def default_blocks(n: int, k: int) -> tuple[int, int]:
   return bn, bk
 
 
+def resolve_blocks(n: int, k: int, block_rows: int | None = None, block_k: int | None = None
+                   ) -> tuple[int, int]:
+  """The (BN, BK) that `gemv` runs: the given ones, else `default_blocks`, clamped to the
+  largest powers of two <= n and <= k (a block larger than the matrix would leave the whole
+  product to the jnp remainder path)."""
+  bn, bk = default_blocks(n, k)
+  return min(block_rows or bn, _pow2_floor(n)), min(block_k or bk, _pow2_floor(k))
+
+
 def _kernel(x_ref, w_ref, o_ref, *, block_rows, block_k, steps):
   row0 = pl.program_id(0) * block_rows
 
@@ -139,7 +148,8 @@ def gemv(x: jax.Array, w: jax.Array, *, interpret: bool | None = None,
   pass equal dtypes, or the cast is a copy of w at every call.
 
   interpret: run the kernel in Pallas' interpreter; None: unless JAX's default backend is a GPU.
-  block_rows, block_k: the [BN, BK] tile (powers of two); None: `default_blocks`.
+  block_rows, block_k: the [BN, BK] tile (powers of two, clamped to the matrix:
+    `resolve_blocks`); None: `default_blocks`.
   num_warps, num_stages: Triton launch settings (ignored when interpreted); None: 4 warps (8
     when the tile has 8192 elements or more), 3 stages.
   """
@@ -156,8 +166,7 @@ def gemv(x: jax.Array, w: jax.Array, *, interpret: bool | None = None,
     if value is not None and (not isinstance(value, int) or value < 1):
       raise ValueError(f"{name}: must be a positive int, got {value!r}")
   n, k = w.shape
-  bn, bk = default_blocks(n, k)
-  bn, bk = block_rows or bn, block_k or bk
+  bn, bk = resolve_blocks(n, k, block_rows, block_k)
   if num_warps is None:
     num_warps = 8 if bn * bk >= _MAX_TILE else 4
   if interpret is None:

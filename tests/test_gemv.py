@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.gemv import default_blocks, gemv
+from kernels.gemv import default_blocks, gemv, resolve_blocks
 
 
 def _inputs(n, k, dtype, seed):
@@ -37,7 +37,8 @@ def _rel_rms(got, want):
 SMALL = [(64, 128, 16, 32),       # 4 programs x 4 K steps, no remainder
          (37, 300, 8, 64),        # 32 rows + 5 in jnp; 256 columns + 44 in jnp
          (37, 300, None, None),   # default blocks (1, 256): 37 programs, a column remainder
-         (5, 8, 8, 16)]           # smaller than one block: all jnp
+         (5, 8, 8, 16),           # blocks clamped to (4, 8): one program, a row remainder
+         (3, 5, None, None)]      # default blocks (1, 4): three programs, a column remainder
 BIG = [(1024, 1024), (3072, 1024), (1024, 4096)]
 
 
@@ -93,6 +94,9 @@ def test_default_blocks():
   assert default_blocks(32000, 1024) == (64, 128)
   assert default_blocks(37, 300) == (1, 256)
   assert default_blocks(5, 8) == (1, 16)
+  assert resolve_blocks(5, 8) == (1, 8)                       # clamped to the matrix
+  assert resolve_blocks(1024, 1024, 64, 4096) == (64, 1024)
+  assert resolve_blocks(1024, 4096, None, 2048) == (2, 2048)
 
 
 def test_refuses_bad_arguments():
