@@ -55,8 +55,8 @@ def decode_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 QUICK_SHAPES = {"tiny_a": (40, 48), "tiny_b": (64, 128)}
 
 # (block_rows, block_k, num_warps, num_stages); 0 = the kernel's default.
-DEFAULT_SETTINGS = ["0,0,4,3", "0,0,8,3", "0,256,4,3", "0,1024,8,3", "0,1024,8,4", "0,2048,8,3",
-                    "4,512,4,3", "8,512,4,3", "32,128,4,3", "0,0,4,4"]
+DEFAULT_SETTINGS = ["0,0,0,0", "0,0,4,3", "0,0,8,1", "0,512,4,3", "0,2048,8,3", "1,1024,8,3",
+                    "4,1024,8,3", "16,512,4,3", "64,128,4,3", "0,0,8,4"]
 
 
 def parse_setting(text: str) -> dict:
