@@ -62,11 +62,16 @@ class Layout:
   gemv: with transposed, a product with one row runs `kernels.gemv.gemv` (a Pallas kernel that
     streams the [out, in] matrix near bandwidth; XLA's multiply + reduce reads some shapes at a
     third of it, docs/kernels.md). Interpreted off a GPU.
+  barrier_inputs: each product's input also passes `jax.lax.optimization_barrier`, so XLA
+    cannot fuse the ops that make it (norm, cast, gating) into the product's multiply + reduce,
+    where they would be recomputed for every output row (the profile of the rows layout shows
+    some batch-1 products at a third of their stand-alone speed; docs/inference.md).
   """
   fused: bool = False
   transposed: bool = False
   pad_single_row: bool = False
   gemv: bool = False
+  barrier_inputs: bool = False
 
 
 TRAIN = Layout()
@@ -77,6 +82,7 @@ LAYOUTS: Mapping[str, Layout] = {
     "cols": Layout(fused=True),
     "gemm": Layout(fused=True, transposed=True, pad_single_row=True),
     "gemv": Layout(fused=True, transposed=True, gemv=True),  # slower than "rows" per product (H200)
+    "rows_xbar": Layout(fused=True, transposed=True, barrier_inputs=True),
 }
 
 
@@ -147,6 +153,8 @@ class Linear(nn.Module):
       w = self.param("kernel", P(nn.initializers.lecun_normal(), self.axes),
                      (d, self.features), f32)
     x, w = x.astype(self.dtype), w.astype(self.dtype)
+    if lay.barrier_inputs:
+      x = jax.lax.optimization_barrier(x)
     lead = x.shape[:-1]
     pad = lay.pad_single_row and math.prod(lead) == 1
     if pad:

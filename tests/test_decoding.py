@@ -106,12 +106,12 @@ def test_argument_count_of_the_decode_loop(params):
       9 + 18 + 3)
 
 
-@pytest.mark.parametrize("layout", ["cols", "gemm", "gemv",
+@pytest.mark.parametrize("layout", ["cols", "gemm", "gemv", "rows_xbar",
                                     pytest.param("train", marks=pytest.mark.slow)])
 def test_every_layout_computes_the_training_forward(params, layout):
   """Batch 1, two single tokens (the shapes where the layouts differ: the gemm layout pads the
   row, the gemv layout runs the Pallas kernel (interpreted here), the fused ones barrier and
-  split) against the plain forward in the training layout."""
+  split, rows_xbar barriers the inputs too) against the plain forward in the training layout."""
   cfg = small_config(passes=1)
   tokens = np.array([[3, 5]], np.int32)
   want = jax.jit(HybridLM(cfg).apply)({"params": params}, tokens)
@@ -122,6 +122,6 @@ def test_every_layout_computes_the_training_forward(params, layout):
   # The gemv layout's decode step runs the kernel for every product: 4 per layer and the head.
   kernels_run = str(loop_jaxpr(stream)).count("name=gemv")
   assert kernels_run == (4 * len(cfg.layers) + 1 if layout == "gemv" else 0), kernels_run
-  assert set(LAYOUTS) == {"train", "rows", "cols", "gemm", "gemv"}
+  assert set(LAYOUTS) == {"train", "rows", "cols", "gemm", "gemv", "rows_xbar"}
   with pytest.raises(ValueError, match="layout: must be one of"):
     Stream(cfg, params, 1, layout="columns")
