@@ -230,18 +230,21 @@ def worst_position_error(got, want) -> float:
   return float((np.linalg.norm(a - b, axis=(0, 2)) / np.linalg.norm(b, axis=(0, 2))).max())
 
 
-# Each case compiles the sleep scan and a stream's functions (~7 s on a loaded 2-core CPU, 1.5 s
+# Each case compiles the sleep scan and a stream's functions (~8 s on a loaded 2-core CPU, 1.5 s
 # more for the chunk): one in the default suite, the range whose coda has an attention and a GDN
 # layer, under sliding eviction (the coda's re-run gives both its states and its retained keys),
 # every other one under `pytest -m slow`. The slow ones feed a prompt that ends with a chunk.
 DECODE_DEFAULT = ((0, 2), 3, "sliding")
-DECODE_CASES = [pytest.param(span, passes, eviction, 2 * L if (span, passes, eviction)
-                             == DECODE_DEFAULT else 2 * L + 3,
-                             marks=[] if (span, passes, eviction) == DECODE_DEFAULT
-                             else [pytest.mark.slow])
-                for span in [(1, 3), (0, 2), (2, 4)]
-                for passes in (2, 3)
-                for eviction in ("hard", "sliding")]
+
+
+def decode_case(span, passes, eviction):
+  if (span, passes, eviction) == DECODE_DEFAULT:
+    return pytest.param(span, passes, eviction, 2 * L)
+  return pytest.param(span, passes, eviction, 2 * L + 3, marks=pytest.mark.slow)
+
+
+DECODE_CASES = [decode_case(span, passes, eviction) for span in [(1, 3), (0, 2), (2, 4)]
+                for passes in (2, 3) for eviction in ("hard", "sliding")]
 
 
 @pytest.mark.parametrize(("span", "passes", "eviction", "prompt_len"), DECODE_CASES)
@@ -274,8 +277,8 @@ def test_streams_decode_as_the_sleep_scan(params, monkeypatch, span, passes, evi
 
 
 def test_only_a_partial_range_that_sleeps_changes_the_decode_state(params):
-  """The whole stack, or N = 1: the decode state is that of loop_layers=None (today's: no coda
-  snapshot), and with N = 1 so are the wake and prefill programs (the sleep only evicts). A
+  """The whole stack, or N = 1: the decode state is that of loop_layers=None (the plain one: no
+  coda snapshot), and with N = 1 so are the wake and prefill programs (the sleep only evicts). A
   partial range with N > 1 adds the coda's GDN states, and its wake pass keeps the range's
   output (another program)."""
   tokens = jnp.zeros((2, 1), jnp.int32)
