@@ -66,8 +66,8 @@ class ModelConfig:
       blocks): such a window runs layers [0, a) once (the prelude), [a, b) N times, each pass
       feeding its output to the next (the first is the range's wake pass), then [b, len(layers))
       once (the coda) on the range's final output; a window that does not sleep runs every layer
-      once. None: the whole stack (a = 0, b = len(layers)). Training and evaluation (the sleep
-      scan) only: decoding refuses a partial range with N > 1 (docs/pretrained.md).
+      once. None: the whole stack (a = 0, b = len(layers)). Decoding streams compute the same
+      (`sleep_lm.decoding`: the sleep re-runs the coda from its states at the window's start).
     kernel_implementation: name passed to `kernels.gated_delta_rule(implementation=...)`, or
       None for the backend's best.
     chunk_size: largest chunk for the chunked op; shorter windows use the smallest allowed

@@ -10,11 +10,19 @@ What a stream does (the paper's inference, "Sleep, precisely"):
     as pass 1), each feeding its output features into the next and updating S, exactly as a
     consolidation window in training (`sleep_lm.model.window_pass`). The wake pass's features
     are kept in a buffer [B,L,D] while the window fills.
+  - a looped block range (`ModelConfig.loop_layers` = (a, b) smaller than the stack, N > 1): the
+    wake pass still runs every layer once (the logits come from there), but the buffer keeps the
+    range's output (layer b - 1's), and the state keeps the GDN states of the coda (layers
+    [b, len(layers))) as they were at the window's start. The sleep replays the range N-1 times
+    over the buffer, then restores those states and runs the coda once over the range's final
+    output, as a window that sleeps in training does (`sleep_lm.sleep`); the prelude (layers
+    [0, a)) ran once in the wake pass, as in training.
   - evict: hard eviction drops the window's keys/values (nothing to do: the attention mask is
     made from positions, so stale slots are never read); sliding eviction keeps the final pass's
     last L-1 keys/values. The GDN convolution restarts with the next window.
 Prefill of whole windows runs them through `window_pass` (N passes each, the wake pass's features
-giving the logits); the rest of a prompt goes through the wake pass as one chunk.
+giving the logits; with a partial range the wake pass's coda gives the logits and the sleep
+re-runs it as above); the rest of a prompt goes through the wake pass as one chunk.
 
 Cache layout per attention layer: keys and values [B, C, H, K] with C = L (hard), 2L-1 (sliding:
 slots [0, L-1) the retained prefix of the previous window, slots [L-1, 2L-1) the window) or the
@@ -40,8 +48,11 @@ from sleep_lm.config import ModelConfig
 from sleep_lm.layers import AttentionCache, Context, GDNCache, Layout
 from sleep_lm.model import (
   HybridLM,
+  attn_in_span,
   convert_params,
+  gdn_in_span,
   join_caches,
+  loop_segments,
   split_caches,
   window_pass,
   zero_states,
@@ -57,12 +68,18 @@ class DecodeState(NamedTuple):
   position: [] int32, tokens consumed so far (the streams advance in lockstep).
   caches: per layer, in layer order: `GDNCache(S [B,H,K,V] float32, conv [B,kernel-1,3*H*K])`
     or `AttentionCache(keys, values [B,C,G,K])` (G key/value heads) in the compute dtype.
-  hidden: [B,L,D] float32 wake-pass features of the current window, replayed at sleep (N > 1),
-    else None.
+  hidden: [B,L,D] float32 wake-pass output features of the looped range (the final features
+    with the whole stack) of the current window, replayed at sleep (N > 1), else None.
+  coda: the GDN states S [B,H,K,V] float32 of the coda's GDN layers (layers [b, len(layers))
+    of a partial loop range (a, b), in layer order) as they were at the current window's start:
+    the sleep re-runs the coda from them (`sleeps_range`: a partial range with N > 1), else
+    None. Their conv histories need no copy: every window's starts at zero, and sleep passes do
+    not read it.
   """
   position: Array
   caches: tuple
   hidden: Array | None
+  coda: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,26 +102,15 @@ class CacheLayout:
     return self.retained + self.window
 
 
-def check_decodable(config: ModelConfig) -> None:
-  """Refuses a looped block range smaller than the stack (`ModelConfig.loop_layers`) with N > 1.
-
-  Not implemented: a stream would have to keep the range's output features (not the final
-  ones) for the sleep, and re-run the coda after the sleep from a snapshot of its GDN states at
-  the window's start (docs/pretrained.md, "The looped block range"). With N = 1 nothing sleeps
-  and the range changes nothing."""
-  if config.partial_loop and config.passes > 1:
-    raise ValueError(
-        f"config.model.loop_layers: decoding a partial loop range is not implemented "
-        f"(loop_layers={config.loop_layers!r} of {len(config.layers)} layers, N = "
-        f"{config.passes}); only training and evaluation (the sleep scan) loop part of the "
-        f"stack. Use loop_layers=None (the whole stack) or N = 1 to decode.")
+def sleeps_range(config: ModelConfig) -> bool:
+  """Whether a sleep replays only part of the stack (`ModelConfig.loop_layers`, N > 1): the
+  state then keeps the coda's GDN states, and the wake pass the range's output features. With
+  N = 1 nothing sleeps and the range changes nothing."""
+  return config.partial_loop and config.passes > 1
 
 
 def cache_layout(config: ModelConfig, capacity: int | None = None) -> CacheLayout:
-  """The layout of `config`'s streams; eviction "none" needs the capacity (max tokens).
-  Every decoding function takes one, so this is where a config decoding cannot serve is
-  refused (`check_decodable`)."""
-  check_decodable(config)
+  """The layout of `config`'s streams; eviction "none" needs the capacity (max tokens)."""
   if config.eviction == "none":
     if capacity is None or capacity < 1:
       raise ValueError(f"eviction='none' keeps every key: give the capacity (max tokens of a "
@@ -126,7 +132,16 @@ def init_state(config: ModelConfig, batch: int, capacity: int | None = None) -> 
   attn = tuple(AttentionCache(kv(), kv()) for _ in range(config.num_attn_layers))
   hidden = (jnp.zeros((batch, lay.window, config.d_model), jnp.float32)
             if config.passes > 1 else None)
-  return DecodeState(jnp.zeros((), jnp.int32), join_caches(config, gdn, attn), hidden)
+  return DecodeState(jnp.zeros((), jnp.int32), join_caches(config, gdn, attn), hidden,
+                     _coda_states(config, zero_states(config, batch)))
+
+
+def _coda_states(config: ModelConfig, states: tuple) -> tuple | None:
+  """The coda's GDN states among `states` (all GDN layers') where the state keeps them."""
+  if not sleeps_range(config):
+    return None
+  coda = loop_segments(config)[2]
+  return tuple(states[j] for j in gdn_in_span(config, coda)) if coda is not None else ()
 
 
 def state_bytes(state: DecodeState) -> int:
@@ -181,26 +196,63 @@ def wake(config: ModelConfig, lay: CacheLayout, layout: Layout, params, state: D
     raise ValueError("empty=True: a sliding window always sees the retained keys")
   ctx = step_context(config, lay, state.position, b, t, empty=empty)
   h = model.apply(variables, tokens, method=HybridLM.embed)
-  h, caches = model.apply(variables, h, state.caches, ctx, method=HybridLM.run_pass)
+  coda = loop_segments(config)[2] if sleeps_range(config) else None
+  if coda is None:
+    h, caches = model.apply(variables, h, state.caches, ctx, method=HybridLM.run_pass)
+    kept = h
+  else:     # the sleep replays the range from its output (layer b - 1's), not the final one
+    kept, caches = model.apply(variables, h, state.caches, ctx, method=HybridLM.run_pass,
+                               span=(0, coda[0]))
+    h, caches = model.apply(variables, kept, caches, ctx, method=HybridLM.run_pass, span=coda)
   hidden = state.hidden
   if hidden is not None:
     offset = state.position % lay.window
-    hidden = jax.lax.dynamic_update_slice(hidden, h.astype(hidden.dtype), (0, offset, 0))
+    hidden = jax.lax.dynamic_update_slice(hidden, kept.astype(hidden.dtype), (0, offset, 0))
   logits = model.apply(variables, h[:, -1:] if last_only else h, method=HybridLM.logits)
-  return DecodeState(state.position + t, caches, hidden), logits
+  return DecodeState(state.position + t, caches, hidden, state.coda), logits
 
 
 # --------------------------------------------------------------------- sleep and prefill
 
 
-def _replay(config: ModelConfig, layout: Layout, params, ctx: Context, prefix, carry):
-  """Passes 2..N over a window: carry (h, states, own keys/values) of the pass before."""
+def _replay(config: ModelConfig, layout: Layout, params, ctx: Context, prefix, carry,
+            span: tuple[int, int] | None = None):
+  """Passes 2..N of the layers of `span` (None: all) over a window: carry (h, states, the
+  span's attention layers' own keys/values) of the pass before."""
 
   def one(carry, _):
-    return window_pass(config, params, ctx, prefix, carry[0], carry[1], layout), None
+    return window_pass(config, params, ctx, prefix, carry[0], carry[1], layout, span), None
 
   carry, _ = jax.lax.scan(one, carry, None, length=config.passes - 1)
   return carry
+
+
+def _consolidate(config: ModelConfig, layout: Layout, params, ctx: Context, prefix, h, states,
+                 own: tuple, coda_start: tuple | None) -> tuple[tuple, tuple]:
+  """The sleep of a window whose wake pass is done: passes 2..N of the looped range over h (the
+  range's output in the wake pass), from the GDN states and every attention layer's own
+  keys/values that the wake pass left; then, with a partial range, the coda once over the
+  range's final output, from its GDN states at the window's start (`coda_start`), as
+  `sleep_forward` runs a window that sleeps. Returns (the GDN states, every attention layer's
+  own keys/values from the pass that ran it last: prelude from the wake pass, range from its
+  last pass, coda from the run here)."""
+  _, looped, coda = loop_segments(config)
+  in_range = attn_in_span(config, config.loop_span)
+  carry = (h, states, tuple(own[j] for j in in_range))
+  h, states, kv = _replay(config, layout, params, ctx, prefix, carry, looped)
+  if looped is None:                 # the whole stack: nothing else ran (today's program)
+    return states, kv
+  own = list(own)
+  for j, x in zip(in_range, kv, strict=True):
+    own[j] = x
+  if coda is not None:
+    states = list(states)
+    for j, s in zip(gdn_in_span(config, coda), coda_start, strict=True):
+      states[j] = s
+    h, states, kv = window_pass(config, params, ctx, prefix, h, tuple(states), layout, coda)
+    for j, x in zip(attn_in_span(config, coda), kv, strict=True):
+      own[j] = x
+  return states, tuple(own)
 
 
 def _prefix(lay: CacheLayout, attn: tuple) -> tuple | None:
@@ -221,12 +273,14 @@ def _evicted(config: ModelConfig, lay: CacheLayout, state: DecodeState, states: 
     attn = tuple(AttentionCache(c.keys.at[:, :lay.retained].set(k.keys),
                                 c.values.at[:, :lay.retained].set(k.values))
                  for c, k in zip(attn, kept, strict=True))
-  return DecodeState(position, join_caches(config, gdn, attn), state.hidden)
+  return DecodeState(position, join_caches(config, gdn, attn), state.hidden,
+                     _coda_states(config, states))     # the next window's start
 
 
 def sleep(config: ModelConfig, lay: CacheLayout, layout: Layout, params,
           state: DecodeState) -> DecodeState:
-  """The window just filled: N-1 replay passes over its wake features, then eviction."""
+  """The window just filled: N-1 replay passes over its wake features (a partial range: then
+  the coda once, `_consolidate`), then eviction."""
   gdn, attn = split_caches(config, state.caches)
   states = tuple(c.state for c in gdn)
   prefix = _prefix(lay, attn)
@@ -235,7 +289,8 @@ def sleep(config: ModelConfig, lay: CacheLayout, layout: Layout, params,
   if config.passes > 1:
     start = state.position - lay.window
     ctx = window_context(start, lay.window, retained=lay.retained, sliding=lay.sliding)
-    _, states, own = _replay(config, layout, params, ctx, prefix, (state.hidden, states, own))
+    states, own = _consolidate(config, layout, params, ctx, prefix, state.hidden, states, own,
+                               state.coda)
   kept = retain(prefix, own, lay.retained) if lay.sliding else None
   return _evicted(config, lay, state, states, attn, kept, state.position)
 
@@ -243,7 +298,8 @@ def sleep(config: ModelConfig, lay: CacheLayout, layout: Layout, params,
 def prefill(config: ModelConfig, lay: CacheLayout, layout: Layout, params, state: DecodeState,
             tokens: Array, *, last_only: bool = False) -> tuple[DecodeState, Array]:
   """Whole windows [B, n*L] from a window boundary, as in training: the wake pass (its features
-  give the logits), N-1 replays, eviction, per window. Returns (state, logits)."""
+  give the logits), N-1 replays (a partial range: then the coda once, `_consolidate`), eviction,
+  per window. Returns (state, logits)."""
   model, variables = HybridLM(config, layout), {"params": params}
   b, t = tokens.shape
   n = t // lay.window
@@ -251,16 +307,24 @@ def prefill(config: ModelConfig, lay: CacheLayout, layout: Layout, params, state
   windows = jnp.swapaxes(h.reshape(b, n, lay.window, -1), 0, 1)          # [n,B,L,D]
   starts = state.position + jnp.arange(n) * lay.window
   gdn, attn = split_caches(config, state.caches)
+  coda = loop_segments(config)[2] if sleeps_range(config) else None
 
   def window(carry, xs):
     states, prefix = carry
     h, start = xs
     ctx = window_context(start, lay.window, retained=lay.retained, sliding=lay.sliding)
-    wake_pass = window_pass(config, params, ctx, prefix, h, states, layout)
-    _, states, own = (_replay(config, layout, params, ctx, prefix, wake_pass)
-                      if config.passes > 1 else wake_pass)
+    if coda is None:
+      h, new, own = window_pass(config, params, ctx, prefix, h, states, layout)
+      wake_h = h
+    else:    # the wake pass in two parts: the sleep replays the range from its output
+      h, new, own = window_pass(config, params, ctx, prefix, h, states, layout, (0, coda[0]))
+      wake_h, _, coda_own = window_pass(config, params, ctx, prefix, h, new, layout, coda)
+      own += coda_own                  # (replaced by the coda's run in the sleep)
+    if config.passes > 1:    # `new` still holds the coda's window-start states: nothing ran it
+      new, own = _consolidate(config, layout, params, ctx, prefix, h, new, own,
+                              _coda_states(config, new))
     prefix = retain(prefix, own, lay.retained) if lay.sliding else prefix
-    return (states, prefix), wake_pass[0][:, -1:] if last_only else wake_pass[0]
+    return (new, prefix), wake_h[:, -1:] if last_only else wake_h
 
   carry = (tuple(c.state for c in gdn), _prefix(lay, attn))
   (states, prefix), wake_h = jax.lax.scan(window, carry, (windows, starts))

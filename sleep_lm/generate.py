@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sleep_lm.decoding import check_decodable, init_state
+from sleep_lm.decoding import init_state
 from sleep_lm.errors import UserError
 from sleep_lm.memory import check_batch_fits
 from sleep_lm.stream import Stream
@@ -116,10 +116,6 @@ def generate_from_workdir(path: str | Path, prompt: str, *, max_new_tokens: int,
                     f"--top_k >= 0; got {max_new_tokens}, {num_streams}, {temperature}, {top_k}")
   run = load_run(path)
   cfg, chars = run.model, run.task.token_chars
-  try:
-    check_decodable(cfg)                                   # before the restore
-  except ValueError as e:
-    raise UserError(str(e)) from e
   tok = load_text_tokenizer(path)
   if tok is None:
     ids = parse_prompt(prompt, cfg.vocab_size, chars)     # user errors before the restore

@@ -85,8 +85,29 @@ def window_pass(config: ModelConfig, params, ctx: Context, prefix, h: Array, sta
 def attn_in_span(config: ModelConfig, span: tuple[int, int]) -> tuple[int, ...]:
   """The indices (among the attention layers, in layer order) of the attention layers in the
   layers [a, b)."""
-  indices = [i for i, kind in enumerate(config.layers) if kind == "attn"]
+  return _in_span(config, "attn", span)
+
+
+def gdn_in_span(config: ModelConfig, span: tuple[int, int]) -> tuple[int, ...]:
+  """The indices (among the GDN layers, in layer order: those of the states tuple) of the GDN
+  layers in the layers [a, b)."""
+  return _in_span(config, "gdn", span)
+
+
+def _in_span(config: ModelConfig, kind: str, span: tuple[int, int]) -> tuple[int, ...]:
+  indices = [i for i, k in enumerate(config.layers) if k == kind]
   return tuple(j for j, i in enumerate(indices) if span[0] <= i < span[1])
+
+
+def loop_segments(config: ModelConfig) -> tuple[tuple[int, int] | None, ...]:
+  """(prelude, range, coda): the layer spans of a window that sleeps (`ModelConfig.loop_layers`:
+  [0, a) once, [a, b) N times, [b, L) once), None where empty; the range is None (the whole
+  stack, `window_pass`'s default) when it is every layer, so that the program is the plain
+  one."""
+  first, last = config.loop_span
+  return ((0, first) if first > 0 else None,
+          (first, last) if config.partial_loop else None,
+          (last, len(config.layers)) if last < len(config.layers) else None)
 
 
 class HybridLM(nn.Module):
@@ -187,5 +208,5 @@ class _Head:
 
 
 __all__ = ["AttentionCache", "Context", "GDNCache", "HybridLM", "attn_in_span", "convert_params",
-           "init_params", "join_caches", "pass_caches", "split_caches", "window_pass",
-           "zero_states"]
+           "gdn_in_span", "init_params", "join_caches", "loop_segments", "pass_caches",
+           "split_caches", "window_pass", "zero_states"]

@@ -49,7 +49,14 @@ import numpy as np
 
 from sleep_lm.config import ModelConfig
 from sleep_lm.layers import AttentionCache, Context
-from sleep_lm.model import HybridLM, pass_caches, split_caches, window_pass, zero_states
+from sleep_lm.model import (
+  HybridLM,
+  loop_segments,
+  pass_caches,
+  split_caches,
+  window_pass,
+  zero_states,
+)
 from sleep_lm.windows import retain, window_context
 
 Array = jax.Array
@@ -127,13 +134,7 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   sliding = config.eviction == "sliding"
   retained = length - 1 if sliding else 0
 
-  # The looped block range (`ModelConfig.loop_layers`): spans of layers, None where empty; the
-  # range is None (the whole stack, `window_pass`'s default) when it is every layer, so that
-  # the program is the plain one.
-  first, last = config.loop_span
-  prelude = (0, first) if first > 0 else None
-  looped = (first, last) if config.partial_loop else None
-  coda = (last, len(config.layers)) if last < len(config.layers) else None
+  prelude, looped, coda = loop_segments(config)     # the looped block range's spans
 
   def context(start):
     return window_context(start, length, retained=retained, sliding=sliding, total=t)

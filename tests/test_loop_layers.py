@@ -1,10 +1,15 @@
-"""The looped block range (`ModelConfig.loop_layers`) in the sleep scan, against an oracle.
+"""The looped block range (`ModelConfig.loop_layers`) in the sleep scan, against an oracle, and
+in decoding streams, against the sleep scan.
 
 The oracle is a plain Python loop over windows that calls the model's blocks one by one, in the
 order the range defines (prelude once, the range N times in a window that sleeps, else once,
 coda once), keeping each GDN layer's state and (sliding eviction) each attention layer's last
 L-1 keys/values from the last time it ran. It shares only the blocks themselves and the window
 masks (`window_context`) with the code under test, not its layer loop, remat or scans.
+
+A stream (`sleep_lm.stream`, `sleep_lm.decoding`) is checked as tests/test_generate.py checks
+the whole stack: its logits for window c are the sleep scan's with windows c.. supervised (the
+windows before c sleep, window c gets the one wake pass a stream's logits come from).
 """
 
 import functools
@@ -17,14 +22,15 @@ import pytest
 
 from experiments import rule110
 from sleep_lm import decoding
+from sleep_lm import stream as stream_lib
 from sleep_lm.config import ModelConfig
-from sleep_lm.layers import AttentionCache, GDNCache
-from sleep_lm.model import HybridLM, init_params
+from sleep_lm.layers import TRAIN, AttentionCache, GDNCache
+from sleep_lm.model import HybridLM, init_params, split_caches
 from sleep_lm.run_config import RunConfig
 from sleep_lm.sleep import sleep_forward, static_schedule
-from sleep_lm.stream import Stream
 from sleep_lm.validation import FieldError
 from sleep_lm.windows import window_context
+from tests.test_generate import stream_logits
 
 L = 6          # window
 T = 20         # 4 windows, the last one partial
@@ -206,20 +212,6 @@ def test_from_a_json_list_and_through_the_run_config():
   assert RunConfig.from_config(c).model.loop_layers == (1, 3)
 
 
-def test_decoding_refuses_a_partial_range(params):
-  cfg = config(loop_layers=(1, 3), passes=2)
-  with pytest.raises(ValueError, match=r"config\.model\.loop_layers.*partial loop range is not "
-                                       r"implemented"):
-    decoding.cache_layout(cfg)
-  with pytest.raises(ValueError, match=r"config\.model\.loop_layers"):
-    decoding.init_state(cfg, 1)
-  with pytest.raises(ValueError, match=r"config\.model\.loop_layers"):
-    Stream(cfg, params, 1)
-  # The whole stack, or N = 1 (nothing sleeps, so the range changes nothing), decode.
-  decoding.cache_layout(config(loop_layers=(0, 4), passes=2))
-  decoding.cache_layout(config(loop_layers=(1, 3), passes=1))
-
-
 def test_retrofit_keeps_the_whole_stack_and_refuses_a_partial_range():
   from sleep_lm.errors import UserError
   from sleep_lm.retrofit import inserted_config
@@ -227,3 +219,88 @@ def test_retrofit_keeps_the_whole_stack_and_refuses_a_partial_range():
   assert inserted_config(config(loop_layers=(0, 4)), (1,)).loop_layers == (0, 5)
   with pytest.raises(UserError, match=r"config\.model\.loop_layers"):
     inserted_config(config(loop_layers=(1, 3)), (1,))
+
+
+# ------------------------------------------------------------------------------- decoding
+
+
+def worst_position_error(got, want) -> float:
+  """The largest relative RMS error of one position's logits (over the batch and vocabulary)."""
+  a, b = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float((np.linalg.norm(a - b, axis=(0, 2)) / np.linalg.norm(b, axis=(0, 2))).max())
+
+
+# Each case compiles the sleep scan and a stream's functions (~8 s on a loaded 2-core CPU, 1.5 s
+# more for the chunk): one in the default suite, the range whose coda has an attention and a GDN
+# layer, under sliding eviction (the coda's re-run gives both its states and its retained keys),
+# every other one under `pytest -m slow`. The slow ones feed a prompt that ends with a chunk.
+DECODE_DEFAULT = ((0, 2), 3, "sliding")
+
+
+def decode_case(span, passes, eviction):
+  if (span, passes, eviction) == DECODE_DEFAULT:
+    return pytest.param(span, passes, eviction, 2 * L)
+  return pytest.param(span, passes, eviction, 2 * L + 3, marks=pytest.mark.slow)
+
+
+DECODE_CASES = [decode_case(span, passes, eviction) for span in [(1, 3), (0, 2), (2, 4)]
+                for passes in (2, 3) for eviction in ("hard", "sliding")]
+
+
+@pytest.mark.parametrize(("span", "passes", "eviction", "prompt_len"), DECODE_CASES)
+def test_streams_decode_as_the_sleep_scan(params, monkeypatch, span, passes, eviction,
+                                          prompt_len):
+  """Fed token by token (wake steps, a sleep at each boundary), and fed a prompt at once (two
+  whole windows in one prefill call, then, if it has 15 tokens, a 3-token chunk) then token by
+  token: over three windows that sleep and a last partial one, every position's logits are the
+  sleep scan's, and the GDN states after the last token those of the scan (windows 0-2 slept,
+  window 3's wake pass)."""
+  cfg = config(loop_layers=span, passes=passes, eviction=eviction)
+  tokens, _ = data()
+  runs = []
+  for c in range(-(-T // L)):
+    mask = np.zeros((2, T), np.float32)
+    mask[:, c * L:] = 1.0
+    runs.append(forward(cfg, params, tokens, jnp.asarray(mask)))    # traced: one compile
+  want = jnp.concatenate([r.logits[:, c * L:(c + 1) * L] for c, r in enumerate(runs)], axis=1)
+  monkeypatch.setattr(stream_lib, "PREFILL_TOKENS", 2 * L)
+  for prompt in (1, prompt_len):
+    got, stream = stream_logits(cfg, params, np.asarray(tokens), prompt)
+    assert worst_position_error(got, want) < 1e-5, prompt
+    assert stream.sleep_events == T // L and stream.position == T
+    gdn, _ = split_caches(cfg, stream.state.caches)
+    for s, w in zip((c.state for c in gdn), runs[-1].states, strict=True):
+      assert rel_rms(s, w) < 1e-5, prompt
+  assert stream.fns.prefill._cache_size() == 1                       # two windows per call
+  # The sleeps matter (the check can fail): without them windows 1.. are the no-sleep run's.
+  assert rel_rms(got[:, L:], runs[0].logits[:, L:]) > 1e-3
+
+
+def test_only_a_partial_range_that_sleeps_changes_the_decode_state(params):
+  """The whole stack, or N = 1: the decode state is that of loop_layers=None (the plain one: no
+  coda snapshot), and with N = 1 so are the wake and prefill programs (the sleep only evicts). A
+  partial range with N > 1 adds the coda's GDN states, and its wake pass keeps the range's
+  output (another program)."""
+  tokens = jnp.zeros((2, 1), jnp.int32)
+  jaxpr = lambda cfg, fn, *a: str(jax.make_jaxpr(functools.partial(
+      fn, cfg, decoding.cache_layout(cfg), TRAIN))(params, *a))   # training layout: no compile
+  structure = lambda cfg: jax.tree.structure(decoding.init_state(cfg, 2))
+
+  def programs(cfg):
+    state = decoding.init_state(cfg, 2)
+    return (jaxpr(cfg, decoding.wake, state, tokens),
+            jaxpr(cfg, decoding.prefill, state, jnp.zeros((2, L), jnp.int32)))
+
+  for passes, span in ((1, (1, 3)), (2, (0, 4))):
+    assert structure(config(passes=passes, loop_layers=span)) == structure(
+        config(passes=passes)), (passes, span)
+    assert decoding.init_state(config(passes=passes, loop_layers=span), 2).coda is None
+  assert programs(config(passes=1, loop_layers=(1, 3))) == programs(config(passes=1))
+  heads, dim = config().num_gdn_heads, config().gdn_head_dim
+  for span, coda in (((0, 2), 1), ((1, 3), 1), ((2, 4), 0)):      # GDN layers in the coda
+    state = decoding.init_state(config(passes=2, loop_layers=span), 2)
+    assert [x.shape for x in state.coda] == [(2, heads, dim, dim)] * coda, span
+    assert state.hidden.shape == (2, L, 32)
+  plain, partial = config(passes=2), config(passes=2, loop_layers=(1, 3))
+  assert jaxpr(partial, decoding.wake, decoding.init_state(partial, 2), tokens) != jaxpr(
+      plain, decoding.wake, decoding.init_state(plain, 2), tokens)
