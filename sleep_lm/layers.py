@@ -59,13 +59,12 @@ class Layout:
     (a row reduction) instead of down the columns.
   pad_single_row: a product with one row is computed on two (the second zeros), which XLA keeps
     a matrix multiplication (cuBLAS) instead of a reduce.
-  gemv: with transposed, a product with one row runs `kernels.gemv.gemv` (a Pallas kernel that
-    streams the [out, in] matrix near bandwidth; XLA's multiply + reduce reads some shapes at a
-    third of it, docs/kernels.md). Interpreted off a GPU.
+  gemv: with transposed, a product with one row runs `kernels.gemv.gemv` (a Pallas Triton
+    kernel over the [out, in] matrix; interpreted off a GPU). Measured on an H200: 11% slower
+    than `rows` end to end (docs/inference.md), kept as the measured alternative.
   barrier_inputs: each product's input also passes `jax.lax.optimization_barrier`, so XLA
-    cannot fuse the ops that make it (norm, cast, gating) into the product's multiply + reduce,
-    where they would be recomputed for every output row (the profile of the rows layout shows
-    some batch-1 products at a third of their stand-alone speed; docs/inference.md).
+    cannot fuse the ops that make it (norm, cast, gating) into the product's multiply + reduce.
+    Measured on an H200: no gain over `rows` (the slow products are not slowed by producers).
   """
   fused: bool = False
   transposed: bool = False
@@ -81,7 +80,8 @@ LAYOUTS: Mapping[str, Layout] = {
     "rows": Layout(fused=True, transposed=True),
     "cols": Layout(fused=True),
     "gemm": Layout(fused=True, transposed=True, pad_single_row=True),
-    "gemv": Layout(fused=True, transposed=True, gemv=True),  # slower than "rows" per product (H200)
+    # Two measured alternatives to "rows", both slower on an H200 (docs/inference.md).
+    "gemv": Layout(fused=True, transposed=True, gemv=True),
     "rows_xbar": Layout(fused=True, transposed=True, barrier_inputs=True),
 }
 

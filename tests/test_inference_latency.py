@@ -1,10 +1,13 @@
 """The inference benchmark's --quick mode runs end to end and writes its JSON and plot; with
---throughput_contexts, throughput and prefill only where asked, latency everywhere."""
+--throughput_contexts, throughput and prefill only where asked, latency everywhere; its random
+cache fill works in place."""
 
 from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import inference_latency
@@ -41,3 +44,13 @@ def test_throughput_contexts_outside_the_contexts_are_refused(tmp_path, capsys):
   with pytest.raises(SystemExit):
     inference_latency.main(["--quick", "--out", str(tmp_path), "--throughput_contexts", "999"])
   assert "--throughput_contexts: [999] not in --contexts" in capsys.readouterr().err
+
+
+def test_the_random_fill_writes_over_its_input():
+  """The benchmark fills caches of up to 115 GB in place: each leaf's fill must reuse (and so
+  free) the leaf's buffer, or the old and new caches are alive together."""
+  x = jnp.zeros((4, 64, 8, 32), jnp.bfloat16)
+  pointer = x.unsafe_buffer_pointer()
+  y = inference_latency._random_leaf(x, jax.random.key(0))
+  assert x.is_deleted() and y.unsafe_buffer_pointer() == pointer
+  assert y.shape == x.shape and y.dtype == x.dtype and float(jnp.std(y.astype(jnp.float32))) > 0.05
