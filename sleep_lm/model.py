@@ -101,9 +101,9 @@ def _in_span(config: ModelConfig, kind: str, span: tuple[int, int]) -> tuple[int
 
 def loop_segments(config: ModelConfig) -> tuple[tuple[int, int] | None, ...]:
   """(prelude, range, coda): the layer spans of a window that sleeps (`ModelConfig.loop_layers`:
-  [0, a) once, [a, b) N times, [b, L) once), None where empty; the range is None (the whole
-  stack, `window_pass`'s default) when it is every layer, so that the program is the plain
-  one."""
+  [0, a) once, [a, b) N times, [b, len(layers)) once), None where empty; the range is None
+  (the whole stack, `window_pass`'s default) when it is every layer, so that the program is the
+  plain one."""
   first, last = config.loop_span
   return ((0, first) if first > 0 else None,
           (first, last) if config.partial_loop else None,
