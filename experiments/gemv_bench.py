@@ -27,14 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.inference_latency import SIZES
 from kernels.gemv import gemv, gemv_bytes, resolve_blocks
 from sleep_lm import profiling
 from sleep_lm.config import ModelConfig
 
-# experiments/inference_latency.py's "300m" size (the fields that set the projection widths).
-CONFIG_300M = ModelConfig(vocab_size=32000, d_model=1024, layers=("attn", "gdn") * 8,
-                          attn_head_dim=64, gdn_head_dim=64, mlp_dim=4096, window=2048,
-                          dtype="bfloat16")
+# The decode benchmark's "300m" size: the shapes its batch-1 products have.
+CONFIG_300M = ModelConfig(**SIZES["300m"])
 
 
 def decode_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
