@@ -266,6 +266,15 @@ def load_jla(impl="mosaic_gpu"):
     print(f"jla {jla.__version__}: its Mosaic GPU kernels need a Hopper (sm_90) GPU, this is "
           f"{device.platform} ({device.device_kind}); skipping jla")
     return None
+  try:  # imports jla's kernel modules now (they register themselves), not inside the first check
+    have = jla.ops.available("gated_deltanet")
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"jla {jla.__version__}: its kernels failed to load ({type(e).__name__}: {e}); "
+          "skipping jla")
+    return None
+  if impl not in have:
+    print(f"jla {jla.__version__} has no {impl!r} gated_deltanet here (has {have}); skipping jla")
+    return None
   print(f"jla {jla.__version__} (jax-linear-attention), impl={impl}")
   return jla_op(impl)
 
