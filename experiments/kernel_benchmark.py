@@ -1,22 +1,33 @@
-r"""Benchmark of the gated delta rule: Pallas kernels vs the pure-JAX chunked path vs fla (Triton).
+r"""Benchmark of the gated delta rule: our Pallas kernels and pure-JAX chunked path vs fla and jla.
 
-Run on the GPU machine from the repository root (fla's wheel and einops carried in .whl/):
+The peers, in the same process: flash-linear-attention (fla, torch/Triton) and
+jax-linear-attention (jla, JAX with Pallas Mosaic GPU kernels, Hopper only). Both are optional
+benchmark dependencies, never sleep_lm's: each is skipped, with the reason printed, when it
+cannot be imported (jla also off a Hopper GPU).
+
+Run on the GPU machine from the repository root (the wheels of fla, einops and
+jax-linear-attention 0.1.0 carried in .whl/); `--samples 11 --inner 10` is issue 24's protocol:
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   PYTHONPATH=/tmp/site:. python3 -m experiments.kernel_benchmark --impls pallas_triton chunked \
-      --profile-dir /tmp/pk --out $OUT/gdr_bench.json
+      --samples 11 --inner 10 --profile-dir /tmp/pk --out $OUT/gdr_bench.json
 
 Checks correctness first (fresh random inputs, relative RMS error of every output and gradient
-against the float32 recurrent oracle, one case with no decay and correlated keys), then times
-forward and forward+backward (cotangents on both o and the final state; gradients of q, k, v, g,
-beta and the initial state) per registry shape: median with 20/80 percentiles of loops of calls
-with one sync. bf16 inputs, fp32 state, q/k L2 norm in the op, chunk 64. fla is skipped when it
-cannot be imported; for timing only, its backward's guard against a Triton < 3.7.1 bug is
-lifted (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`), so its gradients are never used.
-Prints a table last and writes JSON. With --profile-dir it also prints device time by kernel
-(jax.profiler for ours, torch.profiler for fla) and a table of summed device times, which leaves
-out fla's PyTorch launch gaps. `--variants` also times pallas_triton built with other `Tuning`s.
+against the float32 recurrent oracle, one case with no decay and correlated keys; jla's bf16
+outputs and gradients against our chunked op on float32 inputs), then times forward and
+forward+backward (cotangents on both o and the final state; gradients of q, k, v, g, beta and
+the initial state) per registry shape: median with 20/80 percentiles of loops of calls with one
+sync. bf16 inputs, fp32 state, q/k L2 norm in the op, chunk 64. For timing only, fla's
+backward's guard against a Triton < 3.7.1 bug is lifted
+(`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`), so its gradients are never used. jla is
+called through `jla_gated_delta_rule`, a thin adapter (its docstring maps the conventions).
+Prints a table last (with ours/peer ratios) and the forward's distance to its byte floor on an
+H200, and writes JSON. With --profile-dir it also prints device time by kernel (jax.profiler for
+ours and jla, torch.profiler for fla) and a table of summed device times, which leaves out fla's
+PyTorch launch gaps. `--variants` also times pallas_triton built with other `Tuning`s.
 
-A CPU smoke run (kernels interpreted; tests/kernels/test_kernel_benchmark.py runs it):
+A CPU smoke run (kernels interpreted; jla skipped: tests/kernels/test_kernel_benchmark.py runs
+it; with `--jla-impl chunked`, jla's pure-JAX path stands in for its kernels, as in
+tests/kernels/test_kernel_benchmark_jla.py):
   python -m experiments.kernel_benchmark --shapes smoke_b1_t40_h1_d16 --no-check --no-fla \
       --samples 1 --inner 1 --variants block_k=16 --out /tmp/gdr_smoke.json
 """
@@ -42,9 +53,13 @@ SHAPES = {
     "b4_t4096_h16_d128": (4, 4096, 16, 128),
     "b2_t16384_h16_d128": (2, 16384, 16, 128),
     "b16_t2048_h16_d128": (16, 2048, 16, 128),
+    "b64_t2048_h16_d64": (64, 2048, 16, 64),
     "rule110_b512_t24_h4_d64": (512, 24, 4, 64),  # one 24-token window of the Rule 110 model
 }
 SMOKE_SHAPES = {"smoke_b1_t40_h1_d16": (1, 40, 1, 16)}  # for a CPU run of this script
+# HBM bandwidth of an H200 used for the forward's byte floor (the figure of issue 24; the floors
+# table in docs/kernels.md used 4.27 TB/s).
+H200_BYTES_PER_S = 4.3e12
 
 
 def make_inputs(key, b, t, h, d, dtype, *, no_decay_correlated_keys=False):
@@ -72,6 +87,10 @@ def make_inputs(key, b, t, h, d, dtype, *, no_decay_correlated_keys=False):
 
 
 def op(implementation):
+  """Our op with the benchmark's options; a callable (q, k, v, g, beta, s0) -> (o, S) as is."""
+  if callable(implementation):  # e.g. jla's op (`jla_op`)
+    return implementation
+
   def f(q, k, v, g, beta, s0):
     return api.gated_delta_rule(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True,
                                 chunk_size=64, implementation=implementation)
@@ -102,6 +121,11 @@ def check(implementation, shape, dtype, reference="recurrent", seed=0, **input_k
   (o, s), grads = jax.jit(fwd_bwd(implementation))(inputs, cots)
   errors = [rel_rms(a, b) for a, b in zip((o, s, *grads), (o_r, s_r, *grads_r), strict=True)]
   return dict(zip(NAMES, errors, strict=True))
+
+
+# jla's checks: shapes and regimes as ours, bf16 only (its kernels take no float32 inputs).
+JLA_CHECKS = (((2, 75, 2, 64), False), ((2, 75, 2, 64), True), ((2, 130, 2, 128), False),
+              ((1, 24, 4, 64), False))
 
 
 def time_jax(fn, args, *, inner=10, samples=25):
@@ -186,6 +210,75 @@ def time_fla(fla_fn, shape, *, inner=10, samples=25):
   return res
 
 
+JLA_IMPLS = ("mosaic_gpu", "chunked", "reference")
+
+
+def jla_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
+                         use_qk_l2norm=False, impl="mosaic_gpu"):
+  """jax-linear-attention's gated DeltaNet called with `api.gated_delta_rule`'s arguments.
+
+  Returns (o, final_state) as ours does. jla (`jla.ops.linear_attention("gated_deltanet", ...)`,
+  every impl of it with one contract, `jla.ops.reference`'s docstring) follows fla's
+  `chunk_gated_delta_rule`, as ours does, so the mapping is one of names, not of values:
+  - layout: q, k [B,T,H,K], v [B,T,H,V], time first in both; nothing is transposed;
+  - g: the natural-log decay (<= 0) [B,T,H] in both (jla's kernels rescale it to log2 inside);
+  - beta: the write strength after its sigmoid, [B,T,H], in both;
+  - use_qk_l2norm: q, k / sqrt(sum(x^2) + 1e-6) over K in both, then the scale multiplies q;
+    the scale is resolved here as ours resolves it (K**-0.5 when None) and passed explicitly;
+  - initial_state: [B,H,K,V] float32 in both (jla's kernels keep it as [V,K] inside);
+  - final state: jla returns None unless output_final_state=True, ours always returns it;
+  - o: jla's is in q's dtype, ours in v's (cast here; the same dtype in this benchmark).
+  jla's Mosaic GPU kernels run chunk 64 only (ours runs chunk 64 here too). `impl` picks jla's
+  implementation: "mosaic_gpu" (Hopper only; the peer timed here) or its pure-JAX "chunked" and
+  "reference", which run anywhere (the CPU tests of this mapping use them).
+  """
+  from jla.ops import linear_attention
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  o, final_state = linear_attention(
+      "gated_deltanet", q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+      output_final_state=True, use_qk_l2norm=use_qk_l2norm, impl=impl)
+  return o.astype(v.dtype), final_state.astype(jnp.float32)
+
+
+def jla_op(impl="mosaic_gpu"):
+  """jla's op with the benchmark's options, as `op` gives ours: (q, k, v, g, beta, s0) -> (o, S)."""
+  def f(q, k, v, g, beta, s0):
+    return jla_gated_delta_rule(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, impl=impl)
+  return f
+
+
+def load_jla(impl="mosaic_gpu"):
+  """jla's op (`jla_op`), or None, with the reason printed, when it cannot run here.
+
+  jax-linear-attention (import name `jla`) is an optional benchmark dependency, never one of
+  sleep_lm's: it is imported here only. Its Mosaic GPU kernels need an sm_90 (Hopper) GPU;
+  its pure-JAX impls (`--jla-impl chunked`) run anywhere, for a CPU run of this script.
+  """
+  try:
+    import jla
+    import jla.ops  # noqa: F401
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"jla (jax-linear-attention) not available ({type(e).__name__}: {e}); skipping jla")
+    return None
+  device = jax.devices()[0]
+  if impl == "mosaic_gpu" and not (device.platform == "gpu"
+                                   and getattr(device, "compute_capability", None) == "9.0"):
+    print(f"jla {jla.__version__}: its Mosaic GPU kernels need a Hopper (sm_90) GPU, this is "
+          f"{device.platform} ({device.device_kind}); skipping jla")
+    return None
+  try:  # imports jla's kernel modules now (they register themselves), not inside the first check
+    have = jla.ops.available("gated_deltanet")
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"jla {jla.__version__}: its kernels failed to load ({type(e).__name__}: {e}); "
+          "skipping jla")
+    return None
+  if impl not in have:
+    print(f"jla {jla.__version__} has no {impl!r} gated_deltanet here (has {have}); skipping jla")
+    return None
+  print(f"jla {jla.__version__} (jax-linear-attention), impl={impl}")
+  return jla_op(impl)
+
+
 def torch_device_time_table(fn, *, calls, top=25):
   """Device time per call by CUDA kernel name, as sleep_lm.profiling.device_time_table returns.
 
@@ -252,6 +345,12 @@ def main(argv=None):
                       choices=[*SHAPES, *SMOKE_SHAPES])
   parser.add_argument("--impls", nargs="*", default=["pallas_triton", "chunked"])
   parser.add_argument("--no-fla", action="store_true")
+  parser.add_argument("--no-jla", action="store_true",
+                      help="do not time jax-linear-attention's GDN op (skipped anyway when it "
+                           "cannot be imported, or off Hopper with --jla-impl mosaic_gpu)")
+  parser.add_argument("--jla-impl", default="mosaic_gpu", choices=JLA_IMPLS,
+                      help="jla's implementation to time: mosaic_gpu is the peer kernel; its "
+                           "pure-JAX chunked and reference run on a CPU (to test this script)")
   parser.add_argument("--variants", nargs="*", default=[],
                       help="also time pallas_triton built with these changes to its default "
                            "Tuning, each like 'qk_grads_warps=8,block_k=128'")
@@ -267,6 +366,10 @@ def main(argv=None):
   timer = functools.partial(time_jax, inner=args.inner, samples=args.samples)
   print("device:", jax.devices()[0].device_kind, "| jax", jax.__version__)
   results = {"device": jax.devices()[0].device_kind, "checks": {}, "timings": {}}
+  jla_fn = None if args.no_jla else load_jla(args.jla_impl)
+  if jla_fn is not None:
+    import jla
+    results["jla"] = {"version": jla.__version__, "impl": args.jla_impl}
 
   # Correctness first: small shapes with awkward T, both dtypes, vs the float32 oracle.
   for impl in [] if args.no_check else args.impls:
@@ -279,12 +382,26 @@ def main(argv=None):
       results["checks"][label] = errs
       print(f"check {label:46s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
             flush=True)
+  # jla vs our chunked op on float32 inputs (jla's kernels take bf16/fp16 only).
+  for shape, hard in ([] if args.no_check or jla_fn is None else JLA_CHECKS):
+    label = f"jla/{shape}/bfloat16" + ("/g0_uniform_qk" if hard else "")
+    try:
+      errs = check(jla_fn, shape, jnp.bfloat16, reference="chunked", no_decay_correlated_keys=hard)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"check {label} failed: {type(e).__name__}: {e}"[:400], flush=True)
+      continue
+    results["checks"][label] = errs
+    print(f"check {label:46s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
+          + "  (vs chunked, f32)", flush=True)
 
   fla_fn = None if args.no_fla else load_fla()
+  # Forward byte floor on an H200 (see `floors`: bytes of the inputs read once and the outputs
+  # written once).
+  floor_ms = lambda shape: floors(shape)["fwd_bytes"] / H200_BYTES_PER_S * 1e3
   for name in args.shapes:
     shape = {**SHAPES, **SMOKE_SHAPES}[name]
     inputs, cots = make_inputs(jax.random.PRNGKey(1), *shape, jnp.bfloat16)
-    row = {"shape": shape, "floors": floors(shape)}
+    row = {"shape": shape, "floors": {**floors(shape), "fwd_floor_ms_h200": floor_ms(shape)}}
     outs = {}
     for impl in args.impls:
       f = jax.jit(op(impl))
@@ -309,6 +426,23 @@ def main(argv=None):
       a, ref = outs[args.impls[0]], outs[args.impls[1]]
       row["agree"] = {"o": rel_rms(a[0], ref[0]), "final_state": rel_rms(a[1], ref[1])}
       print(f"{name} agreement {args.impls[0]} vs {args.impls[1]}: {row['agree']}", flush=True)
+    if jla_fn is not None:
+      try:
+        f, fb = jax.jit(jla_fn), jax.jit(fwd_bwd(jla_fn))
+        out = f(*inputs)
+        row["jla"] = {"fwd": timer(f, inputs), "fwd_bwd": timer(fb, (inputs, cots))}
+        print(f"{name} jla: {row['jla']}", flush=True)
+        if args.impls:  # same bf16 inputs: jla vs ours
+          ref = outs[args.impls[0]]
+          row["agree_jla"] = {"o": rel_rms(out[0], ref[0]), "final_state": rel_rms(out[1], ref[1])}
+          print(f"{name} agreement jla vs {args.impls[0]}: {row['agree_jla']}", flush=True)
+        if args.profile_dir:
+          table = profiling.device_time_table(functools.partial(fb, inputs, cots), calls=3,
+                                              log_dir=os.path.join(args.profile_dir, name, "jla"))
+          row["jla"]["profile"] = table
+          print(profiling.format_table(table), flush=True)
+      except Exception as e:  # pylint: disable=broad-except  (e.g. a shape jla refuses)
+        print(f"{name} jla failed: {type(e).__name__}: {e}"[:400], flush=True)
     if fla_fn is not None:
       try:
         row["fla"] = time_fla(fla_fn, shape, inner=args.inner, samples=args.samples)
@@ -327,7 +461,7 @@ def main(argv=None):
     write_json(args.out, results)
 
   cols = ([*args.impls] + [f"pallas_triton[{v}]" for v in variants]
-          + (["fla"] if fla_fn is not None else []))
+          + (["jla"] if jla_fn is not None else []) + (["fla"] if fla_fn is not None else []))
   print("\nmedian ms (p20-p80), loops of calls with one sync  " + " | ".join(cols))
   for name, row in results["timings"].items():
     for mode in ("fwd", "fwd_bwd"):
@@ -340,6 +474,13 @@ def main(argv=None):
       if "fla" in row:
         ratios.append(f"{ours / row['fla']['do_bench'][mode]['median_ms']:.2f}x fla do_bench")
       print(f"{name:26s} {mode:7s} " + " | ".join(cells) + "   ours/: " + ", ".join(ratios))
+  print(f"\nfwd vs its byte floor on an H200 (fwd_bytes / {H200_BYTES_PER_S / 1e12:.1f} TB/s: "
+        "q, k, v read and o written in bf16, g, beta read in fp32, the state read and written "
+        "in fp32; see floors()): median / floor  " + " | ".join(cols))
+  for name, row in results["timings"].items():
+    floor = row["floors"]["fwd_floor_ms_h200"]
+    cells = [f"{row[c]['fwd']['median_ms'] / floor:.2f}x" if c in row else "-" for c in cols]
+    print(f"{name:26s} floor {floor * 1e3:9.3f} us  " + " | ".join(cells))
   profiled = {name: {c: row[c]["profile"]["total_ms_per_call"] for c in cols
                      if "profile" in row.get(c, {})}
               for name, row in results["timings"].items()}

@@ -10,7 +10,7 @@ import pytest
 from experiments import kernel_benchmark
 
 
-def test_smoke_run_writes_timings(tmp_path):
+def test_smoke_run_writes_timings(tmp_path, capsys):
   out = tmp_path / "gdr.json"
   kernel_benchmark.main(["--shapes", "smoke_b1_t40_h1_d16", "--impls", "chunked",
                          "--no-check", "--no-fla", "--samples", "1", "--inner", "1",
@@ -18,6 +18,10 @@ def test_smoke_run_writes_timings(tmp_path):
   row = json.loads(out.read_text())["timings"]["smoke_b1_t40_h1_d16"]
   for name in ("chunked", "pallas_triton[block_k=16,wide_intermediates=1]"):
     assert row[name]["fwd_bwd"]["median_ms"] > 0, name
+  # jla (an optional dependency) is skipped on a CPU, installed or not, and says why.
+  assert "jla" not in row
+  assert "skipping jla" in capsys.readouterr().out
+  assert row["floors"]["fwd_floor_ms_h200"] > 0
 
 
 def test_check_in_the_hard_regime():
