@@ -96,10 +96,11 @@ def draw(runs: list[dict], out: str) -> None:
       seeds = sorted(last, key=lambda e: e["seed"])
       per_seed = " ".join(f"{e['exact_accuracy']:.3f}" for e in seeds)
       f = last[0]
+      acc = [e["exact_accuracy"] for e in last]   # sd over seeds: the sample sd, as elsewhere
       print(f"{r['label'][:65]:<66}{name:>5}{xs[-1]:>7}"
             f"{xs[-1] * r['tokens_per_step'] / 1e6:>7.0f}M"
-            f"{np.mean([e['exact_accuracy'] for e in last]):>8.3f}"
-            f"{np.std([e['exact_accuracy'] for e in last]):>7.3f}  {per_seed:<24}"
+            f"{np.mean(acc):>8.3f}"
+            f"{np.std(acc, ddof=min(1, len(acc) - 1)):>7.3f}  {per_seed:<24}"
             f"{f.get('floor_root_only', float('nan')):>7.3f}"
             f"{f.get('floor_all_derivable', float('nan')):>7.3f}"
             f"{f.get('floor_mode', float('nan')):>7.3f}{f.get('floor_empty', float('nan')):>7.3f}"
