@@ -1,15 +1,11 @@
 """The jla adapter of experiments/kernel_benchmark.py, on a CPU.
 
-jax-linear-attention (import name `jla`) is an optional benchmark dependency that CI does not
-install: this file is skipped without it. Its Mosaic GPU kernels need a Hopper GPU (and their
-triangular inverse is inline MGPU code, which Pallas's GPU interpreter cannot run), but every jla
-impl shares one contract, so the adapter's mapping of our op's inputs onto jla's call is tested
-through jla's pure-JAX `reference` (and `chunked`) against our float32 `recurrent` oracle; the
-benchmark then calls the same adapter with impl="mosaic_gpu". To run it:
-
-  python -m pip install --no-deps --target /tmp/jla_site \\
-      .whl/jax_linear_attention-0.1.0-py3-none-any.whl
-  PYTHONPATH=/tmp/jla_site:. python -m pytest tests/kernels/test_kernel_benchmark_jla.py
+jax-linear-attention (import name `jla`) is a benchmark dependency, never a runtime one; it is in
+the test extras, and this file is skipped where it is not installed. Its Mosaic GPU kernels need a
+Hopper GPU (and their triangular inverse is inline MGPU code, which Pallas's GPU interpreter
+cannot run), but every jla impl shares one contract, so the adapter's mapping of our op's inputs
+onto jla's call is tested through jla's pure-JAX `reference` (and `chunked`) against our float32
+`recurrent` oracle; the benchmark then calls the same adapter with impl="mosaic_gpu".
 """
 
 from __future__ import annotations
