@@ -123,9 +123,15 @@ def check(implementation, shape, dtype, reference="recurrent", seed=0, **input_k
   return dict(zip(NAMES, errors, strict=True))
 
 
-# jla's checks: shapes and regimes as ours, bf16 only (its kernels take no float32 inputs).
-JLA_CHECKS = (((2, 75, 2, 64), False), ((2, 75, 2, 64), True), ((2, 130, 2, 128), False),
-              ((1, 24, 4, 64), False))
+# Correctness cases (shape, dtype, no-decay correlated keys): awkward T, both dtypes. jla runs
+# the same shapes in bf16 only (its kernels take no float32 inputs).
+CHECKS = (((2, 75, 2, 64), jnp.float32, False), ((2, 75, 2, 64), jnp.float32, True),
+          ((2, 130, 2, 128), jnp.bfloat16, False), ((1, 24, 4, 64), jnp.bfloat16, False))
+
+
+def print_check(label, errs, suffix=""):
+  print(f"check {label:46s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + suffix,
+        flush=True)
 
 
 def time_jax(fn, args, *, inner=10, samples=25):
@@ -373,17 +379,13 @@ def main(argv=None):
 
   # Correctness first: small shapes with awkward T, both dtypes, vs the float32 oracle.
   for impl in [] if args.no_check else args.impls:
-    for shape, dtype, hard in (((2, 75, 2, 64), jnp.float32, False),
-                               ((2, 75, 2, 64), jnp.float32, True),
-                               ((2, 130, 2, 128), jnp.bfloat16, False),
-                               ((1, 24, 4, 64), jnp.bfloat16, False)):
+    for shape, dtype, hard in CHECKS:
       errs = check(impl, shape, dtype, no_decay_correlated_keys=hard)
       label = f"{impl}/{shape}/{jnp.dtype(dtype).name}" + ("/g0_uniform_qk" if hard else "")
       results["checks"][label] = errs
-      print(f"check {label:46s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
-            flush=True)
+      print_check(label, errs)
   # jla vs our chunked op on float32 inputs (jla's kernels take bf16/fp16 only).
-  for shape, hard in ([] if args.no_check or jla_fn is None else JLA_CHECKS):
+  for shape, _, hard in ([] if args.no_check or jla_fn is None else CHECKS):
     label = f"jla/{shape}/bfloat16" + ("/g0_uniform_qk" if hard else "")
     try:
       errs = check(jla_fn, shape, jnp.bfloat16, reference="chunked", no_decay_correlated_keys=hard)
@@ -391,8 +393,7 @@ def main(argv=None):
       print(f"check {label} failed: {type(e).__name__}: {e}"[:400], flush=True)
       continue
     results["checks"][label] = errs
-    print(f"check {label:46s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
-          + "  (vs chunked, f32)", flush=True)
+    print_check(label, errs, "  (vs chunked, f32)")
 
   fla_fn = None if args.no_fla else load_fla()
   # Forward byte floor on an H200 (see `floors`: bytes of the inputs read once and the outputs
