@@ -82,7 +82,7 @@ def evaluate_workdir(path: str | Path, *, step: int | None = None,
     apply_task_overrides(config, task_overrides)
   run = RunConfig.checked(config)
   mesh, boxed = trainer.setup(run)
-  state, _ = trainer.initial_state(run, mesh, boxed)
+  state, _ = trainer.initial_state(run, mesh, boxed, abstract=True)   # restored below
   ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints, read_only=True)
   try:
     steps = ckpt.steps()

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from sleep_lm import workdir
 from sleep_lm.errors import UserError
-from sleep_lm.training import param_path
+from sleep_lm.training import TrainState, param_path
 
 FIELD = "config.init_from"
 
@@ -79,9 +79,9 @@ def check(run, boxed) -> None:
     raise UserError(f"{FIELD} = {run.init_from!r} holds no checkpoints/")
 
 
-def start_state(run, mesh, boxed, state, optimizer, *, log=print):
-  """`state` (this run's fresh train state) with the source's parameters and a fresh optimizer
-  state for them (`check` first)."""
+def start_state(run, mesh, boxed, optimizer, *, log=print):
+  """This run's train state at step 0: the source's parameters and a fresh optimizer state for
+  them (`check` first), made in place in the run's shardings (no random initialisation)."""
   from sleep_lm import trainer
   from sleep_lm.checkpointing import Checkpointer
   from sleep_lm.model import init_params
@@ -101,10 +101,10 @@ def start_state(run, mesh, boxed, state, optimizer, *, log=print):
 
   def fresh(params):
     params = jax.tree.map(lambda x: jnp.broadcast_to(x, (run.seeds, *x.shape[1:])), params)
-    return params, jax.vmap(optimizer.init)(params)
+    return TrainState(jnp.zeros((run.seeds,), jnp.int32), params,
+                      jax.vmap(optimizer.init)(params))
 
   with jax.set_mesh(mesh):
-    params, opt_state = jax.jit(fresh, out_shardings=(shardings.params, shardings.opt_state))(
-        src_state.params)
+    state = jax.jit(fresh, out_shardings=shardings)(src_state.params)
   log(f"parameters from {run.init_from} (step {meta['step']}), fresh optimizer state")
-  return state.replace(params=params, opt_state=opt_state)
+  return state

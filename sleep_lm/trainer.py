@@ -187,17 +187,22 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
   seeds = run.model_seeds
   schedule = task_schedule(run)
 
-  state, optimizer = initial_state(run, mesh, boxed)
+  # The random initialisation runs only when nothing else gives the parameters: for an
+  # imported 34-layer stack its compilation tripped XLA's slow-compile alarm on an H200, time
+  # wasted on a resumed run or one that starts from init_from.
+  abstract, optimizer = initial_state(run, mesh, boxed, abstract=True)
   ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints, clean=lead)
   start, pending_host = 0, []
-  restored = ckpt.restore_latest(state, log=log)
+  restored = ckpt.restore_latest(abstract, log=log)
   if restored is not None:
     state, meta = restored
     start = int(meta["data_position"])
     pending_host = [(int(s), m) for s, m in meta.get("pending", [])]
     log(f"resuming {path} from step {start}")
   elif run.init_from:
-    state = init_from.start_state(run, mesh, boxed, state, optimizer, log=log)
+    state = init_from.start_state(run, mesh, boxed, optimizer, log=log)
+  else:
+    state, _ = initial_state(run, mesh, boxed)
   metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead, warn=log)
   writers = ([ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in seeds]
              if run.tensorboard and lead else [])
