@@ -21,7 +21,9 @@ What runs where:
 
 Limits (NotImplementedError): the gated delta rule only; bf16 or float32 inputs; chunk_size 64
 (a warpgroup's wgmma has M = 64: the [C,*] products need C = 64); K is padded to a multiple of
-64 (the state update K^T Vnew has M = K) and refused where the SMEM buffers do not fit.
+64 (the state update K^T Vnew has M = K) and refused where the SMEM buffers do not fit
+(with V-tiles of 64: bf16 at K > 192; float32, whose operands are bf16 hi/lo pairs, at
+K > 64).
 T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
 
 Unchecked by interpret mode (a GPU session must look): the SMEM scratch has no tiling/swizzle

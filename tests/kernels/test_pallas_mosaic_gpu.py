@@ -69,8 +69,10 @@ def test_forward_matches_oracle(case):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_matches_oracle_larger(dtype):
-  """Several V-tiles (V = 128 > BV = 64), K = 128, several heads and chunks."""
-  (q, k, v, g, beta, s0), _ = make_inputs(11, 2, 300, 2, 128, 128, dtype)
+  """Several V-tiles (V = 128 > BV = 64), several heads and chunks; K = 128 in bf16 and K = 64 in
+  float32 (whose hi/lo SMEM buffers do not fit at K = 128)."""
+  dk = 128 if dtype == jnp.bfloat16 else 64
+  (q, k, v, g, beta, s0), _ = make_inputs(11, 2, 300, 2, dk, 128, dtype)
   inputs = (q, k, v, g, beta, s0)
   assert_close(forward(inputs, use_qk_l2norm=True), oracle(inputs, use_qk_l2norm=True),
                TOLERANCE[dtype], names=("o", "final_state"))
@@ -102,18 +104,18 @@ def test_registered_by_name_only():
 
 
 @pytest.mark.parametrize("what", ["linear_rule", "chunk_32", "float16", "mixed_dtypes",
-                                  "k_256_float32"])
+                                  "k_128_float32", "k_256_bfloat16"])
 def test_refusals(what):
-  dk = 256 if what == "k_256_float32" else 32
-  dtype = jnp.float16 if what == "float16" else jnp.float32
-  (q, k, v, g, beta, s0), _ = make_inputs(0, 1, 8, 1, dk, 16, dtype)
+  dk = {"k_128_float32": 128, "k_256_bfloat16": 256}.get(what, 32)
+  dtype = {"float16": jnp.float16, "k_256_bfloat16": jnp.bfloat16}.get(what, jnp.float32)
+  (q, k, v, g, beta, s0), _ = make_inputs(0, 1, 8, 1, dk, 64, dtype)  # V-tile 64
   if what == "mixed_dtypes":
     v = v.astype(jnp.bfloat16)
   rule = kernels.gated_linear_rule if what == "linear_rule" else kernels.gated_delta_rule
   chunk = 32 if what == "chunk_32" else 64
   match = {"linear_rule": "gated delta rule only", "chunk_32": "chunk_size 64 only",
            "float16": "bfloat16 or float32", "mixed_dtypes": "bfloat16 or float32",
-           "k_256_float32": "SMEM"}[what]
+           "k_128_float32": "SMEM", "k_256_bfloat16": "SMEM"}[what]
   with pytest.raises(NotImplementedError, match=match):
     rule(q, k, v, g, beta, chunk_size=chunk, implementation=IMPL)
 
