@@ -43,11 +43,12 @@ def oracle(inputs, **kwargs):
 
 
 # (B, T, H, K, V, dtype, l2norm, initial state): T not a multiple of 64, K and V padded.
+# The default suite runs the first two (interpret mode is slow); the others run under -m slow.
 CASES = [
     (1, 70, 2, 32, 16, jnp.float32, True, True),
     (1, 130, 1, 64, 32, jnp.bfloat16, True, False),
-    (2, 40, 1, 48, 24, jnp.float32, False, False),
-    (1, 100, 1, 64, 64, jnp.bfloat16, False, True),
+    pytest.param((2, 40, 1, 48, 24, jnp.float32, False, False), marks=pytest.mark.slow),
+    pytest.param((1, 100, 1, 64, 64, jnp.bfloat16, False, True), marks=pytest.mark.slow),
 ]
 
 
@@ -85,6 +86,7 @@ def test_gradients_match_oracle():
   assert_close(got, reference(inputs, cotangents, **kwargs), 1e-4, names=NAMES)
 
 
+@pytest.mark.slow
 def test_state_round_trip():
   """Prefix then suffix, with the state handed over, equals one pass (and the oracle)."""
   (q, k, v, g, beta, s0), _ = make_inputs(3, 1, 90, 1, 32, 16, jnp.float32)
