@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from kernels.gated_delta_rule import (
                                       chunked,
+                                      pallas_mosaic_gpu,
                                       pallas_mosaic_tpu,
                                       pallas_triton,
                                       reference,
@@ -46,9 +47,11 @@ from kernels.gated_delta_rule.base import (  # noqa: F401  (re-exported)
 REGISTRY: types.MappingProxyType[str, Implementation] = types.MappingProxyType({
     impl.name: impl for impl in (reference.IMPLEMENTATION, chunked.IMPLEMENTATION,
                                  single_token.IMPLEMENTATION, pallas_triton.IMPLEMENTATION,
-                                 pallas_mosaic_tpu.IMPLEMENTATION)})
+                                 pallas_mosaic_tpu.IMPLEMENTATION,
+                                 pallas_mosaic_gpu.IMPLEMENTATION)})
 # Best first, per backend. pallas_triton passes float32 inputs over to chunked (measured slower;
-# docs/kernels.md). pallas_mosaic_tpu has never run on a TPU: available by name only until it has.
+# docs/kernels.md). pallas_mosaic_tpu has never run on a TPU, pallas_mosaic_gpu never on a GPU:
+# available by name only until they have.
 # single_token (T = 1 only) is asked for by name: the model's decode step does.
 DEFAULT_ORDER: types.MappingProxyType[str, tuple[str, ...]] = types.MappingProxyType({
     "cpu": ("chunked",), "gpu": ("pallas_triton", "chunked"), "tpu": ("chunked",)})
