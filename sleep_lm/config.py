@@ -21,7 +21,7 @@ from sleep_lm.validation import FieldError, check_int, unknown_fields
 BLOCK_TYPES = ("attn", "gdn")
 RULES = ("gdn", "gated_linear")
 EVICTIONS = ("hard", "sliding", "none")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "blocks")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -52,7 +52,10 @@ class ModelConfig:
       keys/values of the final pass) or "none" (one window over the whole sequence: the
       full-cache attention baseline).
     remat: jax.checkpoint policy around each pass: "none", "full" (save nothing), "dots" (save
-      matmul outputs) or "dots_no_batch" (save matmuls without batch dimensions).
+      matmul outputs) or "dots_no_batch" (save matmuls without batch dimensions); or "blocks":
+      each layer checkpointed on its own (save nothing inside a layer, only the residual stream
+      between layers), for passes too long to recompute whole (a full-cache window of a deep
+      model: with "full", the backward of the one pass holds every layer's activations).
     dtype: compute dtype of matmuls, attention and the fast-weight op ("float32" or
       "bfloat16"). Parameters, fast-weight states, norms and the residual stream (carried through
       up to 4N + 1 window-passes) stay float32 whatever this says: mixed precision.

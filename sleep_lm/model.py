@@ -123,7 +123,10 @@ class HybridLM(nn.Module):
     self.embedding = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
         embedding_init=P(nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
-    self.blocks = [Block(cfg, i, self.layout) for i in range(len(cfg.layers))]
+    # remat="blocks": each layer recomputed on its own in the backward (only the residual
+    # stream between layers is saved), same parameters.
+    block_cls = nn.remat(Block) if cfg.remat == "blocks" else Block
+    self.blocks = [block_cls(cfg, i, self.layout) for i in range(len(cfg.layers))]
     for block in self.blocks:   # its parameters directly under the model: layer_{i}_...
       nn.share_scope(self, block)
     self.final_norm = RMSNorm(dt, eps=cfg.norm_eps, name="final_norm")

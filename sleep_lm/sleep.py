@@ -98,7 +98,7 @@ def static_schedule(config: ModelConfig, loss_mask) -> tuple[bool, ...]:
 
 
 def _remat(fn, policy: str):
-  if policy == "none":
+  if policy in ("none", "blocks"):          # "blocks": each layer is checkpointed (HybridLM)
     return fn
   return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
