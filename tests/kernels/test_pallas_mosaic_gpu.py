@@ -79,7 +79,8 @@ def test_forward_matches_oracle_larger(dtype):
                TOLERANCE[dtype], names=("o", "final_state"))
 
 
-@pytest.mark.slow   # CI time: the backward is chunked's autodiff, tested in test_pallas.py too
+@pytest.mark.slow   # CI time; the backward is chunked's autodiff, whose gradients the default
+                    # suite checks (test_gated_delta_rule.py)
 def test_gradients_match_oracle():
   inputs, cotangents = make_inputs(4, 1, 70, 1, 32, 16, jnp.float32)
   kwargs = dict(use_qk_l2norm=True, chunk_size=64)
