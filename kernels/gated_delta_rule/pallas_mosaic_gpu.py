@@ -1,8 +1,8 @@
 """Pallas Mosaic GPU forward kernel for the gated delta rule (first step; forward only).
 
-NEVER COMPILED FOR A GPU: validated only on CPU in GPU interpret mode
-(`plgpu.InterpretGPUParams()`), by tests/kernels/test_pallas_mosaic_gpu.py. Available by name
-only (in no default order); nothing here has been timed.
+NEVER TIMED. Validated by tests/kernels/test_pallas_mosaic_gpu.py on CPU in GPU interpret mode
+(`plgpu.InterpretGPUParams()`) and compiled on one H200 (all of its tests passed there,
+2026-12-03). Available by name only (in no default order) until a benchmark says it is faster.
 
 What runs where:
   - The intra-chunk WY quantities (W, U and the causal scores P = Q K^T * D) are computed in pure
@@ -26,9 +26,8 @@ Limits (NotImplementedError): the gated delta rule only; bf16 or float32 inputs;
 K > 64).
 T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
 
-Unchecked by interpret mode (a GPU session must look): the SMEM scratch has no tiling/swizzle
-transforms (wgmma wants swizzled operands), register layouts of the [C] / [K] vectors broadcast
-against the accumulators, barrier phases across the chunk loop, and register pressure at BV = 64.
+For the profile to judge: the SMEM scratch has no tiling/swizzle transforms (it compiled without;
+unswizzled wgmma operands may cost bank conflicts), and there is no TMA/compute overlap.
 """
 
 from __future__ import annotations
@@ -264,9 +263,9 @@ def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_q
   return _op(q, k, v, g, beta, initial_state, float(scale), bool(use_qk_l2norm))
 
 
-# Not in any default order (api.DEFAULT_ORDER): never compiled for a GPU.
+# Not in any default order (api.DEFAULT_ORDER): never timed.
 IMPLEMENTATION = base.Implementation(
     NAME, gated_delta_rule_mosaic_gpu,
     "Pallas Mosaic GPU state-passing forward kernel (wgmma), WY terms in pure JAX; backward "
-    "recomputes with 'chunked' autodiff (correct, not fast); never compiled for a GPU, validated "
-    "in GPU interpret mode; chunk 64 only; by name only")
+    "recomputes with 'chunked' autodiff (correct, not fast); exact on an H200 and in GPU "
+    "interpret mode, never timed; chunk 64 only; by name only")

@@ -1,8 +1,8 @@
 """The Pallas Mosaic GPU forward kernel (`pallas_mosaic_gpu`) vs the float32 token-by-token oracle.
 
-On a CPU it runs in GPU interpret mode (slow: small shapes here, bigger ones under -m slow); it
-has never been compiled for a GPU. Errors are relative RMS errors against `recurrent` on upcast
-inputs at HIGHEST matmul precision. The backward is `chunked`'s autodiff (recomputed), checked
+On a CPU it runs in GPU interpret mode (slow: small shapes here, bigger ones under -m slow); on
+a GPU it compiles (all of these passed on an H200). Errors are relative RMS errors against
+`recurrent` on upcast inputs at HIGHEST matmul precision. The backward is `chunked`'s autodiff (recomputed), checked
 once against the oracle's gradients.
 """
 
