@@ -2,8 +2,8 @@
 
 On a CPU it runs in GPU interpret mode (slow: small shapes here, bigger ones under -m slow); on
 a GPU it compiles (all of these passed on an H200). Errors are relative RMS errors against
-`recurrent` on upcast inputs at HIGHEST matmul precision. The backward is `chunked`'s autodiff (recomputed), checked
-once against the oracle's gradients.
+`recurrent` on upcast inputs at HIGHEST matmul precision. The backward is `chunked`'s autodiff
+(recomputed), checked once against the oracle's gradients.
 """
 
 from __future__ import annotations
