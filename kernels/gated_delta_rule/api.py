@@ -50,8 +50,8 @@ REGISTRY: types.MappingProxyType[str, Implementation] = types.MappingProxyType({
                                  pallas_mosaic_tpu.IMPLEMENTATION,
                                  pallas_mosaic_gpu.IMPLEMENTATION)})
 # Best first, per backend. pallas_triton passes float32 inputs over to chunked (measured slower;
-# docs/kernels.md). pallas_mosaic_tpu has never run on a TPU, pallas_mosaic_gpu never on a GPU:
-# available by name only until they have.
+# docs/kernels.md). pallas_mosaic_tpu has never run on a TPU, and pallas_mosaic_gpu (exact on an
+# H200) has never been timed: available by name only until they have.
 # single_token (T = 1 only) is asked for by name: the model's decode step does.
 DEFAULT_ORDER: types.MappingProxyType[str, tuple[str, ...]] = types.MappingProxyType({
     "cpu": ("chunked",), "gpu": ("pallas_triton", "chunked"), "tpu": ("chunked",)})
