@@ -29,6 +29,10 @@ Runs:
   two float32 K = V = 256, T = 200 cases the test asserts that NotImplementedError and its
   message (`refused`); interpreted, the kernels run them. `test_grid_refusals_as_on_a_gpu`
   checks that path on a CPU.
+- pallas_mosaic_gpu is in the GPU grid only (interpreted on a CPU it is slow; its own tests,
+  tests/kernels/test_pallas_mosaic_gpu.py, run it interpreted): it runs every case at chunk 64,
+  its only chunk, and refuses K padded above 64 in float32 and above 192 in bfloat16 (SMEM;
+  `test_grid_refusals_of_the_mosaic_gpu_kernel` checks which cases, on a CPU).
 
 Tolerances, on the relative RMS error ||x - ref|| / ||ref|| of every output and gradient; as in
 fla's `assert_close`, an output also passes when its largest absolute error is <= 1e-6 (with
@@ -67,7 +71,7 @@ import kernels
 BACKEND = jax.default_backend()
 # Everything registered that runs here: on a CPU the Pallas kernels run interpreted; the TPU
 # interpreter does not run on a GPU.
-IMPLS = {"gpu": ("recurrent", "chunked", "pallas_triton"),
+IMPLS = {"gpu": ("recurrent", "chunked", "pallas_triton", "pallas_mosaic_gpu"),
          "tpu": ("recurrent", "chunked", "pallas_mosaic_tpu"),
          "cpu": ("recurrent", "chunked", "pallas_triton", "pallas_mosaic_tpu")}[BACKEND]
 PALLAS = tuple(i for i in IMPLS if i.startswith("pallas"))
@@ -244,8 +248,9 @@ def run(case: Case, impl: str, args, cotangents):
   to = lambda x, dt: jnp.asarray(x, jnp.float32).astype(dt)
   args = tuple(to(x, dtype) for x in args[:3]) + tuple(to(x, jnp.float32) for x in args[3:])
   cotangents = (to(cotangents[0], dtype), to(cotangents[1], jnp.float32))
-  # "recurrent" ignores the chunk: one value shares its compilations.
-  chunk = 64 if impl == "recurrent" else case.chunk
+  # "recurrent" ignores the chunk: one value shares its compilations; pallas_mosaic_gpu runs
+  # chunk 64 only (a warpgroup's wgmma M), so it runs every shape of the grid at 64.
+  chunk = 64 if impl in FIXED_CHUNK_64 else case.chunk
   outs = _op_vjp(args, cotangents, impl=impl, chunk=chunk, scale=case.scale, l2norm=case.l2norm)
   return [np.asarray(x.astype(jnp.float32), np.float64) for x in outs]
 
@@ -269,23 +274,34 @@ def _next_power_of_2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
 
+FIXED_CHUNK_64 = ("recurrent", "pallas_mosaic_gpu")
+
+
 def refused(case: Case, impl: str) -> bool:
-  """Whether the implementation refuses the case here: the compiled Triton kernels take no
-  float32 inputs at chunk 64 with K padded above 128 (kernel 1 would need more shared memory than
-  an H100/H200 block has; pallas_triton._refusal). The chunk is the one the kernels run: a
-  sequence shorter than the chunk runs with a smaller power of 2 (>= 16)."""
+  """Whether the implementation refuses the case here:
+  - the compiled Triton kernels take no float32 inputs at chunk 64 with K padded above 128
+    (kernel 1 would need more shared memory than an H100/H200 block has;
+    pallas_triton._refusal). The chunk is the one the kernels run: a sequence shorter than the
+    chunk runs with a smaller power of 2 (>= 16);
+  - pallas_mosaic_gpu (every backend: its check runs before anything compiles) keeps its chunk
+    operands in SMEM, with K padded to a multiple of 64: float32 (bf16 hi/lo operand pairs) only
+    at K <= 64, bfloat16 at K <= 192."""
+  if impl == "pallas_mosaic_gpu":
+    k_padded = -(-case.dk // 64) * 64
+    return k_padded > (64 if case.dtype == "float32" else 192)
   chunk = min(case.chunk, max(16, _next_power_of_2(case.t)))
   return (impl == "pallas_triton" and BACKEND == "gpu" and case.dtype == "float32"
           and chunk == 64 and _next_power_of_2(case.dk) > 128)
 
 
-REFUSAL = "do not fit kernel 1 in shared memory"
+REFUSALS = {"pallas_triton": "do not fit kernel 1 in shared memory",
+            "pallas_mosaic_gpu": "KiB of SMEM, over"}
 
 
 def check(case: Case, impl: str):
   if refused(case, impl):
     args, cotangents = draw(case)
-    with pytest.raises(NotImplementedError, match=REFUSAL) as e:
+    with pytest.raises(NotImplementedError, match=REFUSALS[impl]) as e:
       run(case, impl, args, cotangents)
     _record(case, impl, None, None, refused=str(e.value))
     return
@@ -323,6 +339,20 @@ def test_grid_refusals_as_on_a_gpu(monkeypatch):
   assert [(c.t, c.dk, c.dv, c.chunk, c.dtype) for c in cases] == [(200, 256, 256, 64, F32)] * 2
   for case in cases:
     check(case, "pallas_triton")
+
+
+def test_grid_refusals_of_the_mosaic_gpu_kernel():
+  """The grid cases pallas_mosaic_gpu refuses (its SMEM check runs before anything compiles, so
+  on a CPU too): float32 at K = 100, 128, 256 and bfloat16 at K = 256, each with the message;
+  it runs the other 24 cases (on the GPU: `-m kernel_grid`)."""
+  cases = [c for c in GRID if refused(c, "pallas_mosaic_gpu")]
+  assert sorted({(c.dk, c.dtype) for c in cases}) == [
+      (100, F32), (128, F32), (256, BF16), (256, F32)]
+  assert len(GRID) - len(cases) == 24
+  for case in cases:
+    args, cotangents = draw(case)
+    with pytest.raises(NotImplementedError, match=REFUSALS["pallas_mosaic_gpu"]):
+      run(case, "pallas_mosaic_gpu", args, cotangents)
 
 
 @pytest.mark.kernel_grid
