@@ -83,6 +83,12 @@ T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
 For the profile to judge: the SMEM scratch has no tiling/swizzle transforms (the forward
 compiled without; unswizzled wgmma operands may cost bank conflicts), and there is no
 TMA/compute overlap (each chunk waits for its copies).
+
+Unverified until a compiled run: GPU interpret mode runs the TMA copies synchronously, so the
+fences that keep a tile from being rewritten while a copy to GMEM still reads it (the
+`wait_smem_to_gmem(0, wait_read_only=True)` in each chunk of both kernels) are not exercised
+on the CPU; nor is the lowering of the backward's transposed A operands (P^T, Qe^T, W^T: SMEM
+views, like the forward's K^T, which compiled) or of the 4-D state slices it copies.
 """
 
 from __future__ import annotations
