@@ -150,7 +150,12 @@ def _store_parts(dst, x, n_parts):
 
 def _dot(terms, shape, n_parts):
   """sum over (a, b) in terms of a @ b, each over the part pairs (0,0), (0,1), (1,0) (one pair
-  for bf16): wgmmas into one float32 accumulator. a, b are tuples of SMEM refs (parts)."""
+  for bf16): wgmmas into one float32 accumulator. a, b are tuples of SMEM refs (parts).
+
+  The result passes through an optimization barrier: reading the accumulator lowers to an
+  inline `wgmma.wait_group` with no data dependency on the accumulator registers, so the
+  compiler may schedule arithmetic on them before the wait (jax-linear-attention documents
+  silently zeroed products from this; our forward passed on an H200 without the barrier)."""
   pairs = ((0, 0), (0, 1), (1, 0)) if n_parts == 2 else ((0, 0),)
 
   def body(acc):
@@ -158,7 +163,7 @@ def _dot(terms, shape, n_parts):
       for i, j in pairs:
         plgpu.wgmma(acc, a[i], b[j])
     return acc[...]
-  return pl.run_scoped(body, plgpu.ACC(shape, f32))
+  return jax.lax.optimization_barrier(pl.run_scoped(body, plgpu.ACC(shape, f32)))
 
 
 def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save):
