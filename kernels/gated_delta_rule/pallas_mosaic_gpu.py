@@ -44,7 +44,13 @@ are autodiffed too (everything outside `_core`, whose custom VJP this is).
 
 What runs where:
   - W, U, T and P: pure JAX outside the kernels (`_pallas_common.wy_representation` /
-    `qk_decayed` vmapped over (batch*head, chunk)): the Triton/TPU kernel 1 math.
+    `qk_decayed` vmapped over (batch*head, chunk)): the Triton/TPU kernel 1 math. Opt-in
+    (`make_implementation(wy_kernel=True)`, "pallas_mosaic_gpu[wy_kernel]", not registered):
+    a third Mosaic GPU kernel `intra_fwd`, grid (B*H, N), computes them with wgmma: K K^T,
+    T = (I + A)^-1 by block doubling from 1x1 blocks (T <- T - T (A_w T), w = 2 .. 32, ten
+    [C,C] products at bf16 hi/lo precision for either dtype), W, U (per V-tile) and P. Exact
+    interpreted (float32 ~2e-5 relative in the no-decay, aligned-keys regime of issue 15; bf16
+    as the pure-JAX path); never compiled: the default stays pure JAX until it has.
   - Forward chain: one `plgpu.kernel`, grid (B*H, V/BV): each program walks the chunks of one
     (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM; the four chunk
     products (W S, Q S, P Vnew, K^T Vnew) are `plgpu.wgmma`.
@@ -74,8 +80,9 @@ states) and dS_0 (float32).
 Limits (NotImplementedError): the gated delta rule only; bf16 or float32 inputs; chunk_size 64
 (a warpgroup's wgmma has M = 64: the [C,*] products need C = 64); K is padded to a multiple of
 64 (the [K,BV] products have M = K) and refused where the SMEM buffers of either kernel do not
-fit in 200 KiB (`_smem_bytes`, `_bwd_smem_bytes`). With V-tiles of 64 the forward needs more
-than the backward (its o and U staging tiles), so the limits are the forward's: bf16 at K > 192
+fit in 200 KiB (`_smem_bytes`, `_bwd_smem_bytes`, and `_intra_smem_bytes` with the WY kernel).
+With V-tiles of 64 the forward needs more than the backward (its o and U staging tiles) and no
+less than the WY kernel, so the limits are the forward's: bf16 at K > 192
 (forward 185 KiB at K = 192, backward 169 KiB; K = 256: 242 and 217 KiB); float32, whose
 operands are bf16 hi/lo pairs, at K > 64 (K = 64: 161 and 128 KiB; K = 128: 241 and 209 KiB).
 T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
@@ -88,7 +95,10 @@ Unverified until a compiled run: GPU interpret mode runs the TMA copies synchron
 fences that keep a tile from being rewritten while a copy to GMEM still reads it (the
 `wait_smem_to_gmem(0, wait_read_only=True)` in each chunk of both kernels) are not exercised
 on the CPU; nor is the lowering of the backward's transposed A operands (P^T, Qe^T, W^T: SMEM
-views, like the forward's K^T, which compiled) or of the 4-D state slices it copies.
+views, like the forward's K^T, which compiled) or of the 4-D state slices it copies. The WY
+kernel adds what none of the compiled kernels has: [C,C] elementwise math on WGMMA-layout
+values (iota masks, row and column broadcasts of gamma and beta loaded as WGMMA.reduce(1) /
+reduce(0) vectors, exp) and a transposed B operand (K^T in K K^T and Q K^T).
 """
 
 from __future__ import annotations
@@ -109,6 +119,7 @@ CHUNK = 64  # wgmma's M per warpgroup
 BLOCK_V = 64
 SMEM_LIMIT = 200 * 1024  # of the H100/H200's 227 KiB per block, some left for the compiler
 FWD_KERNEL, BWD_KERNEL = "gdr_mosaic_state_fwd", "gdr_mosaic_state_bwd"
+INTRA_KERNEL = "gdr_mosaic_intra_fwd"
 
 
 def _parts(x):
@@ -340,6 +351,124 @@ def state_bwd(qe, ke, neg_w, p, do, s_decay, ds_final, *, interpret):
   return _join(outs[:n_parts]), outs[n_parts], outs[n_parts + 1]
 
 
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # a [C] vector with one value per row of a [C,*] tile
+COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+
+
+def _intra_fwd_kernel(*refs, n_parts, bv):
+  """One (batch*head, chunk): W, U, T = (I + A)^-1 and P (the Triton kernel 1 math). Refs: inputs
+  (q, k, v parts; gamma, beta), outputs (W, U, T, P), scratch (see `intra_fwd`).
+
+  T by block doubling from 1x1 blocks: with T the inverse of the block-diagonal part of I + A
+  at block side w (w = 1: the identity) and A_w the blocks (2p+1, 2p) of side w of A,
+  T <- T - T (A_w T) is the inverse at side 2w; w = 1 needs no product (T = I - A_1), then
+  w = 2 .. 32 take two [C,C] products each, at bf16 hi/lo precision for either input dtype
+  (the inverse wants float32 products). Every intermediate is bounded by |A| and |T|.
+  """
+  it = iter(refs)
+  take = lambda n: tuple(next(it) for _ in range(n))
+  q_g, k_g, v_g = (take(n_parts) for _ in range(3))
+  g_g, b_g, w_g, u_g, t_g, p_g = take(6)
+  q_s, k_s, v_s = (take(n_parts) for _ in range(3))
+  m_b, t_b = take(2), take(2)  # [C,C] bf16 hi/lo operands of the inverse's products
+  g_s, b_s, w_o, u_o, t_o, p_o, bar, v_bar = take(8)
+
+  bh = jax.lax.axis_index("bh")
+  rows = pl.ds(jax.lax.axis_index("n") * CHUNK, CHUNK)
+  c, dk, dv = CHUNK, k_s[0].shape[1], u_g.shape[-1]
+  sq = (c, c)
+  store_parts = functools.partial(_store_parts, n_parts=n_parts)
+  store_wide = functools.partial(_store_parts, n_parts=2)  # the inverse: hi/lo whatever the dtype
+
+  for src, dst in zip((*q_g, *k_g), (*q_s, *k_s), strict=True):
+    plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
+  plgpu.copy_gmem_to_smem(g_g.at[bh, rows], g_s, bar)
+  plgpu.copy_gmem_to_smem(b_g.at[bh, rows], b_s, bar)
+  plgpu.barrier_wait(bar)
+  ri = plgpu.broadcasted_iota(jnp.int32, sq, 0, layout=plgpu.Layout.WGMMA)
+  ci = plgpu.broadcasted_iota(jnp.int32, sq, 1, layout=plgpu.Layout.WGMMA)
+  by_row = lambda x: jax.lax.broadcast_in_dim(x, sq, [0])
+  by_col = lambda x: jax.lax.broadcast_in_dim(x, sq, [1])
+  g_r, g_c = plgpu.load(g_s, layout=ROWS), plgpu.load(g_s, layout=COLS)
+  b_r, b_c = plgpu.load(b_s, layout=ROWS), plgpu.load(b_s, layout=COLS)
+  g_diff = by_row(g_r) - by_col(g_c)
+  decay = lambda mask: jnp.where(mask, jnp.exp(jnp.where(mask, g_diff, 0.0)), 0.0)
+  k_t = tuple(ref.T for ref in k_s)  # K^T: transposed views of the SMEM tiles
+
+  # A = strict_lower(diag(beta) K K^T * D)
+  a = _dot([(k_s, k_t)], sq, n_parts) * decay(ri > ci) * by_row(b_r)
+  t = jnp.where(ri == ci, 1.0, 0.0) - jnp.where((jax.lax.rem(ri, 2) == 1) & (ci == ri - 1), a, 0.0)
+  w = 2
+  while w < c:
+    r_blk, c_blk = jax.lax.div(ri, w), jax.lax.div(ci, w)
+    a_w = jnp.where((jax.lax.rem(r_blk, 2) == 1) & (c_blk == r_blk - 1), a, 0.0)
+    store_wide(m_b, a_w)
+    store_wide(t_b, t)
+    x = _dot([(m_b, t_b)], sq, 2)  # A_w T; the wgmmas have read m_b when _dot returns
+    store_wide(m_b, x)
+    t = t - _dot([(t_b, m_b)], sq, 2)  # T (A_w T)
+    w *= 2
+  t_o[...] = t.astype(t_o.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(t_o, t_g.at[bh, rows])
+
+  # W = (T diag(beta exp(gamma))) K, in the input dtype's precision (one pass for bf16, as fla).
+  store_parts(m_b[:n_parts], t * by_col(b_c * jnp.exp(g_c)))
+  w_o[...] = _dot([(m_b[:n_parts], k_s)], (c, dk), n_parts).astype(w_o.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(w_o, w_g.at[bh, rows])
+  # P = (Q K^T) * Dc
+  p_o[...] = (_dot([(q_s, k_t)], sq, n_parts) * decay(ri >= ci)).astype(p_o.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(p_o, p_g.at[bh, rows])
+  # U = (T diag(beta)) V, per V-tile.
+  store_parts(t_b[:n_parts], t * by_col(b_c))
+  for j in range(dv // bv):
+    cols = pl.ds(j * bv, bv)
+    for src, dst in zip(v_g, v_s, strict=True):
+      plgpu.copy_gmem_to_smem(src.at[bh, rows, cols], dst, v_bar)
+    plgpu.barrier_wait(v_bar)
+    u = _dot([(t_b[:n_parts], v_s)], (c, bv), n_parts)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's U has left u_o
+    u_o[...] = u.astype(u_o.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(u_o, u_g.at[bh, rows, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _intra_smem_bytes(n_parts, dk, bv, dtype):
+  """SMEM of the WY kernel (`intra_fwd`): q, k [C,K] and a V-tile of v (bf16 parts), four [C,C]
+  bf16 buffers of the inverse, gamma and beta, and the output tiles W [C,K], U [C,BV], T, P."""
+  c, size = CHUNK, jnp.dtype(dtype).itemsize
+  return (n_parts * 2 * (2 * c * dk + c * bv) + 4 * 2 * c * c + 8 * c
+          + size * (c * dk + c * bv + 2 * c * c))
+
+
+def intra_fwd(q, k, v, gamma, beta, *, interpret):
+  """W, U, T, P of every chunk by a Mosaic GPU kernel, grid (B*H, N). Arrays [B*H, T, *], T a
+  multiple of CHUNK; outputs in the input dtype, as `_intra_chunk`."""
+  bh, t, dk = q.shape
+  dv = v.shape[-1]
+  bv = min(BLOCK_V, dv)
+  dtype = q.dtype
+  n_parts = 1 if dtype == bf16 else 2
+  c = CHUNK
+  smem = plgpu.SMEM
+  scratch = ([smem((c, dk), bf16)] * (2 * n_parts) + [smem((c, bv), bf16)] * n_parts
+             + [smem((c, c), bf16)] * 4
+             + [smem((c,), f32), smem((c,), f32), smem((c, dk), dtype), smem((c, bv), dtype),
+                smem((c, c), dtype), smem((c, c), dtype),
+                plgpu.Barrier(num_arrivals=2 * n_parts + 2), plgpu.Barrier(num_arrivals=n_parts)])
+  out_type = (jax.ShapeDtypeStruct((bh, t, dk), dtype), jax.ShapeDtypeStruct((bh, t, dv), dtype),
+              jax.ShapeDtypeStruct((bh, t, c), dtype), jax.ShapeDtypeStruct((bh, t, c), dtype))
+  parts = [x for a in (q, k, v) for x in _parts(a)]
+  return plgpu.kernel(
+      functools.partial(_intra_fwd_kernel, n_parts=n_parts, bv=bv), out_type=out_type,
+      grid=(bh, t // c), grid_names=("bh", "n"), scratch_types=scratch, interpret=interpret,
+      kernel_name=INTRA_KERNEL,
+  )(*parts, gamma, beta)
+
+
 def _interpret():
   return False if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams()
 
@@ -407,9 +536,12 @@ def _decays(gamma):
   return jnp.exp(gamma), jnp.exp(g_last - per_chunk).reshape(bh, t), jnp.exp(g_last)
 
 
-def _run_forward(q, k, v, gamma, beta, s0, save):
+def _run_forward(q, k, v, gamma, beta, s0, save, wy_kernel):
   dtype = q.dtype
-  w, u, t_inv, p = _intra_chunk(q, k, v, gamma, beta, dtype)
+  if wy_kernel:
+    w, u, t_inv, p = intra_fwd(q, k, v, gamma, beta, interpret=_interpret())
+  else:
+    w, u, t_inv, p = _intra_chunk(q, k, v, gamma, beta, dtype)
   e_out, e_end, s_decay = _decays(gamma)
   s_decay = jnp.broadcast_to(s_decay, (*s_decay.shape[:2], q.shape[-1]))
   outs = state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, out_dtype=v.dtype, save=save,
@@ -417,18 +549,21 @@ def _run_forward(q, k, v, gamma, beta, s0, save):
   return outs, (w, t_inv, p)
 
 
-@jax.custom_vjp
-def _core(q, k, v, gamma, beta, s0):
-  """(o, s_final) from prepared, padded [B*H, T, *] inputs (gamma the chunk-local cumsum)."""
-  return _run_forward(q, k, v, gamma, beta, s0, save=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core(q, k, v, gamma, beta, s0, wy_kernel):
+  """(o, s_final) from prepared, padded [B*H, T, *] inputs (gamma the chunk-local cumsum);
+  W, U, T, P by the Mosaic GPU kernel `intra_fwd` with `wy_kernel`, else in pure JAX."""
+  return _run_forward(q, k, v, gamma, beta, s0, False, wy_kernel)[0]
 
 
-def _core_fwd(q, k, v, gamma, beta, s0):
-  (o, s_final, states, v_new), (w, t_inv, p) = _run_forward(q, k, v, gamma, beta, s0, save=True)
+def _core_fwd(q, k, v, gamma, beta, s0, wy_kernel):
+  (o, s_final, states, v_new), (w, t_inv, p) = _run_forward(q, k, v, gamma, beta, s0, True,
+                                                            wy_kernel)
   return (o, s_final), (q, k, v, gamma, beta, w, t_inv, p, states, v_new)
 
 
-def _core_bwd(residuals, cotangents):
+def _core_bwd(wy_kernel, residuals, cotangents):
+  del wy_kernel  # the backward is the same either way
   q, k, v, gamma, beta, w, t_inv, p, states, v_new = residuals
   do, ds_final = cotangents
   dtype = q.dtype
@@ -447,7 +582,7 @@ def _core_bwd(residuals, cotangents):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _check(q, k, v, chunk_size, delta):
+def _check(q, k, v, chunk_size, delta, wy_kernel=False):
   if not delta:
     raise NotImplementedError("pallas_mosaic_gpu implements the gated delta rule only; the gated "
                               "linear rule runs on 'chunked'")
@@ -460,12 +595,16 @@ def _check(q, k, v, chunk_size, delta):
   dk, dv = _padded_dims(q.shape[-1], v.shape[-1])
   n_parts = 1 if q.dtype == bf16 else 2
   bv = min(BLOCK_V, dv)
-  fwd, bwd = _smem_bytes(n_parts, dk, bv, v.dtype, v.dtype), _bwd_smem_bytes(n_parts, dk, bv)
-  if max(fwd, bwd) > SMEM_LIMIT:
+  needs = {"forward": _smem_bytes(n_parts, dk, bv, v.dtype, v.dtype),
+           "backward": _bwd_smem_bytes(n_parts, dk, bv)}
+  if wy_kernel:
+    needs["WY"] = _intra_smem_bytes(n_parts, dk, bv, q.dtype)
+  need = max(needs.values())
+  if need > SMEM_LIMIT:
+    each = ", ".join(f"{name} kernel {n // 1024} KiB" for name, n in needs.items())
     raise NotImplementedError(f"pallas_mosaic_gpu: K = {q.shape[-1]} (padded {dk}) in "
-                              f"{q.dtype.name} needs {max(fwd, bwd) // 1024} KiB of SMEM, over "
-                              f"{SMEM_LIMIT // 1024} KiB (forward kernel {fwd // 1024} KiB, "
-                              f"backward kernel {bwd // 1024} KiB)")
+                              f"{q.dtype.name} needs {need // 1024} KiB of SMEM, over "
+                              f"{SMEM_LIMIT // 1024} KiB ({each})")
 
 
 def _padded_dims(dk, dv):
@@ -473,7 +612,7 @@ def _padded_dims(dk, dv):
   return -(-dk // CHUNK) * CHUNK, max(16, common.next_power_of_2(dv))
 
 
-def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm):
+def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel):
   """Preparation (L2 norm, scale, layout, padding, cumsum; autodiffed) around `_core`."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
@@ -492,21 +631,33 @@ def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm):
   g, beta = heads(g.astype(f32)), heads(beta.astype(f32))
   gamma = common.chunk_local_cumsum(g[..., None], CHUNK)[..., 0]  # [B*H, T]
   s0 = jnp.pad(s0.astype(f32), [(0, 0), (0, 0), (0, dk_pad - dk), (0, dv_pad - dv)])
-  o, s_final = _core(q, k, v, gamma, beta, s0.reshape(b * h, dk_pad, dv_pad))
+  o, s_final = _core(q, k, v, gamma, beta, s0.reshape(b * h, dk_pad, dv_pad), wy_kernel)
   o = jnp.moveaxis(o.reshape(b, h, t_pad, dv_pad), 1, 2)[:, :t, :, :dv]
   return o, s_final.reshape(b, h, dk_pad, dv_pad)[:, :, :dk, :dv]
 
 
-def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
-                                chunk_size, delta):
-  """Implementation fn (see base.ImplementationFn). GPU interpret mode off-GPU."""
-  _check(q, k, v, chunk_size, delta)
-  return _forward(q, k, v, g, beta, initial_state, float(scale), bool(use_qk_l2norm))
+def make_implementation(*, wy_kernel: bool = False) -> base.Implementation:
+  """The implementation record: W, U, T, P in pure JAX (the default, "pallas_mosaic_gpu"), or
+  with `wy_kernel` by the Mosaic GPU kernel `intra_fwd` ("pallas_mosaic_gpu[wy_kernel]", passed
+  as `implementation=`; not registered: it has only run interpreted)."""
+
+  def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
+                                  chunk_size, delta):
+    """Implementation fn (see base.ImplementationFn). GPU interpret mode off-GPU."""
+    _check(q, k, v, chunk_size, delta, wy_kernel)
+    return _forward(q, k, v, g, beta, initial_state, float(scale), bool(use_qk_l2norm),
+                    wy_kernel)
+
+  if wy_kernel:
+    return base.Implementation(
+        f"{NAME}[wy_kernel]", gated_delta_rule_mosaic_gpu,
+        "pallas_mosaic_gpu with W, U, T, P by a Mosaic GPU kernel too; interpreted only so far")
+  return base.Implementation(
+      NAME, gated_delta_rule_mosaic_gpu,
+      "Pallas Mosaic GPU state-passing kernels (wgmma), forward and reverse chains; WY terms and "
+      "per-chunk gradients in pure JAX; forward exact on an H200, backward kernel only "
+      "interpreted so far; never timed; chunk 64 only; by name only")
 
 
 # Not in any default order (api.DEFAULT_ORDER): never timed.
-IMPLEMENTATION = base.Implementation(
-    NAME, gated_delta_rule_mosaic_gpu,
-    "Pallas Mosaic GPU state-passing kernels (wgmma), forward and reverse chains; WY terms and "
-    "per-chunk gradients in pure JAX; forward exact on an H200, backward kernel only interpreted "
-    "so far; never timed; chunk 64 only; by name only")
+IMPLEMENTATION = make_implementation()

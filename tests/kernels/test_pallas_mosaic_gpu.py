@@ -27,11 +27,15 @@ IMPL = pallas_mosaic_gpu.NAME
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 
 
-def op(inputs, **kwargs):
+# W, U, T, P by the Mosaic GPU kernel too (opt-in: it has only run interpreted).
+WY_IMPL = pallas_mosaic_gpu.make_implementation(wy_kernel=True)
+
+
+def op(inputs, implementation=IMPL, **kwargs):
   """(o, final_state) of the kernel; `inputs` ends with the initial state or None."""
   q, k, v, g, beta, s0 = inputs
-  return kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0, implementation=IMPL,
-                                  chunk_size=64, **kwargs)
+  return kernels.gated_delta_rule(q, k, v, g, beta, initial_state=s0,
+                                  implementation=implementation, chunk_size=64, **kwargs)
 
 
 def oracle_op(inputs, **kwargs):
@@ -156,21 +160,26 @@ def _kernel_calls(jaxpr):
   return kernel_names, outside
 
 
-def test_backward_is_the_reverse_kernel():
+@pytest.mark.parametrize("wy_kernel", [False, True])
+def test_backward_is_the_reverse_kernel(wy_kernel):
   """Traced only (no kernel runs): forward and backward are one forward kernel and one reverse
   kernel, in that order, with no sequential loop outside them (the old backward recomputed the
   op with `chunked`, a lax.scan over chunks, and autodiffed it), and the module no longer
   imports `chunked`."""
+  m = pallas_mosaic_gpu
+  impl = WY_IMPL if wy_kernel else IMPL
   inputs, cotangents = make_inputs(0, 1, 70, 1, 32, 16, jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda xs, cts: vjp_of(op, xs, cts, use_qk_l2norm=True))(
-      inputs, cotangents)
+  jaxpr = jax.make_jaxpr(lambda xs, cts: vjp_of(op, xs, cts, implementation=impl,
+                                                use_qk_l2norm=True))(inputs, cotangents)
   kernel_names, outside = _kernel_calls(jaxpr)
-  assert kernel_names == [pallas_mosaic_gpu.FWD_KERNEL, pallas_mosaic_gpu.BWD_KERNEL]
+  forward_kernels = [m.INTRA_KERNEL, m.FWD_KERNEL] if wy_kernel else [m.FWD_KERNEL]
+  assert kernel_names == [*forward_kernels, m.BWD_KERNEL]
   assert not outside & {"scan", "while", "custom_vjp_call", "custom_vjp_call_jaxpr"}, outside
-  assert not hasattr(pallas_mosaic_gpu, "chunked")
-  # The forward alone: the forward kernel only.
-  names, _ = _kernel_calls(jax.make_jaxpr(lambda xs: forward(xs, use_qk_l2norm=True))(inputs))
-  assert names == [pallas_mosaic_gpu.FWD_KERNEL]
+  assert not hasattr(m, "chunked")
+  # The forward alone: the forward kernels only.
+  names, _ = _kernel_calls(jax.make_jaxpr(
+      lambda xs: op(xs, implementation=impl, use_qk_l2norm=True))(inputs))
+  assert names == forward_kernels
 
 
 @pytest.mark.slow
@@ -210,6 +219,55 @@ def test_reverse_kernel_matches_jax_steps(dtype):
                TOLERANCE[dtype], names=("dv_new", "d_states", "ds0"))
 
 
+def _wy_inputs(seed, bh, t, dk, dv, dtype, hard=False):
+  """q, k, v [B*H,T,*], gamma (chunk-local cumsum), beta. `hard`: no decay, unit keys of
+  uniform [0,1) entries (~0.75 apart in cosine), beta near 1: the regime of issue 15."""
+  from kernels.gated_delta_rule import _pallas_common as common
+  from kernels.gated_delta_rule import base
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  if hard:
+    q, k = (base.l2_normalize(jax.random.uniform(keys[i], (bh, t, dk))) for i in (0, 1))
+    gamma = jnp.zeros((bh, t))
+    beta = 1.0 - 0.01 * jax.random.uniform(keys[4], (bh, t))
+  else:
+    q, k = (0.2 * jax.random.normal(keys[i], (bh, t, dk)) for i in (0, 1))
+    g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (bh, t)) + 2.0)
+    gamma = common.chunk_local_cumsum(g[..., None], 64)[..., 0]
+    beta = jax.nn.sigmoid(jax.random.normal(keys[4], (bh, t)))
+  v = jax.random.normal(keys[2], (bh, t, dv))
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype), gamma, beta
+
+
+@pytest.mark.parametrize("dtype,hard", [
+    (jnp.float32, False),
+    pytest.param(jnp.float32, True, marks=pytest.mark.slow),
+    pytest.param(jnp.bfloat16, False, marks=pytest.mark.slow),
+    pytest.param(jnp.bfloat16, True, marks=pytest.mark.slow)])
+def test_wy_kernel_matches_jax(dtype, hard):
+  """The WY kernel alone (W, U, T by block doubling, P; two V-tiles) against `_intra_chunk` on
+  the upcast inputs at HIGHEST. float32: ~2e-5 in the hard case (hi/lo products), ~5e-6
+  otherwise; bf16 as the pure-JAX bf16 path (bf16 operands and outputs)."""
+  m = pallas_mosaic_gpu
+  q, k, v, gamma, beta = _wy_inputs(1, 1, 128, 64, 128, dtype, hard)
+  got = m.intra_fwd(q, k, v, gamma, beta, interpret=m._interpret())
+  assert [x.dtype for x in got] == [dtype] * 4
+  with jax.default_matmul_precision("highest"):
+    want = m._intra_chunk(*(x.astype(jnp.float32) for x in (q, k, v)), gamma, beta, jnp.float32)
+  tolerance = 1e-4 if dtype == jnp.float32 else 1e-2
+  assert_close(got, want, tolerance, names=("w", "u", "t", "p"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5].values[0]], ids=case_id)
+def test_wy_kernel_matches_oracle(case):
+  """End to end with the WY kernel: outputs and every gradient, as `test_matches_oracle`."""
+  l2norm, dtype = case[6], case[5]
+  inputs, cotangents = case_inputs(case)
+  got = vjp_of(op, inputs, cotangents, implementation=WY_IMPL, use_qk_l2norm=l2norm)
+  assert_close(got, oracle_vjp(inputs, cotangents, use_qk_l2norm=l2norm), TOLERANCE[dtype],
+               names=names_of(inputs))
+
+
 @pytest.mark.slow
 def test_state_round_trip():
   """Prefix then suffix, with the state handed over, equals one pass (and the oracle)."""
@@ -246,27 +304,30 @@ def test_refusals(what):
     rule(q, k, v, g, beta, chunk_size=chunk, implementation=IMPL)
 
 
-SMEM_MESSAGE = r"KiB of SMEM, over 200 KiB \(forward kernel \d+ KiB, backward kernel \d+ KiB\)"
+SMEM_MESSAGE = r"KiB of SMEM, over 200 KiB \(forward kernel \d+ KiB, backward kernel \d+ KiB"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_smem_limits(dtype):
   """With V-tiles of 64 the backward kernel needs less SMEM than the forward (no o or U staging
-  tiles), so the refusals are the forward's (test_fla_grid.refused): float32 above K = 64,
-  bf16 above K = 192 (K padded to a multiple of 64)."""
+  tiles) and the WY kernel no more, so the refusals are the forward's (test_fla_grid.refused):
+  float32 above K = 64, bf16 above K = 192 (K padded to a multiple of 64)."""
+  m = pallas_mosaic_gpu
   limit = 64 if dtype == jnp.float32 else 192
   n_parts = 2 if dtype == jnp.float32 else 1
   for dk in (48, 64, 100, 128, 192, 256):
     x = jax.ShapeDtypeStruct((1, 8, 1, dk), dtype)
     v = jax.ShapeDtypeStruct((1, 8, 1, 128), dtype)
     padded = -(-dk // 64) * 64
-    assert (pallas_mosaic_gpu._bwd_smem_bytes(n_parts, padded, 64)
-            < pallas_mosaic_gpu._smem_bytes(n_parts, padded, 64, dtype, dtype))
-    if padded > limit:
-      with pytest.raises(NotImplementedError, match=SMEM_MESSAGE):
-        pallas_mosaic_gpu._check(x, x, v, 64, True)
-    else:
-      pallas_mosaic_gpu._check(x, x, v, 64, True)
+    forward_bytes = m._smem_bytes(n_parts, padded, 64, dtype, dtype)
+    assert m._bwd_smem_bytes(n_parts, padded, 64) < forward_bytes
+    assert m._intra_smem_bytes(n_parts, padded, 64, dtype) <= forward_bytes  # the WY kernel's
+    for wy_kernel in (False, True):
+      if padded > limit:
+        with pytest.raises(NotImplementedError, match=SMEM_MESSAGE):
+          m._check(x, x, v, 64, True, wy_kernel)
+      else:
+        m._check(x, x, v, 64, True, wy_kernel)
 
 
 def test_bf16_split_is_exact_to_2_pow_16():
