@@ -83,7 +83,7 @@ Limits (NotImplementedError): the gated delta rule only; bf16 or float32 inputs;
 fit in 200 KiB (`_smem_bytes`, `_bwd_smem_bytes`, and `_intra_smem_bytes` with the WY kernel).
 With V-tiles of 64 the forward needs more than the backward (its o and U staging tiles) and no
 less than the WY kernel, so the limits are the forward's: bf16 at K > 192
-(forward 185 KiB at K = 192, backward 169 KiB; K = 256: 242 and 217 KiB); float32, whose
+(forward 185 KiB at K = 192, backward 169 KiB; K = 256: 233 and 217 KiB); float32, whose
 operands are bf16 hi/lo pairs, at K > 64 (K = 64: 161 and 128 KiB; K = 128: 241 and 209 KiB).
 T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
 
