@@ -3,8 +3,7 @@ contract and the preparation of q and k.
 
 Imports nothing of the package. The modules import one way: `api` imports the implementations
 (`reference`, `chunked`, `pallas_triton`, `pallas_mosaic_tpu`, `pallas_mosaic_gpu`), which import
-this module (the Pallas ones also `_pallas_common`; `pallas_mosaic_gpu` also `chunked`, for its
-backward) and never `api`.
+this module (the Pallas ones also `_pallas_common`) and never `api`.
 """
 
 from __future__ import annotations

@@ -1,33 +1,104 @@
-"""Pallas Mosaic GPU forward kernel for the gated delta rule (first step; forward only).
+"""Pallas Mosaic GPU kernels for the gated delta rule: the forward and the backward state chains.
 
-NEVER TIMED. Validated by tests/kernels/test_pallas_mosaic_gpu.py on CPU in GPU interpret mode
-(`plgpu.InterpretGPUParams()`) and compiled on one H200 (all of its tests passed there,
-2026-12-03). Available by name only (in no default order) until a benchmark says it is faster.
+NEVER TIMED. The forward kernel is validated by tests/kernels/test_pallas_mosaic_gpu.py on CPU
+in GPU interpret mode (`plgpu.InterpretGPUParams()`) and compiled on one H200 (all of its tests
+passed there, 2026-12-03, before the backward kernel existed). THE BACKWARD KERNEL (and the
+forward's saving of the states and Vnew for it) HAS ONLY RUN INTERPRETED, on a CPU, until a GPU
+run says otherwise. Available by name only (in no default order) until a benchmark says it is
+faster.
+
+Per chunk n of C = 64 tokens (arrays [B*H, T, *], T padded to a multiple of C), with gamma the
+chunk-local cumulative log decay, g_last its last entry, D_rs = exp(gamma_r - gamma_s) for
+r >= s (causal mask Dc; strictly lower: Ds), q already normalised and scaled, and S_n the
+[K,V] state entering the chunk:
+
+  A    = strict_lower(diag(beta) K K^T * D),  T = (I + A)^-1
+  W    = T diag(beta exp(gamma)) K = T X,   U = T diag(beta) V = T Y,   P = (Q K^T) * Dc
+  Vnew = U - W S_n
+  O    = Qe S_n + P Vnew                         Qe = diag(exp(gamma)) Q
+  S_n+1 = exp(g_last) S_n + Ke^T Vnew             Ke = diag(exp(g_last - gamma)) K
+
+Backward, with dS_n+1 the gradient of the loss w.r.t. the state leaving chunk n (dS_N =
+dS_final, the cotangent of the final state), walking the chunks from last to first:
+
+  dVnew = P^T dO + Ke dS_n+1                                               (reverse kernel)
+  dS_n  = exp(g_last) dS_n+1 + Qe^T dO - W^T dVnew ;  dS_0 = d initial_state
+
+and then, per chunk and in parallel, from S_n, dS_n+1, Vnew, dVnew (`_chunk_grads`, the
+_pallas_common math of the Triton kernels 4a and 4b):
+
+  dP   = (dO Vnew^T) * Dc
+  dQ   = diag(exp(gamma)) dO S_n^T + dP K
+  dK   = dP^T Q + diag(exp(g_last - gamma)) Vnew dS_n+1^T               (through O and S_n+1)
+  dW   = -dVnew S_n^T,  dU = dVnew
+  dT   = dW X^T + dU Y^T,  dA = strict_lower(-T^T dT T^T),  dX = T^T dW,  dY = T^T dU
+  dK  += diag(beta exp(gamma)) dX + (dA * beta_col * Ds) K + (dA * beta_col * Ds)^T K
+  dV   = diag(beta) dY
+  dbeta = rowsum(dX * K) exp(gamma) + rowsum(dY * V) + rowsum(dA * (K K^T * Ds))
+  dgamma_r = e_r <dO_r, (S_n^T q_r)> + rowsum(dP * QK^T)_r - colsum(dP * QK^T)_r     (O)
+           + rowsum(dX * X)_r + rowsum(dA * A)_r - colsum(dA * A)_r                   (W, T)
+           - m_r + [r = C-1] (sum_s m_s + exp(g_last) <dS_n+1, S_n>)                   (S_n+1)
+    with m_r = exp(g_last - gamma_r) <k_r, dS_n+1 Vnew_r^T>, e_r = exp(gamma_r).
+dgamma becomes dg by autodiff of the chunk-local cumsum; the L2 norm, the scale and the padding
+are autodiffed too (everything outside `_core`, whose custom VJP this is).
 
 What runs where:
-  - The intra-chunk WY quantities (W, U and the causal scores P = Q K^T * D) are computed in pure
-    JAX outside the kernel, by `_pallas_common.wy_representation` / `qk_decayed` vmapped over
-    (batch*head, chunk): the same chunk math as the Triton and TPU kernel 1.
-  - The state-passing part is one `plgpu.kernel`, grid (B*H, V/BV): each program walks the
-    chunks of one (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM:
-      Vnew = U - W S;  O = exp(gamma) * (Q S) + P Vnew;  S' = exp(g_last) S + K^T (exp(g_last -
-      gamma) * Vnew).
-    Every chunk product is a `plgpu.wgmma` (bf16 operands in SMEM, float32 accumulator).
-    bf16 inputs: the state and Vnew enter the products rounded to bf16, as in the Triton kernel.
-    float32 inputs: each operand is split into bf16 hi + lo parts and a product is three wgmmas
-    (hi hi + hi lo + lo hi, error ~2^-16 relative), so that a real GPU does not fall back to tf32.
-  - Backward: `jax.custom_vjp` whose bwd recomputes the op with the `chunked` implementation and
-    differentiates that (correct, not fast: it repeats the whole forward in pure JAX).
+  - W, U, T and P: pure JAX outside the kernels (`_pallas_common.wy_representation` /
+    `qk_decayed` vmapped over (batch*head, chunk)): the Triton/TPU kernel 1 math. Opt-in
+    (`make_implementation(wy_kernel=True)`, "pallas_mosaic_gpu[wy_kernel]", not registered):
+    a third Mosaic GPU kernel `intra_fwd`, grid (B*H, N), computes them with wgmma: K K^T,
+    T = (I + A)^-1 by block doubling from 1x1 blocks (T <- T - T (A_w T), w = 2 .. 32, ten
+    [C,C] products at bf16 hi/lo precision for either dtype), W, U (per V-tile) and P. Exact
+    interpreted (float32 ~2e-5 relative in the no-decay, aligned-keys regime of issue 15; bf16
+    as the pure-JAX path); never compiled: the default stays pure JAX until it has.
+  - Forward chain: one `plgpu.kernel`, grid (B*H, V/BV): each program walks the chunks of one
+    (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM; the four chunk
+    products (W S, Q S, P Vnew, K^T Vnew) are `plgpu.wgmma`.
+  - Backward chain: one `plgpu.kernel`, grid (B*H, V/BV), chunks from last to first, carrying
+    the [K,BV] float32 dS in SMEM; one [C,BV] accumulator for dVnew (P^T dO and Ke dS: two
+    products, one accumulator) and one [K,BV] for Qe^T dO + (-W)^T dVnew. Qe, Ke and -W are
+    formed in JAX before the kernel (elementwise, parallel), so the kernel scales nothing but
+    the carried dS by exp(g_last).
+  - The rest of the backward (dq, dk, dv, dgamma, dbeta): pure JAX, vmapped over chunks.
+  - Precision: every chunk product in both kernels has bf16 operands in SMEM and a float32
+    accumulator. bf16 inputs: the state, dS, Vnew, dVnew enter the products rounded to bf16,
+    as in the Triton kernels. float32 inputs: each operand is split into bf16 hi + lo parts and
+    a product is three wgmmas (hi hi + hi lo + lo hi, error ~2^-16 relative), so that a real
+    GPU does not fall back to tf32. The pure-JAX parts multiply at HIGHEST for float32 inputs.
+
+Saved by the forward under a VJP (the backward runs no forward again):
+  - the state entering each chunk, states [B*H, N, K, V]: float32 for float32 inputs (the
+    carried SMEM state), bf16 for bf16 ones (its bf16 operand copy): the Triton kernels'
+    precision choice (`intermediate_dtype` = the input dtype);
+  - Vnew [B*H, T, V] as its bf16 operand parts (one part for bf16 inputs; hi and lo for float32,
+    summed in JAX: float32 to ~2^-16): the chunk-parallel gradients need it (dK, dgamma);
+  - W, T (= (I + A)^-1) and P in the input dtype, as the Triton kernel 1 saves them, and the
+    prepared q, k, v, gamma, beta.
+The backward kernel returns dVnew (parts, as Vnew), dS_n+1 per chunk (float32 / bf16 as the
+states) and dS_0 (float32).
 
 Limits (NotImplementedError): the gated delta rule only; bf16 or float32 inputs; chunk_size 64
 (a warpgroup's wgmma has M = 64: the [C,*] products need C = 64); K is padded to a multiple of
-64 (the state update K^T Vnew has M = K) and refused where the SMEM buffers do not fit
-(with V-tiles of 64: bf16 at K > 192; float32, whose operands are bf16 hi/lo pairs, at
-K > 64).
+64 (the [K,BV] products have M = K) and refused where the SMEM buffers of either kernel do not
+fit in 200 KiB (`_smem_bytes`, `_bwd_smem_bytes`, and `_intra_smem_bytes` with the WY kernel).
+With V-tiles of 64 the forward needs more than the backward (its o and U staging tiles) and no
+less than the WY kernel, so the limits are the forward's: bf16 at K > 192
+(forward 185 KiB at K = 192, backward 169 KiB; K = 256: 233 and 217 KiB); float32, whose
+operands are bf16 hi/lo pairs, at K > 64 (K = 64: 161 and 128 KiB; K = 128: 241 and 209 KiB).
 T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
 
-For the profile to judge: the SMEM scratch has no tiling/swizzle transforms (it compiled without;
-unswizzled wgmma operands may cost bank conflicts), and there is no TMA/compute overlap.
+For the profile to judge: the SMEM scratch has no tiling/swizzle transforms (the forward
+compiled without; unswizzled wgmma operands may cost bank conflicts), and there is no
+TMA/compute overlap (each chunk waits for its copies).
+
+Unverified until a compiled run: GPU interpret mode runs the TMA copies synchronously, so the
+fences that keep a tile from being rewritten while a copy to GMEM still reads it (the
+`wait_smem_to_gmem(0, wait_read_only=True)` in each chunk of both kernels) are not exercised
+on the CPU; nor is the lowering of the backward's transposed A operands (P^T, Qe^T, W^T: SMEM
+views, like the forward's K^T, which compiled) or of the 4-D state slices it copies. The WY
+kernel adds what none of the compiled kernels has: [C,C] elementwise math on WGMMA-layout
+values (iota masks, row and column broadcasts of gamma and beta loaded as WGMMA.reduce(1) /
+reduce(0) vectors, exp) and a transposed B operand (K^T in K K^T and Q K^T).
 """
 
 from __future__ import annotations
@@ -40,13 +111,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.gated_delta_rule import _pallas_common as common
-from kernels.gated_delta_rule import base, chunked
+from kernels.gated_delta_rule import base
 
 f32, bf16 = jnp.float32, jnp.bfloat16
 NAME = "pallas_mosaic_gpu"
 CHUNK = 64  # wgmma's M per warpgroup
 BLOCK_V = 64
 SMEM_LIMIT = 200 * 1024  # of the H100/H200's 227 KiB per block, some left for the compiler
+FWD_KERNEL, BWD_KERNEL = "gdr_mosaic_state_fwd", "gdr_mosaic_state_bwd"
+INTRA_KERNEL = "gdr_mosaic_intra_fwd"
 
 
 def _parts(x):
@@ -57,20 +130,62 @@ def _parts(x):
   return hi, (x - hi.astype(f32)).astype(bf16)
 
 
+def _join(parts):
+  """The inverse of `_parts`: bf16 for one part, float32 hi + lo for two."""
+  return parts[0] if len(parts) == 1 else parts[0].astype(f32) + parts[1].astype(f32)
+
+
 def _smem_bytes(n_parts, dk, bv, out_dtype, u_dtype):
+  """SMEM of the forward kernel (`state_fwd`)."""
   c = CHUNK
   operands = n_parts * 2 * (3 * c * dk + c * c + dk * bv + 2 * c * bv)  # q k w, P, S, Vnew, Vd
   return (operands + 4 * dk * bv + c * bv * (jnp.dtype(out_dtype).itemsize
                                              + jnp.dtype(u_dtype).itemsize) + 4 * (c + dk))
 
 
-def _state_fwd_kernel(*refs, n_parts, n_chunks, bv):
+def _bwd_smem_bytes(n_parts, dk, bv):
+  """SMEM of the backward kernel (`state_bwd`): operands Qe, Ke, -W [C,K], P [C,C], dO [C,BV],
+  dS [K,BV], dVnew [C,BV] (bf16 parts), the float32 dS [K,BV] and exp(g_last) [K]."""
+  c = CHUNK
+  return n_parts * 2 * (3 * c * dk + c * c + 2 * c * bv + dk * bv) + 4 * dk * bv + 4 * dk
+
+
+def _store_parts(dst, x, n_parts):
+  """x (float32 value) -> its bf16 operand parts in the SMEM refs `dst`, fenced for the wgmma
+  and the TMA copies that read them."""
+  for ref, part in zip(dst, _parts(x.astype(f32) if n_parts == 2 else x.astype(bf16)),
+                       strict=True):
+    ref[...] = part
+  plgpu.commit_smem()
+
+
+def _dot(terms, shape, n_parts):
+  """sum over (a, b) in terms of a @ b, each over the part pairs (0,0), (0,1), (1,0) (one pair
+  for bf16): wgmmas into one float32 accumulator. a, b are tuples of SMEM refs (parts).
+
+  The result passes through an optimization barrier: reading the accumulator lowers to an
+  inline `wgmma.wait_group` with no data dependency on the accumulator registers, so the
+  compiler may schedule arithmetic on them before the wait (jax-linear-attention documents
+  silently zeroed products from this; our forward passed on an H200 without the barrier)."""
+  pairs = ((0, 0), (0, 1), (1, 0)) if n_parts == 2 else ((0, 0),)
+
+  def body(acc):
+    for a, b in terms:
+      for i, j in pairs:
+        plgpu.wgmma(acc, a[i], b[j])
+    return acc[...]
+  return jax.lax.optimization_barrier(pl.run_scoped(body, plgpu.ACC(shape, f32)))
+
+
+def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save):
   """One (batch*head, V-tile): the chunk chain. Refs: inputs (q, k, w, p parts; u, e_out, e_end,
-  s_decay, s0), outputs (o, s_final), scratch (see `state_fwd`)."""
+  s_decay, s0), outputs (o, s_final; with `save` also states, Vnew parts), scratch (see
+  `state_fwd`)."""
   it = iter(refs)
   take = lambda n: tuple(next(it) for _ in range(n))
   q_g, k_g, w_g, p_g = (take(n_parts) for _ in range(4))
   u_g, e_out_g, e_end_g, sd_g, s0_g, o_g, sf_g = take(7)
+  states_g, vn_g = (take(1)[0], take(n_parts)) if save else (None, ())
   q_s, k_s, w_s, p_s = (take(n_parts) for _ in range(4))
   s_b, vn_b, vd_b = (take(n_parts) for _ in range(3))
   u_s, e_out_s, e_end_s, sd_s, s_s, o_s, bar, s0_bar = take(8)
@@ -78,21 +193,8 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv):
   bh = jax.lax.axis_index("bh")
   cols = pl.ds(jax.lax.axis_index("v") * bv, bv)
   c = CHUNK
-
-  def store_parts(dst, x):
-    """x float32 -> the bf16 operand parts in SMEM, fenced for the wgmma that reads them."""
-    for ref, part in zip(dst, _parts(x.astype(f32) if n_parts == 2 else x.astype(bf16)),
-                         strict=True):
-      ref[...] = part
-    plgpu.commit_smem()
-
-  def dot(a, b, shape):
-    """sum of a_i @ b_j over the part pairs (0,0), (0,1), (1,0): one float32 accumulator."""
-    def body(acc):
-      for i, j in ((0, 0), (0, 1), (1, 0))[: 3 if n_parts == 2 else 1]:
-        plgpu.wgmma(acc, a[i], b[j])
-      return acc[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, f32))
+  store_parts = functools.partial(_store_parts, n_parts=n_parts)
+  dot = functools.partial(_dot, n_parts=n_parts)
 
   plgpu.copy_gmem_to_smem(s0_g.at[bh, :, cols], s_s, s0_bar)
   plgpu.barrier_wait(s0_bar)
@@ -101,6 +203,8 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv):
   @pl.loop(0, n_chunks)
   def _(n):
     rows = pl.ds(n * c, c)
+    if save:  # the state entering the chunk: float32 (s_s) or its bf16 operand (s_b)
+      plgpu.copy_smem_to_gmem(s_s if n_parts == 2 else s_b[0], states_g.at[bh, n, :, cols])
     for src, dst in zip((*q_g, *k_g, *w_g, *p_g), (*q_s, *k_s, *w_s, *p_s), strict=True):
       plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
     plgpu.copy_gmem_to_smem(u_g.at[bh, rows, cols], u_s, bar)
@@ -110,17 +214,21 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv):
     plgpu.barrier_wait(bar)
     e_out = e_out_s[...]  # [C]: exp(gamma)
     e_end = e_end_s[...]  # [C]: exp(g_last - gamma)
-    v_new = u_s[...].astype(f32) - dot(w_s, s_b, (c, bv))
-    o = dot(q_s, s_b, (c, bv)) * e_out[:, None]
+    v_new = u_s[...].astype(f32) - dot([(w_s, s_b)], (c, bv))
+    o = dot([(q_s, s_b)], (c, bv)) * e_out[:, None]
+    # Every copy to GMEM issued so far (the previous chunk's o and Vnew, this chunk's state) has
+    # read its SMEM source: vn_b, o_s, s_s and s_b may be written below.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     store_parts(vn_b, v_new)
-    o = o + dot(p_s, vn_b, (c, bv))
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's o has left o_s
+    for part, dst in zip(vn_b, vn_g, strict=True) if save else ():
+      plgpu.copy_smem_to_gmem(part, dst.at[bh, rows, cols])
+    o = o + dot([(p_s, vn_b)], (c, bv))
     o_s[...] = o.astype(o_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, o_g.at[bh, rows, cols])
     store_parts(vd_b, v_new * e_end[:, None])
     k_t = tuple(ref.T for ref in k_s)  # K^T as a transposed view of the SMEM tile, no copy
-    state = s_s[...] * sd_s[...][:, None] + dot(k_t, vd_b, (s_s.shape[0], bv))
+    state = s_s[...] * sd_s[...][:, None] + dot([(k_t, vd_b)], (s_s.shape[0], bv))
     s_s[...] = state
     store_parts(s_b, state)
 
@@ -128,56 +236,353 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv):
   plgpu.wait_smem_to_gmem(0)
 
 
-def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, interpret):
+def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, interpret):
   """The chunk chain. Arrays in the [B*H, T, *] layout, T a multiple of CHUNK; q, k, w, p are
   float32 or bf16 (split into bf16 parts here); s_decay [B*H, N, K] holds exp(g_last) per chunk
-  (a row vector, so no scalar is read from SMEM). Returns o [B*H,T,V] and s_final [B*H,K,V]."""
+  (a row vector, so no scalar is read from SMEM). Returns o [B*H,T,V] and s_final [B*H,K,V];
+  with `save` also the states entering each chunk [B*H,N,K,V] (float32 for float32 inputs,
+  bf16 for bf16) and Vnew [B*H,T,V] (float32 = hi + lo, or bf16)."""
   bh, t, dk = q.shape
   dv = u.shape[-1]
   bv = min(BLOCK_V, dv)
   n_parts = 1 if q.dtype == bf16 else 2
   parts = [x for a in (q, k, w, p) for x in _parts(a)]
   c = CHUNK
-  smem = lambda shape, dtype: plgpu.SMEM(shape, dtype)
+  smem = plgpu.SMEM
   scratch = ([smem((c, dk), bf16)] * (3 * n_parts) + [smem((c, c), bf16)] * n_parts
              + [smem((dk, bv), bf16)] * n_parts + [smem((c, bv), bf16)] * (2 * n_parts)
              + [smem((c, bv), u.dtype), smem((c,), f32), smem((c,), f32), smem((dk,), f32),
                 smem((dk, bv), f32), smem((c, bv), out_dtype),
                 plgpu.Barrier(num_arrivals=4 * n_parts + 4), plgpu.Barrier(num_arrivals=1)])
-  kernel = functools.partial(_state_fwd_kernel, n_parts=n_parts, n_chunks=t // c, bv=bv)
-  return plgpu.kernel(
-      kernel, out_type=(jax.ShapeDtypeStruct((bh, t, dv), out_dtype),
-                        jax.ShapeDtypeStruct((bh, dk, dv), f32)),
-      grid=(bh, dv // bv), grid_names=("bh", "v"), scratch_types=scratch, interpret=interpret,
+  out_type = [jax.ShapeDtypeStruct((bh, t, dv), out_dtype), jax.ShapeDtypeStruct((bh, dk, dv), f32)]
+  if save:
+    out_type += ([jax.ShapeDtypeStruct((bh, t // c, dk, dv), q.dtype)]
+                 + [jax.ShapeDtypeStruct((bh, t, dv), bf16)] * n_parts)
+  kernel = functools.partial(_state_fwd_kernel, n_parts=n_parts, n_chunks=t // c, bv=bv,
+                             save=save)
+  outs = plgpu.kernel(
+      kernel, out_type=tuple(out_type), grid=(bh, dv // bv), grid_names=("bh", "v"),
+      scratch_types=scratch, interpret=interpret, kernel_name=FWD_KERNEL,
   )(*parts, u, e_out, e_end, s_decay, s0)
+  if not save:
+    return outs
+  return outs[0], outs[1], outs[2], _join(outs[3:])
+
+
+def _state_bwd_kernel(*refs, n_parts, n_chunks, bv):
+  """One (batch*head, V-tile): the reverse chunk chain. Refs: inputs (Qe, Ke, -W, P, dO parts;
+  s_decay, dS_final), outputs (dVnew parts, dS per chunk, dS_0), scratch (see `state_bwd`)."""
+  it = iter(refs)
+  take = lambda n: tuple(next(it) for _ in range(n))
+  qe_g, ke_g, nw_g, p_g, do_g = (take(n_parts) for _ in range(5))
+  sd_g, dsf_g = take(2)
+  dvn_g = take(n_parts)
+  dstates_g, ds0_g = take(2)
+  qe_s, ke_s, nw_s, p_s, do_s, ds_b, dvn_b = (take(n_parts) for _ in range(7))
+  sd_s, ds_s, bar, init_bar = take(4)
+
+  bh = jax.lax.axis_index("bh")
+  cols = pl.ds(jax.lax.axis_index("v") * bv, bv)
+  c, dk = CHUNK, ds_s.shape[0]
+  store_parts = functools.partial(_store_parts, n_parts=n_parts)
+  dot = functools.partial(_dot, n_parts=n_parts)
+  transposed = lambda refs: tuple(ref.T for ref in refs)  # views of the SMEM tiles, no copy
+
+  plgpu.copy_gmem_to_smem(dsf_g.at[bh, :, cols], ds_s, init_bar)
+  plgpu.barrier_wait(init_bar)
+  store_parts(ds_b, ds_s[...])
+
+  @pl.loop(0, n_chunks)
+  def _(i):
+    n = n_chunks - 1 - i
+    rows = pl.ds(n * c, c)
+    # dS leaving chunk n: float32 (ds_s) or its bf16 operand (ds_b), as the forward's states.
+    plgpu.copy_smem_to_gmem(ds_s if n_parts == 2 else ds_b[0], dstates_g.at[bh, n, :, cols])
+    for src, dst in zip((*qe_g, *ke_g, *nw_g, *p_g), (*qe_s, *ke_s, *nw_s, *p_s), strict=True):
+      plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
+    for src, dst in zip(do_g, do_s, strict=True):
+      plgpu.copy_gmem_to_smem(src.at[bh, rows, cols], dst, bar)
+    plgpu.copy_gmem_to_smem(sd_g.at[bh, n], sd_s, bar)
+    plgpu.barrier_wait(bar)
+    # dVnew = P^T dO + Ke dS  [C,BV]
+    dv_new = dot([(transposed(p_s), do_s), (ke_s, ds_b)], (c, bv))
+    # Every copy to GMEM issued so far (the previous chunk's dVnew, this chunk's dS) has read
+    # its SMEM source: dvn_b, ds_s and ds_b may be written below.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    store_parts(dvn_b, dv_new)
+    for part, dst in zip(dvn_b, dvn_g, strict=True):
+      plgpu.copy_smem_to_gmem(part, dst.at[bh, rows, cols])
+    # dS entering the chunk = exp(g_last) dS + Qe^T dO + (-W)^T dVnew  [K,BV]
+    d_state = ds_s[...] * sd_s[...][:, None] + dot(
+        [(transposed(qe_s), do_s), (transposed(nw_s), dvn_b)], (dk, bv))
+    ds_s[...] = d_state
+    store_parts(ds_b, d_state)
+
+  plgpu.copy_smem_to_gmem(ds_s, ds0_g.at[bh, :, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def state_bwd(qe, ke, neg_w, p, do, s_decay, ds_final, *, interpret):
+  """The reverse chunk chain. Arrays in the [B*H, T, *] layout, T a multiple of CHUNK: qe =
+  diag(exp(gamma)) q, ke = diag(exp(g_last - gamma)) k, neg_w = -W, p, do (float32 or bf16, split
+  into bf16 parts here), s_decay [B*H, N, K] = exp(g_last), ds_final [B*H, K, V] float32.
+  Returns dVnew [B*H,T,V] (float32 = hi + lo, or bf16), dS leaving each chunk [B*H,N,K,V]
+  (float32 for float32 inputs, bf16 for bf16) and dS_0 [B*H,K,V] float32."""
+  bh, t, dk = qe.shape
+  dv = do.shape[-1]
+  bv = min(BLOCK_V, dv)
+  n_parts = 1 if qe.dtype == bf16 else 2
+  parts = [x for a in (qe, ke, neg_w, p, do) for x in _parts(a)]
+  c = CHUNK
+  smem = plgpu.SMEM
+  scratch = ([smem((c, dk), bf16)] * (3 * n_parts) + [smem((c, c), bf16)] * n_parts
+             + [smem((c, bv), bf16)] * n_parts + [smem((dk, bv), bf16)] * n_parts
+             + [smem((c, bv), bf16)] * n_parts
+             + [smem((dk,), f32), smem((dk, bv), f32),
+                plgpu.Barrier(num_arrivals=5 * n_parts + 1), plgpu.Barrier(num_arrivals=1)])
+  out_type = ([jax.ShapeDtypeStruct((bh, t, dv), bf16)] * n_parts
+              + [jax.ShapeDtypeStruct((bh, t // c, dk, dv), qe.dtype),
+                 jax.ShapeDtypeStruct((bh, dk, dv), f32)])
+  kernel = functools.partial(_state_bwd_kernel, n_parts=n_parts, n_chunks=t // c, bv=bv)
+  outs = plgpu.kernel(
+      kernel, out_type=tuple(out_type), grid=(bh, dv // bv), grid_names=("bh", "v"),
+      scratch_types=scratch, interpret=interpret, kernel_name=BWD_KERNEL,
+  )(*parts, s_decay, ds_final)
+  return _join(outs[:n_parts]), outs[n_parts], outs[n_parts + 1]
+
+
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # a [C] vector with one value per row of a [C,*] tile
+COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+
+
+def _intra_fwd_kernel(*refs, n_parts, bv):
+  """One (batch*head, chunk): W, U, T = (I + A)^-1 and P (the Triton kernel 1 math). Refs: inputs
+  (q, k, v parts; gamma, beta), outputs (W, U, T, P), scratch (see `intra_fwd`).
+
+  T by block doubling from 1x1 blocks: with T the inverse of the block-diagonal part of I + A
+  at block side w (w = 1: the identity) and A_w the blocks (2p+1, 2p) of side w of A,
+  T <- T - T (A_w T) is the inverse at side 2w; w = 1 needs no product (T = I - A_1), then
+  w = 2 .. 32 take two [C,C] products each, at bf16 hi/lo precision for either input dtype
+  (the inverse wants float32 products). Every intermediate is bounded by |A| and |T|.
+  """
+  it = iter(refs)
+  take = lambda n: tuple(next(it) for _ in range(n))
+  q_g, k_g, v_g = (take(n_parts) for _ in range(3))
+  g_g, b_g, w_g, u_g, t_g, p_g = take(6)
+  q_s, k_s, v_s = (take(n_parts) for _ in range(3))
+  m_b, t_b = take(2), take(2)  # [C,C] bf16 hi/lo operands of the inverse's products
+  g_s, b_s, w_o, u_o, t_o, p_o, bar, v_bar = take(8)
+
+  bh = jax.lax.axis_index("bh")
+  rows = pl.ds(jax.lax.axis_index("n") * CHUNK, CHUNK)
+  c, dk, dv = CHUNK, k_s[0].shape[1], u_g.shape[-1]
+  sq = (c, c)
+  store_parts = functools.partial(_store_parts, n_parts=n_parts)
+  store_wide = functools.partial(_store_parts, n_parts=2)  # the inverse: hi/lo whatever the dtype
+
+  for src, dst in zip((*q_g, *k_g), (*q_s, *k_s), strict=True):
+    plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
+  plgpu.copy_gmem_to_smem(g_g.at[bh, rows], g_s, bar)
+  plgpu.copy_gmem_to_smem(b_g.at[bh, rows], b_s, bar)
+  plgpu.barrier_wait(bar)
+  ri = plgpu.broadcasted_iota(jnp.int32, sq, 0, layout=plgpu.Layout.WGMMA)
+  ci = plgpu.broadcasted_iota(jnp.int32, sq, 1, layout=plgpu.Layout.WGMMA)
+  by_row = lambda x: jax.lax.broadcast_in_dim(x, sq, [0])
+  by_col = lambda x: jax.lax.broadcast_in_dim(x, sq, [1])
+  g_r, g_c = plgpu.load(g_s, layout=ROWS), plgpu.load(g_s, layout=COLS)
+  b_r, b_c = plgpu.load(b_s, layout=ROWS), plgpu.load(b_s, layout=COLS)
+  g_diff = by_row(g_r) - by_col(g_c)
+  decay = lambda mask: jnp.where(mask, jnp.exp(jnp.where(mask, g_diff, 0.0)), 0.0)
+  k_t = tuple(ref.T for ref in k_s)  # K^T: transposed views of the SMEM tiles
+
+  # A = strict_lower(diag(beta) K K^T * D)
+  a = _dot([(k_s, k_t)], sq, n_parts) * decay(ri > ci) * by_row(b_r)
+  t = jnp.where(ri == ci, 1.0, 0.0) - jnp.where((jax.lax.rem(ri, 2) == 1) & (ci == ri - 1), a, 0.0)
+  w = 2
+  while w < c:
+    r_blk, c_blk = jax.lax.div(ri, w), jax.lax.div(ci, w)
+    a_w = jnp.where((jax.lax.rem(r_blk, 2) == 1) & (c_blk == r_blk - 1), a, 0.0)
+    store_wide(m_b, a_w)
+    store_wide(t_b, t)
+    x = _dot([(m_b, t_b)], sq, 2)  # A_w T; the wgmmas have read m_b when _dot returns
+    store_wide(m_b, x)
+    t = t - _dot([(t_b, m_b)], sq, 2)  # T (A_w T)
+    w *= 2
+  t_o[...] = t.astype(t_o.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(t_o, t_g.at[bh, rows])
+
+  # W = (T diag(beta exp(gamma))) K, in the input dtype's precision (one pass for bf16, as fla).
+  store_parts(m_b[:n_parts], t * by_col(b_c * jnp.exp(g_c)))
+  w_o[...] = _dot([(m_b[:n_parts], k_s)], (c, dk), n_parts).astype(w_o.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(w_o, w_g.at[bh, rows])
+  # P = (Q K^T) * Dc
+  p_o[...] = (_dot([(q_s, k_t)], sq, n_parts) * decay(ri >= ci)).astype(p_o.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(p_o, p_g.at[bh, rows])
+  # U = (T diag(beta)) V, per V-tile.
+  store_parts(t_b[:n_parts], t * by_col(b_c))
+  for j in range(dv // bv):
+    cols = pl.ds(j * bv, bv)
+    for src, dst in zip(v_g, v_s, strict=True):
+      plgpu.copy_gmem_to_smem(src.at[bh, rows, cols], dst, v_bar)
+    plgpu.barrier_wait(v_bar)
+    u = _dot([(t_b[:n_parts], v_s)], (c, bv), n_parts)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's U has left u_o
+    u_o[...] = u.astype(u_o.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(u_o, u_g.at[bh, rows, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _intra_smem_bytes(n_parts, dk, bv, dtype):
+  """SMEM of the WY kernel (`intra_fwd`): q, k [C,K] and a V-tile of v (bf16 parts), four [C,C]
+  bf16 buffers of the inverse, gamma and beta, and the output tiles W [C,K], U [C,BV], T, P."""
+  c, size = CHUNK, jnp.dtype(dtype).itemsize
+  return (n_parts * 2 * (2 * c * dk + c * bv) + 4 * 2 * c * c + 8 * c
+          + size * (c * dk + c * bv + 2 * c * c))
+
+
+def intra_fwd(q, k, v, gamma, beta, *, interpret):
+  """W, U, T, P of every chunk by a Mosaic GPU kernel, grid (B*H, N). Arrays [B*H, T, *], T a
+  multiple of CHUNK; outputs in the input dtype, as `_intra_chunk`."""
+  bh, t, dk = q.shape
+  dv = v.shape[-1]
+  bv = min(BLOCK_V, dv)
+  dtype = q.dtype
+  n_parts = 1 if dtype == bf16 else 2
+  c = CHUNK
+  smem = plgpu.SMEM
+  scratch = ([smem((c, dk), bf16)] * (2 * n_parts) + [smem((c, bv), bf16)] * n_parts
+             + [smem((c, c), bf16)] * 4
+             + [smem((c,), f32), smem((c,), f32), smem((c, dk), dtype), smem((c, bv), dtype),
+                smem((c, c), dtype), smem((c, c), dtype),
+                plgpu.Barrier(num_arrivals=2 * n_parts + 2), plgpu.Barrier(num_arrivals=n_parts)])
+  out_type = (jax.ShapeDtypeStruct((bh, t, dk), dtype), jax.ShapeDtypeStruct((bh, t, dv), dtype),
+              jax.ShapeDtypeStruct((bh, t, c), dtype), jax.ShapeDtypeStruct((bh, t, c), dtype))
+  parts = [x for a in (q, k, v) for x in _parts(a)]
+  return plgpu.kernel(
+      functools.partial(_intra_fwd_kernel, n_parts=n_parts, bv=bv), out_type=out_type,
+      grid=(bh, t // c), grid_names=("bh", "n"), scratch_types=scratch, interpret=interpret,
+      kernel_name=INTRA_KERNEL,
+  )(*parts, gamma, beta)
 
 
 def _interpret():
   return False if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams()
 
 
-def _intra_chunk(q, k, v, gamma, beta, dtype):
-  """W, U, P per chunk in pure JAX (the Triton/TPU kernel 1 math, vmapped over [B*H, N]).
-  Arrays [B*H, T, *]; float32 intermediates for float32 inputs, bf16 for bf16 ones (as fla)."""
-  bh, t, dk = q.shape
-  n = t // CHUNK
-  cfg = common.KernelConfig(
-      chunk_size=CHUNK, block_v=BLOCK_V, block_k=dk, grads_block_v=BLOCK_V,
+def _config(dk, dv, dtype):
+  """The _pallas_common config of the pure-JAX chunk math: one K- and one V-tile, operands in
+  the input dtype (bf16 products for bf16, as fla), float32 products at HIGHEST."""
+  return common.KernelConfig(
+      chunk_size=CHUNK, block_v=dv, block_k=dk, grads_block_v=dv,
       compute_dtype=jnp.dtype(dtype).name, intermediate_dtype=jnp.dtype(dtype).name,
       fp32_precision=jax.lax.Precision.HIGHEST, interpret=None)
-  chunks = lambda x: x.reshape(bh * n, CHUNK, *x.shape[2:])
+
+
+def _per_chunk(x):
+  """[B*H, T, *] -> [B*H*N, C, *]."""
+  return x.reshape(-1, CHUNK, *x.shape[2:])
+
+
+def _intra_chunk(q, k, v, gamma, beta, dtype):
+  """W, U, T, P per chunk in pure JAX (the Triton/TPU kernel 1 math, vmapped over [B*H, N]).
+  Arrays [B*H, T, *]; float32 intermediates for float32 inputs, bf16 for bf16 ones (as fla)."""
+  bh, t, dk = q.shape
+  cfg = _config(dk, v.shape[-1], dtype)
 
   def one(q, k, v, g, b):
     g_col, g_row, b_col, b_row = g[:, None], g[None, :], b[:, None], b[None, :]
-    w, u, _ = common.wy_representation(k, v, g_col, g_row, b_col, b_row, cfg)
-    return w, u, common.qk_decayed(q, k, g_col, g_row, cfg)
+    w, u, t_inv = common.wy_representation(k, v, g_col, g_row, b_col, b_row, cfg)
+    return w, u, t_inv, common.qk_decayed(q, k, g_col, g_row, cfg)
 
-  w, u, p = jax.vmap(one)(*map(chunks, (q, k, v, gamma, beta)))
-  back = lambda x: x.reshape(bh, t, x.shape[-1])
-  return back(w.astype(dtype)), back(u.astype(dtype)), back(p.astype(dtype))
+  outs = jax.vmap(one)(*map(_per_chunk, (q, k, v, gamma, beta)))
+  return tuple(x.astype(dtype).reshape(bh, t, x.shape[-1]) for x in outs)
 
 
-def _check(q, k, v, chunk_size, delta):
+def _chunk_grads(q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states):
+  """dq, dk, dv, dgamma, dbeta of every chunk from the chains' S_n, dS_n+1, Vnew, dVnew: the
+  _pallas_common math of the Triton kernels 4a (through O and S_n+1) and 4b (through W, U, T),
+  in pure JAX vmapped over [B*H, N]. Arrays [B*H, T, *], states [B*H, N, K, V]."""
+  bh, t, dk = q.shape
+  dv = v.shape[-1]
+  cfg = _config(dk, dv, q.dtype)
+
+  def one(q, k, v, g, b, t_inv, do, vn, dvn, s, ds):
+    g_col, g_row, b_col, b_row = g[:, None], g[None, :], b[:, None], b[None, :]
+    acc = common.qk_grads_vtile(common.qk_grads_init(CHUNK, dk), do, vn, dvn, s, ds, cfg)
+    dq, dk_o, dw, dg_col, dg_row = common.qk_grads_finish(acc, q, k, g_col, g_row, cfg)
+    out = {}
+    dg_col_wy, dg_row_wy, dbeta, _ = common.wy_grads(
+        lambda j: k, lambda j: v, lambda j: dw, lambda j: dvn, lambda j: dk_o,
+        lambda j, x: out.__setitem__("dk", x), lambda j, x: out.__setitem__("dv", x), 1, 1,
+        t_inv.astype(f32), g_col, g_row, b_col, b_row, cfg)
+    dgamma = (dg_col + dg_col_wy)[:, 0] + (dg_row + dg_row_wy)[0]
+    return dq, out["dk"], out["dv"], dgamma, dbeta[:, 0]
+
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  outs = jax.vmap(one)(*map(_per_chunk, (q, k, v, gamma, beta, t_inv, do, v_new, dv_new)),
+                       flat(states), flat(d_states))
+  return tuple(x.reshape(bh, t, *x.shape[2:]) for x in outs)
+
+
+def _decays(gamma):
+  """exp(gamma) [B*H,T], exp(g_last - gamma) [B*H,T] and exp(g_last) [B*H,N,1] per chunk."""
+  bh, t = gamma.shape
+  per_chunk = gamma.reshape(bh, t // CHUNK, CHUNK)
+  g_last = per_chunk[..., -1:]
+  return jnp.exp(gamma), jnp.exp(g_last - per_chunk).reshape(bh, t), jnp.exp(g_last)
+
+
+def _run_forward(q, k, v, gamma, beta, s0, save, wy_kernel):
+  dtype = q.dtype
+  if wy_kernel:
+    w, u, t_inv, p = intra_fwd(q, k, v, gamma, beta, interpret=_interpret())
+  else:
+    w, u, t_inv, p = _intra_chunk(q, k, v, gamma, beta, dtype)
+  e_out, e_end, s_decay = _decays(gamma)
+  s_decay = jnp.broadcast_to(s_decay, (*s_decay.shape[:2], q.shape[-1]))
+  outs = state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, out_dtype=v.dtype, save=save,
+                   interpret=_interpret())
+  return outs, (w, t_inv, p)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core(q, k, v, gamma, beta, s0, wy_kernel):
+  """(o, s_final) from prepared, padded [B*H, T, *] inputs (gamma the chunk-local cumsum);
+  W, U, T, P by the Mosaic GPU kernel `intra_fwd` with `wy_kernel`, else in pure JAX."""
+  return _run_forward(q, k, v, gamma, beta, s0, False, wy_kernel)[0]
+
+
+def _core_fwd(q, k, v, gamma, beta, s0, wy_kernel):
+  (o, s_final, states, v_new), (w, t_inv, p) = _run_forward(q, k, v, gamma, beta, s0, True,
+                                                            wy_kernel)
+  return (o, s_final), (q, k, v, gamma, beta, w, t_inv, p, states, v_new)
+
+
+def _core_bwd(wy_kernel, residuals, cotangents):
+  del wy_kernel  # the backward is the same either way
+  q, k, v, gamma, beta, w, t_inv, p, states, v_new = residuals
+  do, ds_final = cotangents
+  dtype = q.dtype
+  do = do.astype(dtype)
+  e_out, e_end, s_decay = _decays(gamma)
+  scaled = lambda x, e: (x.astype(f32) * e[..., None]).astype(dtype)
+  dv_new, d_states, ds0 = state_bwd(
+      scaled(q, e_out), scaled(k, e_end), -w, p, do,
+      jnp.broadcast_to(s_decay, (*s_decay.shape[:2], q.shape[-1])), ds_final.astype(f32),
+      interpret=_interpret())
+  dq, dk, dv, dgamma, dbeta = _chunk_grads(q, k, v, gamma, beta, t_inv, do, v_new, dv_new,
+                                           states, d_states)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgamma, dbeta, ds0)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _check(q, k, v, chunk_size, delta, wy_kernel=False):
   if not delta:
     raise NotImplementedError("pallas_mosaic_gpu implements the gated delta rule only; the gated "
                               "linear rule runs on 'chunked'")
@@ -189,22 +594,28 @@ def _check(q, k, v, chunk_size, delta):
                               f"wgmma has M = 64), got {chunk_size}")
   dk, dv = _padded_dims(q.shape[-1], v.shape[-1])
   n_parts = 1 if q.dtype == bf16 else 2
-  need = _smem_bytes(n_parts, dk, min(BLOCK_V, dv), v.dtype, v.dtype)
+  bv = min(BLOCK_V, dv)
+  needs = {"forward": _smem_bytes(n_parts, dk, bv, v.dtype, v.dtype),
+           "backward": _bwd_smem_bytes(n_parts, dk, bv)}
+  if wy_kernel:
+    needs["WY"] = _intra_smem_bytes(n_parts, dk, bv, q.dtype)
+  need = max(needs.values())
   if need > SMEM_LIMIT:
+    each = ", ".join(f"{name} kernel {n // 1024} KiB" for name, n in needs.items())
     raise NotImplementedError(f"pallas_mosaic_gpu: K = {q.shape[-1]} (padded {dk}) in "
                               f"{q.dtype.name} needs {need // 1024} KiB of SMEM, over "
-                              f"{SMEM_LIMIT // 1024} KiB")
+                              f"{SMEM_LIMIT // 1024} KiB ({each})")
 
 
 def _padded_dims(dk, dv):
-  """K to a multiple of 64 (the M of K^T Vnew), V to a power of 2 >= 16 (wgmma's N)."""
+  """K to a multiple of 64 (the M of the [K,BV] products), V to a power of 2 >= 16 (wgmma's N)."""
   return -(-dk // CHUNK) * CHUNK, max(16, common.next_power_of_2(dv))
 
 
-def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm):
+def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel):
+  """Preparation (L2 norm, scale, layout, padding, cumsum; autodiffed) around `_core`."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  dtype = q.dtype
   q, k = base.prepare_qk(q, k, scale=scale, use_qk_l2norm=use_qk_l2norm)
   t_pad = -(-t // CHUNK) * CHUNK
   dk_pad, dv_pad = _padded_dims(dk, dv)
@@ -219,53 +630,34 @@ def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm):
   v = heads(v, dv_pad)
   g, beta = heads(g.astype(f32)), heads(beta.astype(f32))
   gamma = common.chunk_local_cumsum(g[..., None], CHUNK)[..., 0]  # [B*H, T]
-  w, u, p = _intra_chunk(q, k, v, gamma, beta, dtype)
-  n = t_pad // CHUNK
-  g_last = gamma.reshape(b * h, n, CHUNK)[..., -1:]  # [B*H, N, 1]
-  e_out = jnp.exp(gamma)
-  e_end = jnp.exp(g_last - gamma.reshape(b * h, n, CHUNK)).reshape(b * h, t_pad)
-  s_decay = jnp.broadcast_to(jnp.exp(g_last), (b * h, n, dk_pad))
   s0 = jnp.pad(s0.astype(f32), [(0, 0), (0, 0), (0, dk_pad - dk), (0, dv_pad - dv)])
-  o, s_final = state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0.reshape(b * h, dk_pad, dv_pad),
-                         out_dtype=v.dtype, interpret=_interpret())
+  o, s_final = _core(q, k, v, gamma, beta, s0.reshape(b * h, dk_pad, dv_pad), wy_kernel)
   o = jnp.moveaxis(o.reshape(b, h, t_pad, dv_pad), 1, 2)[:, :t, :, :dv]
   return o, s_final.reshape(b, h, dk_pad, dv_pad)[:, :, :dk, :dv]
 
 
-def _chunked_reference(q, k, v, g, beta, s0, scale, use_qk_l2norm):
-  return chunked.IMPLEMENTATION.fn(q, k, v, g, beta, s0, scale=scale,
-                                   use_qk_l2norm=use_qk_l2norm, chunk_size=CHUNK, delta=True)
+def make_implementation(*, wy_kernel: bool = False) -> base.Implementation:
+  """The implementation record: W, U, T, P in pure JAX (the default, "pallas_mosaic_gpu"), or
+  with `wy_kernel` by the Mosaic GPU kernel `intra_fwd` ("pallas_mosaic_gpu[wy_kernel]", passed
+  as `implementation=`; not registered: it has only run interpreted)."""
 
+  def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
+                                  chunk_size, delta):
+    """Implementation fn (see base.ImplementationFn). GPU interpret mode off-GPU."""
+    _check(q, k, v, chunk_size, delta, wy_kernel)
+    return _forward(q, k, v, g, beta, initial_state, float(scale), bool(use_qk_l2norm),
+                    wy_kernel)
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _op(q, k, v, g, beta, s0, scale, use_qk_l2norm):
-  return _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm)
-
-
-def _op_fwd(q, k, v, g, beta, s0, scale, use_qk_l2norm):
-  return _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm), (q, k, v, g, beta, s0)
-
-
-def _op_bwd(scale, use_qk_l2norm, inputs, cotangents):
-  # Recomputes the forward with `chunked` and differentiates it: correct, not fast.
-  out, vjp = jax.vjp(lambda *xs: _chunked_reference(*xs, scale, use_qk_l2norm), *inputs)
-  do, ds_final = cotangents
-  return vjp((do.astype(out[0].dtype), ds_final.astype(out[1].dtype)))
-
-
-_op.defvjp(_op_fwd, _op_bwd)
-
-
-def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
-                                chunk_size, delta):
-  """Implementation fn (see base.ImplementationFn). GPU interpret mode off-GPU."""
-  _check(q, k, v, chunk_size, delta)
-  return _op(q, k, v, g, beta, initial_state, float(scale), bool(use_qk_l2norm))
+  if wy_kernel:
+    return base.Implementation(
+        f"{NAME}[wy_kernel]", gated_delta_rule_mosaic_gpu,
+        "pallas_mosaic_gpu with W, U, T, P by a Mosaic GPU kernel too; interpreted only so far")
+  return base.Implementation(
+      NAME, gated_delta_rule_mosaic_gpu,
+      "Pallas Mosaic GPU state-passing kernels (wgmma), forward and reverse chains; WY terms and "
+      "per-chunk gradients in pure JAX; forward exact on an H200, backward kernel only "
+      "interpreted so far; never timed; chunk 64 only; by name only")
 
 
 # Not in any default order (api.DEFAULT_ORDER): never timed.
-IMPLEMENTATION = base.Implementation(
-    NAME, gated_delta_rule_mosaic_gpu,
-    "Pallas Mosaic GPU state-passing forward kernel (wgmma), WY terms in pure JAX; backward "
-    "recomputes with 'chunked' autodiff (correct, not fast); exact on an H200 and in GPU "
-    "interpret mode, never timed; chunk 64 only; by name only")
+IMPLEMENTATION = make_implementation()
