@@ -20,9 +20,10 @@ Restartable: a stage whose metrics.jsonl holds the evaluation of its last step i
 skipped, an evaluation whose JSON exists likewise; a stopped stage resumes from its checkpoint.
 --deadline S: S seconds after the start, every running process gets SIGTERM (a trainer saves its
 checkpoint and exits 75; an evaluation is simply redone next time) and nothing new starts. So
-does a SIGTERM to the chain. Exit status: 0 when everything is done, 75 when something was
-stopped or not started (rerun the same command), 1 when a process failed (its log:
-ROOT/<model>/<stage>/train.log or eval_<length>.log).
+does a SIGTERM to the chain; an evaluation (which cannot resume) does not start less than
+--eval_margin seconds before the deadline. Exit status: 0 when everything is done, 75 when
+something was stopped or not started (rerun the same command), 1 when a process failed (its
+log: ROOT/<model>/<stage>/train.log or eval_<length>.log).
 ROOT/chain.jsonl gets one record per process: model, job, status, wall seconds (compilation
 and the device shared with the other models included), so the GPU time of each model is their
 sum. Prints the results table of experiments/plot_long_context.py at the end.
@@ -231,6 +232,11 @@ def run_chain(args, root: Path, log=print) -> int:
           status[model] = "done"
           continue
         job = queue[0]
+        left = None if args.deadline is None else args.deadline - (time.time() - t0)
+        if job.name.startswith("eval_") and left is not None and left < args.eval_margin:
+          status[model] = f"held back ({job.name} not started {left:.0f}s before the deadline)"
+          log(f"{stamp()} {model}: {status[model]}")
+          continue
         job.log.parent.mkdir(parents=True, exist_ok=True)
         handle = open(job.log, "a")
         log(f"{stamp()} start {model} {job.name}: {' '.join(job.cmd)}")
@@ -316,6 +322,9 @@ def parse_args(argv=None):
                       help="MODEL=FRACTION,...: each model's XLA_PYTHON_CLIENT_MEM_FRACTION")
   parser.add_argument("--deadline", type=float, default=None,
                       help="seconds after which every process is stopped (SIGTERM)")
+  parser.add_argument("--eval_margin", type=float, default=180.0,
+                      help="no evaluation starts less than this many seconds before the "
+                           "deadline (a stopped evaluation starts over; a trainer resumes)")
   parser.add_argument("--parallel", type=int, default=0, help="models at once (0: all)")
   parser.add_argument("--poll", type=float, default=2.0, help="seconds between checks")
   parser.add_argument("--no_eval_set_builder", action="store_true",

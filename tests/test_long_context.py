@@ -163,6 +163,31 @@ def test_the_memory_tool_compiles_the_attention_step_at_two_lengths(capsys):
   assert "total GiB" in capsys.readouterr().out
 
 
+def test_the_chain_plans_the_stages_in_order_and_the_other_lengths(tmp_path):
+  args = long_context_chain.parse_args(["--preset", "smoke", "--root", str(tmp_path),
+                                        "--set", "8k:steps=3", "--set", "all:seed=2"])
+  jobs = long_context_chain.plan(args, args.root)
+  assert list(jobs) == ["N1", "N4", "attn"]
+  for model, chain in jobs.items():
+    assert [j.name for j in chain] == ["short", "8k", "32k", "eval_8k", "eval_64k"]
+    assert not any(j.done() for j in chain)
+    short, k8, k32, e8, e64 = (" ".join(j.cmd) for j in chain)
+    assert "init=" not in short and f"init={tmp_path / model / 'short'}" in k8
+    assert f"init={tmp_path / model / '8k'}" in k32 and "steps=3" in k8 and "steps=3" not in k32
+    assert all("seed=2" in c for c in (short, k8, k32))
+    assert f"--workdir={tmp_path / model / '32k'}" in e64
+    assert "--task=min_len=1536,max_len=2038" in e64 and "--task=min_len=384,max_len=502" in e8
+  assert chain[-1].log == tmp_path / "attn" / "32k" / "eval_64k.log"
+  for bad in (["--set", "8k:N=4"], ["--set", "64k:steps=3"], ["--stages", "8k,32k"],
+              ["--models", "N0"], ["--lengths", "128k"]):
+    with pytest.raises(SystemExit):
+      long_context_chain.parse_args(["--preset", "smoke", "--root", str(tmp_path), *bad])
+  specs = long_context_chain.eval_set_specs(args)
+  assert sorted({(f["min_len"], f["max_len"]) for f, _ in specs}) == [
+      (72, 118), (384, 502), (768, 1014), (1536, 2038)]
+  assert all(size == 4 for _, size in specs)
+
+
 def _fabricate(root: Path, model: str, exact: dict[int, list[float]]) -> None:
   """A model's two stages as the chain leaves them: config.json, metrics.jsonl (train and eval
   records as the trainer writes them) and an eval JSON as sleep_lm.evaluate writes it."""
