@@ -43,9 +43,11 @@ Tokens per seed (seq_len x batch x steps): hybrid 61.4M + 65.5M + 32.8M, attenti
 65.5M + 32.8M. The chain prints them, and experiments/plot_long_context.py with the results.
 
 Everything in order (short -> 8k -> 32k -> evaluations, models in parallel on one GPU; rerun the
-same command to continue; --deadline stops every run with its checkpoint):
+same command to continue; --deadline stops every run with its checkpoint). One session's device
+time fits the three models with 1 seed, not 3 (docs/tasks.md, "Long context": the plan, the cost
+estimate and every GPU command; seeds 1 and 2 in other roots, pooled by the plot):
   python -m experiments.long_context_chain --preset gpu --root runs/long_context \
-      --models N1,N4,attn --deadline 540
+      --models N1,N4,attn --set all:seeds=1 --deadline 540
   python -m experiments.plot_long_context --root runs/long_context \
       --out docs/figures/long_context.png
 CPU smoke of the same (a few minutes):
