@@ -162,8 +162,6 @@ def get_config(arg=None):
     c.eval_batch_size = 8
   if "sliding" in presets:
     c.model.update(eviction="sliding", window=sliding_window)
-  if "attn_only" in presets:
-    c.model.layers = ("attn",) * len(c.model.layers)
   if "qlast" in presets:
     c.task.question_first = False
   if size == "smoke":
@@ -178,6 +176,8 @@ def get_config(arg=None):
     c.eval_batch_size = 64
     c.checkpoint_every = 30
     c.optimizer.warmup_steps = 10
+  if "attn_only" in presets:         # after the smoke block, which sets its own layers
+    c.model.layers = ("attn",) * len(c.model.layers)
 
   common.apply_shortcuts(c, overrides, _SHORTCUTS)
   c.task.eval_ops = tuple(k for k in c.task.eval_ops if k <= c.task.max_op)   # after `ops`

@@ -42,7 +42,11 @@ for the hybrid (N = 1) and attention (at 32K or the longest C below it).
 Writes <out>/inference_latency.json (after each model: a run cut short keeps what it measured),
 <out>/inference_latency.png and prints a table. Sizes:
   rule110: the paper's Rule 110 model (d 256, attn/gdn/attn/gdn, L = 24), float32 as trained;
-  300m:    d 1024, 16 layers alternating attn/gdn, MLP 4096, vocab 32000, L = 2048, bfloat16.
+  300m:    d 1024, 16 layers alternating attn/gdn, MLP 4096, vocab 32000, L = 2048, bfloat16;
+  gsm_long: the long-context GSM models of experiments/long_context.py (d 256, attn/gdn/attn/
+           gdn, MLP 1024, vocab 2098, L = 2048, bfloat16), at their evaluation lengths:
+    python3 -m experiments.inference_latency --sizes gsm_long --contexts 8192,32768,65536 \
+        --passes 1,4 --evictions hard --out $OUT/inference_long
 """
 
 from __future__ import annotations
@@ -75,6 +79,10 @@ SIZES = {
                     gdn_head_dim=64, mlp_dim=1024, window=24, dtype="float32"),
     "300m": dict(vocab_size=32000, d_model=1024, layers=("attn", "gdn") * 8, attn_head_dim=64,
                  gdn_head_dim=64, mlp_dim=4096, window=2048, dtype="bfloat16"),
+    # The long-context GSM models (experiments/long_context.py, issue 27) as trained on a GPU:
+    # the word-level GSM vocabulary, L = 2,048, bf16.
+    "gsm_long": dict(vocab_size=2098, d_model=256, layers=("attn", "gdn") * 2, attn_head_dim=64,
+                     gdn_head_dim=64, mlp_dim=1024, window=2048, dtype="bfloat16"),
     "tiny": dict(vocab_size=11, d_model=32, layers=("attn", "gdn"), attn_head_dim=16,
                  gdn_head_dim=16, mlp_dim=64, window=16, dtype="float32"),
 }

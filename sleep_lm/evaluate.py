@@ -73,6 +73,19 @@ def apply_task_overrides(config, overrides: dict) -> None:
     raise UserError(f"--task: {e}") from e
 
 
+# Task fields that shape only the training stream (eval sets ignore them).
+TRAINING_ONLY_FIELDS = {"curriculum": ()}
+
+
+def drop_training_only_fields(config, overrides: dict) -> None:
+  """Resets training-only task fields that --task does not set: a GSM run's curriculum stages
+  are checked against the task's max_len, so a run trained with one could not be evaluated at
+  a shorter max_len otherwise, and the eval sets never read them."""
+  for key, default in TRAINING_ONLY_FIELDS.items():
+    if key in config.task and key not in overrides:
+      config.task[key] = default
+
+
 def evaluate_workdir(path: str | Path, *, step: int | None = None,
                      task_overrides: dict | None = None) -> dict:
   """Restores the run in `path` (newest readable step, or `step`) and evaluates every seed."""
@@ -80,6 +93,7 @@ def evaluate_workdir(path: str | Path, *, step: int | None = None,
   config = workdir.load_config(path)
   if task_overrides:
     apply_task_overrides(config, task_overrides)
+    drop_training_only_fields(config, task_overrides)
   run = RunConfig.checked(config)
   mesh, boxed = trainer.setup(run)
   state, _ = trainer.initial_state(run, mesh, boxed, abstract=True)   # restored below

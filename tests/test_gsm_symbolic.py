@@ -491,3 +491,12 @@ def test_config_recipe_and_curriculum_in_steps():
       assert run.task.curriculum and run.model.tie_embeddings
       last = run.task.curriculum[-1][0] // run.batch_size
       assert last < run.steps                       # the preset's own problems at the end
+
+
+def test_attn_only_is_attention_only_at_every_size():
+  # The smoke preset sets its own (attn, gdn) layers: attn_only must apply after it.
+  for size in ("smoke", "small", "paper", "long8k"):
+    c = gsm_config.get_config(f"{size},attn_only,eviction=none")
+    assert set(c.model.layers) == {"attn"}, size
+  assert gsm_config.get_config("smoke,attn_only").model.layers == ("attn", "attn")
+  assert gsm_config.get_config("smoke").model.layers == ("attn", "gdn")
