@@ -84,8 +84,9 @@ class ModelConfig:
       8 repetitions of 2), so that the program holds each group once rather than every layer:
       shorter compiles, same values. The parameters stay one subtree per layer (checkpoints,
       the optimizer's labels and masks unchanged); each pass stacks the repeated layers'
-      parameters (a copy of them per call, a decode step included) to scan over them. False:
-      every layer in line (`unroll` does not unroll these scans).
+      parameters and caches to scan over them and unstacks the new caches (copies at every
+      call, a decode step included: decode speed with the flag is not measured). False: every
+      layer in line (`unroll` does not unroll these scans).
   """
   vocab_size: int
   d_model: int = 256

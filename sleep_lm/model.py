@@ -135,11 +135,11 @@ def layer_groups(signatures: Sequence[Hashable]) -> tuple[LayerGroup, ...]:
 
   Size: one layer body per single layer, p per scan (its body, traced once) plus one for the
   scan itself (its loop, the stacking of its parameters and caches); ties go to fewer scans,
-  then to the scan that starts first. So a scan must save at least two bodies' worth over its
-  layers in line: two repetitions of one layer stay in line, two of two layers or three of one
-  become a scan; among periods that tile the same layers the shortest wins (A G A G A G A G:
-  4 x (A G), not 2 x (A G A G)). SmolLM2 + 4 GDN layers, (A*7 G) x 4 + A A: 4 x (A*7 G) and
-  two single layers."""
+  then to the scan that starts first, then to the shorter period. So a run becomes a scan when
+  its repetitions after the first hold two layers or more: two repetitions of one layer stay in
+  line, two of two layers or three of one become a scan; among periods that tile the same
+  layers the shortest wins (A G A G A G A G: 4 x (A G), not 2 x (A G A G)). SmolLM2 + 4 GDN
+  layers, (A*7 G) x 4 + A A: 4 x (A*7 G) and two single layers."""
   sig = list(signatures)
   n = len(sig)
   # best[i]: (size, scans, segments) of the cheapest split of layers [i, n).
@@ -242,7 +242,7 @@ class HybridLM(nn.Module):
       groups = layer_groups([self._signature(params, i, caches[i]) for i in range(start, stop)])
       groups = [g._replace(start=g.start + start) for g in groups]
     else:
-      groups = [LayerGroup(i, 1, 1) for i in range(start, stop)]
+      params, groups = None, [LayerGroup(i, 1, 1) for i in range(start, stop)]
     for g in groups:
       if g.repeats == 1:
         h, new[g.start] = self.blocks[g.start](h, ctx, caches[g.start])
