@@ -7,7 +7,9 @@ unmodified SmolLM2 with the whole problem in its context (eviction none), fine-t
   presets:   small (default; one H200: prompts of 1,024-1,984 SmolLM2 tokens + a 64-token answer
                region, seq_len 2,048 = 4 windows of L = 512, so a problem spans 3-4 windows;
                batch 16, 32,768 tokens a step; stage 1 200 steps (6.6M tokens), stage 2 400
-               steps (13.1M tokens); bfloat16, remat "full"),
+               steps (13.1M tokens); bfloat16, remat "full", scan_layers (each pass scans its
+               repeated layer groups, (A*7 G) x 4 + A A and the reference's 30 A: one body
+               each, for the compile time; docs/performance.md)),
              smoke (CPU: about a minute a stage on a tiny converted checkpoint, measured; not
                timed on SmolLM2 itself: prompts of 160-240 tokens, max_op 2, L = 96, batch 2,
                2 steps),
@@ -59,7 +61,7 @@ GDN_LAYERS = (7, 15, 23, 31)          # SmolLM2's 30 blocks + 4 GDN layers (conv
 SIZES = {
     "small": dict(task=dict(min_len=1024, max_len=1984, max_op=8, eval_ops=EVAL_OPS), window=512,
                   batch=16, steps={1: 200, 2: 400}, eval_size=256, eval_batch_size=16,
-                  dtype="bfloat16", remat="full"),
+                  dtype="bfloat16", remat="full", scan_layers=True),
     "smoke": dict(task=dict(min_len=160, max_len=240, max_op=2, eval_ops=(1, 2)), window=96,
                   batch=2, steps={1: 2, 2: 2}, eval_size=4, eval_batch_size=4,
                   dtype="float32", remat="none"),
@@ -106,6 +108,8 @@ def get_config(arg=None):
                        f"--gdn_layers {','.join(map(str, GDN_LAYERS))}")
     model.update(eviction="hard", window=s["window"], passes=1)
   model.update(dtype=s["dtype"], remat=s["remat"], unroll=False)
+  if s.get("scan_layers"):          # smoke: as the workdir it starts from says (default off)
+    model["scan_layers"] = True
   if "reference" in presets and s["remat"] != "none":
     # Its one window is the whole problem: "full" would hold all 30 layers' activations in the
     # backward (XLA's memory analysis: 214 GB at batch 16 x 2,048), per layer ~a tenth.

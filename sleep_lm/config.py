@@ -78,6 +78,15 @@ class ModelConfig:
     attention_implementation: passed to `jax.nn.dot_product_attention` (None, "xla", "cudnn").
     unroll: unroll the window and pass scans of a static schedule into straight-line code (no
       loop carries or stacked residuals to copy; longer compiles).
+    scan_layers: run the layers of a pass as `jax.lax.scan`s over maximal runs of a repeated
+      group of layers (`sleep_lm.model.layer_groups`: SmolLM2 + 4 GDN layers, (A*7 G) x 4 + AA,
+      is one scan of 4 repetitions of the 8-layer group and 2 single layers; (A G) x 8 a scan of
+      8 repetitions of 2), so that the program holds each group once rather than every layer:
+      shorter compiles, same values. The parameters stay one subtree per layer (checkpoints,
+      the optimizer's labels and masks unchanged); each pass stacks the repeated layers'
+      parameters and caches to scan over them and unstacks the new caches (copies at every
+      call, a decode step included: decode speed with the flag is not measured). False: every
+      layer in line (`unroll` does not unroll these scans).
   """
   vocab_size: int
   d_model: int = 256
@@ -104,6 +113,7 @@ class ModelConfig:
   chunk_size: int = 64
   attention_implementation: str | None = None
   unroll: bool = False
+  scan_layers: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))
@@ -180,6 +190,8 @@ class ModelConfig:
            "kernel_implementation", f"must be None or one of {impls}, got "
            f"{self.kernel_implementation!r}")
     expect(isinstance(self.unroll, bool), "unroll", f"must be True or False, got {self.unroll!r}")
+    expect(isinstance(self.scan_layers, bool), "scan_layers",
+           f"must be True or False, got {self.scan_layers!r}")
     attn_impls = (None, "xla", "cudnn")
     expect(self.attention_implementation in attn_impls, "attention_implementation",
            f"must be one of {attn_impls}, got {self.attention_implementation!r}")

@@ -6,10 +6,16 @@ the tokens of one call, per-layer caches in and out) and `logits`. Each is a pur
 parameters and its inputs, so the scans call them through `model.apply(..., method=...)`.
 
 `run_pass` is the one layer loop: a training pass over a window, a replay (sleep) pass, prefill,
-and a decode step differ only in their `Context` and caches (`sleep_lm.layers`).
+and a decode step differ only in their `Context` and caches (`sleep_lm.layers`). With
+`ModelConfig.scan_layers` it runs each maximal run of a repeated group of layers as a
+`jax.lax.scan` over the group's repetitions (`layer_groups`), the parameters staying one subtree
+per layer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -110,6 +116,76 @@ def loop_segments(config: ModelConfig) -> tuple[tuple[int, int] | None, ...]:
           (last, len(config.layers)) if last < len(config.layers) else None)
 
 
+class LayerGroup(NamedTuple):
+  """`repeats` consecutive repetitions of the `period` layers from `start` (an index into the
+  sequence `layer_groups` was given); repeats 1: one layer (period 1) run on its own."""
+  start: int
+  period: int
+  repeats: int
+
+  @property
+  def stop(self) -> int:
+    return self.start + self.period * self.repeats
+
+
+def layer_groups(signatures: Sequence[Hashable]) -> tuple[LayerGroup, ...]:
+  """The layers (one signature each: layers with equal signatures can share one scan body)
+  split into consecutive segments, each a single layer or r >= 2 repetitions of a group of p
+  layers whose signatures repeat position by position, chosen to make the program smallest.
+
+  Size: one layer body per single layer, p per scan (its body, traced once) plus one for the
+  scan itself (its loop, the stacking of its parameters and caches); ties go to fewer scans,
+  then to the scan that starts first, then to the shorter period. So a run becomes a scan when
+  its repetitions after the first hold two layers or more: two repetitions of one layer stay in
+  line, two of two layers or three of one become a scan; among periods that tile the same
+  layers the shortest wins (A G A G A G A G: 4 x (A G), not 2 x (A G A G)). SmolLM2 + 4 GDN
+  layers, (A*7 G) x 4 + A A: 4 x (A*7 G) and two single layers."""
+  sig = list(signatures)
+  n = len(sig)
+  # best[i]: (size, scans, segments) of the cheapest split of layers [i, n).
+  best: list[tuple[int, int, tuple[LayerGroup, ...]]] = [(0, 0, ())] * (n + 1)
+  for i in reversed(range(n)):
+    options = []
+    for p in range(1, (n - i) // 2 + 1):
+      reps = 1
+      while i + (reps + 1) * p <= n and sig[i + reps * p:i + (reps + 1) * p] == sig[i:i + p]:
+        reps += 1
+      for r in range(reps, 1, -1):
+        size, scans, rest = best[i + r * p]
+        options.append((size + p + 1, scans + 1, (LayerGroup(i, p, r),) + rest))
+    size, scans, rest = best[i + 1]
+    options.append((size + 1, scans, (LayerGroup(i, 1, 1),) + rest))
+    best[i] = min(options, key=lambda o: o[:2])     # min keeps the first of equals
+  return best[0][2]
+
+
+def _block_fn(config: ModelConfig, index: int, layout: Layout, ctx: Context):
+  """(params, h, cache) -> (h, cache): `Block(config, index, layout)` as a pure function of its
+  parameters (named as layer `index`'s), checkpointed on its own with remat "blocks" (as
+  `nn.remat(Block)` in `HybridLM`: nothing saved inside the layer)."""
+  block = Block(config, index, layout, parent=None)
+
+  def fn(params, h, cache):
+    return block.apply({"params": params}, h, ctx, cache)
+  # prevent_cse=False: inside a scan, which keeps XLA from merging the recomputation anyway.
+  return jax.checkpoint(fn, prevent_cse=False) if config.remat == "blocks" else fn
+
+
+def _layer_params(params, index: int, as_index: int) -> dict:
+  """Layer `index`'s parameter subtrees (layer_{index}_...) under layer `as_index`'s names."""
+  src, dst = f"layer_{index}_", f"layer_{as_index}_"
+  return {dst + k[len(src):]: v for k, v in params.items() if k.startswith(src)}
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _shapes(tree) -> Hashable:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+
+
 class HybridLM(nn.Module):
   config: ModelConfig
   layout: Layout = TRAIN
@@ -150,17 +226,60 @@ class HybridLM(nn.Module):
     caches (GDN: the state after the tokens; attention: see `layers.Attention`).
 
     span: (a, b), run only the layers [a, b) (a segment of a looped block range,
-    `ModelConfig.loop_layers`); the other layers' caches come back as they went in. None: all."""
+    `ModelConfig.loop_layers`); the other layers' caches come back as they went in. None: all.
+
+    `ModelConfig.scan_layers` (not while initializing: the parameters are made by the plain
+    loop): the layers of the span run as `layer_groups` splits them, each repeated group as a
+    `jax.lax.scan` over its repetitions (`_scan_group`); the same function."""
     if len(caches) != len(self.blocks):
       raise ValueError(f"run_pass: needs one cache per layer ({len(self.blocks)}), got "
                        f"{len(caches)}")
     start, stop = (0, len(self.blocks)) if span is None else span
     h = nn.with_logical_constraint(h, ACTIVATION)     # block boundaries: see sleep_lm.sharding
     new = list(caches)
-    for i in range(start, stop):
-      h, new[i] = self.blocks[i](h, ctx, caches[i])
+    if self.config.scan_layers and not self.is_initializing():
+      params = nn.meta.unbox(self.variables["params"])
+      groups = layer_groups([self._signature(params, i, caches[i]) for i in range(start, stop)])
+      groups = [g._replace(start=g.start + start) for g in groups]
+    else:
+      params, groups = None, [LayerGroup(i, 1, 1) for i in range(start, stop)]
+    for g in groups:
+      if g.repeats == 1:
+        h, new[g.start] = self.blocks[g.start](h, ctx, caches[g.start])
+      else:
+        h, new[g.start:g.stop] = self._scan_group(g, params, h, caches[g.start:g.stop], ctx)
       h = nn.with_logical_constraint(h, ACTIVATION)
     return h, tuple(new)
+
+  def _signature(self, params, index: int, cache) -> Hashable:
+    """What must be equal for two layers to share a scan body: the mixer, whether there is an
+    MLP (all `Block` reads of its index), the parameters' names (past the layer prefix), shapes
+    and dtypes, and the cache's structure, shapes and dtypes."""
+    return (self.config.layers[index], self.config.has_mlp(index),
+            _shapes(_layer_params(params, index, 0)), _shapes(cache))
+
+  def _scan_group(self, group: LayerGroup, params, h: Array, caches: Sequence, ctx: Context
+                  ) -> tuple[Array, list]:
+    """The layers of `group` (their caches in layer order) as a scan over its repetitions: the
+    parameters and caches of position q of every repetition stacked on a leading axis (the
+    parameters renamed as the first repetition's), the body the group's blocks as pure
+    functions (`_block_fn`). Returns h and the layers' new caches in layer order."""
+    p, r = group.period, group.repeats
+    firsts = range(group.start, group.start + p)
+    blocks = [_block_fn(self.config, i, self.layout, ctx) for i in firsts]
+    xs = (tuple(_stack([_layer_params(params, i + k * p, i) for k in range(r)]) for i in firsts),
+          tuple(_stack([caches[q + k * p] for k in range(r)]) for q in range(p)))
+
+    def body(h, xs):
+      out = []
+      for block, block_params, cache in zip(blocks, *xs, strict=True):
+        h, cache = block(block_params, h, cache)
+        h = nn.with_logical_constraint(h, ACTIVATION)
+        out.append(cache)
+      return h, tuple(out)
+
+    h, ys = jax.lax.scan(body, h, xs)
+    return h, [jax.tree.map(lambda x, k=k: x[k], ys[q]) for k in range(r) for q in range(p)]
 
   def logits(self, h: Array) -> Array:
     """[B,T,D] -> [B,T,vocab] float32 logits; tied: final-normed h @ embedding^T (in the
@@ -210,6 +329,6 @@ class _Head:
   PROJECTIONS = {"head": ("head",)}
 
 
-__all__ = ["AttentionCache", "Context", "GDNCache", "HybridLM", "attn_in_span", "convert_params",
-           "gdn_in_span", "init_params", "join_caches", "loop_segments", "pass_caches",
-           "split_caches", "window_pass", "zero_states"]
+__all__ = ["AttentionCache", "Context", "GDNCache", "HybridLM", "LayerGroup", "attn_in_span",
+           "convert_params", "gdn_in_span", "init_params", "join_caches", "layer_groups",
+           "loop_segments", "pass_caches", "split_caches", "window_pass", "zero_states"]

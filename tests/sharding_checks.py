@@ -1,7 +1,7 @@
 """Checks on 8 fake CPU devices, run in one subprocess by tests/test_sharding.py.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-      python -m tests.sharding_checks [op|steps|restore|pallas ...]
+      python -m tests.sharding_checks [op|steps|batch_sizes|more_steps|pallas|scan_steps ...]
 
 The device count is fixed when JAX starts, so these run in their own process; one process runs
 several checks so that JAX starts once. Each check asserts and prints one JSON line of what it
@@ -67,10 +67,11 @@ def synthetic_batch(run: RunConfig, seed: int = 0) -> dict:
 class Layout:
   """A mesh, its train state (initialised in place) and its jitted, pinned train step."""
 
-  def __init__(self, mesh: dict, devices=None, like=None):
+  def __init__(self, mesh: dict, devices=None, like=None, **extra):
     """`like`: another Layout whose state to start from (placed onto this mesh), instead of
-    initialising again (an init program costs a compile; the states are the same anyway)."""
-    self.run = run = tiny_run(mesh)
+    initialising again (an init program costs a compile; the states are the same anyway).
+    `extra`: config overrides by path, as `tiny_run` takes them."""
+    self.run = run = tiny_run(mesh, **extra)
     self.mesh, self.boxed = trainer.setup(run, devices)
     optimizer = make_optimizer(run.optimizer)
     self.state_sh = trainer.state_shardings(run, self.mesh, self.boxed, optimizer)
@@ -181,22 +182,7 @@ def check_steps_and_restore(layouts=("data4_tensor2", "data2_fsdp4")) -> None:
   third = one.step(2)                       # the step after a save at step 2, on one device
   results, built = {}, {}
   for name in layouts:
-    lay = built[name] = Layout(LAYOUTS[name], like=_Host(start))
-    got = [lay.step(seed) for seed in (0, 1)]
-    for m, r in zip(got, ref, strict=True):
-      np.testing.assert_allclose(m["loss"], r["loss"], rtol=2e-5, err_msg=name)
-    diff = max_rel_diff(ref_params, jax.device_get(lay.state.params))
-    assert diff < 2e-4, f"{name}: parameters after 2 steps differ from one device's by {diff}"
-    # Whole step: what is gathered or moved between devices are weights (FSDP, Muon's
-    # whole-matrix products), never an activation or an operand of the op: those all have a
-    # window-length (24) or sequence-length (48) dimension, and no parameter has. (Activations
-    # are all-reduced after tensor-parallel output projections, as they must be.)
-    moved = lay.collective_shapes()
-    assert not [m for m in moved if {24, SEQ} & set(m[1])], (name, moved)
-    gathered = [m for m in moved if m[0] == "all-gather"]
-    results[name] = {"losses": [np.asarray(m["loss"]).tolist() for m in got],
-                     "param_max_rel_diff": diff, "all_gathers": len(gathered),
-                     "specs": _check_placement(lay)}
+    built[name], results[name] = _steps_equal(name, start, ref, ref_params)
 
   # Restore on another mesh: saved on data 4 x tensor 2 after 2 steps, restored onto
   # data 2 x fsdp 4 and onto one device, each then takes step 3.
@@ -222,6 +208,50 @@ def check_steps_and_restore(layouts=("data4_tensor2", "data2_fsdp4")) -> None:
   report("steps", reference=[np.asarray(m["loss"]).tolist() for m in ref], layouts=results,
          restored=restored, next_loss=np.asarray(third["loss"]).tolist(),
          seconds=time.time() - t0)
+
+
+def _steps_equal(name: str, start, ref: list, ref_params, **extra) -> tuple[Layout, dict]:
+  """Two train steps on the mesh `name` from the state `start` equal the reference (one
+  device's losses `ref` and parameters after them), no activation moves between devices, and
+  parameters and optimizer state are placed as the rules say. (The Layout, what it measured.)"""
+  lay = Layout(LAYOUTS[name], like=_Host(start), **extra)
+  got = [lay.step(seed) for seed in (0, 1)]
+  for m, r in zip(got, ref, strict=True):
+    np.testing.assert_allclose(m["loss"], r["loss"], rtol=2e-5, err_msg=name)
+  diff = max_rel_diff(ref_params, jax.device_get(lay.state.params))
+  assert diff < 2e-4, f"{name}: parameters after 2 steps differ from one device's by {diff}"
+  # Whole step: what is gathered or moved between devices are weights (FSDP, Muon's
+  # whole-matrix products), never an activation or an operand of the op: those all have a
+  # window-length (24) or sequence-length (48) dimension, and no parameter has. (Activations
+  # are all-reduced after tensor-parallel output projections, as they must be.)
+  moved = lay.collective_shapes()
+  assert not [m for m in moved if {24, SEQ} & set(m[1])], (name, moved)
+  gathered = [m for m in moved if m[0] == "all-gather"]
+  return lay, {"losses": [np.asarray(m["loss"]).tolist() for m in got],
+               "param_max_rel_diff": diff, "all_gathers": len(gathered),
+               "specs": _check_placement(lay)}
+
+
+# 4 layers: with scan_layers, each pass is one scan over 2 repetitions of (attn, gdn).
+SCAN_LAYERS = {"model.layers": ("attn", "gdn") * 2}
+
+
+def check_scan_steps(layouts=("data2_fsdp2_tensor2",)) -> None:
+  """`ModelConfig.scan_layers`: train steps on a sharded mesh with the layers scanned equal one
+  device's with the plain layer loop (same parameters, losses, every parameter after two steps),
+  with the same checks as `check_steps_and_restore` (no activation moved, placement)."""
+  t0 = time.time()
+  one = Layout({"data": 1}, devices=jax.devices()[:1], **SCAN_LAYERS)
+  start = jax.device_get(one.state)
+  ref = [one.step(seed) for seed in (0, 1)]
+  ref_params = jax.device_get(one.state.params)
+  results = {}
+  for name in layouts:
+    lay, results[name] = _steps_equal(name, start, ref, ref_params, **SCAN_LAYERS,
+                                      **{"model.scan_layers": True})
+    assert lay.run.model.scan_layers and not one.run.model.scan_layers
+  report("scan_steps", reference=[np.asarray(m["loss"]).tolist() for m in ref],
+         layouts=results, seconds=time.time() - t0)
 
 
 class _Host:
@@ -269,7 +299,7 @@ def check_batch_sizes() -> None:
 CHECKS = {"op": check_op, "steps": check_steps_and_restore, "batch_sizes": check_batch_sizes,
           "more_steps": lambda: check_steps_and_restore(
               ("data8", "fsdp8", "fsdp2_tensor4", "data2_fsdp2_tensor2")),
-          "pallas": lambda: check_op("pallas_triton")}
+          "pallas": lambda: check_op("pallas_triton"), "scan_steps": check_scan_steps}
 
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()

@@ -79,6 +79,19 @@ def test_a_checkpoint_that_does_not_fit_is_refused_by_name(converted, tmp_path):
     get_config("smoke")
 
 
+def test_small_preset_scans_the_layer_groups(converted):
+  """The small preset sets `model.scan_layers` (the converted model's layers, A G A here, and
+  the same parameters: init_from's check passes); smoke keeps the default (off)."""
+  _, gdn = converted
+  # L = 1100: the tiny tokenizer's answer region (positions 1983..2054) in one window.
+  small = RunConfig.checked(get_config(f"small,stage=1,L=1100,init={gdn}"))
+  assert small.model.scan_layers and small.model.layers == ("attn", "gdn", "attn")
+  from sleep_lm import init_from
+  mesh, boxed = trainer.setup(small)
+  init_from.check(small, boxed)
+  assert not RunConfig.checked(get_config(f"smoke,stage=1,init={gdn}")).model.scan_layers
+
+
 @pytest.mark.slow
 def test_reference_step0_loss_equals_the_numpy_oracle(converted, tmp_path):
   source, _ = converted

@@ -61,6 +61,15 @@ def test_more_layouts_and_the_pallas_kernel_under_shard_map():
                                               "data2_fsdp2_tensor2"}
 
 
+@pytest.mark.slow   # ~1 minute on 2 cores
+def test_scanned_layers_on_8_devices():
+  """scan_steps: `ModelConfig.scan_layers` (4 layers, each pass one scan of 2 x (attn, gdn)) on
+  data 2 x fsdp 2 x tensor 2 equals the plain layer loop on one device (losses, every parameter
+  after two steps), moves no activation between devices and places the state as the rules say."""
+  reports = run_checks("scan_steps")
+  assert set(reports["scan_steps"]["layouts"]) == {"data2_fsdp2_tensor2"}
+
+
 @pytest.mark.parametrize("mesh, devices, message", [
     ({"data": -1, "model": 2}, 8, r"unknown axis\(es\) \['model'\] \('model' is now 'tensor'\)"),
     ({"data": 3}, 8, r"data x fsdp x tensor = 3 must equal the number of devices \(8\)"),
