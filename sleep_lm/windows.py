@@ -32,10 +32,15 @@ def window_context(start: Array, length: int, *, retained: int = 0, sliding: boo
                    total: int | None = None) -> Context:
   """The context of a pass over the window of `length` tokens from `start`: keys are
   [`retained` prefix keys (sliding) ; the window's own]. Tokens at or past `total` (the end of
-  the sequence, when the last window is padded) are marked invalid."""
+  the sequence, when the last window is padded) are marked invalid. With nothing retained (hard
+  eviction, "none", a first sliding window) the context is `causal` rather than masked."""
   local = jnp.arange(length)
   positions = start + local
   valid = positions < total if total is not None else jnp.ones((length,), bool)
+  if retained == 0:
+    # Only the window's own keys: `visible` is then exactly causal, and saying so lets cuDNN
+    # skip the masked blocks instead of reading a [T, T] mask as a bias (2 GiB at 32K tokens).
+    return Context(positions, local, valid, causal=True)
   key_pos = jnp.concatenate([start - retained + jnp.arange(retained), positions])
   mask = visible(positions, key_pos, start, window=length, sliding=sliding)
   return Context(positions, local, valid, mask)

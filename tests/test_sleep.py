@@ -166,6 +166,18 @@ def test_full_cache_equals_one_causal_pass_over_the_sequence(params):
   assert rel_err(out.logits, model.apply(v, h, method=HybridLM.logits)) < 1e-5
 
 
+def test_windows_without_a_retained_prefix_are_causal_not_masked():
+  """Hard eviction and "none" (and a first sliding window) pass `causal` and no [T, S] mask, so
+  that cuDNN skips the masked blocks; their values equal the masked path's (the two tests
+  above compare them with explicit masks). A retained prefix still needs the mask."""
+  from sleep_lm.windows import window_context
+  ctx = window_context(jnp.asarray(L), L, total=T)
+  assert ctx.causal and ctx.mask is None
+  np.testing.assert_array_equal(ctx.valid, np.arange(L, 2 * L) < T)
+  ctx = window_context(jnp.asarray(L), L, retained=L - 1, sliding=True)
+  assert not ctx.causal and ctx.mask.shape == (1, 1, L, 2 * L - 1)
+
+
 def test_sliding_one_pass_equals_parallel_sliding_window_hybrid(params):
   cfg = small_config(eviction="sliding")
   tokens, mask = tokens_and_mask(6)
