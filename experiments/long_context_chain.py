@@ -357,6 +357,10 @@ def parse_args(argv=None):
                                          if item)}
   except ValueError:
     parser.error(f"--mem: expected MODEL=FRACTION,..., got {args.mem!r}")
+  bad = {k: v for k, v in args.mem.items() if k not in args.models or not 0 < v <= 1}
+  if bad:
+    parser.error(f"--mem: {bad}: each MODEL one of --models {args.models}, each FRACTION in "
+                 f"(0, 1]")
   parse_sets(args.set)
   return args
 

@@ -179,7 +179,8 @@ def test_the_chain_plans_the_stages_in_order_and_the_other_lengths(tmp_path):
     assert "--task=min_len=1536,max_len=2038" in e64 and "--task=min_len=384,max_len=502" in e8
   assert chain[-1].log == tmp_path / "attn" / "32k" / "eval_64k.log"
   for bad in (["--set", "8k:N=4"], ["--set", "64k:steps=3"], ["--stages", "8k,32k"],
-              ["--models", "N0"], ["--lengths", "128k"]):
+              ["--models", "N0"], ["--lengths", "128k"], ["--mem", "N3=0.3"],
+              ["--mem", "N1=1.5"]):
     with pytest.raises(SystemExit):
       long_context_chain.parse_args(["--preset", "smoke", "--root", str(tmp_path), *bad])
   specs = long_context_chain.eval_set_specs(args)
