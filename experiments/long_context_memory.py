@@ -18,8 +18,9 @@ compiled from shapes alone; XLA's memory analysis gives the bytes of the argumen
 and batch), outputs, temporaries and aliased (donated) buffers; `total` = arguments + outputs +
 temporaries - aliased: what the step needs at its peak, to set against the device's memory (an
 H200: 139 GiB; XLA_PYTHON_CLIENT_MEM_FRACTION of it when several runs share it). With --run the
-state and a batch are allocated and the step runs: the device's peak bytes in use (GPU) and
-the median ms per step, and tokens/s (summed over the seeds). A row that fails (out of memory
+step is also timed by `experiments.throughput.time_step` (state and a batch allocated, one
+warm-up step, the median of two): ms per step, tokens/s (summed over the seeds) and the
+device's peak bytes in use (GPU). A row that fails (out of memory
 at compile time, cuDNN on a CPU) records its error and the others go on.
 """
 
@@ -32,7 +33,7 @@ import time
 import jax
 import numpy as np
 
-from experiments import long_context
+from experiments import long_context, throughput
 from experiments.long_context_chain import model_arg
 from sleep_lm import trainer
 from sleep_lm.run_config import RunConfig
@@ -82,20 +83,10 @@ def measure(run: RunConfig, *, execute: bool, iters: int = 2) -> dict:
                temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes))
     row["total_bytes"] = (row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
                           - row["alias_bytes"])
-  if execute:
-    state, _ = trainer.initial_state(run, mesh, boxed)
-    examples = [run.task.train_examples(s, np.arange(run.batch_size)) for s in run.model_seeds]
-    data = jax.device_put({k: np.stack([e[k] for e in examples]) for k in batch}, batch_sh)
-    times = []
-    with jax.set_mesh(mesh):
-      for _ in range(iters + 1):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, data)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-    ms = 1e3 * float(np.median(times[1:]))
+  if execute:   # experiments.throughput's timing (real state and data; it compiles again)
+    timed = throughput.time_step(run, warmup=1, iters=iters)
     stats = jax.devices()[0].memory_stats() or {}
-    row.update(ms_per_step=ms, tokens_per_s=run.tokens_per_step / (ms / 1e3),
+    row.update(ms_per_step=timed["ms_per_step"], tokens_per_s=timed["tokens_per_s"],
                peak_bytes_in_use=stats.get("peak_bytes_in_use"),
                bytes_limit=stats.get("bytes_limit"))
   return row
