@@ -64,7 +64,8 @@ What runs where:
     accumulator. bf16 inputs: the state, dS, Vnew, dVnew enter the products rounded to bf16,
     as in the Triton kernels. float32 inputs: each operand is split into bf16 hi + lo parts and
     a product is three wgmmas (hi hi + hi lo + lo hi, error ~2^-16 relative), so that a real
-    GPU does not fall back to tf32. The pure-JAX parts multiply at HIGHEST for float32 inputs.
+    GPU does not fall back to tf32 (operands split in XLA, before the kernels, by a bit mask:
+    `_array_parts` says why). The pure-JAX parts multiply at HIGHEST for float32 inputs.
 
 Saved by the forward under a VJP (the backward runs no forward again):
   - the state entering each chunk, states [B*H, N, K, V]: float32 for float32 inputs (the
@@ -128,6 +129,20 @@ def _parts(x):
     return (x,)
   hi = x.astype(bf16)
   return hi, (x - hi.astype(f32)).astype(bf16)
+
+
+def _array_parts(x):
+  """`_parts` for arrays split outside the kernels, in XLA. There the rounding split is not
+  safe: XLA on GPU folds convert(convert(x, bf16), f32) into x (excess precision, on by default;
+  openxla/xla#41605), which makes lo exactly 0 under jit and float32 inputs bf16-accurate. So hi
+  is x with its low 16 bits cleared (a bf16 value: the cast is exact) and lo = x - hi (exact in
+  float32, |lo| < 2^-7 |x|), rounded to bf16: x - hi - lo within 2^-16 |x|, as the rounding
+  split. Inside a kernel (`_store_parts`) Mosaic GPU, not XLA, lowers the casts."""
+  if x.dtype == bf16:
+    return (x,)
+  bits = jax.lax.bitcast_convert_type(x.astype(f32), jnp.uint32)
+  hi = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), f32)
+  return hi.astype(bf16), (x - hi).astype(bf16)
 
 
 def _join(parts):
@@ -246,7 +261,7 @@ def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, inte
   dv = u.shape[-1]
   bv = min(BLOCK_V, dv)
   n_parts = 1 if q.dtype == bf16 else 2
-  parts = [x for a in (q, k, w, p) for x in _parts(a)]
+  parts = [x for a in (q, k, w, p) for x in _array_parts(a)]
   c = CHUNK
   smem = plgpu.SMEM
   scratch = ([smem((c, dk), bf16)] * (3 * n_parts) + [smem((c, c), bf16)] * n_parts
@@ -332,7 +347,7 @@ def state_bwd(qe, ke, neg_w, p, do, s_decay, ds_final, *, interpret):
   dv = do.shape[-1]
   bv = min(BLOCK_V, dv)
   n_parts = 1 if qe.dtype == bf16 else 2
-  parts = [x for a in (qe, ke, neg_w, p, do) for x in _parts(a)]
+  parts = [x for a in (qe, ke, neg_w, p, do) for x in _array_parts(a)]
   c = CHUNK
   smem = plgpu.SMEM
   scratch = ([smem((c, dk), bf16)] * (3 * n_parts) + [smem((c, c), bf16)] * n_parts
@@ -461,7 +476,7 @@ def intra_fwd(q, k, v, gamma, beta, *, interpret):
                 plgpu.Barrier(num_arrivals=2 * n_parts + 2), plgpu.Barrier(num_arrivals=n_parts)])
   out_type = (jax.ShapeDtypeStruct((bh, t, dk), dtype), jax.ShapeDtypeStruct((bh, t, dv), dtype),
               jax.ShapeDtypeStruct((bh, t, c), dtype), jax.ShapeDtypeStruct((bh, t, c), dtype))
-  parts = [x for a in (q, k, v) for x in _parts(a)]
+  parts = [x for a in (q, k, v) for x in _array_parts(a)]
   return plgpu.kernel(
       functools.partial(_intra_fwd_kernel, n_parts=n_parts, bv=bv), out_type=out_type,
       grid=(bh, t // c), grid_names=("bh", "n"), scratch_types=scratch, interpret=interpret,
