@@ -12,6 +12,10 @@ dtype, the width scaling sqrt(max(1, cols / rows))); momentum, Nesterov, weight 
 learning rate and the AdamW branch for non-2-D leaves are optax's own code. The optimizer state
 is optax's, leaf for leaf and type for type (a checkpoint written with `optax.contrib.muon`
 restores): the orthogonalization is stateless. Oracle: `tests/test_muon.py`.
+
+On a mesh, XLA reshards the matrices it stacks to one sharding per stack (matrices of one shape
+may be split differently, e.g. [in, out] q and out projections): fewer all-gathers than one
+chain per matrix, a few all-to-alls more (docs/scaling.md); not timed on GPUs.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)   # optax's 'standard' quintic
 
 def orthogonalize(updates: Any, ns_coeffs: jax.Array, ns_steps: int = 5,
                   eps: float = 1e-8) -> Any:
-  """Every 2-D leaf of `updates` orthogonalized as `optax.contrib.orthogonalize_via_newton_schulz`
-  (Frobenius preconditioning, coefficients of shape (3,)) orthogonalizes it alone, one chain per
-  group of leaves of the same (short side, long side, dtype)."""
+  """Every 2-D leaf of `updates` orthogonalized as optax's `orthogonalize_via_newton_schulz`
+  (optax/contrib/_muon.py; Frobenius preconditioning, coefficients of shape (3,)) orthogonalizes
+  it alone, one chain per group of leaves of the same (short side, long side, dtype). Each group
+  is stacked: one more copy of its matrices while the chain runs."""
   leaves, treedef = jax.tree.flatten(updates)
   groups = defaultdict(list)
   for i, x in enumerate(leaves):
