@@ -1,15 +1,16 @@
 """Muon with its Newton-Schulz orthogonalization batched over matrices of one shape.
 
-`optax.contrib.muon` orthogonalizes each weight matrix on its own: a program that updates a
-16-layer model holds ~100 copies of the Newton-Schulz chain (compile time; on a GPU, hundreds of
+`optax.contrib.muon` orthogonalizes each weight matrix on its own: a program that updates the
+16-layer model holds 136 copies of the Newton-Schulz chain (compile time; on a GPU, hundreds of
 small kernels per step). `muon` here computes the same function, as `make_optimizer` configures
 it (optax's defaults but for the learning rate, `beta`, `nesterov` and `weight_decay`), with one
 chain per group of matrices: the matrices whose shape, up to a transpose, and dtype are the same
 are stacked ([n, m, k], each tall matrix transposed first, as optax transposes it), orthogonalized
 by batched matmuls, and unstacked. Per matrix the math is optax's (the transpose when rows >
 cols, the Frobenius normalization, the 5 quintic steps with the coefficients in the matrix's
-dtype, the width scaling sqrt(max(1, cols / rows))); momentum, Nesterov, weight decay, the
-learning rate and the AdamW branch for non-2-D leaves are optax's own code. The optimizer state
+dtype, the width scaling sqrt(max(1, cols / rows))); momentum and Nesterov are optax's lines,
+weight decay, the learning rate and the AdamW branch for non-2-D leaves optax's own transforms
+(a copy of the partition `optax.contrib.muon` builds). The optimizer state
 is optax's, leaf for leaf and type for type (a checkpoint written with `optax.contrib.muon`
 restores): the orthogonalization is stateless. Oracle: `tests/test_muon.py`.
 
