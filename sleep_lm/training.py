@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sleep_lm import muon as muon_lib
 from sleep_lm.config import ModelConfig
 from sleep_lm.sleep import sleep_forward
 
@@ -138,13 +139,19 @@ def param_labels(params, train_layers: tuple[int, ...] | None = None) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, *,
+                   batched_muon: bool = True) -> optax.GradientTransformation:
   """Clipping, then Muon / AdamW / the gates' AdamW by `param_labels`. With `train_layers`,
   the frozen parameters' gradients are zeroed first (so that they count neither in the clipping
   norm nor anywhere else) and their updates are zero (`optax.set_to_zero`: no optimizer state
-  either, and no weight decay); the optimizer state's structure then differs from the default's."""
-  muon = optax.contrib.muon(wsd_schedule(cfg.muon_lr, cfg), beta=cfg.muon_momentum,
-                            nesterov=cfg.muon_nesterov, weight_decay=cfg.weight_decay)
+  either, and no weight decay); the optimizer state's structure then differs from the default's.
+
+  Muon is `sleep_lm.muon.muon`: `optax.contrib.muon` with one Newton-Schulz chain per group of
+  same-shape matrices instead of one per matrix (same values, same state tree; a smaller program
+  that compiles faster). `batched_muon=False`: `optax.contrib.muon` itself (the tests' oracle)."""
+  muon_fn = muon_lib.muon if batched_muon else optax.contrib.muon
+  muon = muon_fn(wsd_schedule(cfg.muon_lr, cfg), beta=cfg.muon_momentum,
+                 nesterov=cfg.muon_nesterov, weight_decay=cfg.weight_decay)
   def adamw(lr):
     return optax.adamw(wsd_schedule(lr, cfg), b1=cfg.b1, b2=cfg.b2,
                        weight_decay=cfg.weight_decay)

@@ -410,39 +410,50 @@ def test_sixteen_layer_gradient_program_is_much_smaller():
   assert chars < 0.4 and lines < 0.4, (chars, lines)
 
 
-def measure(compile: bool = True) -> dict:
+def measure(compile: bool = True, programs=("step", "grad"), scans=(False, True),
+            batched_muon: bool = True) -> dict:
   """The 16-layer model ((A G) x 8 at tiny width, N = 2, two windows (sleep, wake), batch 2) with
-  and without the scan: its training step (Muon and AdamW) and the loss-and-gradient program
-  alone. StableHLO characters, seconds to trace and lower, seconds to compile (XLA's CPU
-  backend). Prints one line each; returns {(program, scan_layers): numbers}."""
-  optimizer = make_optimizer(OptimizerConfig(total_steps=10, warmup_steps=0))
+  and without the scan: its training step (Muon and AdamW), the loss-and-gradient program alone
+  and the optimizer update alone ("update": `optimizer.update` on the step's gradients, state and
+  parameters; the scan does not change it). StableHLO characters, seconds to trace and lower,
+  seconds to compile (XLA's CPU backend) and lines of optimized HLO. `batched_muon=False`: Muon
+  is `optax.contrib.muon` (one Newton-Schulz chain per matrix; `make_optimizer`). Prints one line
+  each; returns {(program, scan_layers): numbers}."""
+  optimizer = make_optimizer(OptimizerConfig(total_steps=10, warmup_steps=0),
+                             batched_muon=batched_muon)
   batch = {k: jax.ShapeDtypeStruct((2, 2 * L), jnp.float32 if k == "loss_mask" else jnp.int32)
            for k in ("inputs", "targets", "loss_mask")}
   out = {}
-  for program in ("step", "grad"):
-    for scan in (False, True):
+  for program in programs:
+    for scan in scans:
       cfg = sixteen_layers(scan, passes=2)
-      if program == "step":
+      if program in ("step", "update"):
         state = jax.eval_shape(lambda cfg=cfg: create_train_state(cfg, optimizer,
                                                                   jax.random.key(0)))
+      if program == "step":
         fn = jax.jit(lambda s, b, cfg=cfg: train_step(s, b, model_cfg=cfg, optimizer=optimizer,
                                                       schedule=(True, False)))
         args = (state, batch)
+      elif program == "update":
+        fn = jax.jit(optimizer.update)
+        args = (state.params, state.opt_state, state.params)
       else:
         fn, args = grad_program(cfg, 2 * L, (True, False))
       start = time.perf_counter()
       lowered = fn.lower(*args)
       lower_s = time.perf_counter() - start
-      compile_s = None
+      compile_s = hlo_lines = None
       if compile:
         start = time.perf_counter()
-        lowered.compile()
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - start
+        hlo_lines = compiled.as_text().count("\n")
       out[program, scan] = dict(chars=len(lowered.as_text()), lower_s=lower_s,
-                                compile_s=compile_s)
-      print(f"{program} scan_layers={scan}: {out[program, scan]['chars']:,} characters of "
-            f"StableHLO, traced and lowered in {lower_s:.1f} s"
-            + (f", compiled in {compile_s:.1f} s" if compile else ""), flush=True)
+                                compile_s=compile_s, hlo_lines=hlo_lines)
+      print(f"{program} scan_layers={scan} batched_muon={batched_muon}: "
+            f"{out[program, scan]['chars']:,} characters of StableHLO, traced and lowered in "
+            f"{lower_s:.1f} s" + (f", compiled in {compile_s:.1f} s to {hlo_lines:,} lines of "
+                                  f"optimized HLO" if compile else ""), flush=True)
   return out
 
 
