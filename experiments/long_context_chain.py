@@ -35,14 +35,12 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments import long_context
+from experiments import long_context, processes
 from sleep_lm.errors import PREEMPTED_STATUS
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -175,22 +173,15 @@ def build_eval_sets(args, root: Path) -> None:
 
 
 def child_env(model: str, mem: dict[str, float], count: int) -> dict:
-  env = dict(os.environ)
+  env = processes.child_env(count, mem.get(model))
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT_DIR), env.get("PYTHONPATH")]))
-  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  if model in mem:
-    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem[model]:.3f}"
-  else:
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / max(count, 1):.3f}")
   return env
 
 
 def run_chain(args, root: Path, log=print) -> int:
   jobs = plan(args, root)
-  t0 = time.time()
-  stamp = lambda: f"[{time.time() - t0:6.0f}s]"
+  pool = processes.Pool()
   pending = {m: list(js) for m, js in jobs.items()}
-  active: dict[str, tuple[subprocess.Popen, Job, float, object]] = {}
   status: dict[str, str] = {}
   stopping = []
 
@@ -198,91 +189,67 @@ def run_chain(args, root: Path, log=print) -> int:
     if stopping:
       return
     stopping.append(reason)
-    for proc, *_ in active.values():
-      if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    log(f"{stamp()} {reason}: SIGTERM sent to {len(active)} process(es); nothing new starts")
+    log(f"{pool.stamp()} {reason}: SIGTERM sent to {pool.terminate()} process(es); "
+        "nothing new starts")
 
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop("SIGTERM"))
   records = root / "chain.jsonl"
-  if not args.no_eval_set_builder and not all(j.done() for js in jobs.values() for j in js):
-    cmd = [sys.executable, "-m", "experiments.long_context_chain", "--build_eval_sets_only",
-           *sys_args(args)]
-    log_path = root / "eval_data.log"
-    active["eval_sets"] = (subprocess.Popen(cmd, stdout=open(log_path, "a"),
-                                            stderr=subprocess.STDOUT, cwd=ROOT_DIR,
-                                            env={**child_env("", {}, 1),
-                                                 "JAX_PLATFORMS": "cpu"}),
-                           Job("eval_sets", "eval_sets", cmd, log_path, lambda: False),
-                           time.time(), None)
-  try:
-    while True:
-      if args.deadline is not None and time.time() - t0 > args.deadline:
-        stop(f"deadline ({args.deadline:.0f}s)")
-      running_models = [m for m in active if m != "eval_sets"]
-      for model, queue in pending.items():
-        if stopping or model in active or model in status:
-          continue
-        if args.parallel and len(running_models) >= args.parallel:
+  with processes.on_sigterm(lambda: stop("SIGTERM")):
+    if not args.no_eval_set_builder and not all(j.done() for js in jobs.values() for j in js):
+      cmd = [sys.executable, "-m", "experiments.long_context_chain", "--build_eval_sets_only",
+             *sys_args(args)]
+      pool.start("eval_sets", cmd, root / "eval_data.log", cwd=ROOT_DIR,
+                 env={**child_env("", {}, 1), "JAX_PLATFORMS": "cpu"})
+    try:
+      while True:
+        if args.deadline is not None and pool.elapsed() > args.deadline:
+          stop(f"deadline ({args.deadline:.0f}s)")
+        running_models = [m for m in pool if m != "eval_sets"]
+        for model, queue in pending.items():
+          if stopping or model in pool or model in status:
+            continue
+          if args.parallel and len(running_models) >= args.parallel:
+            break
+          while queue and queue[0].done():
+            log(f"{pool.stamp()} {model} {queue[0].name}: done before, skipped")
+            queue.pop(0)
+          if not queue:
+            status[model] = "done"
+            continue
+          job = queue[0]
+          left = None if args.deadline is None else args.deadline - pool.elapsed()
+          if job.name.startswith("eval_") and left is not None and left < args.eval_margin:
+            status[model] = f"held back ({job.name} not started {left:.0f}s before the deadline)"
+            log(f"{pool.stamp()} {model}: {status[model]}")
+            continue
+          log(f"{pool.stamp()} start {model} {job.name}: {' '.join(job.cmd)}")
+          pool.start(model, job.cmd, job.log, child_env(model, args.mem, len(jobs)),
+                     cwd=ROOT_DIR, data=job)
+          running_models.append(model)
+        if not pool and (stopping or all(m in status or not q for m, q in pending.items())):
           break
-        while queue and queue[0].done():
-          log(f"{stamp()} {model} {queue[0].name}: done before, skipped")
-          queue.pop(0)
-        if not queue:
-          status[model] = "done"
-          continue
-        job = queue[0]
-        left = None if args.deadline is None else args.deadline - (time.time() - t0)
-        if job.name.startswith("eval_") and left is not None and left < args.eval_margin:
-          status[model] = f"held back ({job.name} not started {left:.0f}s before the deadline)"
-          log(f"{stamp()} {model}: {status[model]}")
-          continue
-        job.log.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(job.log, "a")
-        log(f"{stamp()} start {model} {job.name}: {' '.join(job.cmd)}")
-        active[model] = (subprocess.Popen(job.cmd, stdout=handle, stderr=subprocess.STDOUT,
-                                          cwd=ROOT_DIR,
-                                          env=child_env(model, args.mem, len(jobs))),
-                         job, time.time(), handle)
-        running_models.append(model)
-      if not active and (stopping or all(m in status or not q for m, q in pending.items())):
-        break
-      time.sleep(args.poll)
-      for model, (proc, job, start, handle) in list(active.items()):
-        rc = proc.poll()
-        if rc is None:
-          continue
-        if handle is not None:
-          handle.close()
-        del active[model]
-        seconds = time.time() - start
-        if model == "eval_sets":
-          log(f"{stamp()} eval sets built (rc {rc}, {seconds:.0f}s)")
-          continue
-        if job.done():                   # its results are there (a stop may come after them)
-          outcome = "done"
-          pending[model].pop(0)
-        elif rc == PREEMPTED_STATUS or (stopping and rc in (0, -signal.SIGTERM)):
-          outcome = "stopped"
-          status[model] = "stopped"
-        else:
-          outcome = f"FAILED ({rc}{', its results missing' if rc == 0 else ''})"
-          status[model] = outcome
-        with open(records, "a") as f:
-          f.write(json.dumps({"model": model, "job": job.name, "status": outcome,
-                              "seconds": round(seconds, 1), "rc": rc,
-                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-        log(f"{stamp()} {outcome} {model} {job.name} in {seconds:.0f}s (log: {job.log})")
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-    for proc, *_ in active.values():        # only on an exception: leave nothing behind
-      if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
+        time.sleep(args.poll)
+        for child in pool.reap():
+          model, job, rc, seconds = child.key, child.data, child.rc, child.seconds
+          if model == "eval_sets":
+            log(f"{pool.stamp()} eval sets built (rc {rc}, {seconds:.0f}s)")
+            continue
+          # its results decide (a stop may come after them)
+          outcome = processes.outcome(rc, done=job.done(), stopping=bool(stopping))
+          if outcome == "done":
+            pending[model].pop(0)
+          else:
+            status[model] = outcome
+          with open(records, "a") as f:
+            f.write(json.dumps({"model": model, "job": job.name, "status": outcome,
+                                "seconds": round(seconds, 1), "rc": rc,
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+          log(f"{pool.stamp()} {outcome} {model} {job.name} in {seconds:.0f}s (log: {job.log})")
+    finally:
+      pool.terminate(wait=True)       # only on an exception: leave nothing behind
 
   unfinished = {m: [j.name for j in q] for m, q in pending.items() if q}
   failed = {m: s for m, s in status.items() if s.startswith("FAILED")}
-  log(f"{stamp()} chain: " + "; ".join(
+  log(f"{pool.stamp()} chain: " + "; ".join(
       f"{m} {status.get(m, 'not started')}" + (f" (left: {', '.join(unfinished[m])})"
                                                if m in unfinished else "")
       for m in jobs))

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from experiments import processes
 from sleep_lm.errors import PREEMPTED_STATUS
 
 
@@ -46,6 +44,28 @@ def last_evals(workdir: Path) -> list[dict]:
 
 def run_dir(root: Path, arg: str) -> Path:
   return root / arg.replace(",", "_").replace("=", "")
+
+
+def print_results(sweep: str, runs: list[str], root: Path, failed: list[str],
+                  seconds: float) -> None:
+  """The final held-out accuracies of each run (mean over seeds), and the floors."""
+  print(f"\nsweep {sweep}: {len(runs)} runs in {seconds:.0f}s")
+  print(f"{'run':<32}{'set':>6}{'step':>8}{'seeds':>6}{'loss':>8}{'exact':>8}{'sd':>7}"
+        f"{'answers':>9}{'floor':>8}")
+  for arg in runs:
+    evals = last_evals(run_dir(root, arg))
+    if arg in failed:
+      print(f"{arg:<32}  FAILED: see its train.log")
+    for name in dict.fromkeys(r["set"] for r in evals):
+      rs = [r for r in evals if r["set"] == name]
+      exact = [r["exact_accuracy"] for r in rs]
+      sd = statistics.stdev(exact) if len(exact) > 1 else 0.0
+      print(f"{arg:<32}{name:>6}{rs[0]['step']:>8}{len(rs):>6}"
+            f"{statistics.mean(r['loss'] for r in rs):>8.4f}{statistics.mean(exact):>8.4f}"
+            f"{sd:>7.4f}{statistics.mean(r['query_accuracy'] for r in rs):>9.4f}"
+            f"{rs[0]['floor_exact']:>8.4f}")
+    if not evals and arg not in failed:
+      print(f"{arg:<32}  no evaluation yet")
 
 
 def main():
@@ -83,73 +103,45 @@ def main():
     run = RunConfig.from_config(c)
     evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
 
-  env = dict(os.environ)
-  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   share = parallel if not gpus else max(1, parallel // len(gpus))
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / share:.3f}")
+  env = processes.child_env(share)
   started = 0
-  pending, active, failed, stopped = list(runs), {}, [], []
-  t0 = time.time()
+  pending, failed, stopped = list(runs), [], []
+  pool = processes.Pool()
 
-  def stop(*_):   # on SIGTERM (e.g. `timeout`), let every run checkpoint and leave
+  def stop():   # on SIGTERM (e.g. `timeout`), let every run checkpoint and leave
     pending.clear()
-    for proc, _, _, _ in active.values():
-      proc.send_signal(signal.SIGTERM)
-    print(f"[{time.time() - t0:6.0f}s] stopping: SIGTERM sent to {len(active)} runs", flush=True)
+    print(f"{pool.stamp()} stopping: SIGTERM sent to {pool.terminate()} runs", flush=True)
 
-  signal.signal(signal.SIGTERM, stop)
-  while pending or active:
-    while pending and len(active) < parallel:
-      arg = pending.pop(0)
-      workdir = run_dir(root, arg)
-      workdir.mkdir(parents=True, exist_ok=True)
-      cmd = [sys.executable, "-m", "sleep_lm.train", f"--config={args.config}:{arg}",
-             f"--workdir={workdir}", f"--config.data_dir={data_dir}", *args.extra]
-      log = open(workdir / "train.log", "a")
-      run_env = dict(env)
-      if gpus:
-        busy = {e.get("CUDA_VISIBLE_DEVICES") for _, _, _, e in active.values()}
-        run_env["CUDA_VISIBLE_DEVICES"] = next((g for g in gpus if g not in busy),
-                                               gpus[started % len(gpus)])
-      started += 1
-      print(f"[{time.time() - t0:6.0f}s] start {arg} "
-            f"(GPU {run_env.get('CUDA_VISIBLE_DEVICES', 'shared')}): {' '.join(cmd)}",
-            flush=True)
-      active[arg] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env),
-                     workdir, log, run_env)
-    time.sleep(2)
-    for arg, (proc, workdir, log, _) in list(active.items()):
-      if proc.poll() is not None:
-        log.close()
-        del active[arg]
-        if proc.returncode == PREEMPTED_STATUS:   # stopped by SIGTERM after its checkpoint
+  with processes.on_sigterm(stop):
+    while pending or pool:
+      while pending and len(pool) < parallel:
+        arg = pending.pop(0)
+        workdir = run_dir(root, arg)
+        cmd = [sys.executable, "-m", "sleep_lm.train", f"--config={args.config}:{arg}",
+               f"--workdir={workdir}", f"--config.data_dir={data_dir}", *args.extra]
+        run_env = dict(env)
+        if gpus:
+          busy = {c.env.get("CUDA_VISIBLE_DEVICES") for c in pool.children.values()}
+          run_env["CUDA_VISIBLE_DEVICES"] = next((g for g in gpus if g not in busy),
+                                                 gpus[started % len(gpus)])
+        started += 1
+        print(f"{pool.stamp()} start {arg} "
+              f"(GPU {run_env.get('CUDA_VISIBLE_DEVICES', 'shared')}): {' '.join(cmd)}",
+              flush=True)
+        pool.start(arg, cmd, workdir / "train.log", run_env)
+      time.sleep(2)
+      for child in pool.reap():
+        arg, status = child.key, processes.outcome(child.rc)
+        if status == "stopped":   # stopped by SIGTERM after its checkpoint
           status = "stopped (rerun the sweep to continue)"
           stopped.append(arg)
-        else:
-          status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
-        if proc.returncode and arg not in stopped:
+        elif status != "done":
           failed.append(arg)
-        print(f"[{time.time() - t0:6.0f}s] {status} {arg}  (log: {workdir / 'train.log'})",
-              flush=True)
+        print(f"{pool.stamp()} {status} {arg}  (log: {child.log})", flush=True)
 
-  print(f"\nsweep {args.sweep}: {len(runs)} runs in {time.time() - t0:.0f}s")
-  print(f"{'run':<32}{'set':>6}{'step':>8}{'seeds':>6}{'loss':>8}{'exact':>8}{'sd':>7}"
-        f"{'answers':>9}{'floor':>8}")
-  for arg in runs:
-    evals = last_evals(run_dir(root, arg))
-    if arg in failed:
-      print(f"{arg:<32}  FAILED: see its train.log")
-    for name in dict.fromkeys(r["set"] for r in evals):
-      rs = [r for r in evals if r["set"] == name]
-      exact = [r["exact_accuracy"] for r in rs]
-      sd = statistics.stdev(exact) if len(exact) > 1 else 0.0
-      print(f"{arg:<32}{name:>6}{rs[0]['step']:>8}{len(rs):>6}"
-            f"{statistics.mean(r['loss'] for r in rs):>8.4f}{statistics.mean(exact):>8.4f}"
-            f"{sd:>7.4f}{statistics.mean(r['query_accuracy'] for r in rs):>9.4f}"
-            f"{rs[0]['floor_exact']:>8.4f}")
-    if not evals and arg not in failed:
-      print(f"{arg:<32}  no evaluation yet")
-  sys.exit(1 if failed else PREEMPTED_STATUS if stopped else 0)
+    print_results(args.sweep, runs, root, failed, pool.elapsed())
+    sys.exit(1 if failed else PREEMPTED_STATUS if stopped else 0)
 
 
 if __name__ == "__main__":
