@@ -344,3 +344,20 @@ def test_bf16_split_is_exact_to_2_pow_16(split):
   err = np.abs(np.asarray(hi, np.float32) + np.asarray(lo, np.float32) - np.asarray(x))
   assert np.all(err <= 2.0 ** -16 * np.abs(np.asarray(x)))
   assert np.mean(np.asarray(lo, np.float32) != 0) > 0.9
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_lower_for_a_gpu(monkeypatch, dtype):
+  """On any machine: the compiled (not interpreted) forward and reverse kernels of the VJP lower
+  through Mosaic GPU for CUDA, layout inference included (what fails before a GPU is needed).
+  The opt-in WY kernel does not: lowering it stops in Mosaic GPU's layout inference ("failed to
+  find a solution", docs/kernels.md), which is why it is not registered."""
+  m = pallas_mosaic_gpu
+  monkeypatch.setattr(m, "_interpret", lambda: False)
+  inputs, cotangents = make_inputs(0, 1, 70, 2, 64, 64, dtype)
+
+  def f(xs, cts):
+    out, pullback = jax.vjp(lambda *ys: op(ys, use_qk_l2norm=True), *xs)
+    return (*out, *pullback(cts))
+  text = jax.jit(f).trace(inputs, cotangents).lower(lowering_platforms=("cuda",)).as_text()
+  assert m.FWD_KERNEL in text and m.BWD_KERNEL in text and m.INTRA_KERNEL not in text
