@@ -50,7 +50,8 @@ What runs where:
     T = (I + A)^-1 by block doubling from 1x1 blocks (T <- T - T (A_w T), w = 2 .. 32, ten
     [C,C] products at bf16 hi/lo precision for either dtype), W, U (per V-tile) and P. Exact
     interpreted (float32 ~2e-5 relative in the no-decay, aligned-keys regime of issue 15; bf16
-    as the pure-JAX path); never compiled: the default stays pure JAX until it has.
+    as the pure-JAX path); compiled, it fails in Mosaic GPU's layout inference (docs/kernels.md),
+    so the default stays pure JAX.
   - Forward chain: one `plgpu.kernel`, grid (B*H, V/BV): each program walks the chunks of one
     (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM; the four chunk
     products (W S, Q S, P Vnew, K^T Vnew) are `plgpu.wgmma`.
