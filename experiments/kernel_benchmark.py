@@ -23,7 +23,9 @@ called through `jla_gated_delta_rule`, a thin adapter (its docstring maps the co
 Prints a table last (with ours/peer ratios) and the forward's distance to its byte floor on an
 H200, and writes JSON. With --profile-dir it also prints device time by kernel (jax.profiler for
 ours and jla, torch.profiler for fla) and a table of summed device times, which leaves out fla's
-PyTorch launch gaps. `--variants` also times pallas_triton built with other `Tuning`s.
+PyTorch launch gaps. `--variants` also times pallas_triton built with other `Tuning`s;
+`--impls pallas_mosaic_gpu[wy_kernel]` times that module with its opt-in kernels
+(`implementation_of`).
 
 A CPU smoke run (kernels interpreted; jla skipped: tests/kernels/test_kernel_benchmark.py runs
 it; with `--jla-impl chunked`, jla's pure-JAX path stands in for its kernels, as in
@@ -45,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.gated_delta_rule import api, pallas_triton
+from kernels.gated_delta_rule import api, pallas_mosaic_gpu, pallas_triton
 from sleep_lm import profiling
 
 # name -> (B, T, H, D); K = V = D. The registry shapes are timed by default.
@@ -86,10 +88,28 @@ def make_inputs(key, b, t, h, d, dtype, *, no_decay_correlated_keys=False):
   return (q, k, v, g, beta, s0), (do, dsf)
 
 
+def implementation_of(name):
+  """`--impls` names: a registered implementation as is; "pallas_mosaic_gpu[a,b]" that module's
+  opt-in kernels, `pallas_mosaic_gpu.make_implementation(a=True, b=True)` (not registered)."""
+  base, bracket, flags = name.partition("[")
+  if not bracket:
+    return name
+  if base != pallas_mosaic_gpu.NAME or not flags.endswith("]") or not flags[:-1]:
+    raise SystemExit(f"--impls: {name!r} must be a registered name or "
+                     f"'{pallas_mosaic_gpu.NAME}[flag,...]' with flags of its "
+                     "make_implementation")
+  try:
+    return pallas_mosaic_gpu.make_implementation(**dict.fromkeys(flags[:-1].split(","), True))
+  except TypeError as e:
+    raise SystemExit(f"--impls {name!r}: {e}") from None
+
+
 def op(implementation):
   """Our op with the benchmark's options; a callable (q, k, v, g, beta, s0) -> (o, S) as is."""
   if callable(implementation):  # e.g. jla's op (`jla_op`)
     return implementation
+  if isinstance(implementation, str):
+    implementation = implementation_of(implementation)
 
   def f(q, k, v, g, beta, s0):
     return api.gated_delta_rule(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True,

@@ -34,3 +34,12 @@ def test_bad_variant_is_rejected():
   with pytest.raises(SystemExit, match="KEY=INT"):
     kernel_benchmark.parse_variant("no_such_field=1")
   assert kernel_benchmark.parse_variant("wide_intermediates=1").wide_intermediates is True
+
+
+def test_opt_in_mosaic_kernels_by_name():
+  impl = kernel_benchmark.implementation_of("pallas_mosaic_gpu[wy_kernel]")
+  assert impl.name == "pallas_mosaic_gpu[wy_kernel]"
+  assert kernel_benchmark.implementation_of("pallas_triton") == "pallas_triton"
+  for bad in ("pallas_triton[wy_kernel]", "pallas_mosaic_gpu[]", "pallas_mosaic_gpu[no_such]"):
+    with pytest.raises(SystemExit, match="impls"):
+      kernel_benchmark.implementation_of(bad)
