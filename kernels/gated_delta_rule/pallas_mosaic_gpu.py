@@ -387,7 +387,10 @@ def _intra_fwd_kernel(*refs, n_parts, bv):
   g_g, b_g, w_g, u_g, t_g, p_g = take(6)
   q_s, k_s, v_s = (take(n_parts) for _ in range(3))
   m_b, t_b = take(2), take(2)  # [C,C] bf16 hi/lo operands of the inverse's products
-  g_s, b_s, w_o, u_o, t_o, p_o, bar, v_bar = take(8)
+  # gamma and beta twice each: one copy read as a row vector, one as a column vector. Loads of
+  # one ref are merged by the CSE pass before Mosaic GPU's layout inference, which has no
+  # relayout between the two (WGMMA.reduce(1) and .reduce(0)) and then finds no solution.
+  g_rs, g_cs, b_rs, b_cs, w_o, u_o, t_o, p_o, bar, v_bar = take(10)
 
   bh = jax.lax.axis_index("bh")
   rows = pl.ds(jax.lax.axis_index("n") * CHUNK, CHUNK)
@@ -398,15 +401,15 @@ def _intra_fwd_kernel(*refs, n_parts, bv):
 
   for src, dst in zip((*q_g, *k_g), (*q_s, *k_s), strict=True):
     plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
-  plgpu.copy_gmem_to_smem(g_g.at[bh, rows], g_s, bar)
-  plgpu.copy_gmem_to_smem(b_g.at[bh, rows], b_s, bar)
+  for src, dst in ((g_g, g_rs), (g_g, g_cs), (b_g, b_rs), (b_g, b_cs)):
+    plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
   plgpu.barrier_wait(bar)
   ri = plgpu.broadcasted_iota(jnp.int32, sq, 0, layout=plgpu.Layout.WGMMA)
   ci = plgpu.broadcasted_iota(jnp.int32, sq, 1, layout=plgpu.Layout.WGMMA)
   by_row = lambda x: jax.lax.broadcast_in_dim(x, sq, [0])
   by_col = lambda x: jax.lax.broadcast_in_dim(x, sq, [1])
-  g_r, g_c = plgpu.load(g_s, layout=ROWS), plgpu.load(g_s, layout=COLS)
-  b_r, b_c = plgpu.load(b_s, layout=ROWS), plgpu.load(b_s, layout=COLS)
+  g_r, g_c = plgpu.load(g_rs, layout=ROWS), plgpu.load(g_cs, layout=COLS)
+  b_r, b_c = plgpu.load(b_rs, layout=ROWS), plgpu.load(b_cs, layout=COLS)
   g_diff = by_row(g_r) - by_col(g_c)
   decay = lambda mask: jnp.where(mask, jnp.exp(jnp.where(mask, g_diff, 0.0)), 0.0)
   k_t = tuple(ref.T for ref in k_s)  # K^T: transposed views of the SMEM tiles
@@ -454,9 +457,10 @@ def _intra_fwd_kernel(*refs, n_parts, bv):
 
 def _intra_smem_bytes(n_parts, dk, bv, dtype):
   """SMEM of the WY kernel (`intra_fwd`): q, k [C,K] and a V-tile of v (bf16 parts), four [C,C]
-  bf16 buffers of the inverse, gamma and beta, and the output tiles W [C,K], U [C,BV], T, P."""
+  bf16 buffers of the inverse, gamma and beta (two copies each), and the output tiles W [C,K],
+  U [C,BV], T, P."""
   c, size = CHUNK, jnp.dtype(dtype).itemsize
-  return (n_parts * 2 * (2 * c * dk + c * bv) + 4 * 2 * c * c + 8 * c
+  return (n_parts * 2 * (2 * c * dk + c * bv) + 4 * 2 * c * c + 16 * c
           + size * (c * dk + c * bv + 2 * c * c))
 
 
@@ -472,9 +476,9 @@ def intra_fwd(q, k, v, gamma, beta, *, interpret):
   smem = plgpu.SMEM
   scratch = ([smem((c, dk), bf16)] * (2 * n_parts) + [smem((c, bv), bf16)] * n_parts
              + [smem((c, c), bf16)] * 4
-             + [smem((c,), f32), smem((c,), f32), smem((c, dk), dtype), smem((c, bv), dtype),
-                smem((c, c), dtype), smem((c, c), dtype),
-                plgpu.Barrier(num_arrivals=2 * n_parts + 2), plgpu.Barrier(num_arrivals=n_parts)])
+             + [smem((c,), f32)] * 4 + [smem((c, dk), dtype), smem((c, bv), dtype)]
+             + [smem((c, c), dtype)] * 2
+             + [plgpu.Barrier(num_arrivals=2 * n_parts + 4), plgpu.Barrier(num_arrivals=n_parts)])
   out_type = (jax.ShapeDtypeStruct((bh, t, dk), dtype), jax.ShapeDtypeStruct((bh, t, dv), dtype),
               jax.ShapeDtypeStruct((bh, t, c), dtype), jax.ShapeDtypeStruct((bh, t, c), dtype))
   parts = [x for a in (q, k, v) for x in _array_parts(a)]

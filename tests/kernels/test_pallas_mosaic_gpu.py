@@ -313,7 +313,8 @@ SMEM_MESSAGE = r"KiB of SMEM, over 200 KiB \(forward kernel \d+ KiB, backward ke
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_smem_limits(dtype):
   """With V-tiles of 64 the backward kernel needs less SMEM than the forward (no o or U staging
-  tiles) and the WY kernel no more, so the refusals are the forward's (test_fla_grid.refused):
+  tiles) and the WY kernel no more (but for 0.5 KiB at K = 64 in bf16, its second copies of gamma
+  and beta, far under the limit), so the refusals are the forward's (test_fla_grid.refused):
   float32 above K = 64, bf16 above K = 192 (K padded to a multiple of 64)."""
   m = pallas_mosaic_gpu
   limit = 64 if dtype == jnp.float32 else 192
@@ -324,7 +325,8 @@ def test_smem_limits(dtype):
     padded = -(-dk // 64) * 64
     forward_bytes = m._smem_bytes(n_parts, padded, 64, dtype, dtype)
     assert m._bwd_smem_bytes(n_parts, padded, 64) < forward_bytes
-    assert m._intra_smem_bytes(n_parts, padded, 64, dtype) <= forward_bytes  # the WY kernel's
+    wy_bytes = m._intra_smem_bytes(n_parts, padded, 64, dtype)
+    assert wy_bytes <= forward_bytes or wy_bytes <= forward_bytes + 512 < m.SMEM_LIMIT // 2
     for wy_kernel in (False, True):
       if padded > limit:
         with pytest.raises(NotImplementedError, match=SMEM_MESSAGE):
