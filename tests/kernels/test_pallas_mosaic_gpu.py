@@ -348,18 +348,23 @@ def test_bf16_split_is_exact_to_2_pow_16(split):
   assert np.mean(np.asarray(lo, np.float32) != 0) > 0.9
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_kernels_lower_for_a_gpu(monkeypatch, dtype):
-  """On any machine: the compiled (not interpreted) forward and reverse kernels of the VJP lower
-  through Mosaic GPU for CUDA, layout inference included (what fails before a GPU is needed).
-  The opt-in WY kernel does not: lowering it stops in Mosaic GPU's layout inference ("failed to
-  find a solution", docs/kernels.md), which is why it is not registered."""
+@pytest.mark.parametrize("dtype,dk,wy_kernel", [
+    (jnp.bfloat16, 64, False), (jnp.float32, 64, False),
+    (jnp.bfloat16, 64, True), (jnp.float32, 64, True), (jnp.bfloat16, 128, True)])
+def test_kernels_lower_for_a_gpu(monkeypatch, dtype, dk, wy_kernel):
+  """On any machine: the compiled (not interpreted) kernels of the VJP lower through Mosaic GPU
+  for CUDA, layout inference included (what fails before a GPU is needed): the forward and the
+  reverse kernel, and with `wy_kernel` the WY kernel too (its layout inference found no
+  solution until gamma and beta were loaded as rows and as columns from separate SMEM copies).
+  Lowering only: the later Mosaic GPU passes and the PTX compilation need a GPU."""
   m = pallas_mosaic_gpu
   monkeypatch.setattr(m, "_interpret", lambda: False)
-  inputs, cotangents = make_inputs(0, 1, 70, 2, 64, 64, dtype)
+  inputs, cotangents = make_inputs(0, 1, 70, 2, dk, 64, dtype)
+  impl = WY_IMPL if wy_kernel else IMPL
 
   def f(xs, cts):
-    out, pullback = jax.vjp(lambda *ys: op(ys, use_qk_l2norm=True), *xs)
+    out, pullback = jax.vjp(lambda *ys: op(ys, implementation=impl, use_qk_l2norm=True), *xs)
     return (*out, *pullback(cts))
   text = jax.jit(f).trace(inputs, cotangents).lower(lowering_platforms=("cuda",)).as_text()
-  assert m.FWD_KERNEL in text and m.BWD_KERNEL in text and m.INTRA_KERNEL not in text
+  assert m.FWD_KERNEL in text and m.BWD_KERNEL in text
+  assert (m.INTRA_KERNEL in text) == wy_kernel
