@@ -50,8 +50,12 @@ What runs where:
     T = (I + A)^-1 by block doubling from 1x1 blocks (T <- T - T (A_w T), w = 2 .. 32, ten
     [C,C] products at bf16 hi/lo precision for either dtype), W, U (per V-tile) and P. Exact
     interpreted (float32 ~2e-5 relative in the no-decay, aligned-keys regime of issue 15; bf16
-    as the pure-JAX path); compiled, it fails in Mosaic GPU's layout inference (docs/kernels.md),
-    so the default stays pure JAX.
+    as the pure-JAX path). Compiled on an H200 it failed in Mosaic GPU's layout inference (no
+    solution: gamma and beta were loaded as rows and as columns from one SMEM ref, and the CSE
+    pass merged the two loads into one, which no relayout turns into both; now two copies each,
+    docs/kernels.md). Since then it lowers for CUDA on a CPU, layout inference included
+    (`test_kernels_lower_for_a_gpu`), but has NOT been compiled on a GPU again, so the default
+    stays pure JAX until a GPU run says otherwise.
   - Forward chain: one `plgpu.kernel`, grid (B*H, V/BV): each program walks the chunks of one
     (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM; the four chunk
     products (W S, Q S, P Vnew, K^T Vnew) are `plgpu.wgmma`.
@@ -83,15 +87,17 @@ Limits (NotImplementedError): the gated delta rule only; bf16 or float32 inputs;
 (a warpgroup's wgmma has M = 64: the [C,*] products need C = 64); K is padded to a multiple of
 64 (the [K,BV] products have M = K) and refused where the SMEM buffers of either kernel do not
 fit in 200 KiB (`_smem_bytes`, `_bwd_smem_bytes`, and `_intra_smem_bytes` with the WY kernel).
-With V-tiles of 64 the forward needs more than the backward (its o and U staging tiles) and no
-less than the WY kernel, so the limits are the forward's: bf16 at K > 192
+With V-tiles of 64 the forward needs more than the backward (its o and U staging tiles) and,
+from K = 128 on, more than the WY kernel (at K = 64 in bf16 the WY kernel needs 0.5 KiB more,
+89 KiB), so the limits are the forward's: bf16 at K > 192
 (forward 185 KiB at K = 192, backward 169 KiB; K = 256: 233 and 217 KiB); float32, whose
 operands are bf16 hi/lo pairs, at K > 64 (K = 64: 161 and 128 KiB; K = 128: 241 and 209 KiB).
 T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
 
-For the profile to judge: the SMEM scratch has no tiling/swizzle transforms (the forward
-compiled without; unswizzled wgmma operands may cost bank conflicts), and there is no
-TMA/compute overlap (each chunk waits for its copies).
+For the profile to judge: the SMEM scratch declares no tiling/swizzle transforms (Mosaic GPU's
+layout inference assigns them when lowering: the lowered modules tile most wgmma operands
+(8, 64), or (64, 8) transposed, with 128-byte swizzles), and there is no TMA/compute overlap
+(each chunk waits for its copies).
 
 Unverified until a compiled run: GPU interpret mode runs the TMA copies synchronously, so the
 fences that keep a tile from being rewritten while a copy to GMEM still reads it (the
@@ -100,7 +106,9 @@ on the CPU; nor is the lowering of the backward's transposed A operands (P^T, Qe
 views, like the forward's K^T, which compiled) or of the 4-D state slices it copies. The WY
 kernel adds what none of the compiled kernels has: [C,C] elementwise math on WGMMA-layout
 values (iota masks, row and column broadcasts of gamma and beta loaded as WGMMA.reduce(1) /
-reduce(0) vectors, exp) and a transposed B operand (K^T in K K^T and Q K^T).
+reduce(0) vectors, exp) and a transposed B operand (K^T in K K^T and Q K^T). All three kernels
+lower for CUDA on a CPU, Mosaic GPU's layout inference included (`test_kernels_lower_for_a_gpu`);
+the passes after it and the PTX compilation run only on a GPU.
 """
 
 from __future__ import annotations
@@ -659,7 +667,8 @@ def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel):
 def make_implementation(*, wy_kernel: bool = False) -> base.Implementation:
   """The implementation record: W, U, T, P in pure JAX (the default, "pallas_mosaic_gpu"), or
   with `wy_kernel` by the Mosaic GPU kernel `intra_fwd` ("pallas_mosaic_gpu[wy_kernel]", passed
-  as `implementation=`; not registered: it has only run interpreted)."""
+  as `implementation=`; not registered: exact interpreted and lowering for CUDA on a CPU, but
+  not compiled on a GPU since its layout inference fix)."""
 
   def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
                                   chunk_size, delta):
@@ -671,7 +680,8 @@ def make_implementation(*, wy_kernel: bool = False) -> base.Implementation:
   if wy_kernel:
     return base.Implementation(
         f"{NAME}[wy_kernel]", gated_delta_rule_mosaic_gpu,
-        "pallas_mosaic_gpu with W, U, T, P by a Mosaic GPU kernel too; interpreted only so far")
+        "pallas_mosaic_gpu with W, U, T, P by a Mosaic GPU kernel too; exact interpreted, lowers "
+        "for CUDA on a CPU, not yet compiled on a GPU")
   return base.Implementation(
       NAME, gated_delta_rule_mosaic_gpu,
       "Pallas Mosaic GPU state-passing kernels (wgmma), forward and reverse chains; WY terms and "

@@ -27,7 +27,7 @@ IMPL = pallas_mosaic_gpu.NAME
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 
 
-# W, U, T, P by the Mosaic GPU kernel too (opt-in: it has only run interpreted).
+# W, U, T, P by the Mosaic GPU kernel too (opt-in: interpreted and lowered, not yet compiled).
 WY_IMPL = pallas_mosaic_gpu.make_implementation(wy_kernel=True)
 
 
