@@ -50,8 +50,12 @@ What runs where:
     T = (I + A)^-1 by block doubling from 1x1 blocks (T <- T - T (A_w T), w = 2 .. 32, ten
     [C,C] products at bf16 hi/lo precision for either dtype), W, U (per V-tile) and P. Exact
     interpreted (float32 ~2e-5 relative in the no-decay, aligned-keys regime of issue 15; bf16
-    as the pure-JAX path); compiled, it fails in Mosaic GPU's layout inference (docs/kernels.md),
-    so the default stays pure JAX.
+    as the pure-JAX path). Compiled on an H200 it failed in Mosaic GPU's layout inference (no
+    solution: gamma and beta were loaded as rows and as columns from one SMEM ref, and the CSE
+    pass merged the two loads into one, which no relayout turns into both; now two copies each,
+    docs/kernels.md). Since then it lowers for CUDA on a CPU, layout inference included
+    (`test_kernels_lower_for_a_gpu`), but has NOT been compiled on a GPU again, so the default
+    stays pure JAX until a GPU run says otherwise.
   - Forward chain: one `plgpu.kernel`, grid (B*H, V/BV): each program walks the chunks of one
     (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM; the four chunk
     products (W S, Q S, P Vnew, K^T Vnew) are `plgpu.wgmma`.
@@ -83,15 +87,17 @@ Limits (NotImplementedError): the gated delta rule only; bf16 or float32 inputs;
 (a warpgroup's wgmma has M = 64: the [C,*] products need C = 64); K is padded to a multiple of
 64 (the [K,BV] products have M = K) and refused where the SMEM buffers of either kernel do not
 fit in 200 KiB (`_smem_bytes`, `_bwd_smem_bytes`, and `_intra_smem_bytes` with the WY kernel).
-With V-tiles of 64 the forward needs more than the backward (its o and U staging tiles) and no
-less than the WY kernel, so the limits are the forward's: bf16 at K > 192
+With V-tiles of 64 the forward needs more than the backward (its o and U staging tiles) and,
+from K = 128 on, more than the WY kernel (at K = 64 in bf16 the WY kernel needs 0.5 KiB more,
+89 KiB), so the limits are the forward's: bf16 at K > 192
 (forward 185 KiB at K = 192, backward 169 KiB; K = 256: 233 and 217 KiB); float32, whose
 operands are bf16 hi/lo pairs, at K > 64 (K = 64: 161 and 128 KiB; K = 128: 241 and 209 KiB).
 T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
 
-For the profile to judge: the SMEM scratch has no tiling/swizzle transforms (the forward
-compiled without; unswizzled wgmma operands may cost bank conflicts), and there is no
-TMA/compute overlap (each chunk waits for its copies).
+For the profile to judge: the SMEM scratch declares no tiling/swizzle transforms (Mosaic GPU's
+layout inference assigns them when lowering: the lowered modules tile most wgmma operands
+(8, 64), or (64, 8) transposed, with 128-byte swizzles), and there is no TMA/compute overlap
+(each chunk waits for its copies).
 
 Unverified until a compiled run: GPU interpret mode runs the TMA copies synchronously, so the
 fences that keep a tile from being rewritten while a copy to GMEM still reads it (the
@@ -100,7 +106,9 @@ on the CPU; nor is the lowering of the backward's transposed A operands (P^T, Qe
 views, like the forward's K^T, which compiled) or of the 4-D state slices it copies. The WY
 kernel adds what none of the compiled kernels has: [C,C] elementwise math on WGMMA-layout
 values (iota masks, row and column broadcasts of gamma and beta loaded as WGMMA.reduce(1) /
-reduce(0) vectors, exp) and a transposed B operand (K^T in K K^T and Q K^T).
+reduce(0) vectors, exp) and a transposed B operand (K^T in K K^T and Q K^T). All three kernels
+lower for CUDA on a CPU, Mosaic GPU's layout inference included (`test_kernels_lower_for_a_gpu`);
+the passes after it and the PTX compilation run only on a GPU.
 """
 
 from __future__ import annotations
@@ -387,7 +395,10 @@ def _intra_fwd_kernel(*refs, n_parts, bv):
   g_g, b_g, w_g, u_g, t_g, p_g = take(6)
   q_s, k_s, v_s = (take(n_parts) for _ in range(3))
   m_b, t_b = take(2), take(2)  # [C,C] bf16 hi/lo operands of the inverse's products
-  g_s, b_s, w_o, u_o, t_o, p_o, bar, v_bar = take(8)
+  # gamma and beta twice each: one copy read as a row vector, one as a column vector. Loads of
+  # one ref are merged by the CSE pass before Mosaic GPU's layout inference, which has no
+  # relayout between the two (WGMMA.reduce(1) and .reduce(0)) and then finds no solution.
+  g_rs, g_cs, b_rs, b_cs, w_o, u_o, t_o, p_o, bar, v_bar = take(10)
 
   bh = jax.lax.axis_index("bh")
   rows = pl.ds(jax.lax.axis_index("n") * CHUNK, CHUNK)
@@ -398,15 +409,15 @@ def _intra_fwd_kernel(*refs, n_parts, bv):
 
   for src, dst in zip((*q_g, *k_g), (*q_s, *k_s), strict=True):
     plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
-  plgpu.copy_gmem_to_smem(g_g.at[bh, rows], g_s, bar)
-  plgpu.copy_gmem_to_smem(b_g.at[bh, rows], b_s, bar)
+  for src, dst in ((g_g, g_rs), (g_g, g_cs), (b_g, b_rs), (b_g, b_cs)):
+    plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
   plgpu.barrier_wait(bar)
   ri = plgpu.broadcasted_iota(jnp.int32, sq, 0, layout=plgpu.Layout.WGMMA)
   ci = plgpu.broadcasted_iota(jnp.int32, sq, 1, layout=plgpu.Layout.WGMMA)
   by_row = lambda x: jax.lax.broadcast_in_dim(x, sq, [0])
   by_col = lambda x: jax.lax.broadcast_in_dim(x, sq, [1])
-  g_r, g_c = plgpu.load(g_s, layout=ROWS), plgpu.load(g_s, layout=COLS)
-  b_r, b_c = plgpu.load(b_s, layout=ROWS), plgpu.load(b_s, layout=COLS)
+  g_r, g_c = plgpu.load(g_rs, layout=ROWS), plgpu.load(g_cs, layout=COLS)
+  b_r, b_c = plgpu.load(b_rs, layout=ROWS), plgpu.load(b_cs, layout=COLS)
   g_diff = by_row(g_r) - by_col(g_c)
   decay = lambda mask: jnp.where(mask, jnp.exp(jnp.where(mask, g_diff, 0.0)), 0.0)
   k_t = tuple(ref.T for ref in k_s)  # K^T: transposed views of the SMEM tiles
@@ -454,9 +465,10 @@ def _intra_fwd_kernel(*refs, n_parts, bv):
 
 def _intra_smem_bytes(n_parts, dk, bv, dtype):
   """SMEM of the WY kernel (`intra_fwd`): q, k [C,K] and a V-tile of v (bf16 parts), four [C,C]
-  bf16 buffers of the inverse, gamma and beta, and the output tiles W [C,K], U [C,BV], T, P."""
+  bf16 buffers of the inverse, gamma and beta (two copies each), and the output tiles W [C,K],
+  U [C,BV], T, P."""
   c, size = CHUNK, jnp.dtype(dtype).itemsize
-  return (n_parts * 2 * (2 * c * dk + c * bv) + 4 * 2 * c * c + 8 * c
+  return (n_parts * 2 * (2 * c * dk + c * bv) + 4 * 2 * c * c + 16 * c
           + size * (c * dk + c * bv + 2 * c * c))
 
 
@@ -472,9 +484,9 @@ def intra_fwd(q, k, v, gamma, beta, *, interpret):
   smem = plgpu.SMEM
   scratch = ([smem((c, dk), bf16)] * (2 * n_parts) + [smem((c, bv), bf16)] * n_parts
              + [smem((c, c), bf16)] * 4
-             + [smem((c,), f32), smem((c,), f32), smem((c, dk), dtype), smem((c, bv), dtype),
-                smem((c, c), dtype), smem((c, c), dtype),
-                plgpu.Barrier(num_arrivals=2 * n_parts + 2), plgpu.Barrier(num_arrivals=n_parts)])
+             + [smem((c,), f32)] * 4 + [smem((c, dk), dtype), smem((c, bv), dtype)]
+             + [smem((c, c), dtype)] * 2
+             + [plgpu.Barrier(num_arrivals=2 * n_parts + 4), plgpu.Barrier(num_arrivals=n_parts)])
   out_type = (jax.ShapeDtypeStruct((bh, t, dk), dtype), jax.ShapeDtypeStruct((bh, t, dv), dtype),
               jax.ShapeDtypeStruct((bh, t, c), dtype), jax.ShapeDtypeStruct((bh, t, c), dtype))
   parts = [x for a in (q, k, v) for x in _array_parts(a)]
@@ -655,7 +667,8 @@ def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel):
 def make_implementation(*, wy_kernel: bool = False) -> base.Implementation:
   """The implementation record: W, U, T, P in pure JAX (the default, "pallas_mosaic_gpu"), or
   with `wy_kernel` by the Mosaic GPU kernel `intra_fwd` ("pallas_mosaic_gpu[wy_kernel]", passed
-  as `implementation=`; not registered: it has only run interpreted)."""
+  as `implementation=`; not registered: exact interpreted and lowering for CUDA on a CPU, but
+  not compiled on a GPU since its layout inference fix)."""
 
   def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
                                   chunk_size, delta):
@@ -667,7 +680,8 @@ def make_implementation(*, wy_kernel: bool = False) -> base.Implementation:
   if wy_kernel:
     return base.Implementation(
         f"{NAME}[wy_kernel]", gated_delta_rule_mosaic_gpu,
-        "pallas_mosaic_gpu with W, U, T, P by a Mosaic GPU kernel too; interpreted only so far")
+        "pallas_mosaic_gpu with W, U, T, P by a Mosaic GPU kernel too; exact interpreted, lowers "
+        "for CUDA on a CPU, not yet compiled on a GPU")
   return base.Implementation(
       NAME, gated_delta_rule_mosaic_gpu,
       "Pallas Mosaic GPU state-passing kernels (wgmma), forward and reverse chains; WY terms and "
