@@ -1,8 +1,10 @@
 """Pallas Mosaic GPU kernel for the per-chunk gradients of the gated delta rule (opt-in).
 
 HAS ONLY RUN INTERPRETED (GPU interpret mode, on a CPU) and been lowered for CUDA on a CPU
-(layout inference included), until a GPU run says otherwise. Used by `pallas_mosaic_gpu` with
-`make_implementation(grads_kernel=True)`; the default there stays the pure-JAX `_chunk_grads`.
+(layout inference included), until a GPU run says otherwise. Opt-in: `make_implementation()`
+here ("pallas_mosaic_gpu[grads_kernel]", passed as `implementation=`, not registered) hands it
+to `pallas_mosaic_gpu.make_implementation(chunk_grads=...)` (a hook: that module does not import
+this one); the default there stays the pure-JAX `_chunk_grads`.
 
 One `plgpu.kernel`, grid (B*H, N chunks), one warpgroup: per chunk it computes what
 `pallas_mosaic_gpu._chunk_grads` (the `_pallas_common` math of the Triton kernels 4a and 4b)
@@ -66,7 +68,7 @@ input dtype, and a few [C] / [K] vectors. At V >= 64 (BV = 64): bf16 90 KiB at K
 K = 128, 186.5 at K = 192 (within 1.5 KiB of the forward kernel's, which refuses K = 256: 235
 here); float32 178 KiB at K = 64, 274 at K = 128 (the forward refuses it too). Narrow V needs
 less: at float32 K = 128, which the forward accepts for V <= 32, this kernel fits at V = 16
-(190 KiB) but not at V = 32 (218 KiB); there `pallas_mosaic_gpu` runs the pure-JAX
+(190 KiB) but not at V = 32 (218 KiB); there `chunk_grads_or_jax` (the hook) runs the pure-JAX
 `_chunk_grads` instead (`fits`).
 `chunk_grads` itself refuses over 200 KiB (NotImplementedError).
 
@@ -320,3 +322,20 @@ def chunk_grads(q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states
       grid=(bh, t // c), grid_names=("bh", "n"), scratch_types=scratch, interpret=interpret,
       kernel_name=KERNEL,
   )(*parts, gamma.astype(f32), beta.astype(f32))
+
+
+def chunk_grads_or_jax(q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states, *,
+                       interpret):
+  """`chunk_grads` where its SMEM fits, else the pure-JAX `pallas_mosaic_gpu._chunk_grads`
+  (float32 at K = 128 with V = 32, which the forward accepts)."""
+  args = (q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states)
+  if fits(q.dtype, q.shape[-1], v.shape[-1]):
+    return chunk_grads(*args, interpret=interpret)
+  return mgpu._chunk_grads(*args)
+
+
+def make_implementation(*, wy_kernel: bool = False):
+  """`pallas_mosaic_gpu` with the per-chunk gradients by this kernel
+  ("pallas_mosaic_gpu[grads_kernel]", or "pallas_mosaic_gpu[wy_kernel,grads_kernel]"; passed as
+  `implementation=`, not registered: it has only run interpreted)."""
+  return mgpu.make_implementation(wy_kernel=wy_kernel, chunk_grads=chunk_grads_or_jax)

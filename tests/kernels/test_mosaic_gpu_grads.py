@@ -1,5 +1,5 @@
-"""The Mosaic GPU per-chunk gradient kernel (`_mosaic_gpu_grads`, opt-in in `pallas_mosaic_gpu`
-as `make_implementation(grads_kernel=True)`).
+"""The Mosaic GPU per-chunk gradient kernel (`_mosaic_gpu_grads`; opt-in: the implementation
+`_mosaic_gpu_grads.make_implementation()`, "pallas_mosaic_gpu[grads_kernel]").
 
 On a CPU it runs in GPU interpret mode (slow: small cases by default, the others under -m slow)
 and is lowered for CUDA (Mosaic GPU layout inference included). It has not run on a GPU yet.
@@ -31,7 +31,7 @@ from kernels.gated_delta_rule import _pallas_common as common
 from kernels.gated_delta_rule import pallas_mosaic_gpu
 
 m = pallas_mosaic_gpu
-IMPL = m.make_implementation(grads_kernel=True)
+IMPL = grads.make_implementation()
 NAMES = ("dq", "dk", "dv", "dgamma", "dbeta")
 
 
@@ -114,7 +114,7 @@ def test_backward_kernels(dk, dv, dtype, kernel):
 
 def test_names():
   assert IMPL.name == "pallas_mosaic_gpu[grads_kernel]"
-  both = m.make_implementation(wy_kernel=True, grads_kernel=True)
+  both = grads.make_implementation(wy_kernel=True)
   assert both.name == "pallas_mosaic_gpu[wy_kernel,grads_kernel]"
   assert m.make_implementation().name == m.NAME
 
