@@ -24,7 +24,7 @@ Prints a table last (with ours/peer ratios) and the forward's distance to its by
 H200, and writes JSON. With --profile-dir it also prints device time by kernel (jax.profiler for
 ours and jla, torch.profiler for fla) and a table of summed device times, which leaves out fla's
 PyTorch launch gaps. `--variants` also times pallas_triton built with other `Tuning`s;
-`--impls pallas_mosaic_gpu[wy_kernel]` times that module with its opt-in kernels
+`--impls 'pallas_mosaic_gpu[wy_kernel,grads_kernel]'` times that op with its opt-in kernels
 (`implementation_of`).
 
 A CPU smoke run (kernels interpreted; jla skipped: tests/kernels/test_kernel_benchmark.py runs
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.gated_delta_rule import api, pallas_mosaic_gpu, pallas_triton
+from kernels.gated_delta_rule import _mosaic_gpu_grads, api, pallas_mosaic_gpu, pallas_triton
 from sleep_lm import profiling
 
 # name -> (B, T, H, D); K = V = D. The registry shapes are timed by default.
@@ -88,20 +88,23 @@ def make_inputs(key, b, t, h, d, dtype, *, no_decay_correlated_keys=False):
   return (q, k, v, g, beta, s0), (do, dsf)
 
 
+MOSAIC_OPT_INS = ("wy_kernel", "grads_kernel")
+
+
 def implementation_of(name):
-  """`--impls` names: a registered implementation as is; "pallas_mosaic_gpu[a,b]" that module's
-  opt-in kernels, `pallas_mosaic_gpu.make_implementation(a=True, b=True)` (not registered)."""
+  """`--impls` names: a registered implementation as is; "pallas_mosaic_gpu[a,b]" that op with
+  its opt-in (unregistered) Mosaic GPU kernels, a and b of MOSAIC_OPT_INS."""
   base, bracket, flags = name.partition("[")
   if not bracket:
     return name
-  if base != pallas_mosaic_gpu.NAME or not flags.endswith("]") or not flags[:-1]:
+  opts = set(flags[:-1].split(",")) if flags.endswith("]") else set()
+  if base != pallas_mosaic_gpu.NAME or not opts or not opts <= set(MOSAIC_OPT_INS):
     raise SystemExit(f"--impls: {name!r} must be a registered name or "
-                     f"'{pallas_mosaic_gpu.NAME}[flag,...]' with flags of its "
-                     "make_implementation")
-  try:
-    return pallas_mosaic_gpu.make_implementation(**dict.fromkeys(flags[:-1].split(","), True))
-  except TypeError as e:
-    raise SystemExit(f"--impls {name!r}: {e}") from None
+                     f"'{pallas_mosaic_gpu.NAME}[...]' with one or more of {MOSAIC_OPT_INS}")
+  wy = "wy_kernel" in opts
+  if "grads_kernel" in opts:
+    return _mosaic_gpu_grads.make_implementation(wy_kernel=wy)
+  return pallas_mosaic_gpu.make_implementation(wy_kernel=wy)
 
 
 def op(implementation):

@@ -579,20 +579,22 @@ def _run_forward(q, k, v, gamma, beta, s0, save, wy_kernel):
   return outs, (w, t_inv, p)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _core(q, k, v, gamma, beta, s0, wy_kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _core(q, k, v, gamma, beta, s0, wy_kernel, chunk_grads):
   """(o, s_final) from prepared, padded [B*H, T, *] inputs (gamma the chunk-local cumsum);
-  W, U, T, P by the Mosaic GPU kernel `intra_fwd` with `wy_kernel`, else in pure JAX."""
+  W, U, T, P by the Mosaic GPU kernel `intra_fwd` with `wy_kernel`, else in pure JAX; the
+  per-chunk gradients by `chunk_grads` (see `make_implementation`), else `_chunk_grads`."""
   return _run_forward(q, k, v, gamma, beta, s0, False, wy_kernel)[0]
 
 
-def _core_fwd(q, k, v, gamma, beta, s0, wy_kernel):
+def _core_fwd(q, k, v, gamma, beta, s0, wy_kernel, chunk_grads):
+  del chunk_grads
   (o, s_final, states, v_new), (w, t_inv, p) = _run_forward(q, k, v, gamma, beta, s0, True,
                                                             wy_kernel)
   return (o, s_final), (q, k, v, gamma, beta, w, t_inv, p, states, v_new)
 
 
-def _core_bwd(wy_kernel, residuals, cotangents):
+def _core_bwd(wy_kernel, chunk_grads, residuals, cotangents):
   del wy_kernel  # the backward is the same either way
   q, k, v, gamma, beta, w, t_inv, p, states, v_new = residuals
   do, ds_final = cotangents
@@ -604,8 +606,11 @@ def _core_bwd(wy_kernel, residuals, cotangents):
       scaled(q, e_out), scaled(k, e_end), -w, p, do,
       jnp.broadcast_to(s_decay, (*s_decay.shape[:2], q.shape[-1])), ds_final.astype(f32),
       interpret=_interpret())
-  dq, dk, dv, dgamma, dbeta = _chunk_grads(q, k, v, gamma, beta, t_inv, do, v_new, dv_new,
-                                           states, d_states)
+  args = (q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states)
+  if chunk_grads is None:
+    dq, dk, dv, dgamma, dbeta = _chunk_grads(*args)
+  else:
+    dq, dk, dv, dgamma, dbeta = chunk_grads(*args, interpret=_interpret())
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgamma, dbeta, ds0)
 
 
@@ -642,7 +647,7 @@ def _padded_dims(dk, dv):
   return -(-dk // CHUNK) * CHUNK, max(16, common.next_power_of_2(dv))
 
 
-def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel):
+def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel, chunk_grads=None):
   """Preparation (L2 norm, scale, layout, padding, cumsum; autodiffed) around `_core`."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
@@ -661,24 +666,34 @@ def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel):
   g, beta = heads(g.astype(f32)), heads(beta.astype(f32))
   gamma = common.chunk_local_cumsum(g[..., None], CHUNK)[..., 0]  # [B*H, T]
   s0 = jnp.pad(s0.astype(f32), [(0, 0), (0, 0), (0, dk_pad - dk), (0, dv_pad - dv)])
-  o, s_final = _core(q, k, v, gamma, beta, s0.reshape(b * h, dk_pad, dv_pad), wy_kernel)
+  o, s_final = _core(q, k, v, gamma, beta, s0.reshape(b * h, dk_pad, dv_pad), wy_kernel,
+                     chunk_grads)
   o = jnp.moveaxis(o.reshape(b, h, t_pad, dv_pad), 1, 2)[:, :t, :, :dv]
   return o, s_final.reshape(b, h, dk_pad, dv_pad)[:, :, :dk, :dv]
 
 
-def make_implementation(*, wy_kernel: bool = False) -> base.Implementation:
+def make_implementation(*, wy_kernel: bool = False, chunk_grads=None) -> base.Implementation:
   """The implementation record: W, U, T, P in pure JAX (the default, "pallas_mosaic_gpu"), or
   with `wy_kernel` by the Mosaic GPU kernel `intra_fwd` ("pallas_mosaic_gpu[wy_kernel]", passed
   as `implementation=`; not registered: exact interpreted and lowering for CUDA on a CPU, but
-  not compiled on a GPU since its layout inference fix)."""
+  not compiled on a GPU since its layout inference fix). `chunk_grads` replaces the pure-JAX
+  per-chunk gradients `_chunk_grads`: a function of its arguments and an `interpret` keyword;
+  `_mosaic_gpu_grads.make_implementation` passes its Mosaic GPU kernel
+  ("pallas_mosaic_gpu[grads_kernel]"; a hook, so that this module does not import that one)."""
 
   def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
                                   chunk_size, delta):
     """Implementation fn (see base.ImplementationFn). GPU interpret mode off-GPU."""
     _check(q, k, v, chunk_size, delta, wy_kernel)
     return _forward(q, k, v, g, beta, initial_state, float(scale), bool(use_qk_l2norm),
-                    wy_kernel)
+                    wy_kernel, chunk_grads)
 
+  if chunk_grads is not None:
+    options = ",".join(["wy_kernel"] * wy_kernel + ["grads_kernel"])
+    return base.Implementation(
+        f"{NAME}[{options}]", gated_delta_rule_mosaic_gpu,
+        "pallas_mosaic_gpu with the per-chunk gradients by a Mosaic GPU kernel too"
+        + (" and W, U, T, P too" if wy_kernel else "") + "; interpreted only so far")
   if wy_kernel:
     return base.Implementation(
         f"{NAME}[wy_kernel]", gated_delta_rule_mosaic_gpu,

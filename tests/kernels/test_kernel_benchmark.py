@@ -37,8 +37,9 @@ def test_bad_variant_is_rejected():
 
 
 def test_opt_in_mosaic_kernels_by_name():
-  impl = kernel_benchmark.implementation_of("pallas_mosaic_gpu[wy_kernel]")
-  assert impl.name == "pallas_mosaic_gpu[wy_kernel]"
+  for name in ("pallas_mosaic_gpu[wy_kernel]", "pallas_mosaic_gpu[grads_kernel]",
+               "pallas_mosaic_gpu[wy_kernel,grads_kernel]"):
+    assert kernel_benchmark.implementation_of(name).name == name
   assert kernel_benchmark.implementation_of("pallas_triton") == "pallas_triton"
   for bad in ("pallas_triton[wy_kernel]", "pallas_mosaic_gpu[]", "pallas_mosaic_gpu[no_such]"):
     with pytest.raises(SystemExit, match="impls"):
