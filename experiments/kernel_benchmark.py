@@ -401,10 +401,16 @@ def main(argv=None):
     results["jla"] = {"version": jla.__version__, "impl": args.jla_impl}
 
   # Correctness first: small shapes with awkward T, both dtypes, vs the float32 oracle.
+  failed = results["failed"] = {}  # impl -> why; one that failed is not run again
   for impl in [] if args.no_check else args.impls:
     for shape, dtype, hard in CHECKS:
-      errs = check(impl, shape, dtype, no_decay_correlated_keys=hard)
       label = f"{impl}/{shape}/{jnp.dtype(dtype).name}" + ("/g0_uniform_qk" if hard else "")
+      try:
+        errs = check(impl, shape, dtype, no_decay_correlated_keys=hard)
+      except Exception as e:  # pylint: disable=broad-except  (e.g. a kernel that does not compile)
+        failed[impl] = f"{type(e).__name__}: {e}"[:400]
+        print(f"check {label} failed: {failed[impl]}", flush=True)
+        break
       results["checks"][label] = errs
       print_check(label, errs)
   # jla vs our chunked op on float32 inputs (jla's kernels take bf16/fp16 only).
@@ -428,10 +434,17 @@ def main(argv=None):
     row = {"shape": shape, "floors": {**floors(shape), "fwd_floor_ms_h200": floor_ms(shape)}}
     outs = {}
     for impl in args.impls:
+      if impl in failed:
+        continue
       f = jax.jit(op(impl))
       fb = jax.jit(fwd_bwd(impl))
-      outs[impl] = f(*inputs)
-      row[impl] = {"fwd": timer(f, inputs), "fwd_bwd": timer(fb, (inputs, cots))}
+      try:
+        outs[impl] = f(*inputs)
+        row[impl] = {"fwd": timer(f, inputs), "fwd_bwd": timer(fb, (inputs, cots))}
+      except Exception as e:  # pylint: disable=broad-except
+        failed[impl] = f"{type(e).__name__}: {e}"[:400]
+        print(f"{name} {impl} failed: {failed[impl]}", flush=True)
+        continue
       print(f"{name} {impl}: {row[impl]}", flush=True)
       if args.profile_dir:
         table = profiling.device_time_table(functools.partial(fb, inputs, cots), calls=3,
@@ -446,20 +459,21 @@ def main(argv=None):
         print(f"{name} pallas_triton[{variant}]: {row[f'pallas_triton[{variant}]']}", flush=True)
       except Exception as e:  # pylint: disable=broad-except  (a tuning that does not compile)
         print(f"{name} pallas_triton[{variant}] failed: {type(e).__name__}: {e}"[:400])
-    if len(args.impls) > 1:  # same inputs, bf16: ours vs chunked
-      a, ref = outs[args.impls[0]], outs[args.impls[1]]
+    timed = [impl for impl in args.impls if impl in outs]
+    if len(timed) > 1:  # same inputs, bf16: ours vs the next (e.g. chunked)
+      a, ref = outs[timed[0]], outs[timed[1]]
       row["agree"] = {"o": rel_rms(a[0], ref[0]), "final_state": rel_rms(a[1], ref[1])}
-      print(f"{name} agreement {args.impls[0]} vs {args.impls[1]}: {row['agree']}", flush=True)
+      print(f"{name} agreement {timed[0]} vs {timed[1]}: {row['agree']}", flush=True)
     if jla_fn is not None:
       try:
         f, fb = jax.jit(jla_fn), jax.jit(fwd_bwd(jla_fn))
         out = f(*inputs)
         row["jla"] = {"fwd": timer(f, inputs), "fwd_bwd": timer(fb, (inputs, cots))}
         print(f"{name} jla: {row['jla']}", flush=True)
-        if args.impls:  # same bf16 inputs: jla vs ours
-          ref = outs[args.impls[0]]
+        if timed:  # same bf16 inputs: jla vs ours
+          ref = outs[timed[0]]
           row["agree_jla"] = {"o": rel_rms(out[0], ref[0]), "final_state": rel_rms(out[1], ref[1])}
-          print(f"{name} agreement jla vs {args.impls[0]}: {row['agree_jla']}", flush=True)
+          print(f"{name} agreement jla vs {timed[0]}: {row['agree_jla']}", flush=True)
         if args.profile_dir:
           table = profiling.device_time_table(functools.partial(fb, inputs, cots), calls=3,
                                               log_dir=os.path.join(args.profile_dir, name, "jla"))
@@ -493,8 +507,13 @@ def main(argv=None):
       for c in cols:
         r = row.get(c, {}).get(mode)
         cells.append(f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})" if r else "-")
-      ours = row[args.impls[0]][mode]["median_ms"]
-      ratios = [f"{ours / row[c][mode]['median_ms']:.2f}x {c}" for c in cols[1:] if c in row]
+      first = next((c for c in cols if c in row), None)
+      if first is None:
+        print(f"{name:26s} {mode:7s} " + " | ".join(cells))
+        continue
+      ours = row[first][mode]["median_ms"]
+      ratios = [f"{ours / row[c][mode]['median_ms']:.2f}x {c}" for c in cols
+                if c in row and c != first]
       if "fla" in row:
         ratios.append(f"{ours / row['fla']['do_bench'][mode]['median_ms']:.2f}x fla do_bench")
       print(f"{name:26s} {mode:7s} " + " | ".join(cells) + "   ours/: " + ", ".join(ratios))

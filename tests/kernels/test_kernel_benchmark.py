@@ -44,3 +44,25 @@ def test_opt_in_mosaic_kernels_by_name():
   for bad in ("pallas_triton[wy_kernel]", "pallas_mosaic_gpu[]", "pallas_mosaic_gpu[no_such]"):
     with pytest.raises(SystemExit, match="impls"):
       kernel_benchmark.implementation_of(bad)
+
+
+def test_an_implementation_that_fails_is_reported_and_the_rest_timed(tmp_path, monkeypatch,
+                                                                        capsys):
+  """A kernel that does not compile (here: one that refuses every input) costs its own row only."""
+  from kernels.gated_delta_rule import base
+
+  def refuses(*args, **kwargs):
+    raise NotImplementedError("refuses every input")
+  real = kernel_benchmark.implementation_of
+  monkeypatch.setattr(kernel_benchmark, "implementation_of",
+                      lambda name: base.Implementation("broken", refuses, "fails")
+                      if name == "pallas_mosaic_gpu[wy_kernel]" else real(name))
+  out = tmp_path / "gdr.json"
+  kernel_benchmark.main(["--shapes", "smoke_b1_t40_h1_d16", "--impls",
+                         "pallas_mosaic_gpu[wy_kernel]", "chunked", "--no-fla", "--no-jla",
+                         "--samples", "1", "--inner", "1", "--out", str(out)])
+  results = json.loads(out.read_text())
+  assert "refuses every input" in results["failed"]["pallas_mosaic_gpu[wy_kernel]"]
+  row = results["timings"]["smoke_b1_t40_h1_d16"]
+  assert "pallas_mosaic_gpu[wy_kernel]" not in row and row["chunked"]["fwd"]["median_ms"] > 0
+  assert "failed: NotImplementedError" in capsys.readouterr().out
