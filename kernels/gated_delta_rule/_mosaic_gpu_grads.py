@@ -57,8 +57,8 @@ Mosaic GPU layout inference: every [C] vector that is broadcast is loaded from i
 buffer in one layout (gamma and beta twice, as ROWS = WGMMA.reduce(1) and COLS =
 WGMMA.reduce(0) vectors). Loading one SMEM ref in both layouts makes layout inference fail
 ("failed to find a solution") as soon as a row broadcast meets a column broadcast (found by
-lowering small kernels for CUDA on a CPU; the opt-in WY kernel of pallas_mosaic_gpu loads gamma
-and beta that way and fails so; a copy of it with two buffers each lowers).
+lowering small kernels for CUDA on a CPU; the opt-in WY kernel of pallas_mosaic_gpu failed so
+and now has two buffers each too).
 
 Measured interpreted (tests/kernels/test_mosaic_gpu_grads.py): against `_chunk_grads` at
 HIGHEST on the upcast inputs, float32 ~1.5e-5 relative RMS (hi/lo products), bf16 ~2e-3;
@@ -83,7 +83,8 @@ reloaded from SMEM for the row sums): by that count ~200 a thread at K = 128 and
 limit at K = 192 (bf16), where the compiler would spill. An estimate, not measured.
 
 Not done (for the profile to judge): no TMA/compute overlap (each V-tile waits for its
-copies), no swizzle on SMEM (as the other kernels of pallas_mosaic_gpu), one warpgroup (jla's
+copies), no swizzle declared on SMEM (layout inference assigns tilings and swizzles itself when
+lowering, as for the other kernels of pallas_mosaic_gpu), one warpgroup (jla's
 kernel splits the work over three), the V-tiles are read again by each loop when V > 64, and
 float32 arrays are split into hi/lo parts by XLA before the kernel (Vnew is joined from its
 parts after the forward and split again here).
@@ -92,7 +93,7 @@ Unverified until a compiled run (GPU interpret mode runs wgmma and TMA synchrono
 `wgmma_wait(0)` before a V-tile's buffers are overwritten by the next tile's copies, the
 `wait_smem_to_gmem(0, wait_read_only=True)` fences before the staging tiles are rewritten, the
 COLS-layout `.sum()` of a vector written in the ROWS layout, and transposed SMEM views as wgmma
-B operands (S^T, Vnew^T, dS'^T, V^T, K^T, T^T: jla uses them, with swizzled SMEM), and loop
+B operands (S^T, Vnew^T, dS'^T, V^T, K^T, T^T: jla uses them too), and loop
 3's dY accumulator, scoped inside the span of dTy's.
 """
 
