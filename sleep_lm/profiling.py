@@ -24,7 +24,7 @@ _SUMMARY_LINES = ("XLA Modules", "XLA Ops", "Steps", "Source", "Framework", "Ten
 
 
 def _latest_xplane(log_dir: str) -> str:
-  paths = glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)
+  paths = glob.glob(os.path.join(glob.escape(log_dir), "**", "*.xplane.pb"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"no *.xplane.pb under {log_dir!r}: did the trace run?")
   return max(paths, key=os.path.getmtime)
