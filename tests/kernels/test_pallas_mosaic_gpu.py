@@ -335,13 +335,16 @@ def test_smem_limits(dtype):
         m._check(x, x, v, 64, True, wy_kernel)
 
 
-@pytest.mark.parametrize("split", ["_parts", "_array_parts"])
-def test_bf16_split_is_exact_to_2_pow_16(split):
-  """float32 operands become hi + lo bf16 parts whose sum is within ~2^-16 of the value, also
-  under jit: on a GPU, XLA folds a float32 -> bf16 -> float32 round trip away (lo would be 0,
-  the product bf16-accurate), which `_array_parts`, the split done outside the kernels, avoids."""
+@pytest.mark.parametrize("split,jit", [("_parts", False), ("_array_parts", True)])
+def test_bf16_split_is_exact_to_2_pow_16(split, jit):
+  """float32 operands become hi + lo bf16 parts whose sum is within ~2^-16 of the value.
+  `_array_parts`, the split done outside the kernels, holds under jit. `_parts` runs only inside
+  kernels, where Mosaic GPU lowers its casts; under XLA's jit on a GPU the float32 -> bf16 ->
+  float32 round trip is folded away (lo is 0: measured on an H200, 2026-12-04), so it is checked
+  op by op here, and inside the kernels by the float32 oracle tests."""
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 64)) * jnp.logspace(-20, 20, 64)
-  hi, lo = jax.jit(getattr(pallas_mosaic_gpu, split))(x)
+  fn = getattr(pallas_mosaic_gpu, split)
+  hi, lo = (jax.jit(fn) if jit else fn)(x)
   assert hi.dtype == lo.dtype == jnp.bfloat16
   err = np.abs(np.asarray(hi, np.float32) + np.asarray(lo, np.float32) - np.asarray(x))
   assert np.all(err <= 2.0 ** -16 * np.abs(np.asarray(x)))
