@@ -28,11 +28,10 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from sleep_lm import workdir
 from sleep_lm.errors import UserError
-from sleep_lm.training import TrainState, param_path
+from sleep_lm.training import param_path
 
 FIELD = "config.init_from"
 
@@ -97,14 +96,6 @@ def start_state(run, mesh, boxed, optimizer, *, log=print):
   if restored is None:
     raise UserError(f"{FIELD} = {run.init_from!r} holds no checkpoint")
   src_state, meta = restored
-  shardings = trainer.state_shardings(run, mesh, boxed, optimizer)
-
-  def fresh(params):
-    params = jax.tree.map(lambda x: jnp.broadcast_to(x, (run.seeds, *x.shape[1:])), params)
-    return TrainState(jnp.zeros((run.seeds,), jnp.int32), params,
-                      jax.vmap(optimizer.init)(params))
-
-  with jax.set_mesh(mesh):
-    state = jax.jit(fresh, out_shardings=shardings)(src_state.params)
+  state = trainer.state_from_params(run, mesh, boxed, optimizer, src_state.params)
   log(f"parameters from {run.init_from} (step {meta['step']}), fresh optimizer state")
   return state

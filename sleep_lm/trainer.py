@@ -25,6 +25,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -91,6 +92,23 @@ def initial_state(run: RunConfig, mesh, boxed, *, abstract: bool = False):
   with jax.set_mesh(mesh):
     fn = jax.jit(init, out_shardings=out_sh)
     return (jax.eval_shape(fn) if abstract else fn()), optimizer
+
+
+def state_from_params(run: RunConfig, mesh, boxed, optimizer, params):
+  """Train states of every model seed from given parameters (a leading seed axis of 1, shared by
+  every seed, or of run.seeds) with a fresh optimizer state, made in place in the run's
+  shardings by one jitted program: no random initialisation, whose compilation for an imported
+  34-layer stack took 8 minutes on an H200 (2026-12-04)."""
+  from sleep_lm.training import TrainState
+  shardings = state_shardings(run, mesh, boxed, optimizer)
+
+  def fresh(params):
+    params = jax.tree.map(lambda x: jnp.broadcast_to(x, (run.seeds, *x.shape[1:])), params)
+    return TrainState(jnp.zeros((run.seeds,), jnp.int32), params,
+                      jax.vmap(optimizer.init)(params))
+
+  with jax.set_mesh(mesh):
+    return jax.jit(fresh, out_shardings=shardings)(params)
 
 
 def sharded_train_step(run: RunConfig, mesh, boxed, optimizer, model=None):

@@ -114,6 +114,7 @@ def convert(source: str | Path, path: str | Path, *, eviction: str = "none",
   from sleep_lm import trainer
   from sleep_lm.checkpointing import Checkpointer
   from sleep_lm.run_config import RunConfig
+  from sleep_lm.training import make_optimizer
 
   path = Path(path)
   if checkpoint is None:
@@ -142,9 +143,9 @@ def convert(source: str | Path, path: str | Path, *, eviction: str = "none",
       if ckpt.steps():
         raise UserError(f"{path / 'checkpoints'} already holds steps {ckpt.steps()}: convert "
                         "into a new --workdir")
-      state, _ = trainer.initial_state(run, mesh, boxed)    # fresh optimizer state
-      put = lambda old, new: jax.device_put(new[None], old.sharding)   # the seed axis
-      state = state.replace(params=jax.tree.map(put, state.params, params))
+      optimizer = make_optimizer(run.optimizer)
+      state = trainer.state_from_params(run, mesh, boxed, optimizer,
+                                        jax.tree.map(lambda x: x[None], params))  # seed axis
       ckpt.save(state, 0, {"step": 0, "data_position": 0, "pending": []})
     finally:
       ckpt.close()
