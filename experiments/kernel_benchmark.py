@@ -24,8 +24,8 @@ Prints a table last (with ours/peer ratios) and the forward's distance to its by
 H200, and writes JSON. With --profile-dir it also prints device time by kernel (jax.profiler for
 ours and jla, torch.profiler for fla) and a table of summed device times, which leaves out fla's
 PyTorch launch gaps. `--variants` also times pallas_triton built with other `Tuning`s;
-`--impls 'pallas_mosaic_gpu[wy_kernel,grads_kernel]'` times that op with its opt-in kernels
-(`implementation_of`).
+`--impls 'pallas_mosaic_gpu[jax_wy,jax_grads]'` times the Mosaic GPU op with those parts in
+pure JAX instead of its kernels (`implementation_of`).
 
 A CPU smoke run (kernels interpreted; jla skipped: tests/kernels/test_kernel_benchmark.py runs
 it; with `--jla-impl chunked`, jla's pure-JAX path stands in for its kernels, as in
@@ -88,23 +88,23 @@ def make_inputs(key, b, t, h, d, dtype, *, no_decay_correlated_keys=False):
   return (q, k, v, g, beta, s0), (do, dsf)
 
 
-MOSAIC_OPT_INS = ("wy_kernel", "grads_kernel")
+MOSAIC_OPT_OUTS = (pallas_mosaic_gpu.JAX_WY, pallas_mosaic_gpu.JAX_GRADS)
 
 
 def implementation_of(name):
   """`--impls` names: a registered implementation as is; "pallas_mosaic_gpu[a,b]" that op with
-  its opt-in (unregistered) Mosaic GPU kernels, a and b of MOSAIC_OPT_INS."""
+  parts a and b of MOSAIC_OPT_OUTS in pure JAX instead of its Mosaic GPU kernels (unregistered)."""
   base, bracket, flags = name.partition("[")
   if not bracket:
     return name
   opts = set(flags[:-1].split(",")) if flags.endswith("]") else set()
-  if base != pallas_mosaic_gpu.NAME or not opts or not opts <= set(MOSAIC_OPT_INS):
+  if base != pallas_mosaic_gpu.NAME or not opts or not opts <= set(MOSAIC_OPT_OUTS):
     raise SystemExit(f"--impls: {name!r} must be a registered name or "
-                     f"'{pallas_mosaic_gpu.NAME}[...]' with one or more of {MOSAIC_OPT_INS}")
-  wy = "wy_kernel" in opts
-  if "grads_kernel" in opts:
-    return _mosaic_gpu_grads.make_implementation(wy_kernel=wy)
-  return pallas_mosaic_gpu.make_implementation(wy_kernel=wy)
+                     f"'{pallas_mosaic_gpu.NAME}[...]' with one or more of {MOSAIC_OPT_OUTS}")
+  wy = pallas_mosaic_gpu.JAX_WY not in opts
+  if pallas_mosaic_gpu.JAX_GRADS in opts:
+    return pallas_mosaic_gpu.make_implementation(wy_kernel=wy)
+  return _mosaic_gpu_grads.make_implementation(wy_kernel=wy)
 
 
 def op(implementation):

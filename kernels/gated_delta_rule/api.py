@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels.gated_delta_rule import (
+                                      _mosaic_gpu_grads,
                                       chunked,
-                                      pallas_mosaic_gpu,
                                       pallas_mosaic_tpu,
                                       pallas_triton,
                                       reference,
@@ -48,10 +48,10 @@ REGISTRY: types.MappingProxyType[str, Implementation] = types.MappingProxyType({
     impl.name: impl for impl in (reference.IMPLEMENTATION, chunked.IMPLEMENTATION,
                                  single_token.IMPLEMENTATION, pallas_triton.IMPLEMENTATION,
                                  pallas_mosaic_tpu.IMPLEMENTATION,
-                                 pallas_mosaic_gpu.IMPLEMENTATION)})
+                                 _mosaic_gpu_grads.IMPLEMENTATION)})
 # Best first, per backend. pallas_triton passes float32 inputs over to chunked (measured slower;
 # docs/kernels.md). pallas_mosaic_tpu has never run on a TPU, and pallas_mosaic_gpu (exact on an
-# H200) has never been timed: available by name only until they have.
+# H200) is 1.2x slower than pallas_triton there: available by name only.
 # single_token (T = 1 only) is asked for by name: the model's decode step does.
 DEFAULT_ORDER: types.MappingProxyType[str, tuple[str, ...]] = types.MappingProxyType({
     "cpu": ("chunked",), "gpu": ("pallas_triton", "chunked"), "tpu": ("chunked",)})

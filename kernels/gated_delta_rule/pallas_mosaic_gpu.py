@@ -1,13 +1,13 @@
-"""Pallas Mosaic GPU kernels for the gated delta rule: the forward and the backward state chains.
+"""Pallas Mosaic GPU kernels for the gated delta rule: W, U, T, P and the two state chains.
 
-SLOWER THAN pallas_triton, so available by name only (in no default order). Validated by
-tests/kernels/test_pallas_mosaic_gpu.py on CPU in GPU interpret mode
-(`plgpu.InterpretGPUParams()`) and compiled on one H200 (2026-12-04): the oracle tests of the
-forward and reverse kernels passed run op by op; under jit 27 of the first 28 tests passed and
-one failed, which one the cut log does not say; the benchmark's float32 check under jit, after
-the bit-mask split of `_array_parts`, is 8e-6 relative. Timed there (docs/kernels.md): 3.7 ms
-fwd+bwd at (4, 4096, 16, 128) bf16, 2.1x pallas_triton, with 87% of the device time in the
-pure-JAX parts (W, U, T, P and the per-chunk gradients), not in these kernels.
+SLOWER THAN pallas_triton, so available by name only (in no default order). The registered
+"pallas_mosaic_gpu" (`_mosaic_gpu_grads.IMPLEMENTATION`) runs these three kernels and the
+per-chunk gradient kernel of `_mosaic_gpu_grads`. Validated by
+tests/kernels/test_pallas_mosaic_gpu.py and test_mosaic_gpu_grads.py on CPU in GPU interpret mode
+(`plgpu.InterpretGPUParams()`) and compiled under jit on one H200 (2026-12-04: every case
+passed; float32 ~2e-5 relative to the oracle). Timed there (docs/kernels.md): 2.2 ms fwd+bwd at
+(4, 4096, 16, 128) bf16, 1.22x pallas_triton and 2.0x jax-linear-attention; 0.55 ms of it is the
+XLA glue around the kernels (layout transposes, casts, the L2 norm).
 
 Per chunk n of C = 64 tokens (arrays [B*H, T, *], T padded to a multiple of C), with gamma the
 chunk-local cumulative log decay, g_last its last entry, D_rs = exp(gamma_r - gamma_s) for
@@ -45,10 +45,10 @@ dgamma becomes dg by autodiff of the chunk-local cumsum; the L2 norm, the scale 
 are autodiffed too (everything outside `_core`, whose custom VJP this is).
 
 What runs where:
-  - W, U, T and P: pure JAX outside the kernels (`_pallas_common.wy_representation` /
-    `qk_decayed` vmapped over (batch*head, chunk)): the Triton/TPU kernel 1 math. Opt-in
-    (`make_implementation(wy_kernel=True)`, "pallas_mosaic_gpu[wy_kernel]", not registered):
-    a third Mosaic GPU kernel `intra_fwd`, grid (B*H, N), computes them with wgmma: K K^T,
+  - W, U, T and P (the Triton/TPU kernel 1 math): a third Mosaic GPU kernel `intra_fwd`
+    (`make_implementation(wy_kernel=False)`, "pallas_mosaic_gpu[jax_wy]": pure JAX instead,
+    `_pallas_common.wy_representation` / `qk_decayed` vmapped over (batch*head, chunk)),
+    grid (B*H, N), computes them with wgmma: K K^T,
     T = (I + A)^-1 by block doubling from 1x1 blocks (T <- T - T (A_w T), w = 2 .. 32, ten
     [C,C] products at bf16 hi/lo precision for either dtype), W, U (per V-tile) and P. Exact
     interpreted (float32 ~2e-5 relative in the no-decay, aligned-keys regime of issue 15; bf16
@@ -56,8 +56,7 @@ What runs where:
     solution: gamma and beta were loaded as rows and as columns from one SMEM ref, and the CSE
     pass merged the two loads into one, which no relayout turns into both; now two copies each,
     docs/kernels.md). Since then it lowers for CUDA on a CPU, layout inference included
-    (`test_kernels_lower_for_a_gpu`), but has NOT been compiled on a GPU again, so the default
-    stays pure JAX until a GPU run says otherwise.
+    (`test_kernels_lower_for_a_gpu`), and passed its tests compiled on an H200 (2026-12-04).
   - Forward chain: one `plgpu.kernel`, grid (B*H, V/BV): each program walks the chunks of one
     (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM; the four chunk
     products (W S, Q S, P Vnew, K^T Vnew) are `plgpu.wgmma`.
@@ -66,7 +65,9 @@ What runs where:
     products, one accumulator) and one [K,BV] for Qe^T dO + (-W)^T dVnew. Qe, Ke and -W are
     formed in JAX before the kernel (elementwise, parallel), so the kernel scales nothing but
     the carried dS by exp(g_last).
-  - The rest of the backward (dq, dk, dv, dgamma, dbeta): pure JAX, vmapped over chunks.
+  - The rest of the backward (dq, dk, dv, dgamma, dbeta): the `chunk_grads` hook of
+    `make_implementation` (the registered op: `_mosaic_gpu_grads`' kernel), else pure JAX,
+    vmapped over chunks (`_chunk_grads`, "pallas_mosaic_gpu[jax_grads]").
   - Precision: every chunk product in both kernels has bf16 operands in SMEM and a float32
     accumulator. bf16 inputs: the state, dS, Vnew, dVnew enter the products rounded to bf16,
     as in the Triton kernels. float32 inputs: each operand is split into bf16 hi + lo parts and
@@ -672,14 +673,17 @@ def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel, chunk_grads=
   return o, s_final.reshape(b, h, dk_pad, dv_pad)[:, :, :dk, :dv]
 
 
-def make_implementation(*, wy_kernel: bool = False, chunk_grads=None) -> base.Implementation:
-  """The implementation record: W, U, T, P in pure JAX (the default, "pallas_mosaic_gpu"), or
-  with `wy_kernel` by the Mosaic GPU kernel `intra_fwd` ("pallas_mosaic_gpu[wy_kernel]", passed
-  as `implementation=`; not registered: exact interpreted and lowering for CUDA on a CPU, but
-  not compiled on a GPU since its layout inference fix). `chunk_grads` replaces the pure-JAX
-  per-chunk gradients `_chunk_grads`: a function of its arguments and an `interpret` keyword;
-  `_mosaic_gpu_grads.make_implementation` passes its Mosaic GPU kernel
-  ("pallas_mosaic_gpu[grads_kernel]"; a hook, so that this module does not import that one)."""
+JAX_WY, JAX_GRADS = "jax_wy", "jax_grads"   # the opt-outs a bracketed name lists
+
+
+def make_implementation(*, wy_kernel: bool = True, chunk_grads=None) -> base.Implementation:
+  """The implementation record. W, U, T, P by the Mosaic GPU kernel `intra_fwd` (`wy_kernel`),
+  else in pure JAX; the per-chunk gradients by `chunk_grads`, a function of `_chunk_grads`'s
+  arguments and an `interpret` keyword, else by the pure-JAX `_chunk_grads`. The registered
+  "pallas_mosaic_gpu" is both kernels (`_mosaic_gpu_grads.IMPLEMENTATION`: that module passes
+  its kernel through this hook, so this one does not import it); a pure-JAX part is named in
+  brackets, "pallas_mosaic_gpu[jax_wy]", "[jax_grads]", "[jax_wy,jax_grads]" (passed as
+  `implementation=`, not registered)."""
 
   def gated_delta_rule_mosaic_gpu(q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm,
                                   chunk_size, delta):
@@ -688,23 +692,15 @@ def make_implementation(*, wy_kernel: bool = False, chunk_grads=None) -> base.Im
     return _forward(q, k, v, g, beta, initial_state, float(scale), bool(use_qk_l2norm),
                     wy_kernel, chunk_grads)
 
-  if chunk_grads is not None:
-    options = ",".join(["wy_kernel"] * wy_kernel + ["grads_kernel"])
+  pure_jax = [JAX_WY] * (not wy_kernel) + [JAX_GRADS] * (chunk_grads is None)
+  if not pure_jax:
     return base.Implementation(
-        f"{NAME}[{options}]", gated_delta_rule_mosaic_gpu,
-        "pallas_mosaic_gpu with the per-chunk gradients by a Mosaic GPU kernel too"
-        + (" and W, U, T, P too" if wy_kernel else "") + "; interpreted only so far")
-  if wy_kernel:
-    return base.Implementation(
-        f"{NAME}[wy_kernel]", gated_delta_rule_mosaic_gpu,
-        "pallas_mosaic_gpu with W, U, T, P by a Mosaic GPU kernel too; exact interpreted, lowers "
-        "for CUDA on a CPU, not yet compiled on a GPU")
+        NAME, gated_delta_rule_mosaic_gpu,
+        "Pallas Mosaic GPU kernels (wgmma): W, U, T, P, the forward and reverse state chains, "
+        "the per-chunk gradients; exact compiled on an H200, 1.2x slower than pallas_triton "
+        "there (fwd+bwd at (4, 4096, 16, 128) bf16); chunk 64 only; by name only")
   return base.Implementation(
-      NAME, gated_delta_rule_mosaic_gpu,
-      "Pallas Mosaic GPU state-passing kernels (wgmma), forward and reverse chains; WY terms and "
-      "per-chunk gradients in pure JAX; exact compiled on an H200, 2.1x slower than "
-      "pallas_triton there; chunk 64 only; by name only")
-
-
-# Not in any default order (api.DEFAULT_ORDER): slower than pallas_triton (docs/kernels.md).
-IMPLEMENTATION = make_implementation()
+      f"{NAME}[{','.join(pure_jax)}]", gated_delta_rule_mosaic_gpu,
+      "pallas_mosaic_gpu with " + " and ".join(
+          {JAX_WY: "W, U, T, P", JAX_GRADS: "the per-chunk gradients"}[p] for p in pure_jax)
+      + " in pure JAX (slower; for comparison)")

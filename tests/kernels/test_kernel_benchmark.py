@@ -36,12 +36,13 @@ def test_bad_variant_is_rejected():
   assert kernel_benchmark.parse_variant("wide_intermediates=1").wide_intermediates is True
 
 
-def test_opt_in_mosaic_kernels_by_name():
-  for name in ("pallas_mosaic_gpu[wy_kernel]", "pallas_mosaic_gpu[grads_kernel]",
-               "pallas_mosaic_gpu[wy_kernel,grads_kernel]"):
+def test_pure_jax_mosaic_variants_by_name():
+  for name in ("pallas_mosaic_gpu[jax_wy]", "pallas_mosaic_gpu[jax_grads]",
+               "pallas_mosaic_gpu[jax_wy,jax_grads]"):
     assert kernel_benchmark.implementation_of(name).name == name
   assert kernel_benchmark.implementation_of("pallas_triton") == "pallas_triton"
-  for bad in ("pallas_triton[wy_kernel]", "pallas_mosaic_gpu[]", "pallas_mosaic_gpu[no_such]"):
+  for bad in ("pallas_triton[jax_wy]", "pallas_mosaic_gpu[]", "pallas_mosaic_gpu[no_such]",
+              "pallas_mosaic_gpu[wy_kernel]"):  # the old opt-in names: now the default
     with pytest.raises(SystemExit, match="impls"):
       kernel_benchmark.implementation_of(bad)
 
@@ -56,13 +57,13 @@ def test_an_implementation_that_fails_is_reported_and_the_rest_timed(tmp_path, m
   real = kernel_benchmark.implementation_of
   monkeypatch.setattr(kernel_benchmark, "implementation_of",
                       lambda name: base.Implementation("broken", refuses, "fails")
-                      if name == "pallas_mosaic_gpu[wy_kernel]" else real(name))
+                      if name == "pallas_mosaic_gpu[jax_wy]" else real(name))
   out = tmp_path / "gdr.json"
   kernel_benchmark.main(["--shapes", "smoke_b1_t40_h1_d16", "--impls",
-                         "pallas_mosaic_gpu[wy_kernel]", "chunked", "--no-fla", "--no-jla",
+                         "pallas_mosaic_gpu[jax_wy]", "chunked", "--no-fla", "--no-jla",
                          "--samples", "1", "--inner", "1", "--out", str(out)])
   results = json.loads(out.read_text())
-  assert "refuses every input" in results["failed"]["pallas_mosaic_gpu[wy_kernel]"]
+  assert "refuses every input" in results["failed"]["pallas_mosaic_gpu[jax_wy]"]
   row = results["timings"]["smoke_b1_t40_h1_d16"]
-  assert "pallas_mosaic_gpu[wy_kernel]" not in row and row["chunked"]["fwd"]["median_ms"] > 0
+  assert "pallas_mosaic_gpu[jax_wy]" not in row and row["chunked"]["fwd"]["median_ms"] > 0
   assert "failed: NotImplementedError" in capsys.readouterr().out

@@ -28,10 +28,10 @@ from test_pallas_mosaic_gpu import (
 
 from kernels.gated_delta_rule import _mosaic_gpu_grads as grads
 from kernels.gated_delta_rule import _pallas_common as common
-from kernels.gated_delta_rule import pallas_mosaic_gpu
+from kernels.gated_delta_rule import api, pallas_mosaic_gpu
 
 m = pallas_mosaic_gpu
-IMPL = grads.make_implementation()
+IMPL = grads.make_implementation(wy_kernel=False)  # W, U, T, P in pure JAX: one kernel tested
 NAMES = ("dq", "dk", "dv", "dgamma", "dbeta")
 
 
@@ -113,10 +113,11 @@ def test_backward_kernels(dk, dv, dtype, kernel):
 
 
 def test_names():
-  assert IMPL.name == "pallas_mosaic_gpu[grads_kernel]"
-  both = grads.make_implementation(wy_kernel=True)
-  assert both.name == "pallas_mosaic_gpu[wy_kernel,grads_kernel]"
-  assert m.make_implementation().name == m.NAME
+  assert IMPL.name == "pallas_mosaic_gpu[jax_wy]"
+  assert grads.make_implementation().name == m.NAME
+  assert api.REGISTRY[m.NAME] is grads.IMPLEMENTATION
+  assert m.make_implementation().name == "pallas_mosaic_gpu[jax_grads]"
+  assert m.make_implementation(wy_kernel=False).name == "pallas_mosaic_gpu[jax_wy,jax_grads]"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
