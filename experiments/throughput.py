@@ -3,10 +3,13 @@ r"""Training-step throughput of a config: ms/step, tokens/s, model FLOPs and MFU
   python -m experiments.throughput --config experiments/rule110.py:dtype=bfloat16 \
       --passes 1,4 --seeds 1,3 --json $OUT/throughput.json [--profile-dir /tmp/prof]
   python -m experiments.throughput --config experiments/depo.py:paper --passes 1,4
+  python -m experiments.throughput --config experiments/rule110.py:large --passes 4 \
+      --scan-layers 0,1 --iters 5          # issue 24: the 16-layer compile with the layer scan
 
 Each row times the jitted train step (forward, backward through every pass of every window, the
-optimizer) of one (N, seeds, remat, unroll, implementation) combination after warm-up, on one
-batch held on the device (per seed: the config's batch), and reports:
+optimizer) of one (N, seeds, remat, unroll, scan_layers, implementation) combination after
+warm-up, on one batch held on the device (per seed: the config's batch), and reports:
+  compile            seconds to lower and compile the step (compile_s in the JSON);
   ms/step            median over --iters steps (20th/80th percentiles in the JSON);
   tokens/s           summed over the seeds;
   TFLOP/step         model FLOPs: 6 x (matrix parameters) x (token-passes) for the projections
@@ -137,6 +140,9 @@ def main():
                            "own choice)")
   parser.add_argument("--remat", default=None, help="comma-separated remat policies")
   parser.add_argument("--unroll", default=None, help="comma-separated 0/1")
+  parser.add_argument("--scan-layers", default=None,
+                      help="comma-separated 0/1: model.scan_layers (the layer-group scan; its "
+                           "compile_s against the plain loop's)")
   parser.add_argument("--dtype", default=None, help="override model.dtype")
   parser.add_argument("--batch", type=int, default=None, help="override batch_size (per seed)")
   parser.add_argument("--warmup", type=int, default=3)
@@ -147,26 +153,29 @@ def main():
   args = parser.parse_args()
 
   rows = []
-  combos = [(impl, n, s, remat, unroll)
+  flags = lambda arg: [bool(int(u)) for u in arg.split(",")] if arg else [None]
+  combos = [(impl, n, s, remat, unroll, scan)
             for impl in args.implementations.split(",")
             for n in map(int, args.passes.split(","))
             for s in map(int, args.seeds.split(","))
             for remat in (args.remat.split(",") if args.remat else [None])
-            for unroll in ([bool(int(u)) for u in args.unroll.split(",")] if args.unroll
-                           else [None])]
-  for impl, n, seeds, remat, unroll in combos:
+            for unroll in flags(args.unroll)
+            for scan in flags(args.scan_layers)]
+  for impl, n, seeds, remat, unroll, scan in combos:
     config = load_config(args.config)
     config.model.passes = n
     config.seeds = seeds
     config.model.kernel_implementation = None if impl == "default" else impl
-    for field, value in (("dtype", args.dtype), ("remat", remat), ("unroll", unroll)):
+    for field, value in (("dtype", args.dtype), ("remat", remat), ("unroll", unroll),
+                         ("scan_layers", scan)):
       if value is not None:
         config.model[field] = value
     if args.batch:
       config.batch_size = args.batch
     run = RunConfig.from_config(config)
     row = {"passes": n, "seeds": seeds, "implementation": impl, "dtype": run.model.dtype,
-           "remat": run.model.remat, "unroll": run.model.unroll, "batch_size": run.batch_size,
+           "remat": run.model.remat, "unroll": run.model.unroll,
+           "scan_layers": run.model.scan_layers, "batch_size": run.batch_size,
            "seq_len": run.task.seq_len}
     try:
       row.update(time_step(run, warmup=args.warmup, iters=args.iters,
@@ -178,16 +187,17 @@ def main():
 
   device = jax.devices()[0].device_kind
   print(f"\ndevice: {device}   config: {args.config}   tokens per example: {rows[0]['seq_len']}")
-  print(f"{'impl':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'ms/step':>9}{'tok/s':>11}"
+  print(f"{'impl':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
+        f"{'ms/step':>9}{'tok/s':>11}"
         f"{'TFLOP':>7}{'MFU':>7}{'peakGB':>7}{'XLA GB':>7}{'copies':>7}")
   fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
   for r in rows:
     head = (f"{r['implementation']:<14}{r['passes']:>3}{r['seeds']:>3}{r['remat']:>6}"
-            f"{int(r['unroll']):>4}")
+            f"{int(r['unroll']):>4}{int(r['scan_layers']):>5}")
     if "error" in r:
       print(f"{head}  {r['error'][:90]}")
       continue
-    print(f"{head}{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>11.0f}{r['tflop_per_step']:>7.2f}"
+    print(f"{head}{r['compile_s']:>7.1f}s{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>11.0f}{r['tflop_per_step']:>7.2f}"
           f"{fmt(r['mfu'] and 100 * r['mfu'], '6.1f'):>6}%{fmt(r['peak_gb'], '7.1f'):>7}"
           f"{fmt(r['xla_gb'], '7.1f'):>7}"
           f"{fmt(r.get('copy_share') and 100 * r['copy_share'], '6.1f'):>6}%")
