@@ -164,9 +164,10 @@ def _dot(terms, shape, n_parts):
   return _accumulate([shape], [lambda j: ([terms], None)], n_parts)[0][0]
 
 
-def _kernel(*refs, n_parts, bv, nv):
-  """One (batch*head, chunk). Refs: inputs (q, k, v, dO, Vnew, dVnew, T parts; states, dstates
-  parts; gamma, beta), outputs (dq, dk, dv, dgamma, dbeta), scratch (see `chunk_grads`)."""
+def _kernel(*refs, n_parts, bv, nv, heads):
+  """One (batch*head, chunk). Refs: inputs (q, k, v, dO [B,T,H,*], Vnew, dVnew, T parts; states,
+  dstates parts; gamma, beta), outputs (dq, dk, dv [B,T,H,*], dgamma, dbeta), scratch (see
+  `chunk_grads`)."""
   it = iter(refs)
   take = lambda n: tuple(next(it) for _ in range(n))
   q_g, k_g, v_g, do_g, vn_g, dvn_g, t_g, s_g, ds_g = (take(n_parts) for _ in range(9))
@@ -202,11 +203,14 @@ def _kernel(*refs, n_parts, bv, nv):
       if name in ("s", "ds"):
         copy([g.at[bh, n, :, cols] for g in (s_g if name == "s" else ds_g)],
              s_s if name == "s" else ds_s, barrier)
+      elif name in ("do", "v"):  # the op's own arrays, [B, T, H, *]
+        copy([mgpu.head_tile(g, bh, heads, rows, cols) for g in src[name]], dst[buf], barrier)
       else:
         copy([g.at[bh, rows, cols] for g in src[name]], dst[buf], barrier)
     plgpu.barrier_wait(barrier)
 
-  copy([g.at[bh, rows] for g in (*q_g, *k_g, *t_g)], (*q_s, *k_s, *t_s), bar)
+  copy([mgpu.head_tile(g, bh, heads, rows) for g in (*q_g, *k_g)]
+       + [g.at[bh, rows] for g in t_g], (*q_s, *k_s, *t_s), bar)
   copy([g_g.at[bh, rows]] * 2 + [b_g.at[bh, rows]] * 2, (gr_s, gc_s, br_s, bc_s), bar)
   plgpu.barrier_wait(bar)
   g_r, g_c = plgpu.load(gr_s, layout=ROWS), plgpu.load(gc_s, layout=COLS)
@@ -228,7 +232,7 @@ def _kernel(*refs, n_parts, bv, nv):
   dg = rowsum(load(q_s) * dq)
   ok_s[...] = dq.astype(ok_s.dtype)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(ok_s, dq_g.at[bh, rows])
+  plgpu.copy_smem_to_gmem(ok_s, mgpu.head_tile(dq_g, bh, heads, rows))
 
   # Loop 2: Gk = Vnew dS'^T, Gw = dVnew S^T (dW = -Gw). With one V-tile, Vnew, S, dS' are in.
   def step2(j):
@@ -251,7 +255,7 @@ def _kernel(*refs, n_parts, bv, nv):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dv tile has left ov_s
     ov_s[...] = (d_y * by_row(b_r, (c, bv))).astype(ov_s.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(ov_s, dv_g.at[bh, rows, pl.ds(j * bv, bv)])
+    plgpu.copy_smem_to_gmem(ov_s, mgpu.head_tile(dv_g, bh, heads, rows, pl.ds(j * bv, bv)))
     return [[(ta_s, tr(tb_s))]], rowsum(d_y * load(tb_s))
   (dty,), db = accumulate([sq], [step3] * nv)
 
@@ -278,7 +282,7 @@ def _kernel(*refs, n_parts, bv, nv):
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dq and dv have left ok_s and ov_s
   ok_s[...] = dk.astype(ok_s.dtype)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(ok_s, dk_g.at[bh, rows])
+  plgpu.copy_smem_to_gmem(ok_s, mgpu.head_tile(dk_g, bh, heads, rows))
 
   # The last row: sum_r f_r <k_r, Gk_r> + exp(g_last) <dS', S>, summed in the column layout.
   total = (plgpu.load(m_s, layout=COLS).sum()
@@ -295,10 +299,12 @@ def _kernel(*refs, n_parts, bv, nv):
 def chunk_grads(q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states, *,
                 interpret):
   """dq, dk, dv (input dtype), dgamma, dbeta (float32) of every chunk, as
-  `pallas_mosaic_gpu._chunk_grads`, by one Mosaic GPU kernel, grid (B*H, N). Arrays [B*H, T, *]
-  with T a multiple of CHUNK and K a multiple of 64; states, d_states [B*H, N, K, V] (S_n, dS_n+1);
-  float32 arrays are split into bf16 hi/lo operand parts here (`_array_parts`)."""
-  bh, t, dk = q.shape
+  `pallas_mosaic_gpu._chunk_grads`, by one Mosaic GPU kernel, grid (B*H, N). q, k, v, do and dq,
+  dk, dv [B, T, H, *], the other arrays [B*H, T, *], T a multiple of CHUNK and K a multiple of 64;
+  states, d_states [B*H, N, K, V] (S_n, dS_n+1); float32 arrays are split into bf16 hi/lo
+  operand parts here (`_array_parts`)."""
+  b, t, heads, dk = q.shape
+  bh = b * heads
   dv = v.shape[-1]
   bv = min(mgpu.BLOCK_V, dv)
   dtype = q.dtype
@@ -318,13 +324,15 @@ def chunk_grads(q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states
                 plgpu.Barrier(num_arrivals=4 * n_parts),
                 plgpu.Barrier(num_arrivals=(4 if dv > bv else 1) * n_parts),
                 plgpu.Barrier(num_arrivals=(2 if dv > bv else 1) * n_parts)])
-  out_type = (jax.ShapeDtypeStruct((bh, t, dk), dtype), jax.ShapeDtypeStruct((bh, t, dk), dtype),
-              jax.ShapeDtypeStruct((bh, t, dv), dtype), jax.ShapeDtypeStruct((bh, t), f32),
+  out_type = (jax.ShapeDtypeStruct((b, t, heads, dk), dtype),
+              jax.ShapeDtypeStruct((b, t, heads, dk), dtype),
+              jax.ShapeDtypeStruct((b, t, heads, dv), dtype), jax.ShapeDtypeStruct((bh, t), f32),
               jax.ShapeDtypeStruct((bh, t), f32))
   arrays = (q, k, v, do, v_new, dv_new, t_inv, states, d_states)
   parts = [x for a in arrays for x in mgpu._array_parts(a.astype(dtype))]
   return plgpu.kernel(
-      functools.partial(_kernel, n_parts=n_parts, bv=bv, nv=dv // bv), out_type=out_type,
+      functools.partial(_kernel, n_parts=n_parts, bv=bv, nv=dv // bv, heads=heads),
+      out_type=out_type,
       grid=(bh, t // c), grid_names=("bh", "n"), scratch_types=scratch, interpret=interpret,
       kernel_name=KERNEL,
   )(*parts, gamma.astype(f32), beta.astype(f32))

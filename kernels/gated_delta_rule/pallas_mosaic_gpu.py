@@ -7,9 +7,11 @@ tests/kernels/test_pallas_mosaic_gpu.py and test_mosaic_gpu_grads.py on CPU in G
 (`plgpu.InterpretGPUParams()`) and compiled under jit on one H200 (2026-12-04: every case
 passed; float32 ~2e-5 relative to the oracle). Timed there (docs/kernels.md): 2.2 ms fwd+bwd at
 (4, 4096, 16, 128) bf16, 1.22x pallas_triton and 2.0x jax-linear-attention; 0.55 ms of it is the
-XLA glue around the kernels (layout transposes, casts, the L2 norm).
+XLA glue around the kernels (layout transposes, casts, the L2 norm) in that run; since then the
+kernels read q, k, v, dO and write o, dq, dk, dv in the op's [B, T, H, *] layout (`head_tile`),
+which removes the eight [B,T,H,D] <-> [B*H,T,D] transposes of a fwd+bwd call (not yet timed).
 
-Per chunk n of C = 64 tokens (arrays [B*H, T, *], T padded to a multiple of C), with gamma the
+Per chunk n of C = 64 tokens (one batch*head; T padded to a multiple of C), with gamma the
 chunk-local cumulative log decay, g_last its last entry, D_rs = exp(gamma_r - gamma_s) for
 r >= s (causal mask Dc; strictly lower: Ds), q already normalised and scaled, and S_n the
 [K,V] state entering the chunk:
@@ -177,6 +179,13 @@ def _bwd_smem_bytes(n_parts, dk, bv):
   return n_parts * 2 * (3 * c * dk + c * c + 2 * c * bv + dk * bv) + 4 * dk * bv + 4 * dk
 
 
+def head_tile(ref, bh, heads, rows, cols=slice(None)):
+  """The [rows, cols] tile of batch*head `bh` of a [B, T, H, *] array. The op's own arrays (q, k,
+  v, o, dO and the gradients of q, k, v) are read and written in that layout, so XLA transposes
+  nothing to [B*H, T, *]; the arrays made and used by the kernels only keep [B*H, T, *]."""
+  return ref.at[bh // heads, rows, bh % heads, cols]
+
+
 def _store_parts(dst, x, n_parts):
   """x (float32 value) -> its bf16 operand parts in the SMEM refs `dst`, fenced for the wgmma
   and the TMA copies that read them."""
@@ -204,10 +213,10 @@ def _dot(terms, shape, n_parts):
   return jax.lax.optimization_barrier(pl.run_scoped(body, plgpu.ACC(shape, f32)))
 
 
-def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save):
-  """One (batch*head, V-tile): the chunk chain. Refs: inputs (q, k, w, p parts; u, e_out, e_end,
-  s_decay, s0), outputs (o, s_final; with `save` also states, Vnew parts), scratch (see
-  `state_fwd`)."""
+def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save, heads):
+  """One (batch*head, V-tile): the chunk chain. Refs: inputs (q, k [B,T,H,K], w, p parts; u,
+  e_out, e_end, s_decay, s0), outputs (o [B,T,H,V], s_final; with `save` also states, Vnew
+  parts), scratch (see `state_fwd`)."""
   it = iter(refs)
   take = lambda n: tuple(next(it) for _ in range(n))
   q_g, k_g, w_g, p_g = (take(n_parts) for _ in range(4))
@@ -232,7 +241,9 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save):
     rows = pl.ds(n * c, c)
     if save:  # the state entering the chunk: float32 (s_s) or its bf16 operand (s_b)
       plgpu.copy_smem_to_gmem(s_s if n_parts == 2 else s_b[0], states_g.at[bh, n, :, cols])
-    for src, dst in zip((*q_g, *k_g, *w_g, *p_g), (*q_s, *k_s, *w_s, *p_s), strict=True):
+    for src, dst in zip((*q_g, *k_g), (*q_s, *k_s), strict=True):
+      plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows), dst, bar)
+    for src, dst in zip((*w_g, *p_g), (*w_s, *p_s), strict=True):
       plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
     plgpu.copy_gmem_to_smem(u_g.at[bh, rows, cols], u_s, bar)
     plgpu.copy_gmem_to_smem(e_out_g.at[bh, rows], e_out_s, bar)
@@ -252,7 +263,7 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save):
     o = o + dot([(p_s, vn_b)], (c, bv))
     o_s[...] = o.astype(o_s.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, o_g.at[bh, rows, cols])
+    plgpu.copy_smem_to_gmem(o_s, head_tile(o_g, bh, heads, rows, cols))
     store_parts(vd_b, v_new * e_end[:, None])
     k_t = tuple(ref.T for ref in k_s)  # K^T as a transposed view of the SMEM tile, no copy
     state = s_s[...] * sd_s[...][:, None] + dot([(k_t, vd_b)], (s_s.shape[0], bv))
@@ -264,12 +275,13 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save):
 
 
 def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, interpret):
-  """The chunk chain. Arrays in the [B*H, T, *] layout, T a multiple of CHUNK; q, k, w, p are
-  float32 or bf16 (split into bf16 parts here); s_decay [B*H, N, K] holds exp(g_last) per chunk
-  (a row vector, so no scalar is read from SMEM). Returns o [B*H,T,V] and s_final [B*H,K,V];
-  with `save` also the states entering each chunk [B*H,N,K,V] (float32 for float32 inputs,
-  bf16 for bf16) and Vnew [B*H,T,V] (float32 = hi + lo, or bf16)."""
-  bh, t, dk = q.shape
+  """The chunk chain. q, k [B, T, H, K], the other arrays [B*H, T, *], T a multiple of CHUNK;
+  q, k, w, p are float32 or bf16 (split into bf16 parts here); s_decay [B*H, N, K] holds
+  exp(g_last) per chunk (a row vector, so no scalar is read from SMEM). Returns o [B,T,H,V] and
+  s_final [B*H,K,V]; with `save` also the states entering each chunk [B*H,N,K,V] (float32 for
+  float32 inputs, bf16 for bf16) and Vnew [B*H,T,V] (float32 = hi + lo, or bf16)."""
+  b, t, heads, dk = q.shape
+  bh = b * heads
   dv = u.shape[-1]
   bv = min(BLOCK_V, dv)
   n_parts = 1 if q.dtype == bf16 else 2
@@ -281,12 +293,13 @@ def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, inte
              + [smem((c, bv), u.dtype), smem((c,), f32), smem((c,), f32), smem((dk,), f32),
                 smem((dk, bv), f32), smem((c, bv), out_dtype),
                 plgpu.Barrier(num_arrivals=4 * n_parts + 4), plgpu.Barrier(num_arrivals=1)])
-  out_type = [jax.ShapeDtypeStruct((bh, t, dv), out_dtype), jax.ShapeDtypeStruct((bh, dk, dv), f32)]
+  out_type = [jax.ShapeDtypeStruct((b, t, heads, dv), out_dtype),
+              jax.ShapeDtypeStruct((bh, dk, dv), f32)]
   if save:
     out_type += ([jax.ShapeDtypeStruct((bh, t // c, dk, dv), q.dtype)]
                  + [jax.ShapeDtypeStruct((bh, t, dv), bf16)] * n_parts)
   kernel = functools.partial(_state_fwd_kernel, n_parts=n_parts, n_chunks=t // c, bv=bv,
-                             save=save)
+                             save=save, heads=heads)
   outs = plgpu.kernel(
       kernel, out_type=tuple(out_type), grid=(bh, dv // bv), grid_names=("bh", "v"),
       scratch_types=scratch, interpret=interpret, kernel_name=FWD_KERNEL,
@@ -296,9 +309,10 @@ def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, inte
   return outs[0], outs[1], outs[2], _join(outs[3:])
 
 
-def _state_bwd_kernel(*refs, n_parts, n_chunks, bv):
-  """One (batch*head, V-tile): the reverse chunk chain. Refs: inputs (Qe, Ke, -W, P, dO parts;
-  s_decay, dS_final), outputs (dVnew parts, dS per chunk, dS_0), scratch (see `state_bwd`)."""
+def _state_bwd_kernel(*refs, n_parts, n_chunks, bv, heads):
+  """One (batch*head, V-tile): the reverse chunk chain. Refs: inputs (Qe, Ke [B,T,H,K], -W, P,
+  dO [B,T,H,V] parts; s_decay, dS_final), outputs (dVnew parts, dS per chunk, dS_0), scratch
+  (see `state_bwd`)."""
   it = iter(refs)
   take = lambda n: tuple(next(it) for _ in range(n))
   qe_g, ke_g, nw_g, p_g, do_g = (take(n_parts) for _ in range(5))
@@ -325,10 +339,12 @@ def _state_bwd_kernel(*refs, n_parts, n_chunks, bv):
     rows = pl.ds(n * c, c)
     # dS leaving chunk n: float32 (ds_s) or its bf16 operand (ds_b), as the forward's states.
     plgpu.copy_smem_to_gmem(ds_s if n_parts == 2 else ds_b[0], dstates_g.at[bh, n, :, cols])
-    for src, dst in zip((*qe_g, *ke_g, *nw_g, *p_g), (*qe_s, *ke_s, *nw_s, *p_s), strict=True):
+    for src, dst in zip((*qe_g, *ke_g), (*qe_s, *ke_s), strict=True):
+      plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows), dst, bar)
+    for src, dst in zip((*nw_g, *p_g), (*nw_s, *p_s), strict=True):
       plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
     for src, dst in zip(do_g, do_s, strict=True):
-      plgpu.copy_gmem_to_smem(src.at[bh, rows, cols], dst, bar)
+      plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows, cols), dst, bar)
     plgpu.copy_gmem_to_smem(sd_g.at[bh, n], sd_s, bar)
     plgpu.barrier_wait(bar)
     # dVnew = P^T dO + Ke dS  [C,BV]
@@ -350,12 +366,13 @@ def _state_bwd_kernel(*refs, n_parts, n_chunks, bv):
 
 
 def state_bwd(qe, ke, neg_w, p, do, s_decay, ds_final, *, interpret):
-  """The reverse chunk chain. Arrays in the [B*H, T, *] layout, T a multiple of CHUNK: qe =
-  diag(exp(gamma)) q, ke = diag(exp(g_last - gamma)) k, neg_w = -W, p, do (float32 or bf16, split
-  into bf16 parts here), s_decay [B*H, N, K] = exp(g_last), ds_final [B*H, K, V] float32.
+  """The reverse chunk chain. qe = diag(exp(gamma)) q, ke = diag(exp(g_last - gamma)) k and do
+  [B, T, H, *], neg_w = -W and p [B*H, T, *], T a multiple of CHUNK (float32 or bf16, split into
+  bf16 parts here), s_decay [B*H, N, K] = exp(g_last), ds_final [B*H, K, V] float32.
   Returns dVnew [B*H,T,V] (float32 = hi + lo, or bf16), dS leaving each chunk [B*H,N,K,V]
   (float32 for float32 inputs, bf16 for bf16) and dS_0 [B*H,K,V] float32."""
-  bh, t, dk = qe.shape
+  b, t, heads, dk = qe.shape
+  bh = b * heads
   dv = do.shape[-1]
   bv = min(BLOCK_V, dv)
   n_parts = 1 if qe.dtype == bf16 else 2
@@ -370,7 +387,8 @@ def state_bwd(qe, ke, neg_w, p, do, s_decay, ds_final, *, interpret):
   out_type = ([jax.ShapeDtypeStruct((bh, t, dv), bf16)] * n_parts
               + [jax.ShapeDtypeStruct((bh, t // c, dk, dv), qe.dtype),
                  jax.ShapeDtypeStruct((bh, dk, dv), f32)])
-  kernel = functools.partial(_state_bwd_kernel, n_parts=n_parts, n_chunks=t // c, bv=bv)
+  kernel = functools.partial(_state_bwd_kernel, n_parts=n_parts, n_chunks=t // c, bv=bv,
+                             heads=heads)
   outs = plgpu.kernel(
       kernel, out_type=tuple(out_type), grid=(bh, dv // bv), grid_names=("bh", "v"),
       scratch_types=scratch, interpret=interpret, kernel_name=BWD_KERNEL,
@@ -382,9 +400,10 @@ ROWS = plgpu.Layout.WGMMA.reduce(1)  # a [C] vector with one value per row of a 
 COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 
 
-def _intra_fwd_kernel(*refs, n_parts, bv):
+def _intra_fwd_kernel(*refs, n_parts, bv, heads):
   """One (batch*head, chunk): W, U, T = (I + A)^-1 and P (the Triton kernel 1 math). Refs: inputs
-  (q, k, v parts; gamma, beta), outputs (W, U, T, P), scratch (see `intra_fwd`).
+  (q, k, v [B,T,H,*] parts; gamma, beta), outputs (W, U, T, P [B*H,T,*]), scratch (see
+  `intra_fwd`).
 
   T by block doubling from 1x1 blocks: with T the inverse of the block-diagonal part of I + A
   at block side w (w = 1: the identity) and A_w the blocks (2p+1, 2p) of side w of A,
@@ -411,7 +430,7 @@ def _intra_fwd_kernel(*refs, n_parts, bv):
   store_wide = functools.partial(_store_parts, n_parts=2)  # the inverse: hi/lo whatever the dtype
 
   for src, dst in zip((*q_g, *k_g), (*q_s, *k_s), strict=True):
-    plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
+    plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows), dst, bar)
   for src, dst in ((g_g, g_rs), (g_g, g_cs), (b_g, b_rs), (b_g, b_cs)):
     plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
   plgpu.barrier_wait(bar)
@@ -456,7 +475,7 @@ def _intra_fwd_kernel(*refs, n_parts, bv):
   for j in range(dv // bv):
     cols = pl.ds(j * bv, bv)
     for src, dst in zip(v_g, v_s, strict=True):
-      plgpu.copy_gmem_to_smem(src.at[bh, rows, cols], dst, v_bar)
+      plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows, cols), dst, v_bar)
     plgpu.barrier_wait(v_bar)
     u = _dot([(t_b[:n_parts], v_s)], (c, bv), n_parts)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's U has left u_o
@@ -476,9 +495,11 @@ def _intra_smem_bytes(n_parts, dk, bv, dtype):
 
 
 def intra_fwd(q, k, v, gamma, beta, *, interpret):
-  """W, U, T, P of every chunk by a Mosaic GPU kernel, grid (B*H, N). Arrays [B*H, T, *], T a
-  multiple of CHUNK; outputs in the input dtype, as `_intra_chunk`."""
-  bh, t, dk = q.shape
+  """W, U, T, P [B*H, T, *] of every chunk by a Mosaic GPU kernel, grid (B*H, N), from q, k, v
+  [B, T, H, *] and gamma, beta [B*H, T], T a multiple of CHUNK; outputs in the input dtype, as
+  `_intra_chunk`."""
+  b, t, heads, dk = q.shape
+  bh = b * heads
   dv = v.shape[-1]
   bv = min(BLOCK_V, dv)
   dtype = q.dtype
@@ -494,7 +515,8 @@ def intra_fwd(q, k, v, gamma, beta, *, interpret):
               jax.ShapeDtypeStruct((bh, t, c), dtype), jax.ShapeDtypeStruct((bh, t, c), dtype))
   parts = [x for a in (q, k, v) for x in _array_parts(a)]
   return plgpu.kernel(
-      functools.partial(_intra_fwd_kernel, n_parts=n_parts, bv=bv), out_type=out_type,
+      functools.partial(_intra_fwd_kernel, n_parts=n_parts, bv=bv, heads=heads),
+      out_type=out_type,
       grid=(bh, t // c), grid_names=("bh", "n"), scratch_types=scratch, interpret=interpret,
       kernel_name=INTRA_KERNEL,
   )(*parts, gamma, beta)
@@ -513,14 +535,28 @@ def _config(dk, dv, dtype):
       fp32_precision=jax.lax.Precision.HIGHEST, interpret=None)
 
 
+def _to_bh(x):
+  """[B, T, H, *] -> [B*H, T, *] (the pure-JAX parts' layout)."""
+  b, t, h = x.shape[:3]
+  return jnp.moveaxis(x, 2, 1).reshape(b * h, t, *x.shape[3:])
+
+
+def _from_bh(x, b):
+  """[B*H, T, *] -> [B, T, H, *]."""
+  bh, t = x.shape[:2]
+  return jnp.moveaxis(x.reshape(b, bh // b, t, *x.shape[2:]), 1, 2)
+
+
 def _per_chunk(x):
   """[B*H, T, *] -> [B*H*N, C, *]."""
   return x.reshape(-1, CHUNK, *x.shape[2:])
 
 
 def _intra_chunk(q, k, v, gamma, beta, dtype):
-  """W, U, T, P per chunk in pure JAX (the Triton/TPU kernel 1 math, vmapped over [B*H, N]).
-  Arrays [B*H, T, *]; float32 intermediates for float32 inputs, bf16 for bf16 ones (as fla)."""
+  """W, U, T, P per chunk in pure JAX (the Triton/TPU kernel 1 math, vmapped over [B*H, N]), as
+  `intra_fwd`: q, k, v [B, T, H, *], gamma, beta [B*H, T]; outputs [B*H, T, *]; float32
+  intermediates for float32 inputs, bf16 for bf16 ones (as fla)."""
+  q, k, v = map(_to_bh, (q, k, v))
   bh, t, dk = q.shape
   cfg = _config(dk, v.shape[-1], dtype)
 
@@ -536,7 +572,10 @@ def _intra_chunk(q, k, v, gamma, beta, dtype):
 def _chunk_grads(q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states):
   """dq, dk, dv, dgamma, dbeta of every chunk from the chains' S_n, dS_n+1, Vnew, dVnew: the
   _pallas_common math of the Triton kernels 4a (through O and S_n+1) and 4b (through W, U, T),
-  in pure JAX vmapped over [B*H, N]. Arrays [B*H, T, *], states [B*H, N, K, V]."""
+  in pure JAX vmapped over [B*H, N]. The `chunk_grads` contract: q, k, v, do and dq, dk, dv
+  [B, T, H, *]; gamma, beta, T, Vnew, dVnew, dgamma, dbeta [B*H, T, *]; states [B*H, N, K, V]."""
+  b = q.shape[0]
+  q, k, v, do = map(_to_bh, (q, k, v, do))
   bh, t, dk = q.shape
   dv = v.shape[-1]
   cfg = _config(dk, dv, q.dtype)
@@ -556,7 +595,8 @@ def _chunk_grads(q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_state
   flat = lambda x: x.reshape(-1, *x.shape[2:])
   outs = jax.vmap(one)(*map(_per_chunk, (q, k, v, gamma, beta, t_inv, do, v_new, dv_new)),
                        flat(states), flat(d_states))
-  return tuple(x.reshape(bh, t, *x.shape[2:]) for x in outs)
+  dq, dk, dv, dgamma, dbeta = (x.reshape(bh, t, *x.shape[2:]) for x in outs)
+  return _from_bh(dq, b), _from_bh(dk, b), _from_bh(dv, b), dgamma, dbeta
 
 
 def _decays(gamma):
@@ -582,7 +622,8 @@ def _run_forward(q, k, v, gamma, beta, s0, save, wy_kernel):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _core(q, k, v, gamma, beta, s0, wy_kernel, chunk_grads):
-  """(o, s_final) from prepared, padded [B*H, T, *] inputs (gamma the chunk-local cumsum);
+  """(o [B, T, H, V], s_final [B*H, K, V]) from prepared, padded q, k, v [B, T, H, *], gamma
+  (the chunk-local cumsum) and beta [B*H, T] and s0 [B*H, K, V];
   W, U, T, P by the Mosaic GPU kernel `intra_fwd` with `wy_kernel`, else in pure JAX; the
   per-chunk gradients by `chunk_grads` (see `make_implementation`), else `_chunk_grads`."""
   return _run_forward(q, k, v, gamma, beta, s0, False, wy_kernel)[0]
@@ -602,7 +643,8 @@ def _core_bwd(wy_kernel, chunk_grads, residuals, cotangents):
   dtype = q.dtype
   do = do.astype(dtype)
   e_out, e_end, s_decay = _decays(gamma)
-  scaled = lambda x, e: (x.astype(f32) * e[..., None]).astype(dtype)
+  per_token = lambda e: _from_bh(e, q.shape[0])[..., None]  # [B*H, T] -> [B, T, H, 1]
+  scaled = lambda x, e: (x.astype(f32) * per_token(e)).astype(dtype)
   dv_new, d_states, ds0 = state_bwd(
       scaled(q, e_out), scaled(k, e_end), -w, p, do,
       jnp.broadcast_to(s_decay, (*s_decay.shape[:2], q.shape[-1])), ds_final.astype(f32),
@@ -649,28 +691,21 @@ def _padded_dims(dk, dv):
 
 
 def _forward(q, k, v, g, beta, s0, scale, use_qk_l2norm, wy_kernel, chunk_grads=None):
-  """Preparation (L2 norm, scale, layout, padding, cumsum; autodiffed) around `_core`."""
+  """Preparation (L2 norm, scale, padding, cumsum; autodiffed) around `_core`. q, k, v keep
+  their [B, T, H, *] layout (the kernels read it in place); g and beta go to [B*H, T]."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   q, k = base.prepare_qk(q, k, scale=scale, use_qk_l2norm=use_qk_l2norm)
   t_pad = -(-t // CHUNK) * CHUNK
   dk_pad, dv_pad = _padded_dims(dk, dv)
-
-  def heads(x, d=None):
-    """[B,T,H,*] -> [B*H, T_pad, d] (or [B*H, T_pad] for [B,T,H]), zero padded."""
-    x = jnp.moveaxis(x, 2, 1)
-    widths = [(0, 0), (0, 0), (0, t_pad - t)] + ([(0, d - x.shape[-1])] if d else [])
-    return jnp.pad(x, widths).reshape(b * h, t_pad, *x.shape[3:-1], *([d] if d else []))
-
-  q, k = heads(q, dk_pad), heads(k, dk_pad)
-  v = heads(v, dv_pad)
-  g, beta = heads(g.astype(f32)), heads(beta.astype(f32))
+  pad = lambda x, d: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, d - x.shape[-1])])
+  q, k, v = pad(q, dk_pad), pad(k, dk_pad), pad(v, dv_pad)
+  g, beta = (jnp.pad(_to_bh(x.astype(f32)), [(0, 0), (0, t_pad - t)]) for x in (g, beta))
   gamma = common.chunk_local_cumsum(g[..., None], CHUNK)[..., 0]  # [B*H, T]
   s0 = jnp.pad(s0.astype(f32), [(0, 0), (0, 0), (0, dk_pad - dk), (0, dv_pad - dv)])
   o, s_final = _core(q, k, v, gamma, beta, s0.reshape(b * h, dk_pad, dv_pad), wy_kernel,
                      chunk_grads)
-  o = jnp.moveaxis(o.reshape(b, h, t_pad, dv_pad), 1, 2)[:, :t, :, :dv]
-  return o, s_final.reshape(b, h, dk_pad, dv_pad)[:, :, :dk, :dv]
+  return o[:, :t, :, :dv], s_final.reshape(b, h, dk_pad, dv_pad)[:, :, :dk, :dv]
 
 
 JAX_WY, JAX_GRADS = "jax_wy", "jax_grads"   # the opt-outs a bracketed name lists

@@ -36,9 +36,9 @@ NAMES = ("dq", "dk", "dv", "dgamma", "dbeta")
 
 
 def chunk_inputs(seed, bh, t, dk, dv, dtype):
-  """Fresh inputs of `_chunk_grads`, [B*H, T, *] (T a multiple of 64): q, k, v, gamma (the
-  chunk-local cumsum of log decays), beta, T (unit lower triangular), dO, Vnew, dVnew, S_n and
-  dS_n+1 [B*H, N, K, V]."""
+  """Fresh inputs of `_chunk_grads` (T a multiple of 64): q, k, v, dO [1, T, B*H, *] (the op's
+  layout, one batch row of B*H heads), gamma (the chunk-local cumsum of log decays), beta, T
+  (unit lower triangular), Vnew, dVnew [B*H, T, *], S_n and dS_n+1 [B*H, N, K, V]."""
   keys = jax.random.split(jax.random.PRNGKey(seed), 11)
   rnd = lambda i, shape: jax.random.normal(keys[i], shape)
   n = t // 64
@@ -50,7 +50,8 @@ def chunk_inputs(seed, bh, t, dk, dv, dtype):
   rest = (rnd(2, (bh, t, dv)), t_inv, rnd(6, (bh, t, dv)), rnd(7, (bh, t, dv)),
           rnd(8, (bh, t, dv)), rnd(9, (bh, n, dk, dv)), rnd(10, (bh, n, dk, dv)))
   v, t_inv, do, vn, dvn, s, ds = (x.astype(dtype) for x in rest)
-  return q.astype(dtype), k.astype(dtype), v, gamma, beta, t_inv, do, vn, dvn, s, ds
+  bthd = lambda x: m._from_bh(x.astype(dtype), 1)
+  return bthd(q), bthd(k), bthd(v), gamma, beta, t_inv, bthd(do), vn, dvn, s, ds
 
 
 @pytest.mark.parametrize("dtype,shape", [
@@ -68,7 +69,7 @@ def test_kernel_matches_chunk_grads(dtype, shape):
   args = chunk_inputs(1, bh, t, dk, dv, dtype)
   got = grads.chunk_grads(*args, interpret=m._interpret())
   assert [x.dtype for x in got] == [dtype] * 3 + [jnp.float32] * 2
-  assert [x.shape for x in got] == [(bh, t, dk)] * 2 + [(bh, t, dv), (bh, t), (bh, t)]
+  assert [x.shape for x in got] == [(1, t, bh, dk)] * 2 + [(1, t, bh, dv), (bh, t), (bh, t)]
   with jax.default_matmul_precision("highest"):
     want = m._chunk_grads(*(x.astype(jnp.float32) for x in args))
   tolerance = 1e-4 if dtype == jnp.float32 else 1e-2
@@ -134,10 +135,11 @@ def test_smem(dtype):
       assert 0 <= grads._smem_bytes(n_parts, dk, 64, dtype) - fwd <= 2048
   assert grads.fits(dtype, 128, 16)
   assert grads.fits(dtype, 128, 32) == (dtype == jnp.bfloat16)
-  args = [jax.ShapeDtypeStruct(s, d) for s, d in (
-      ((1, 64, 256), dtype), ((1, 64, 256), dtype), ((1, 64, 64), dtype), ((1, 64), jnp.float32),
-      ((1, 64), jnp.float32), ((1, 64, 64), dtype), ((1, 64, 64), dtype), ((1, 64, 64), dtype),
-      ((1, 64, 64), dtype), ((1, 1, 256, 64), dtype), ((1, 1, 256, 64), dtype))]
+  args = [jax.ShapeDtypeStruct(s, d) for s, d in (  # q, k, v, do [B,T,H,*], the rest [B*H,T,*]
+      ((1, 64, 1, 256), dtype), ((1, 64, 1, 256), dtype), ((1, 64, 1, 64), dtype),
+      ((1, 64), jnp.float32), ((1, 64), jnp.float32), ((1, 64, 64), dtype),
+      ((1, 64, 1, 64), dtype), ((1, 64, 64), dtype), ((1, 64, 64), dtype),
+      ((1, 1, 256, 64), dtype), ((1, 1, 256, 64), dtype))]
   with pytest.raises(NotImplementedError, match="KiB of SMEM"):
     jax.eval_shape(lambda *a: grads.chunk_grads(*a, interpret=m._interpret()), *args)
 

@@ -190,10 +190,12 @@ def test_backward_is_the_reverse_kernel(wy_kernel):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_reverse_kernel_matches_jax_steps(dtype):
-  """The reverse kernel alone (two V-tiles, two heads) against `_pallas_common.state_bwd_step`
-  looped in JAX at HIGHEST: dVnew, dS leaving each chunk, dS_0."""
+  """The reverse kernel alone (two V-tiles, two batch rows of two heads) against
+  `_pallas_common.state_bwd_step` looped in JAX at HIGHEST: dVnew, dS leaving each chunk, dS_0.
+  Qe, Ke and dO enter in the op's [B, T, H, *] layout (`head_tile`)."""
   from kernels.gated_delta_rule import _pallas_common as common
-  bh, t, dk, dv = 2, 192, 64, 128
+  m = pallas_mosaic_gpu
+  b, bh, t, dk, dv = 2, 4, 192, 64, 128
   keys = jax.random.split(jax.random.PRNGKey(5), 8)
   rnd = lambda i, shape: jax.random.normal(keys[i], shape)
   q, k, w = (0.3 * rnd(i, (bh, t, dk)) for i in range(3))
@@ -204,8 +206,9 @@ def test_reverse_kernel_matches_jax_steps(dtype):
   q, k, w, p, do = (x.astype(dtype) for x in (q, k, w, p, do))
   e_out, e_end, s_decay = pallas_mosaic_gpu._decays(gamma)
   scaled = lambda x, e: (x.astype(jnp.float32) * e[..., None]).astype(dtype)
+  bthd = lambda x: m._from_bh(x, b)
   dv_new, d_states, ds0 = pallas_mosaic_gpu.state_bwd(
-      scaled(q, e_out), scaled(k, e_end), -w, p, do,
+      bthd(scaled(q, e_out)), bthd(scaled(k, e_end)), -w, p, bthd(do),
       jnp.broadcast_to(s_decay, (bh, t // 64, dk)), ds_final,
       interpret=pallas_mosaic_gpu._interpret())
   cfg = pallas_mosaic_gpu._config(dk, dv, jnp.float32)
@@ -225,8 +228,9 @@ def test_reverse_kernel_matches_jax_steps(dtype):
 
 
 def _wy_inputs(seed, bh, t, dk, dv, dtype, hard=False):
-  """q, k, v [B*H,T,*], gamma (chunk-local cumsum), beta. `hard`: no decay, unit keys of
-  uniform [0,1) entries (~0.75 apart in cosine), beta near 1: the regime of issue 15."""
+  """q, k, v [1,T,B*H,*] (the op's layout), gamma, beta [B*H,T] (gamma the chunk-local cumsum).
+  `hard`: no decay, unit keys of uniform [0,1) entries (~0.75 apart in cosine), beta near 1:
+  the regime of issue 15."""
   from kernels.gated_delta_rule import _pallas_common as common
   from kernels.gated_delta_rule import base
   keys = jax.random.split(jax.random.PRNGKey(seed), 5)
@@ -240,7 +244,8 @@ def _wy_inputs(seed, bh, t, dk, dv, dtype, hard=False):
     gamma = common.chunk_local_cumsum(g[..., None], 64)[..., 0]
     beta = jax.nn.sigmoid(jax.random.normal(keys[4], (bh, t)))
   v = jax.random.normal(keys[2], (bh, t, dv))
-  return q.astype(dtype), k.astype(dtype), v.astype(dtype), gamma, beta
+  bthd = lambda x: pallas_mosaic_gpu._from_bh(x.astype(dtype), 1)
+  return bthd(q), bthd(k), bthd(v), gamma, beta
 
 
 @pytest.mark.parametrize("dtype,hard", [
@@ -253,7 +258,7 @@ def test_wy_kernel_matches_jax(dtype, hard):
   the upcast inputs at HIGHEST. float32: ~2e-5 in the hard case (hi/lo products), ~5e-6
   otherwise; bf16 as the pure-JAX bf16 path (bf16 operands and outputs)."""
   m = pallas_mosaic_gpu
-  q, k, v, gamma, beta = _wy_inputs(1, 1, 128, 64, 128, dtype, hard)
+  q, k, v, gamma, beta = _wy_inputs(1, 2, 128, 64, 128, dtype, hard)
   got = m.intra_fwd(q, k, v, gamma, beta, interpret=m._interpret())
   assert [x.dtype for x in got] == [dtype] * 4
   with jax.default_matmul_precision("highest"):
