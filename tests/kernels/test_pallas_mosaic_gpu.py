@@ -228,7 +228,8 @@ def test_reverse_kernel_matches_jax_steps(dtype):
 
 
 def _wy_inputs(seed, bh, t, dk, dv, dtype, hard=False):
-  """q, k, v [1,T,B*H,*] (the op's layout), gamma, beta [B*H,T] (gamma the chunk-local cumsum).
+  """q, k, v [B,T,H,*] (the op's layout; B = 2 where B*H is a multiple of 4, else 1), gamma,
+  beta [B*H,T] (gamma the chunk-local cumsum).
   `hard`: no decay, unit keys of uniform [0,1) entries (~0.75 apart in cosine), beta near 1:
   the regime of issue 15."""
   from kernels.gated_delta_rule import _pallas_common as common
@@ -244,7 +245,7 @@ def _wy_inputs(seed, bh, t, dk, dv, dtype, hard=False):
     gamma = common.chunk_local_cumsum(g[..., None], 64)[..., 0]
     beta = jax.nn.sigmoid(jax.random.normal(keys[4], (bh, t)))
   v = jax.random.normal(keys[2], (bh, t, dv))
-  bthd = lambda x: pallas_mosaic_gpu._from_bh(x.astype(dtype), 1)
+  bthd = lambda x: pallas_mosaic_gpu._from_bh(x.astype(dtype), 2 if bh % 4 == 0 else 1)
   return bthd(q), bthd(k), bthd(v), gamma, beta
 
 
@@ -258,7 +259,7 @@ def test_wy_kernel_matches_jax(dtype, hard):
   the upcast inputs at HIGHEST. float32: ~2e-5 in the hard case (hi/lo products), ~5e-6
   otherwise; bf16 as the pure-JAX bf16 path (bf16 operands and outputs)."""
   m = pallas_mosaic_gpu
-  q, k, v, gamma, beta = _wy_inputs(1, 2, 128, 64, 128, dtype, hard)
+  q, k, v, gamma, beta = _wy_inputs(1, 4, 64, 64, 128, dtype, hard)  # 2 batch rows x 2 heads
   got = m.intra_fwd(q, k, v, gamma, beta, interpret=m._interpret())
   assert [x.dtype for x in got] == [dtype] * 4
   with jax.default_matmul_precision("highest"):
