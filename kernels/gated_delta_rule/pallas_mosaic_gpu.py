@@ -64,9 +64,9 @@ What runs where:
     products (W S, Q S, P Vnew, K^T Vnew) are `plgpu.wgmma`.
   - Backward chain: one `plgpu.kernel`, grid (B*H, V/BV), chunks from last to first, carrying
     the [K,BV] float32 dS in SMEM; one [C,BV] accumulator for dVnew (P^T dO and Ke dS: two
-    products, one accumulator) and one [K,BV] for Qe^T dO + (-W)^T dVnew. Qe, Ke and -W are
-    formed in JAX before the kernel (elementwise, parallel), so the kernel scales nothing but
-    the carried dS by exp(g_last).
+    products, one accumulator) and one [K,BV] for Qe^T dO + (-W)^T dVnew. The kernel scales
+    the q and k tiles into Qe and Ke in SMEM (in place, by rows), and -W comes negated from the
+    WY step (the forward chain adds (-W) S), so XLA forms none of them.
   - The rest of the backward (dq, dk, dv, dgamma, dbeta): the `chunk_grads` hook of
     `make_implementation` (the registered op: `_mosaic_gpu_grads`' kernel), else pure JAX,
     vmapped over chunks (`_chunk_grads`, "pallas_mosaic_gpu[jax_grads]").
@@ -174,9 +174,10 @@ def _smem_bytes(n_parts, dk, bv, out_dtype, u_dtype):
 
 def _bwd_smem_bytes(n_parts, dk, bv):
   """SMEM of the backward kernel (`state_bwd`): operands Qe, Ke, -W [C,K], P [C,C], dO [C,BV],
-  dS [K,BV], dVnew [C,BV] (bf16 parts), the float32 dS [K,BV] and exp(g_last) [K]."""
+  dS [K,BV], dVnew [C,BV] (bf16 parts), the float32 dS [K,BV], exp(g_last) [K] and the row
+  scales of q and k [C]."""
   c = CHUNK
-  return n_parts * 2 * (3 * c * dk + c * c + 2 * c * bv + dk * bv) + 4 * dk * bv + 4 * dk
+  return n_parts * 2 * (3 * c * dk + c * c + 2 * c * bv + dk * bv) + 4 * dk * bv + 4 * dk + 8 * c
 
 
 def head_tile(ref, bh, heads, rows, cols=slice(None)):
@@ -214,15 +215,15 @@ def _dot(terms, shape, n_parts):
 
 
 def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save, heads):
-  """One (batch*head, V-tile): the chunk chain. Refs: inputs (q, k [B,T,H,K], w, p parts; u,
+  """One (batch*head, V-tile): the chunk chain. Refs: inputs (q, k [B,T,H,K], -W, p parts; u,
   e_out, e_end, s_decay, s0), outputs (o [B,T,H,V], s_final; with `save` also states, Vnew
   parts), scratch (see `state_fwd`)."""
   it = iter(refs)
   take = lambda n: tuple(next(it) for _ in range(n))
-  q_g, k_g, w_g, p_g = (take(n_parts) for _ in range(4))
+  q_g, k_g, nw_g, p_g = (take(n_parts) for _ in range(4))
   u_g, e_out_g, e_end_g, sd_g, s0_g, o_g, sf_g = take(7)
   states_g, vn_g = (take(1)[0], take(n_parts)) if save else (None, ())
-  q_s, k_s, w_s, p_s = (take(n_parts) for _ in range(4))
+  q_s, k_s, nw_s, p_s = (take(n_parts) for _ in range(4))
   s_b, vn_b, vd_b = (take(n_parts) for _ in range(3))
   u_s, e_out_s, e_end_s, sd_s, s_s, o_s, bar, s0_bar = take(8)
 
@@ -243,7 +244,7 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save, heads):
       plgpu.copy_smem_to_gmem(s_s if n_parts == 2 else s_b[0], states_g.at[bh, n, :, cols])
     for src, dst in zip((*q_g, *k_g), (*q_s, *k_s), strict=True):
       plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows), dst, bar)
-    for src, dst in zip((*w_g, *p_g), (*w_s, *p_s), strict=True):
+    for src, dst in zip((*nw_g, *p_g), (*nw_s, *p_s), strict=True):
       plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
     plgpu.copy_gmem_to_smem(u_g.at[bh, rows, cols], u_s, bar)
     plgpu.copy_gmem_to_smem(e_out_g.at[bh, rows], e_out_s, bar)
@@ -252,7 +253,7 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save, heads):
     plgpu.barrier_wait(bar)
     e_out = e_out_s[...]  # [C]: exp(gamma)
     e_end = e_end_s[...]  # [C]: exp(g_last - gamma)
-    v_new = u_s[...].astype(f32) - dot([(w_s, s_b)], (c, bv))
+    v_new = u_s[...].astype(f32) + dot([(nw_s, s_b)], (c, bv))  # U - W S
     o = dot([(q_s, s_b)], (c, bv)) * e_out[:, None]
     # Every copy to GMEM issued so far (the previous chunk's o and Vnew, this chunk's state) has
     # read its SMEM source: vn_b, o_s, s_s and s_b may be written below.
@@ -274,9 +275,9 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save, heads):
   plgpu.wait_smem_to_gmem(0)
 
 
-def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, interpret):
+def state_fwd(q, k, neg_w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, interpret):
   """The chunk chain. q, k [B, T, H, K], the other arrays [B*H, T, *], T a multiple of CHUNK;
-  q, k, w, p are float32 or bf16 (split into bf16 parts here); s_decay [B*H, N, K] holds
+  q, k, neg_w = -W, p are float32 or bf16 (split into bf16 parts here); s_decay [B*H, N, K] holds
   exp(g_last) per chunk (a row vector, so no scalar is read from SMEM). Returns o [B,T,H,V] and
   s_final [B*H,K,V]; with `save` also the states entering each chunk [B*H,N,K,V] (float32 for
   float32 inputs, bf16 for bf16) and Vnew [B*H,T,V] (float32 = hi + lo, or bf16)."""
@@ -285,7 +286,7 @@ def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, inte
   dv = u.shape[-1]
   bv = min(BLOCK_V, dv)
   n_parts = 1 if q.dtype == bf16 else 2
-  parts = [x for a in (q, k, w, p) for x in _array_parts(a)]
+  parts = [x for a in (q, k, neg_w, p) for x in _array_parts(a)]
   c = CHUNK
   smem = plgpu.SMEM
   scratch = ([smem((c, dk), bf16)] * (3 * n_parts) + [smem((c, c), bf16)] * n_parts
@@ -310,17 +311,17 @@ def state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, inte
 
 
 def _state_bwd_kernel(*refs, n_parts, n_chunks, bv, heads):
-  """One (batch*head, V-tile): the reverse chunk chain. Refs: inputs (Qe, Ke [B,T,H,K], -W, P,
-  dO [B,T,H,V] parts; s_decay, dS_final), outputs (dVnew parts, dS per chunk, dS_0), scratch
-  (see `state_bwd`)."""
+  """One (batch*head, V-tile): the reverse chunk chain. Refs: inputs (q, k [B,T,H,K], -W, P,
+  dO [B,T,H,V] parts; e_out, e_end, s_decay, dS_final), outputs (dVnew parts, dS per chunk,
+  dS_0), scratch (see `state_bwd`). Qe and Ke are q and k scaled by rows in SMEM, in place."""
   it = iter(refs)
   take = lambda n: tuple(next(it) for _ in range(n))
-  qe_g, ke_g, nw_g, p_g, do_g = (take(n_parts) for _ in range(5))
-  sd_g, dsf_g = take(2)
+  q_g, k_g, nw_g, p_g, do_g = (take(n_parts) for _ in range(5))
+  e_out_g, e_end_g, sd_g, dsf_g = take(4)
   dvn_g = take(n_parts)
   dstates_g, ds0_g = take(2)
   qe_s, ke_s, nw_s, p_s, do_s, ds_b, dvn_b = (take(n_parts) for _ in range(7))
-  sd_s, ds_s, bar, init_bar = take(4)
+  e_out_s, e_end_s, sd_s, ds_s, bar, init_bar = take(6)
 
   bh = jax.lax.axis_index("bh")
   cols = pl.ds(jax.lax.axis_index("v") * bv, bv)
@@ -339,14 +340,22 @@ def _state_bwd_kernel(*refs, n_parts, n_chunks, bv, heads):
     rows = pl.ds(n * c, c)
     # dS leaving chunk n: float32 (ds_s) or its bf16 operand (ds_b), as the forward's states.
     plgpu.copy_smem_to_gmem(ds_s if n_parts == 2 else ds_b[0], dstates_g.at[bh, n, :, cols])
-    for src, dst in zip((*qe_g, *ke_g), (*qe_s, *ke_s), strict=True):
+    for src, dst in zip((*q_g, *k_g), (*qe_s, *ke_s), strict=True):
       plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows), dst, bar)
+    plgpu.copy_gmem_to_smem(e_out_g.at[bh, rows], e_out_s, bar)
+    plgpu.copy_gmem_to_smem(e_end_g.at[bh, rows], e_end_s, bar)
     for src, dst in zip((*nw_g, *p_g), (*nw_s, *p_s), strict=True):
       plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
     for src, dst in zip(do_g, do_s, strict=True):
       plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows, cols), dst, bar)
     plgpu.copy_gmem_to_smem(sd_g.at[bh, n], sd_s, bar)
     plgpu.barrier_wait(bar)
+    # Qe = diag(exp(gamma)) q, Ke = diag(exp(g_last - gamma)) k, in place (each thread rewrites
+    # the elements it read; the previous chunk's wgmmas that read them have completed).
+    for parts, e_s in ((qe_s, e_out_s), (ke_s, e_end_s)):
+      x = _join(tuple(plgpu.load(ref, layout=WGMMA) for ref in parts)).astype(f32)
+      e = jax.lax.broadcast_in_dim(plgpu.load(e_s, layout=ROWS), x.shape, [0])
+      store_parts(parts, x * e)
     # dVnew = P^T dO + Ke dS  [C,BV]
     dv_new = dot([(transposed(p_s), do_s), (ke_s, ds_b)], (c, bv))
     # Every copy to GMEM issued so far (the previous chunk's dVnew, this chunk's dS) has read
@@ -365,37 +374,39 @@ def _state_bwd_kernel(*refs, n_parts, n_chunks, bv, heads):
   plgpu.wait_smem_to_gmem(0)
 
 
-def state_bwd(qe, ke, neg_w, p, do, s_decay, ds_final, *, interpret):
-  """The reverse chunk chain. qe = diag(exp(gamma)) q, ke = diag(exp(g_last - gamma)) k and do
-  [B, T, H, *], neg_w = -W and p [B*H, T, *], T a multiple of CHUNK (float32 or bf16, split into
-  bf16 parts here), s_decay [B*H, N, K] = exp(g_last), ds_final [B*H, K, V] float32.
+def state_bwd(q, k, e_out, e_end, neg_w, p, do, s_decay, ds_final, *, interpret):
+  """The reverse chunk chain. q, k and do [B, T, H, *], neg_w = -W and p [B*H, T, *], T a
+  multiple of CHUNK (float32 or bf16, split into bf16 parts here); e_out = exp(gamma) and
+  e_end = exp(g_last - gamma) [B*H, T] scale q and k into Qe and Ke in the kernel;
+  s_decay [B*H, N, K] = exp(g_last), ds_final [B*H, K, V] float32.
   Returns dVnew [B*H,T,V] (float32 = hi + lo, or bf16), dS leaving each chunk [B*H,N,K,V]
   (float32 for float32 inputs, bf16 for bf16) and dS_0 [B*H,K,V] float32."""
-  b, t, heads, dk = qe.shape
+  b, t, heads, dk = q.shape
   bh = b * heads
   dv = do.shape[-1]
   bv = min(BLOCK_V, dv)
-  n_parts = 1 if qe.dtype == bf16 else 2
-  parts = [x for a in (qe, ke, neg_w, p, do) for x in _array_parts(a)]
+  n_parts = 1 if q.dtype == bf16 else 2
+  parts = [x for a in (q, k, neg_w, p, do) for x in _array_parts(a)]
   c = CHUNK
   smem = plgpu.SMEM
   scratch = ([smem((c, dk), bf16)] * (3 * n_parts) + [smem((c, c), bf16)] * n_parts
              + [smem((c, bv), bf16)] * n_parts + [smem((dk, bv), bf16)] * n_parts
              + [smem((c, bv), bf16)] * n_parts
-             + [smem((dk,), f32), smem((dk, bv), f32),
-                plgpu.Barrier(num_arrivals=5 * n_parts + 1), plgpu.Barrier(num_arrivals=1)])
+             + [smem((c,), f32), smem((c,), f32), smem((dk,), f32), smem((dk, bv), f32),
+                plgpu.Barrier(num_arrivals=5 * n_parts + 3), plgpu.Barrier(num_arrivals=1)])
   out_type = ([jax.ShapeDtypeStruct((bh, t, dv), bf16)] * n_parts
-              + [jax.ShapeDtypeStruct((bh, t // c, dk, dv), qe.dtype),
+              + [jax.ShapeDtypeStruct((bh, t // c, dk, dv), q.dtype),
                  jax.ShapeDtypeStruct((bh, dk, dv), f32)])
   kernel = functools.partial(_state_bwd_kernel, n_parts=n_parts, n_chunks=t // c, bv=bv,
                              heads=heads)
   outs = plgpu.kernel(
       kernel, out_type=tuple(out_type), grid=(bh, dv // bv), grid_names=("bh", "v"),
       scratch_types=scratch, interpret=interpret, kernel_name=BWD_KERNEL,
-  )(*parts, s_decay, ds_final)
+  )(*parts, e_out, e_end, s_decay, ds_final)
   return _join(outs[:n_parts]), outs[n_parts], outs[n_parts + 1]
 
 
+WGMMA = plgpu.Layout.WGMMA
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # a [C] vector with one value per row of a [C,*] tile
 COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 
@@ -461,8 +472,9 @@ def _intra_fwd_kernel(*refs, n_parts, bv, heads):
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(t_o, t_g.at[bh, rows])
 
-  # W = (T diag(beta exp(gamma))) K, in the input dtype's precision (one pass for bf16, as fla).
-  store_parts(m_b[:n_parts], t * by_col(b_c * jnp.exp(g_c)))
+  # -W = -(T diag(beta exp(gamma))) K, in the input dtype's precision (one pass for bf16, as
+  # fla); negated here so that neither chain nor XLA negates it.
+  store_parts(m_b[:n_parts], -t * by_col(b_c * jnp.exp(g_c)))
   w_o[...] = _dot([(m_b[:n_parts], k_s)], (c, dk), n_parts).astype(w_o.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(w_o, w_g.at[bh, rows])
@@ -495,7 +507,7 @@ def _intra_smem_bytes(n_parts, dk, bv, dtype):
 
 
 def intra_fwd(q, k, v, gamma, beta, *, interpret):
-  """W, U, T, P [B*H, T, *] of every chunk by a Mosaic GPU kernel, grid (B*H, N), from q, k, v
+  """-W, U, T, P [B*H, T, *] of every chunk by a Mosaic GPU kernel, grid (B*H, N), from q, k, v
   [B, T, H, *] and gamma, beta [B*H, T], T a multiple of CHUNK; outputs in the input dtype, as
   `_intra_chunk`."""
   b, t, heads, dk = q.shape
@@ -553,7 +565,7 @@ def _per_chunk(x):
 
 
 def _intra_chunk(q, k, v, gamma, beta, dtype):
-  """W, U, T, P per chunk in pure JAX (the Triton/TPU kernel 1 math, vmapped over [B*H, N]), as
+  """-W, U, T, P per chunk in pure JAX (the Triton/TPU kernel 1 math, vmapped over [B*H, N]), as
   `intra_fwd`: q, k, v [B, T, H, *], gamma, beta [B*H, T]; outputs [B*H, T, *]; float32
   intermediates for float32 inputs, bf16 for bf16 ones (as fla)."""
   q, k, v = map(_to_bh, (q, k, v))
@@ -563,7 +575,7 @@ def _intra_chunk(q, k, v, gamma, beta, dtype):
   def one(q, k, v, g, b):
     g_col, g_row, b_col, b_row = g[:, None], g[None, :], b[:, None], b[None, :]
     w, u, t_inv = common.wy_representation(k, v, g_col, g_row, b_col, b_row, cfg)
-    return w, u, t_inv, common.qk_decayed(q, k, g_col, g_row, cfg)
+    return -w, u, t_inv, common.qk_decayed(q, k, g_col, g_row, cfg)
 
   outs = jax.vmap(one)(*map(_per_chunk, (q, k, v, gamma, beta)))
   return tuple(x.astype(dtype).reshape(bh, t, x.shape[-1]) for x in outs)
@@ -610,14 +622,14 @@ def _decays(gamma):
 def _run_forward(q, k, v, gamma, beta, s0, save, wy_kernel):
   dtype = q.dtype
   if wy_kernel:
-    w, u, t_inv, p = intra_fwd(q, k, v, gamma, beta, interpret=_interpret())
+    neg_w, u, t_inv, p = intra_fwd(q, k, v, gamma, beta, interpret=_interpret())
   else:
-    w, u, t_inv, p = _intra_chunk(q, k, v, gamma, beta, dtype)
+    neg_w, u, t_inv, p = _intra_chunk(q, k, v, gamma, beta, dtype)
   e_out, e_end, s_decay = _decays(gamma)
   s_decay = jnp.broadcast_to(s_decay, (*s_decay.shape[:2], q.shape[-1]))
-  outs = state_fwd(q, k, w, p, u, e_out, e_end, s_decay, s0, out_dtype=v.dtype, save=save,
+  outs = state_fwd(q, k, neg_w, p, u, e_out, e_end, s_decay, s0, out_dtype=v.dtype, save=save,
                    interpret=_interpret())
-  return outs, (w, t_inv, p)
+  return outs, (neg_w, t_inv, p)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -631,22 +643,20 @@ def _core(q, k, v, gamma, beta, s0, wy_kernel, chunk_grads):
 
 def _core_fwd(q, k, v, gamma, beta, s0, wy_kernel, chunk_grads):
   del chunk_grads
-  (o, s_final, states, v_new), (w, t_inv, p) = _run_forward(q, k, v, gamma, beta, s0, True,
-                                                            wy_kernel)
-  return (o, s_final), (q, k, v, gamma, beta, w, t_inv, p, states, v_new)
+  (o, s_final, states, v_new), (neg_w, t_inv, p) = _run_forward(q, k, v, gamma, beta, s0,
+                                                                True, wy_kernel)
+  return (o, s_final), (q, k, v, gamma, beta, neg_w, t_inv, p, states, v_new)
 
 
 def _core_bwd(wy_kernel, chunk_grads, residuals, cotangents):
   del wy_kernel  # the backward is the same either way
-  q, k, v, gamma, beta, w, t_inv, p, states, v_new = residuals
+  q, k, v, gamma, beta, neg_w, t_inv, p, states, v_new = residuals
   do, ds_final = cotangents
   dtype = q.dtype
   do = do.astype(dtype)
   e_out, e_end, s_decay = _decays(gamma)
-  per_token = lambda e: _from_bh(e, q.shape[0])[..., None]  # [B*H, T] -> [B, T, H, 1]
-  scaled = lambda x, e: (x.astype(f32) * per_token(e)).astype(dtype)
   dv_new, d_states, ds0 = state_bwd(
-      scaled(q, e_out), scaled(k, e_end), -w, p, do,
+      q, k, e_out, e_end, neg_w, p, do,
       jnp.broadcast_to(s_decay, (*s_decay.shape[:2], q.shape[-1])), ds_final.astype(f32),
       interpret=_interpret())
   args = (q, k, v, gamma, beta, t_inv, do, v_new, dv_new, states, d_states)

@@ -192,7 +192,8 @@ def test_backward_is_the_reverse_kernel(wy_kernel):
 def test_reverse_kernel_matches_jax_steps(dtype):
   """The reverse kernel alone (two V-tiles, two batch rows of two heads) against
   `_pallas_common.state_bwd_step` looped in JAX at HIGHEST: dVnew, dS leaving each chunk, dS_0.
-  Qe, Ke and dO enter in the op's [B, T, H, *] layout (`head_tile`)."""
+  q, k and dO enter in the op's [B, T, H, *] layout (`head_tile`); the kernel scales q and k
+  into Qe and Ke itself."""
   from kernels.gated_delta_rule import _pallas_common as common
   m = pallas_mosaic_gpu
   b, bh, t, dk, dv = 2, 4, 192, 64, 128
@@ -205,10 +206,9 @@ def test_reverse_kernel_matches_jax_steps(dtype):
   do, ds_final = rnd(5, (bh, t, dv)), rnd(6, (bh, dk, dv))
   q, k, w, p, do = (x.astype(dtype) for x in (q, k, w, p, do))
   e_out, e_end, s_decay = pallas_mosaic_gpu._decays(gamma)
-  scaled = lambda x, e: (x.astype(jnp.float32) * e[..., None]).astype(dtype)
   bthd = lambda x: m._from_bh(x, b)
   dv_new, d_states, ds0 = pallas_mosaic_gpu.state_bwd(
-      bthd(scaled(q, e_out)), bthd(scaled(k, e_end)), -w, p, bthd(do),
+      bthd(q), bthd(k), e_out, e_end, -w, p, bthd(do),
       jnp.broadcast_to(s_decay, (bh, t // 64, dk)), ds_final,
       interpret=pallas_mosaic_gpu._interpret())
   cfg = pallas_mosaic_gpu._config(dk, dv, jnp.float32)
