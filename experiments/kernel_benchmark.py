@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.gated_delta_rule import _mosaic_gpu_grads, api, pallas_mosaic_gpu, pallas_triton
+from kernels.gated_delta_rule import api, pallas_mosaic_gpu, pallas_mosaic_gpu_grads, pallas_triton
 from sleep_lm import profiling
 
 # name -> (B, T, H, D); K = V = D. The registry shapes are timed by default.
@@ -104,7 +104,7 @@ def implementation_of(name):
   wy = pallas_mosaic_gpu.JAX_WY not in opts
   if pallas_mosaic_gpu.JAX_GRADS in opts:
     return pallas_mosaic_gpu.make_implementation(wy_kernel=wy)
-  return _mosaic_gpu_grads.make_implementation(wy_kernel=wy)
+  return pallas_mosaic_gpu_grads.make_implementation(wy_kernel=wy)
 
 
 def op(implementation):

@@ -27,28 +27,28 @@ import jax
 import jax.numpy as jnp
 
 from kernels.gated_delta_rule import (
-                                      _mosaic_gpu_grads,
-                                      chunked,
-                                      pallas_mosaic_tpu,
-                                      pallas_triton,
-                                      reference,
-                                      single_token,
+  chunked,
+  pallas_mosaic_gpu_grads,
+  pallas_mosaic_tpu,
+  pallas_triton,
+  reference,
+  single_token,
 )
 from kernels.gated_delta_rule.base import (  # noqa: F401  (re-exported)
-                                           CHUNK_SIZES,
-                                           L2NORM_EPS,
-                                           MAX_HEAD_DIM,
-                                           Implementation,
-                                           ImplementationFn,
-                                           l2_normalize,
-                                           prepare_qk,
+  CHUNK_SIZES,
+  L2NORM_EPS,
+  MAX_HEAD_DIM,
+  Implementation,
+  ImplementationFn,
+  l2_normalize,
+  prepare_qk,
 )
 
 REGISTRY: types.MappingProxyType[str, Implementation] = types.MappingProxyType({
     impl.name: impl for impl in (reference.IMPLEMENTATION, chunked.IMPLEMENTATION,
                                  single_token.IMPLEMENTATION, pallas_triton.IMPLEMENTATION,
                                  pallas_mosaic_tpu.IMPLEMENTATION,
-                                 _mosaic_gpu_grads.IMPLEMENTATION)})
+                                 pallas_mosaic_gpu_grads.IMPLEMENTATION)})
 # Best first, per backend. pallas_triton passes float32 inputs over to chunked (measured slower;
 # docs/kernels.md). pallas_mosaic_tpu has never run on a TPU, and pallas_mosaic_gpu (exact on an
 # H200) is 1.2x slower than pallas_triton there: available by name only.

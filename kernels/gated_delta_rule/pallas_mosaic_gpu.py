@@ -1,8 +1,8 @@
 """Pallas Mosaic GPU kernels for the gated delta rule: W, U, T, P and the two state chains.
 
 SLOWER THAN pallas_triton, so available by name only (in no default order). The registered
-"pallas_mosaic_gpu" (`_mosaic_gpu_grads.IMPLEMENTATION`) runs these three kernels and the
-per-chunk gradient kernel of `_mosaic_gpu_grads`. Validated by
+"pallas_mosaic_gpu" (`pallas_mosaic_gpu_grads.IMPLEMENTATION`) runs these three kernels and the
+per-chunk gradient kernel of `pallas_mosaic_gpu_grads`. Validated by
 tests/kernels/test_pallas_mosaic_gpu.py and test_mosaic_gpu_grads.py on CPU in GPU interpret mode
 (`plgpu.InterpretGPUParams()`) and compiled under jit on one H200 (2026-12-04: every case
 passed; float32 ~2e-5 relative to the oracle). Timed there (docs/kernels.md): 2.2 ms fwd+bwd at
@@ -69,7 +69,7 @@ What runs where:
     the q and k tiles into Qe and Ke in SMEM (in place, by rows), and -W comes negated from the
     WY step (the forward chain adds (-W) S), so XLA forms none of them.
   - The rest of the backward (dq, dk, dv, dgamma, dbeta): the `chunk_grads` hook of
-    `make_implementation` (the registered op: `_mosaic_gpu_grads`' kernel), else pure JAX,
+    `make_implementation` (the registered op: `pallas_mosaic_gpu_grads`' kernel), else pure JAX,
     vmapped over chunks (`_chunk_grads`, "pallas_mosaic_gpu[jax_grads]").
   - Precision: every chunk product in both kernels has bf16 operands in SMEM and a float32
     accumulator. bf16 inputs: the state, dS, Vnew, dVnew enter the products rounded to bf16,
@@ -726,7 +726,7 @@ def make_implementation(*, wy_kernel: bool = True, chunk_grads=None) -> base.Imp
   """The implementation record. W, U, T, P by the Mosaic GPU kernel `intra_fwd` (`wy_kernel`),
   else in pure JAX; the per-chunk gradients by `chunk_grads`, a function of `_chunk_grads`'s
   arguments and an `interpret` keyword, else by the pure-JAX `_chunk_grads`. The registered
-  "pallas_mosaic_gpu" is both kernels (`_mosaic_gpu_grads.IMPLEMENTATION`: that module passes
+  "pallas_mosaic_gpu" is both kernels (`pallas_mosaic_gpu_grads.IMPLEMENTATION`: that module passes
   its kernel through this hook, so this one does not import it); a pure-JAX part is named in
   brackets, "pallas_mosaic_gpu[jax_wy]", "[jax_grads]", "[jax_wy,jax_grads]" (passed as
   `implementation=`, not registered)."""

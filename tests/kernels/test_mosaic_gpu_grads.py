@@ -1,5 +1,5 @@
-"""The Mosaic GPU per-chunk gradient kernel (`_mosaic_gpu_grads`; opt-in: the implementation
-`_mosaic_gpu_grads.make_implementation()`, "pallas_mosaic_gpu[grads_kernel]").
+"""The Mosaic GPU per-chunk gradient kernel (`pallas_mosaic_gpu_grads`; opt-in: the implementation
+`pallas_mosaic_gpu_grads.make_implementation()`, "pallas_mosaic_gpu[grads_kernel]").
 
 On a CPU it runs in GPU interpret mode (slow: small cases by default, the others under -m slow)
 and is lowered for CUDA (Mosaic GPU layout inference included). It has not run on a GPU yet.
@@ -26,9 +26,9 @@ from test_pallas_mosaic_gpu import (
   vjp_of,
 )
 
-from kernels.gated_delta_rule import _mosaic_gpu_grads as grads
 from kernels.gated_delta_rule import _pallas_common as common
 from kernels.gated_delta_rule import api, pallas_mosaic_gpu
+from kernels.gated_delta_rule import pallas_mosaic_gpu_grads as grads
 
 m = pallas_mosaic_gpu
 IMPL = grads.make_implementation(wy_kernel=False)  # W, U, T, P in pure JAX: one kernel tested
