@@ -105,16 +105,12 @@ layout inference assigns them when lowering: the lowered modules tile most wgmma
 (8, 64), or (64, 8) transposed, with 128-byte swizzles), and there is no TMA/compute overlap
 (each chunk waits for its copies).
 
-Unverified until a compiled run: GPU interpret mode runs the TMA copies synchronously, so the
-fences that keep a tile from being rewritten while a copy to GMEM still reads it (the
-`wait_smem_to_gmem(0, wait_read_only=True)` in each chunk of both kernels) are not exercised
-on the CPU; nor is the lowering of the backward's transposed A operands (P^T, Qe^T, W^T: SMEM
-views, like the forward's K^T, which compiled) or of the 4-D state slices it copies. The WY
-kernel adds what none of the compiled kernels has: [C,C] elementwise math on WGMMA-layout
-values (iota masks, row and column broadcasts of gamma and beta loaded as WGMMA.reduce(1) /
-reduce(0) vectors, exp) and a transposed B operand (K^T in K K^T and Q K^T). All three kernels
-lower for CUDA on a CPU, Mosaic GPU's layout inference included (`test_kernels_lower_for_a_gpu`);
-the passes after it and the PTX compilation run only on a GPU.
+Checked only by a compiled run (the H200 runs of 2026-12-04 passed them): GPU interpret mode
+runs the TMA copies synchronously, so the fences that keep a tile from being rewritten while a
+copy to GMEM still reads it (the `wait_smem_to_gmem(0, wait_read_only=True)` in each chunk) are
+not exercised on the CPU, nor are Mosaic GPU's passes after layout inference and the PTX
+compilation. All three kernels lower for CUDA on a CPU, layout inference included
+(`test_kernels_lower_for_a_gpu`), so a layout failure shows before a GPU is needed.
 """
 
 from __future__ import annotations

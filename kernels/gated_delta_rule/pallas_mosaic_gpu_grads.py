@@ -89,12 +89,12 @@ kernel splits the work over three), the V-tiles are read again by each loop when
 float32 arrays are split into hi/lo parts by XLA before the kernel (Vnew is joined from its
 parts after the forward and split again here).
 
-Unverified until a compiled run (GPU interpret mode runs wgmma and TMA synchronously): the
-`wgmma_wait(0)` before a V-tile's buffers are overwritten by the next tile's copies, the
-`wait_smem_to_gmem(0, wait_read_only=True)` fences before the staging tiles are rewritten, the
-COLS-layout `.sum()` of a vector written in the ROWS layout, and transposed SMEM views as wgmma
-B operands (S^T, Vnew^T, dS'^T, V^T, K^T, T^T: jla uses them too), and loop
-3's dY accumulator, scoped inside the span of dTy's.
+Checked only by a compiled run (GPU interpret mode runs wgmma and TMA synchronously; the H200
+run of 2026-12-04 passed every case with them): the `wgmma_wait(0)` before a V-tile's buffers
+are overwritten by the next tile's copies, the `wait_smem_to_gmem(0, wait_read_only=True)`
+fences before the staging tiles are rewritten, the COLS-layout `.sum()` of a vector written in
+the ROWS layout, transposed SMEM views as wgmma B operands (S^T, Vnew^T, dS'^T, V^T, K^T, T^T:
+jla uses them too), and loop 3's dY accumulator, scoped inside the span of dTy's.
 """
 
 from __future__ import annotations
