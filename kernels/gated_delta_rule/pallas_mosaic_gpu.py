@@ -10,7 +10,9 @@ passed; float32 ~2e-5 relative to the oracle). Timed there (docs/kernels.md): 2.
 XLA glue around the kernels (layout transposes, casts, the L2 norm) in that run; since then the
 kernels read q, k, v, dO and write o, dq, dk, dv in the op's [B, T, H, *] layout (`head_tile`),
 which removes the eight [B,T,H,D] <-> [B*H,T,D] transposes of a fwd+bwd call, and XLA forms
-neither Qe, Ke nor -W: 0.750 ms fwd, 2.040 fwd+bwd there (exact compiled, same checks).
+neither Qe, Ke nor -W: 0.750 ms fwd, 2.040 fwd+bwd there (exact compiled, same checks). Since
+then the forward chain computes the states only and a parallel kernel the outputs (not yet
+compiled on a GPU).
 
 Per chunk n of C = 64 tokens (one batch*head; T padded to a multiple of C), with gamma the
 chunk-local cumulative log decay, g_last its last entry, D_rs = exp(gamma_r - gamma_s) for
@@ -61,8 +63,11 @@ What runs where:
     docs/kernels.md). Since then it lowers for CUDA on a CPU, layout inference included
     (`test_kernels_lower_for_a_gpu`), and passed its tests compiled on an H200 (2026-12-04).
   - Forward chain: one `plgpu.kernel`, grid (B*H, V/BV): each program walks the chunks of one
-    (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM; the four chunk
-    products (W S, Q S, P Vnew, K^T Vnew) are `plgpu.wgmma`.
+    (batch, head) and one V-tile, carrying the [K,BV] float32 state in SMEM, with two chunk
+    products, (-W) S and K^T Vnew (`plgpu.wgmma`); it writes the state entering each chunk and
+    Vnew, and nothing else: the outputs are not on the sequential path.
+  - Outputs: one `plgpu.kernel` `outputs`, grid (B*H, N x V/BV), in parallel over chunks: O =
+    diag(exp(gamma)) Q S_n + P Vnew from the saved states and Vnew (two products).
   - Backward chain: one `plgpu.kernel`, grid (B*H, V/BV), chunks from last to first, carrying
     the [K,BV] float32 dS in SMEM; one [C,BV] accumulator for dVnew (P^T dO and Ke dS: two
     products, one accumulator) and one [K,BV] for Qe^T dO + (-W)^T dVnew. The kernel scales
@@ -78,7 +83,8 @@ What runs where:
     GPU does not fall back to tf32 (operands split in XLA, before the kernels, by a bit mask:
     `_array_parts` says why). The pure-JAX parts multiply at HIGHEST for float32 inputs.
 
-Saved by the forward under a VJP (the backward runs no forward again):
+Written by the forward chain (also outside a VJP: the outputs kernel reads them) and saved for
+the backward (which runs no forward again):
   - the state entering each chunk, states [B*H, N, K, V]: float32 for float32 inputs (the
     carried SMEM state), bf16 for bf16 ones (its bf16 operand copy): the Triton kernels'
     precision choice (`intermediate_dtype` = the input dtype);
@@ -91,13 +97,13 @@ states) and dS_0 (float32).
 
 Limits (NotImplementedError): the gated delta rule only; bf16 or float32 inputs; chunk_size 64
 (a warpgroup's wgmma has M = 64: the [C,*] products need C = 64); K is padded to a multiple of
-64 (the [K,BV] products have M = K) and refused where the SMEM buffers of either kernel do not
-fit in 200 KiB (`_smem_bytes`, `_bwd_smem_bytes`, and `_intra_smem_bytes` with the WY kernel).
-With V-tiles of 64 the forward needs more than the backward (its o and U staging tiles) and,
-from K = 128 on, more than the WY kernel (at K = 64 in bf16 the WY kernel needs 0.5 KiB more,
-89 KiB), so the limits are the forward's: bf16 at K > 192
-(forward 185 KiB at K = 192, backward 169 KiB; K = 256: 233 and 217 KiB); float32, whose
-operands are bf16 hi/lo pairs, at K > 64 (K = 64: 161 and 128 KiB; K = 128: 241 and 209 KiB).
+64 (the [K,BV] products have M = K) and refused where the SMEM buffers of a kernel do not fit
+in 200 KiB (`_smem_bytes`, `_out_smem_bytes`, `_bwd_smem_bytes`, and `_intra_smem_bytes` with
+the WY kernel). With V-tiles of 64 the backward needs the most but for the WY kernel at
+float32 K = 64 (145 against 129 KiB), and the WY kernel fits wherever the backward does, so
+the limits are the backward's: bf16 at K > 192 (backward 169 KiB at K = 192, 218 at K = 256;
+forward chain 145 and 185, WY 137 and 161); float32, whose operands are bf16 hi/lo pairs, at
+K > 64 (backward 129 KiB at K = 64, 209 at K = 128).
 T pads to the chunk with g = beta = 0 (identity steps); K and V pad with zeros.
 
 For the profile to judge: the SMEM scratch declares no tiling/swizzle transforms (Mosaic GPU's
@@ -132,6 +138,7 @@ BLOCK_V = 64
 SMEM_LIMIT = 200 * 1024  # of the H100/H200's 227 KiB per block, some left for the compiler
 FWD_KERNEL, BWD_KERNEL = "gdr_mosaic_state_fwd", "gdr_mosaic_state_bwd"
 INTRA_KERNEL = "gdr_mosaic_intra_fwd"
+OUT_KERNEL = "gdr_mosaic_outputs"
 
 
 def _parts(x):
@@ -161,12 +168,20 @@ def _join(parts):
   return parts[0] if len(parts) == 1 else parts[0].astype(f32) + parts[1].astype(f32)
 
 
-def _smem_bytes(n_parts, dk, bv, out_dtype, u_dtype):
-  """SMEM of the forward kernel (`state_fwd`)."""
+def _smem_bytes(n_parts, dk, bv, u_dtype):
+  """SMEM of the forward chain (`state_fwd`): operands K, -W [C,K], S [K,BV], Vnew, Vd [C,BV]
+  (bf16 parts), U [C,BV], the float32 S [K,BV], exp(g_last - gamma) [C], exp(g_last) [K]."""
   c = CHUNK
-  operands = n_parts * 2 * (3 * c * dk + c * c + dk * bv + 2 * c * bv)  # q k w, P, S, Vnew, Vd
-  return (operands + 4 * dk * bv + c * bv * (jnp.dtype(out_dtype).itemsize
-                                             + jnp.dtype(u_dtype).itemsize) + 4 * (c + dk))
+  operands = n_parts * 2 * (2 * c * dk + dk * bv + 2 * c * bv)
+  return operands + 4 * dk * bv + c * bv * jnp.dtype(u_dtype).itemsize + 4 * (c + dk)
+
+
+def _out_smem_bytes(n_parts, dk, bv, out_dtype):
+  """SMEM of the outputs kernel (`outputs`): operands Q [C,K], P [C,C], S [K,BV], Vnew [C,BV]
+  (bf16 parts), exp(gamma) [C] and the o tile [C,BV]."""
+  c = CHUNK
+  return (n_parts * 2 * (c * dk + c * c + dk * bv + c * bv) + 4 * c
+          + c * bv * jnp.dtype(out_dtype).itemsize)
 
 
 def _bwd_smem_bytes(n_parts, dk, bv):
@@ -211,18 +226,17 @@ def _dot(terms, shape, n_parts):
   return jax.lax.optimization_barrier(pl.run_scoped(body, plgpu.ACC(shape, f32)))
 
 
-def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save, heads):
-  """One (batch*head, V-tile): the chunk chain. Refs: inputs (q, k [B,T,H,K], -W, p parts; u,
-  e_out, e_end, s_decay, s0), outputs (o [B,T,H,V], s_final; with `save` also states, Vnew
-  parts), scratch (see `state_fwd`)."""
+def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, heads):
+  """One (batch*head, V-tile): the chunk chain, states only (the outputs are `outputs`'s, in
+  parallel). Refs: inputs (k [B,T,H,K], -W parts; u, e_end, s_decay, s0), outputs (s_final,
+  the states entering each chunk, Vnew parts), scratch (see `state_fwd`)."""
   it = iter(refs)
   take = lambda n: tuple(next(it) for _ in range(n))
-  q_g, k_g, nw_g, p_g = (take(n_parts) for _ in range(4))
-  u_g, e_out_g, e_end_g, sd_g, s0_g, o_g, sf_g = take(7)
-  states_g, vn_g = (take(1)[0], take(n_parts)) if save else (None, ())
-  q_s, k_s, nw_s, p_s = (take(n_parts) for _ in range(4))
-  s_b, vn_b, vd_b = (take(n_parts) for _ in range(3))
-  u_s, e_out_s, e_end_s, sd_s, s_s, o_s, bar, s0_bar = take(8)
+  k_g, nw_g = (take(n_parts) for _ in range(2))
+  u_g, e_end_g, sd_g, s0_g, sf_g, states_g = take(6)
+  vn_g = take(n_parts)
+  k_s, nw_s, s_b, vn_b, vd_b = (take(n_parts) for _ in range(5))
+  u_s, e_end_s, sd_s, s_s, bar, s0_bar = take(6)
 
   bh = jax.lax.axis_index("bh")
   cols = pl.ds(jax.lax.axis_index("v") * bv, bv)
@@ -237,31 +251,24 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save, heads):
   @pl.loop(0, n_chunks)
   def _(n):
     rows = pl.ds(n * c, c)
-    if save:  # the state entering the chunk: float32 (s_s) or its bf16 operand (s_b)
-      plgpu.copy_smem_to_gmem(s_s if n_parts == 2 else s_b[0], states_g.at[bh, n, :, cols])
-    for src, dst in zip((*q_g, *k_g), (*q_s, *k_s), strict=True):
+    # The state entering the chunk: float32 (s_s) or its bf16 operand (s_b).
+    plgpu.copy_smem_to_gmem(s_s if n_parts == 2 else s_b[0], states_g.at[bh, n, :, cols])
+    for src, dst in zip(k_g, k_s, strict=True):
       plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows), dst, bar)
-    for src, dst in zip((*nw_g, *p_g), (*nw_s, *p_s), strict=True):
+    for src, dst in zip(nw_g, nw_s, strict=True):
       plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
     plgpu.copy_gmem_to_smem(u_g.at[bh, rows, cols], u_s, bar)
-    plgpu.copy_gmem_to_smem(e_out_g.at[bh, rows], e_out_s, bar)
     plgpu.copy_gmem_to_smem(e_end_g.at[bh, rows], e_end_s, bar)
     plgpu.copy_gmem_to_smem(sd_g.at[bh, n], sd_s, bar)
     plgpu.barrier_wait(bar)
-    e_out = e_out_s[...]  # [C]: exp(gamma)
     e_end = e_end_s[...]  # [C]: exp(g_last - gamma)
     v_new = u_s[...].astype(f32) + dot([(nw_s, s_b)], (c, bv))  # U - W S
-    o = dot([(q_s, s_b)], (c, bv)) * e_out[:, None]
-    # Every copy to GMEM issued so far (the previous chunk's o and Vnew, this chunk's state) has
-    # read its SMEM source: vn_b, o_s, s_s and s_b may be written below.
+    # Every copy to GMEM issued so far (the previous chunk's Vnew, this chunk's state) has read
+    # its SMEM source: vn_b, s_s and s_b may be written below.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     store_parts(vn_b, v_new)
-    for part, dst in zip(vn_b, vn_g, strict=True) if save else ():
+    for part, dst in zip(vn_b, vn_g, strict=True):
       plgpu.copy_smem_to_gmem(part, dst.at[bh, rows, cols])
-    o = o + dot([(p_s, vn_b)], (c, bv))
-    o_s[...] = o.astype(o_s.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, head_tile(o_g, bh, heads, rows, cols))
     store_parts(vd_b, v_new * e_end[:, None])
     k_t = tuple(ref.T for ref in k_s)  # K^T as a transposed view of the SMEM tile, no copy
     state = s_s[...] * sd_s[...][:, None] + dot([(k_t, vd_b)], (s_s.shape[0], bv))
@@ -272,39 +279,91 @@ def _state_fwd_kernel(*refs, n_parts, n_chunks, bv, save, heads):
   plgpu.wait_smem_to_gmem(0)
 
 
-def state_fwd(q, k, neg_w, p, u, e_out, e_end, s_decay, s0, *, out_dtype, save, interpret):
-  """The chunk chain. q, k [B, T, H, K], the other arrays [B*H, T, *], T a multiple of CHUNK;
-  q, k, neg_w = -W, p are float32 or bf16 (split into bf16 parts here); s_decay [B*H, N, K] holds
-  exp(g_last) per chunk (a row vector, so no scalar is read from SMEM). Returns o [B,T,H,V] and
-  s_final [B*H,K,V]; with `save` also the states entering each chunk [B*H,N,K,V] (float32 for
-  float32 inputs, bf16 for bf16) and Vnew [B*H,T,V] (float32 = hi + lo, or bf16)."""
-  b, t, heads, dk = q.shape
+def state_fwd(k, neg_w, u, e_end, s_decay, s0, *, interpret):
+  """The chunk chain, states only. k [B, T, H, K], neg_w = -W and u [B*H, T, *], T a multiple
+  of CHUNK; k and neg_w float32 or bf16 (split into bf16 parts here); s_decay [B*H, N, K] holds
+  exp(g_last) per chunk (a row vector, so no scalar is read from SMEM). Returns s_final
+  [B*H,K,V] float32, the states entering each chunk [B*H,N,K,V] (float32 for float32 inputs,
+  bf16 for bf16) and Vnew [B*H,T,V] as its bf16 operand parts (one, or hi and lo)."""
+  b, t, heads, dk = k.shape
   bh = b * heads
   dv = u.shape[-1]
   bv = min(BLOCK_V, dv)
-  n_parts = 1 if q.dtype == bf16 else 2
-  parts = [x for a in (q, k, neg_w, p) for x in _array_parts(a)]
+  n_parts = 1 if k.dtype == bf16 else 2
+  parts = [x for a in (k, neg_w) for x in _array_parts(a)]
   c = CHUNK
   smem = plgpu.SMEM
-  scratch = ([smem((c, dk), bf16)] * (3 * n_parts) + [smem((c, c), bf16)] * n_parts
-             + [smem((dk, bv), bf16)] * n_parts + [smem((c, bv), bf16)] * (2 * n_parts)
-             + [smem((c, bv), u.dtype), smem((c,), f32), smem((c,), f32), smem((dk,), f32),
-                smem((dk, bv), f32), smem((c, bv), out_dtype),
-                plgpu.Barrier(num_arrivals=4 * n_parts + 4), plgpu.Barrier(num_arrivals=1)])
-  out_type = [jax.ShapeDtypeStruct((b, t, heads, dv), out_dtype),
-              jax.ShapeDtypeStruct((bh, dk, dv), f32)]
-  if save:
-    out_type += ([jax.ShapeDtypeStruct((bh, t // c, dk, dv), q.dtype)]
-                 + [jax.ShapeDtypeStruct((bh, t, dv), bf16)] * n_parts)
+  scratch = ([smem((c, dk), bf16)] * (2 * n_parts) + [smem((dk, bv), bf16)] * n_parts
+             + [smem((c, bv), bf16)] * (2 * n_parts)
+             + [smem((c, bv), u.dtype), smem((c,), f32), smem((dk,), f32), smem((dk, bv), f32),
+                plgpu.Barrier(num_arrivals=2 * n_parts + 3), plgpu.Barrier(num_arrivals=1)])
+  out_type = ([jax.ShapeDtypeStruct((bh, dk, dv), f32),
+               jax.ShapeDtypeStruct((bh, t // c, dk, dv), k.dtype)]
+              + [jax.ShapeDtypeStruct((bh, t, dv), bf16)] * n_parts)
   kernel = functools.partial(_state_fwd_kernel, n_parts=n_parts, n_chunks=t // c, bv=bv,
-                             save=save, heads=heads)
+                             heads=heads)
   outs = plgpu.kernel(
       kernel, out_type=tuple(out_type), grid=(bh, dv // bv), grid_names=("bh", "v"),
       scratch_types=scratch, interpret=interpret, kernel_name=FWD_KERNEL,
-  )(*parts, u, e_out, e_end, s_decay, s0)
-  if not save:
-    return outs
-  return outs[0], outs[1], outs[2], _join(outs[3:])
+  )(*parts, u, e_end, s_decay, s0)
+  return outs[0], outs[1], tuple(outs[2:])
+
+
+def _outputs_kernel(*refs, n_parts, nv, heads):
+  """One (batch*head, chunk x V-tile): O = diag(exp(gamma)) Q S_n + P Vnew. Refs: inputs (q
+  [B,T,H,K], P, S_n, Vnew parts; e_out), output (o [B,T,H,V]), scratch (see `outputs`)."""
+  it = iter(refs)
+  take = lambda n: tuple(next(it) for _ in range(n))
+  q_g, p_g, s_g, vn_g = (take(n_parts) for _ in range(4))
+  e_out_g, o_g = take(2)
+  q_s, p_s, s_s, vn_s = (take(n_parts) for _ in range(4))
+  e_out_s, o_s, bar = take(3)
+
+  bh, i = jax.lax.axis_index("bh"), jax.lax.axis_index("nv")
+  n, j = i // nv, i % nv
+  c, bv = CHUNK, o_s.shape[1]
+  rows, cols = pl.ds(n * c, c), pl.ds(j * bv, bv)
+  for src, dst in zip(q_g, q_s, strict=True):
+    plgpu.copy_gmem_to_smem(head_tile(src, bh, heads, rows), dst, bar)
+  for src, dst in zip(p_g, p_s, strict=True):
+    plgpu.copy_gmem_to_smem(src.at[bh, rows], dst, bar)
+  for src, dst in zip(s_g, s_s, strict=True):
+    plgpu.copy_gmem_to_smem(src.at[bh, n, :, cols], dst, bar)
+  for src, dst in zip(vn_g, vn_s, strict=True):
+    plgpu.copy_gmem_to_smem(src.at[bh, rows, cols], dst, bar)
+  plgpu.copy_gmem_to_smem(e_out_g.at[bh, rows], e_out_s, bar)
+  plgpu.barrier_wait(bar)
+  e_out = e_out_s[...]  # [C]: exp(gamma)
+  o = (_dot([(q_s, s_s)], (c, bv), n_parts) * e_out[:, None]
+       + _dot([(p_s, vn_s)], (c, bv), n_parts))
+  o_s[...] = o.astype(o_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_s, head_tile(o_g, bh, heads, rows, cols))
+  plgpu.wait_smem_to_gmem(0)
+
+
+def outputs(q, p, states, v_new_parts, e_out, *, out_dtype, interpret):
+  """o [B, T, H, V] of every chunk, in parallel, grid (B*H, N x V-tiles): from q [B, T, H, K],
+  P [B*H, T, C], the states entering the chunks [B*H, N, K, V] and Vnew's bf16 parts
+  [B*H, T, V] (as `state_fwd` returns them), e_out = exp(gamma) [B*H, T]."""
+  b, t, heads, dk = q.shape
+  bh = b * heads
+  dv = states.shape[-1]
+  bv = min(BLOCK_V, dv)
+  n_parts = len(v_new_parts)
+  c = CHUNK
+  parts = [x for a in (q, p, states) for x in _array_parts(a)] + list(v_new_parts)
+  smem = plgpu.SMEM
+  scratch = ([smem((c, dk), bf16)] * n_parts + [smem((c, c), bf16)] * n_parts
+             + [smem((dk, bv), bf16)] * n_parts + [smem((c, bv), bf16)] * n_parts
+             + [smem((c,), f32), smem((c, bv), out_dtype),
+                plgpu.Barrier(num_arrivals=4 * n_parts + 1)])
+  return plgpu.kernel(
+      functools.partial(_outputs_kernel, n_parts=n_parts, nv=dv // bv, heads=heads),
+      out_type=jax.ShapeDtypeStruct((b, t, heads, dv), out_dtype),
+      grid=(bh, (t // c) * (dv // bv)), grid_names=("bh", "nv"), scratch_types=scratch,
+      interpret=interpret, kernel_name=OUT_KERNEL,
+  )(*parts, e_out)
 
 
 def _state_bwd_kernel(*refs, n_parts, n_chunks, bv, heads):
@@ -616,7 +675,8 @@ def _decays(gamma):
   return jnp.exp(gamma), jnp.exp(g_last - per_chunk).reshape(bh, t), jnp.exp(g_last)
 
 
-def _run_forward(q, k, v, gamma, beta, s0, save, wy_kernel):
+def _run_forward(q, k, v, gamma, beta, s0, wy_kernel):
+  """(o, s_final, the states entering each chunk, Vnew) and (-W, T, P) for the backward."""
   dtype = q.dtype
   if wy_kernel:
     neg_w, u, t_inv, p = intra_fwd(q, k, v, gamma, beta, interpret=_interpret())
@@ -624,9 +684,10 @@ def _run_forward(q, k, v, gamma, beta, s0, save, wy_kernel):
     neg_w, u, t_inv, p = _intra_chunk(q, k, v, gamma, beta, dtype)
   e_out, e_end, s_decay = _decays(gamma)
   s_decay = jnp.broadcast_to(s_decay, (*s_decay.shape[:2], q.shape[-1]))
-  outs = state_fwd(q, k, neg_w, p, u, e_out, e_end, s_decay, s0, out_dtype=v.dtype, save=save,
-                   interpret=_interpret())
-  return outs, (neg_w, t_inv, p)
+  s_final, states, v_new_parts = state_fwd(k, neg_w, u, e_end, s_decay, s0,
+                                           interpret=_interpret())
+  o = outputs(q, p, states, v_new_parts, e_out, out_dtype=v.dtype, interpret=_interpret())
+  return (o, s_final, states, _join(v_new_parts)), (neg_w, t_inv, p)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -635,13 +696,13 @@ def _core(q, k, v, gamma, beta, s0, wy_kernel, chunk_grads):
   (the chunk-local cumsum) and beta [B*H, T] and s0 [B*H, K, V];
   W, U, T, P by the Mosaic GPU kernel `intra_fwd` with `wy_kernel`, else in pure JAX; the
   per-chunk gradients by `chunk_grads` (see `make_implementation`), else `_chunk_grads`."""
-  return _run_forward(q, k, v, gamma, beta, s0, False, wy_kernel)[0]
+  return _run_forward(q, k, v, gamma, beta, s0, wy_kernel)[0][:2]
 
 
 def _core_fwd(q, k, v, gamma, beta, s0, wy_kernel, chunk_grads):
   del chunk_grads
   (o, s_final, states, v_new), (neg_w, t_inv, p) = _run_forward(q, k, v, gamma, beta, s0,
-                                                                True, wy_kernel)
+                                                                wy_kernel)
   return (o, s_final), (q, k, v, gamma, beta, neg_w, t_inv, p, states, v_new)
 
 
@@ -680,7 +741,8 @@ def _check(q, k, v, chunk_size, delta, wy_kernel=False):
   dk, dv = _padded_dims(q.shape[-1], v.shape[-1])
   n_parts = 1 if q.dtype == bf16 else 2
   bv = min(BLOCK_V, dv)
-  needs = {"forward": _smem_bytes(n_parts, dk, bv, v.dtype, v.dtype),
+  needs = {"forward": _smem_bytes(n_parts, dk, bv, v.dtype),
+           "outputs": _out_smem_bytes(n_parts, dk, bv, v.dtype),
            "backward": _bwd_smem_bytes(n_parts, dk, bv)}
   if wy_kernel:
     needs["WY"] = _intra_smem_bytes(n_parts, dk, bv, q.dtype)

@@ -285,8 +285,8 @@ def refused(case: Case, impl: str) -> bool:
     chunk runs with a smaller power of 2 (>= 16);
   - pallas_mosaic_gpu (every backend: its check runs before anything compiles) keeps its chunk
     operands in SMEM, with K padded to a multiple of 64: float32 (bf16 hi/lo operand pairs) only
-    at K <= 64, bfloat16 at K <= 192 (the forward kernel's limits; its backward kernel needs
-    less SMEM, test_pallas_mosaic_gpu.test_smem_limits)."""
+    at K <= 64, bfloat16 at K <= 192 (the backward kernel's limits; the other kernels fit
+    wherever it does, test_pallas_mosaic_gpu.test_smem_limits)."""
   if impl == "pallas_mosaic_gpu":
     k_padded = -(-case.dk // 64) * 64
     return k_padded > (64 if case.dtype == "float32" else 192)
