@@ -87,6 +87,16 @@ def case_id(c):
           f"{'-s0' if c[7] else ''}")
 
 
+def refused_compiled(case, run):
+  """On a GPU, V padded to 32 is refused (wrong gradients compiled, 12-04d; docs/kernels.md):
+  check the refusal there and return True; interpreted, the kernels run it (False)."""
+  if jax.default_backend() != "gpu" or pallas_mosaic_gpu._padded_dims(case[3], case[4])[1] != 32:
+    return False
+  with pytest.raises(NotImplementedError, match="padded to 32"):
+    run()
+  return True
+
+
 def case_inputs(case):
   b, t, h, dk, dv, dtype, l2norm, with_s0 = case
   (q, k, v, g, beta, s0), cotangents = make_inputs(t + dk, b, t, h, dk, dv, dtype)
@@ -114,6 +124,8 @@ def test_matches_oracle(case):
   saves the states and Vnew, the reverse kernel, the per-chunk gradients)."""
   b, t, h, dk, dv, dtype, l2norm, _ = case
   inputs, cotangents = case_inputs(case)
+  if refused_compiled(case, lambda: vjp_of(op, inputs, cotangents, use_qk_l2norm=l2norm)):
+    return
   got = vjp_of(op, inputs, cotangents, use_qk_l2norm=l2norm)
   assert got[0].dtype == dtype and got[0].shape == (b, t, h, dv)
   assert got[1].dtype == jnp.float32 and got[1].shape == (b, h, dk, dv)
@@ -274,7 +286,10 @@ def test_wy_kernel_matches_oracle(case):
   """End to end with the WY kernel: outputs and every gradient, as `test_matches_oracle`."""
   l2norm, dtype = case[6], case[5]
   inputs, cotangents = case_inputs(case)
-  got = vjp_of(op, inputs, cotangents, implementation=WY_IMPL, use_qk_l2norm=l2norm)
+  run = lambda: vjp_of(op, inputs, cotangents, implementation=WY_IMPL, use_qk_l2norm=l2norm)
+  if refused_compiled(case, run):
+    return
+  got = run()
   assert_close(got, oracle_vjp(inputs, cotangents, use_qk_l2norm=l2norm), TOLERANCE[dtype],
                names=names_of(inputs))
 
@@ -313,6 +328,19 @@ def test_refusals(what):
            "k_128_float32": SMEM_MESSAGE, "k_256_bfloat16": SMEM_MESSAGE}[what]
   with pytest.raises(NotImplementedError, match=match):
     rule(q, k, v, g, beta, chunk_size=chunk, implementation=IMPL)
+
+
+def test_v_tile_32_refused_when_compiled(monkeypatch):
+  """Compiled (interpret off), V padded to 32 is refused before anything lowers; V = 16 and
+  V = 33 (padded to 64) pass the check."""
+  monkeypatch.setattr(pallas_mosaic_gpu, "_interpret", lambda: False)
+  for dv, refused in ((24, True), (32, True), (16, False), (33, False)):
+    (q, k, v, *_), _ = make_inputs(0, 1, 8, 1, 32, dv, jnp.bfloat16)
+    if refused:
+      with pytest.raises(NotImplementedError, match=f"V = {dv} \\(padded to 32\\)"):
+        pallas_mosaic_gpu._check(q, k, v, 64, True, True)
+    else:
+      pallas_mosaic_gpu._check(q, k, v, 64, True, True)
 
 
 SMEM_MESSAGE = (r"KiB of SMEM, over 200 KiB \(forward kernel \d+ KiB, outputs kernel \d+ KiB, "
