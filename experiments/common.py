@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ml_collections
 
-from sleep_lm import sharding
+from sleep_lm.model import sharding
 
 
 def parse_arg(name: str, arg: str | None, shortcuts: Mapping[str, tuple[str, ...]],
@@ -67,9 +67,9 @@ def base_config(name: str, task: dict, model: dict) -> ml_collections.ConfigDict
   c.log_every = 10
   c.keep_checkpoints = 2
   c.data_dir = ""                 # TFDS eval sets; "" means <workdir>/eval_data
-  # Devices: data x fsdp x tensor = all devices; -1 takes the rest (sleep_lm/sharding.py).
+  # Devices: data x fsdp x tensor = all devices; -1 takes the rest (sleep_lm/model/sharding.py).
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  # Logical axis (sleep_lm/layers.py) -> mesh axis, a tuple of them, or None (replicated).
+  # Logical axis (sleep_lm/model/layers.py) -> mesh axis, a tuple of them, or None (replicated).
   # The default: batch over (data, fsdp), weights' d_model over fsdp (ZeRO-3), MLP width and
   # heads over tensor; override it here or with --config.sharding_rules="((...), ...)".
   c.sharding_rules = sharding.DEFAULT_RULES

@@ -43,10 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import Context
-from sleep_lm.model import HybridLM, init_params, pass_caches, zero_states
-from sleep_lm.sleep import sleep_forward
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import HybridLM, init_params, pass_caches, zero_states
+from sleep_lm.model.layers import Context
+from sleep_lm.model.sleep import sleep_forward
 
 MODES = ("sequential", "sequential_sliding", "parallel")
 

@@ -8,7 +8,8 @@ the --settings given. Each is one jitted function of `--inner` calls on distinct
 enough distinct copies of w (at least --rotate_mb MB in all) that w comes from HBM, not from the
 50 MB L2 (a decode step reads every layer's weights once). Reported per call: the wall time of the
 loop with one sync (median of --samples) and the device time (kernels summed, from a profiler
-trace, `sleep_lm.profiling`), and the bandwidth, bytes of w over the device time. Correctness is
+trace, `sleep_lm.common.profiling`), and the bandwidth, bytes of w over the device time.
+Correctness is
 checked first against a float32 product on the same inputs.
 
 CPU smoke run (kernel interpreted, tiny shapes; checks that the script runs, times nothing real):
@@ -29,15 +30,15 @@ import numpy as np
 
 from experiments.inference_latency import SIZES
 from kernels.gemv import gemv, gemv_bytes, resolve_blocks
-from sleep_lm import profiling
-from sleep_lm.config import ModelConfig
+from sleep_lm.common import profiling
+from sleep_lm.model.config import ModelConfig
 
 # The decode benchmark's "300m" size: the shapes its batch-1 products have.
 CONFIG_300M = ModelConfig(**SIZES["300m"])
 
 
 def decode_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-  """name -> (N, K) of every fused decode product (sleep_lm.layers, the [out, in] layouts)."""
+  """name -> (N, K) of every fused decode product (sleep_lm.model.layers, the [out, in] layouts)."""
   d, f = cfg.d_model, cfg.hidden_dim
   attn = (cfg.num_attn_heads + 2 * cfg.num_kv_heads) * cfg.attn_head_dim
   h, hk = cfg.num_gdn_heads, cfg.num_gdn_heads * cfg.gdn_head_dim

@@ -36,7 +36,8 @@ Measured, for each model and C:
 Derived: per hybrid N and eviction, the crossover (shortest measured C from which the hybrid's
 batch-1 latency beats attention's at every longer C), the speed-ups at 32K and 128K (attention /
 hybrid latency), the throughput ratio at 32K and the prefill ratio at 128K.
---profile prints the device-time table (`sleep_lm.profiling`) of `generate(--tokens)` per token
+--profile prints the device-time table (`sleep_lm.common.profiling`) of `generate(--tokens)` per
+token
 for the hybrid (N = 1) and attention (at 32K or the longest C below it).
 
 Writes <out>/inference_latency.json (after each model: a run cut short keeps what it measured),
@@ -69,10 +70,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.decoding import init_state, state_bytes
-from sleep_lm.model import init_params
-from sleep_lm.stream import Stream
+from sleep_lm.inference.decoding import init_state, state_bytes
+from sleep_lm.inference.stream import Stream
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import init_params
 
 SIZES = {
     "rule110": dict(vocab_size=3, d_model=256, layers=("attn", "gdn") * 2, attn_head_dim=64,
@@ -212,7 +213,7 @@ def prefill(make_stream, context: int, vocab: int) -> dict:
 
 
 def profile(stream: Stream, logits, args, log) -> dict:
-  from sleep_lm.profiling import device_time_table, format_table
+  from sleep_lm.common.profiling import device_time_table, format_table
   with tempfile.TemporaryDirectory() as log_dir:
     table = device_time_table(lambda: stream.generate(args.tokens, logits), calls=3,
                               log_dir=log_dir)
@@ -669,7 +670,7 @@ def main(argv=None) -> dict:
                       help="attention's batch-1 cache: one for every context, or one sized to "
                            "each (default: shared for cudnn, which reads only the filled part)")
   parser.add_argument("--layouts", default="rows",
-                      help="decode parameter layouts (sleep_lm.layers.LAYOUTS); several: the "
+                      help="decode parameter layouts (sleep_lm.model.layers.LAYOUTS); several: the "
                            "first is measured in full, all of them in the variant table")
   parser.add_argument("--loops", default="dynamic", help="generation loops: dynamic, fixed")
   parser.add_argument("--variants_only", action="store_true",

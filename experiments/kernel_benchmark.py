@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.gated_delta_rule import api, pallas_mosaic_gpu, pallas_mosaic_gpu_grads, pallas_triton
-from sleep_lm import profiling
+from sleep_lm.common import profiling
 
 # name -> (B, T, H, D); K = V = D. The registry shapes are timed by default.
 SHAPES = {
@@ -309,7 +309,8 @@ def load_jla(impl="mosaic_gpu"):
 
 
 def torch_device_time_table(fn, *, calls, top=25):
-  """Device time per call by CUDA kernel name, as sleep_lm.profiling.device_time_table returns.
+  """Device time per call by CUDA kernel name, as sleep_lm.common.profiling.device_time_table
+  returns.
 
   Run it after every JAX trace of the process: once torch's profiler has subscribed to CUPTI,
   jax.profiler cannot (CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED)."""

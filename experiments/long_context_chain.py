@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from experiments import long_context, processes
-from sleep_lm.errors import PREEMPTED_STATUS
+from sleep_lm.common.errors import PREEMPTED_STATUS
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 CONFIG = Path(__file__).resolve().with_name("long_context.py")
@@ -76,7 +76,7 @@ def stage_arg(preset: str, model: str, stage: str, init: Path | None,
 
 
 def last_step_evaluated(workdir: Path, steps: int) -> bool:
-  from sleep_lm.workdir import read_records
+  from sleep_lm.training.workdir import read_records
   records = read_records(workdir / "metrics.jsonl", warn=lambda *_: None)
   return any(r["kind"] == "eval" and r["step"] == steps for r in records)
 
@@ -132,7 +132,7 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
 
 def eval_set_specs(args) -> list[tuple[dict, int]]:
   """(task fields, eval size) of every eval set the chain needs, in the order they are needed."""
-  from sleep_lm.run_config import RunConfig
+  from sleep_lm.training.run_config import RunConfig
   sets = parse_sets(args.set)
   size = "smoke" if "smoke" in args.preset.split(",") else "full"
   specs, seen = [], set()

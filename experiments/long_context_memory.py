@@ -35,8 +35,8 @@ import numpy as np
 
 from experiments import long_context, throughput
 from experiments.long_context_chain import model_arg
-from sleep_lm import trainer
-from sleep_lm.run_config import RunConfig
+from sleep_lm.training import trainer
+from sleep_lm.training.run_config import RunConfig
 
 
 def gib(n) -> str:

@@ -46,9 +46,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments import common  # noqa: E402
 from experiments import depo as depo_config  # noqa: E402
 from experiments.throughput import model_flops_per_step  # noqa: E402
-from sleep_lm import workdir  # noqa: E402
-from sleep_lm.run_config import RunConfig  # noqa: E402
 from sleep_lm.tasks import depo  # noqa: E402
+from sleep_lm.training import workdir  # noqa: E402
+from sleep_lm.training.run_config import RunConfig  # noqa: E402
 
 HELD_OUT = tuple(f"k{k}" for k in depo.EVAL_HOPS)
 VALID = tuple(f"val_k{k}" for k in depo.VALID_HOPS)

@@ -26,8 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import common  # noqa: E402
-from sleep_lm import workdir  # noqa: E402
-from sleep_lm.run_config import RunConfig  # noqa: E402
+from sleep_lm.training import workdir  # noqa: E402
+from sleep_lm.training.run_config import RunConfig  # noqa: E402
 
 
 def describe(run: RunConfig) -> str:

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments import common
-from sleep_lm import workdir
-from sleep_lm.run_config import RunConfig
+from sleep_lm.training import workdir
+from sleep_lm.training.run_config import RunConfig
 
 
 def describe(run: RunConfig) -> str:

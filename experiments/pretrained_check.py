@@ -71,7 +71,7 @@ def jax_model(ckpt: Checkpoint) -> Callable[[np.ndarray], np.ndarray]:
   TF32 on the GPU), as transformers runs here."""
   import jax
 
-  from sleep_lm.model import HybridLM
+  from sleep_lm.model.hybrid import HybridLM
   from sleep_lm.pretrained.importer import import_params, model_config
   cfg = model_config(ckpt.arch)
   params = jax.device_put(import_params(ckpt, cfg))

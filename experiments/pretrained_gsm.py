@@ -53,9 +53,9 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import common
-from sleep_lm import workdir
 from sleep_lm.tasks.gsm_symbolic import EVAL_OPS
 from sleep_lm.tasks.gsm_text import GsmText
+from sleep_lm.training import workdir
 
 GDN_LAYERS = (7, 15, 23, 31)          # SmolLM2's 30 blocks + 4 GDN layers (convert --gdn_layers)
 SIZES = {

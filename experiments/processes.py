@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from sleep_lm.errors import PREEMPTED_STATUS
+from sleep_lm.common.errors import PREEMPTED_STATUS
 
 
 def child_env(share: int = 1, fraction: float | None = None,

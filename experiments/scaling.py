@@ -13,7 +13,8 @@ r"""Train-step scaling over devices: ms/step, tokens/s, efficiency against one d
 
 Each mesh runs in its own child process (fresh device memory statistics, an out-of-memory or a
 crash costs only its row), restricted to the first n GPUs (CUDA_VISIBLE_DEVICES), sequentially.
-A child builds the train state on the mesh (`sleep_lm.trainer`: the same shardings, rules and
+A child builds the train state on the mesh (`sleep_lm.training.trainer`: the same shardings, rules
+and
 jitted step as training), compiles the step ahead of time, runs `--warmup` steps, then times
 `--repeats` runs of `--iters` back-to-back steps (one device sync per run) on one batch held on
 the devices (the input pipeline is not timed), and reports the median ms/step with the 20th and
@@ -62,7 +63,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 def load_run(config_arg: str, mesh: dict, global_batch: int):
   from experiments.sweep import load_module
-  from sleep_lm.run_config import RunConfig
+  from sleep_lm.training.run_config import RunConfig
   path, _, arg = config_arg.partition(":")
   config = load_module(path).get_config(arg or None)
   config.mesh = mesh
@@ -76,8 +77,9 @@ def measure(args) -> dict:
   import jax
   import numpy as np
 
-  from sleep_lm import sharding, trainer
+  from sleep_lm.model import sharding
   from sleep_lm.tasks import train_dataset
+  from sleep_lm.training import trainer
 
   mesh_cfg = parse_mesh(args.child)
   n = math.prod(mesh_cfg.values())

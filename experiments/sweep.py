@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from experiments import processes
-from sleep_lm.errors import PREEMPTED_STATUS
+from sleep_lm.common.errors import PREEMPTED_STATUS
 
 
 def load_module(path: str):
@@ -37,7 +37,7 @@ def load_module(path: str):
 
 def last_evals(workdir: Path) -> list[dict]:
   """The eval records of the last evaluated step (one per set and seed)."""
-  from sleep_lm.workdir import read_records
+  from sleep_lm.training.workdir import read_records
   evals = [r for r in read_records(workdir / "metrics.jsonl") if r["kind"] == "eval"]
   return [r for r in evals if r["step"] == evals[-1]["step"]] if evals else []
 
@@ -93,8 +93,8 @@ def main():
   parallel = args.parallel or (len(gpus) if gpus else len(runs))
 
   # Build each distinct eval set once, so that concurrent runs only read it.
-  from sleep_lm import evaluation
-  from sleep_lm.run_config import RunConfig
+  from sleep_lm.training import evaluation
+  from sleep_lm.training.run_config import RunConfig
   for arg in runs:
     c = module.get_config(arg)
     for flag in args.extra:

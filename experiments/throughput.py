@@ -34,9 +34,10 @@ import jax
 import numpy as np
 
 from experiments.sweep import load_module
-from sleep_lm import profiling, trainer
-from sleep_lm.run_config import RunConfig
-from sleep_lm.sleep import window_length
+from sleep_lm.common import profiling
+from sleep_lm.model.sleep import window_length
+from sleep_lm.training import trainer
+from sleep_lm.training.run_config import RunConfig
 
 # Dense bf16 peak by device kind (vendor datasheets, SXM parts).
 BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "H100": 989.4,

@@ -147,7 +147,7 @@ def gemv(x: jax.Array, w: jax.Array, *, interpret: bool | None = None,
          num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
   """y [N] = w [N, K] @ x [K], in x's dtype, accumulated in float32 (float64 for float64 x).
 
-  w is cast to x's dtype first (as `sleep_lm.layers.Linear` casts both to its compute dtype);
+  w is cast to x's dtype first (as `sleep_lm.model.layers.Linear` casts both to its compute dtype);
   pass equal dtypes, or the cast is a copy of w at every call.
 
   interpret: run the kernel in Pallas' interpreter; None: unless JAX's default backend is a GPU.

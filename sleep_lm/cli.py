@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from sleep_lm.errors import PREEMPTED_STATUS, Preempted, UserError
+from sleep_lm.common.errors import PREEMPTED_STATUS, Preempted, UserError
 
 
 def _debug(argv) -> bool:

@@ -17,11 +17,13 @@ from pathlib import Path
 import jax
 from absl import flags, logging
 
-from sleep_lm import cli, evaluation, trainer, validation, workdir
-from sleep_lm.checkpointing import Checkpointer
-from sleep_lm.errors import UserError
-from sleep_lm.run_config import RunConfig
+from sleep_lm import cli
+from sleep_lm.common import validation
+from sleep_lm.common.errors import UserError
 from sleep_lm.tasks import TASKS
+from sleep_lm.training import evaluation, trainer, workdir
+from sleep_lm.training.checkpointing import Checkpointer
+from sleep_lm.training.run_config import RunConfig
 
 
 def _parse_overrides(text: str) -> dict[str, str]:

@@ -7,9 +7,10 @@ Restores a `sleep_lm.train` workdir (its params carry a leading seed axis: --see
 model), reads the prompt as comma-separated token ids or, for tasks with token characters (Rule
 110: '0', '1', 'Q'), as a string of them, or, in the workdir of a converted pretrained model
 (`sleep_lm.pretrained.convert`: it holds tokenizer/tokenizer.json), as text through that
-tokenizer; feeds it to a `sleep_lm.stream.Stream` and generates, then prints the tokens (as text
+tokenizer; feeds it to a `sleep_lm.inference.stream.Stream` and generates, then prints the tokens
+(as text
 with a tokenizer) and the timing. User errors print one line and exit with status 2.
-How a stream wakes, sleeps and evicts: `sleep_lm.decoding`, docs/inference.md.
+How a stream wakes, sleeps and evicts: `sleep_lm.inference.decoding`, docs/inference.md.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sleep_lm.decoding import init_state
-from sleep_lm.errors import UserError
-from sleep_lm.memory import check_batch_fits
-from sleep_lm.stream import Stream
+from sleep_lm.common.errors import UserError
+from sleep_lm.common.memory import check_batch_fits
+from sleep_lm.inference.decoding import init_state
+from sleep_lm.inference.stream import Stream
 
 
 def load_run(path: str | Path):
   """The typed run config of a `sleep_lm.train` workdir (a UserError if it is not one)."""
-  from sleep_lm import workdir
-  from sleep_lm.run_config import RunConfig
+  from sleep_lm.training import workdir
+  from sleep_lm.training.run_config import RunConfig
   return RunConfig.checked(workdir.load_config(path))
 
 
@@ -41,8 +42,8 @@ def restore_params(path: str | Path, run, *, step: int | None = None, seed_index
   The checkpoint holds every seed's train state stacked on a leading seed axis; it is restored
   into abstract arrays on one device (no initialisation to compile), then the seed is picked.
   """
-  from sleep_lm.checkpointing import Checkpointer
-  from sleep_lm.training import create_train_states, make_optimizer
+  from sleep_lm.training.checkpointing import Checkpointer
+  from sleep_lm.training.step import create_train_states, make_optimizer
 
   path = Path(path)
   if not 0 <= seed_index < run.seeds:

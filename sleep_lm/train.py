@@ -1,5 +1,5 @@
 r"""Train hybrid models that sleep, from an ml-collections config (the CLI; the loop is
-`sleep_lm.trainer`).
+`sleep_lm.training.trainer`).
 
   python -m sleep_lm.train --config experiments/rule110.py:smoke --workdir /tmp/rule110_smoke
   python -m sleep_lm.train --config experiments/rule110.py:N=4,t=12 --config.seeds=3 \
@@ -36,7 +36,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from sleep_lm import cli
-from sleep_lm.errors import UserError
+from sleep_lm.common.errors import UserError
 
 
 def initialize_distributed(*, distributed: bool, coordinator_address: str | None,
@@ -67,8 +67,8 @@ def main(argv):
   cli.check_platform()
   import jax
 
-  from sleep_lm import trainer
-  from sleep_lm.run_config import RunConfig
+  from sleep_lm.training import trainer
+  from sleep_lm.training.run_config import RunConfig
 
   config = RunConfig.checked(flags.FLAGS.config)
   print(f"process {jax.process_index()} of {jax.process_count()}: "

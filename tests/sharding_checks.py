@@ -22,12 +22,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import rule110
-from sleep_lm import sharding, trainer
-from sleep_lm.checkpointing import Checkpointer
-from sleep_lm.layers import sharded_fast_weight_op
-from sleep_lm.run_config import RunConfig
-from sleep_lm.sleep import static_schedule
-from sleep_lm.training import make_optimizer, make_train_step
+from sleep_lm.model import sharding
+from sleep_lm.model.layers import sharded_fast_weight_op
+from sleep_lm.model.sleep import static_schedule
+from sleep_lm.training import trainer
+from sleep_lm.training.checkpointing import Checkpointer
+from sleep_lm.training.run_config import RunConfig
+from sleep_lm.training.step import make_optimizer, make_train_step
 
 P = PartitionSpec
 SEQ = 48          # two windows of 24: the first sleeps (N = 2 passes), the second is supervised

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from sleep_lm.errors import UserError  # noqa: E402
+from sleep_lm.common.errors import UserError  # noqa: E402
 from sleep_lm.evaluate import evaluate_workdir  # noqa: E402
 from sleep_lm.generate import generate_from_workdir  # noqa: E402
 from sleep_lm.pretrained import Reference, load  # noqa: E402

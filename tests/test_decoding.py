@@ -1,4 +1,5 @@
-"""The decode fast path's structure (sleep_lm.decoding, sleep_lm.layers layouts), on the CPU.
+"""The decode fast path's structure (sleep_lm.inference.decoding, sleep_lm.model.layers layouts),
+on the CPU.
 
 What a GPU profile showed (docs/inference.md): for batch 1, XLA rewrites each vector-matrix
 product as multiply + reduce and fused that reduce into the concatenate of the GDN conv history,
@@ -18,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import LAYOUTS
-from sleep_lm.model import HybridLM, init_params
-from sleep_lm.stream import Stream
+from sleep_lm.inference.stream import Stream
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import HybridLM, init_params
+from sleep_lm.model.layers import LAYOUTS
 
 # Primitives whose inner program is the same computation (inputs map to the caller's values);
 # loops and conditionals start afresh (XLA does not fuse across their boundaries).

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import fig6a_throughput as fig6a
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import Context
-from sleep_lm.model import HybridLM, init_params, window_pass, zero_states
-from sleep_lm.sleep import sleep_forward
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import HybridLM, init_params, window_pass, zero_states
+from sleep_lm.model.layers import Context
+from sleep_lm.model.sleep import sleep_forward
 
 CFG = ModelConfig(vocab_size=11, d_model=32, layers=("attn", "gdn"), attn_head_dim=16,
                   gdn_head_dim=16, mlp_dim=32, window=8, eviction="sliding",

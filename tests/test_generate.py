@@ -1,4 +1,5 @@
-"""Streaming generation (sleep_lm.stream, sleep_lm.decoding) against the training forward,
+"""Streaming generation (sleep_lm.inference.stream, sleep_lm.inference.decoding) against the
+training forward,
 sampling, and the CLI (sleep_lm.generate).
 
 The equivalence tested: a stream's logits for the tokens of window c are those of `sleep_forward`
@@ -22,14 +23,15 @@ import numpy as np
 import pytest
 
 from experiments import rule110 as rule110_config
-from sleep_lm import decoding, generate
-from sleep_lm import stream as stream_lib
-from sleep_lm.config import ModelConfig
-from sleep_lm.decoding import sample
-from sleep_lm.errors import UserError
-from sleep_lm.model import HybridLM, init_params, split_caches
-from sleep_lm.sleep import parallel_forward, sleep_forward
-from sleep_lm.stream import Stream
+from sleep_lm import generate
+from sleep_lm.common.errors import UserError
+from sleep_lm.inference import decoding
+from sleep_lm.inference import stream as stream_lib
+from sleep_lm.inference.decoding import sample
+from sleep_lm.inference.stream import Stream
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import HybridLM, init_params, split_caches
+from sleep_lm.model.sleep import parallel_forward, sleep_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 6            # window
@@ -215,10 +217,10 @@ TINY = {"model.d_model": 32, "model.attn_head_dim": 16, "model.gdn_head_dim": 16
 def workdir(tmp_path_factory):
   """A workdir as `sleep_lm.train` leaves it: config.json and a checkpoint of 2 seeds' states
   (the initial ones: generation does not care whether they were trained)."""
-  from sleep_lm import trainer
-  from sleep_lm import workdir as workdir_lib
-  from sleep_lm.checkpointing import Checkpointer
-  from sleep_lm.run_config import RunConfig
+  from sleep_lm.training import trainer
+  from sleep_lm.training import workdir as workdir_lib
+  from sleep_lm.training.checkpointing import Checkpointer
+  from sleep_lm.training.run_config import RunConfig
 
   config = rule110_config.get_config("smoke")
   for key, value in TINY.items():

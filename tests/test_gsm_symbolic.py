@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from experiments import gsm_symbolic as gsm_config
-from sleep_lm import evaluation
-from sleep_lm.run_config import RunConfig
-from sleep_lm.sleep import static_schedule
+from sleep_lm.model.sleep import static_schedule
 from sleep_lm.tasks import eval_sets, make_task
 from sleep_lm.tasks import gsm_symbolic as gsm
 from sleep_lm.tasks.gsm_symbolic import GsmSymbolicTask
+from sleep_lm.training import evaluation
+from sleep_lm.training.run_config import RunConfig
 
 # The token format, spelled out here rather than imported, so the readers below are independent.
 PAD, ASSIGN, EQ, PLUS, MINUS, DOT, QUESTION, ANSWER, END = range(9)
@@ -385,7 +385,7 @@ def test_trainer_hard_warmup_then_sliding(tmp_path):
   """A sliding run with hard_warmup_steps = 2 trains its first 2 steps exactly as the hard run
   (same init, data and compiled step) and then differently; the task trains and evaluates
   through the real trainer and TFDS eval sets."""
-  from sleep_lm import trainer, workdir
+  from sleep_lm.training import trainer, workdir
 
   def losses(name, **fields):
     lines = []

@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from sleep_lm.config import ModelConfig  # noqa: E402
+from sleep_lm.model.config import ModelConfig  # noqa: E402
+from sleep_lm.model.sleep import static_schedule  # noqa: E402
 from sleep_lm.pretrained import load  # noqa: E402
 from sleep_lm.pretrained.convert import save_tokenizer  # noqa: E402
-from sleep_lm.sleep import static_schedule  # noqa: E402
 from sleep_lm.tasks import gsm_symbolic as gs  # noqa: E402
 from sleep_lm.tasks import make_task  # noqa: E402
 from sleep_lm.tasks.gsm_text import ANSWER_END, GsmText, parse_text  # noqa: E402

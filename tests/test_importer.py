@@ -18,7 +18,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-from sleep_lm.model import HybridLM  # noqa: E402
+from sleep_lm.model.hybrid import HybridLM  # noqa: E402
 from sleep_lm.pretrained import (  # noqa: E402
     Architecture,
     Checkpoint,

@@ -17,13 +17,13 @@ pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
 from experiments.pretrained_gsm import get_config  # noqa: E402
-from sleep_lm import trainer, workdir  # noqa: E402
-from sleep_lm.checkpointing import Checkpointer  # noqa: E402
-from sleep_lm.errors import UserError  # noqa: E402
+from sleep_lm.common.errors import UserError  # noqa: E402
 from sleep_lm.pretrained import Reference, load  # noqa: E402
 from sleep_lm.pretrained.convert import convert  # noqa: E402
-from sleep_lm.run_config import RunConfig  # noqa: E402
-from sleep_lm.training import loss_fn  # noqa: E402
+from sleep_lm.training import trainer, workdir  # noqa: E402
+from sleep_lm.training.checkpointing import Checkpointer  # noqa: E402
+from sleep_lm.training.run_config import RunConfig  # noqa: E402
+from sleep_lm.training.step import loss_fn  # noqa: E402
 from tests.test_pretrained import hf_weights, write_gguf  # noqa: E402
 
 quiet = lambda *_: None
@@ -86,7 +86,7 @@ def test_small_preset_scans_the_layer_groups(converted):
   # L = 1100: the tiny tokenizer's answer region (positions 1983..2054) in one window.
   small = RunConfig.checked(get_config(f"small,stage=1,L=1100,init={gdn}"))
   assert small.model.scan_layers and small.model.layers == ("attn", "gdn", "attn")
-  from sleep_lm import init_from
+  from sleep_lm.training import init_from
   mesh, boxed = trainer.setup(small)
   init_from.check(small, boxed)
   assert not RunConfig.checked(get_config(f"smoke,stage=1,init={gdn}")).model.scan_layers

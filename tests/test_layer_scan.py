@@ -1,5 +1,5 @@
 """`ModelConfig.scan_layers`: each pass runs its repeated groups of layers as `jax.lax.scan`s
-(`sleep_lm.model.layer_groups`), the parameters staying one subtree per layer.
+(`sleep_lm.model.hybrid.layer_groups`), the parameters staying one subtree per layer.
 
 The oracle is the plain layer loop (scan_layers=False, the program every other test checks) on
 the same parameters, in float32, every leaf within relative RMS 1e-5: the sleep scan's loss,
@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import LAYOUTS, AttentionCache
-from sleep_lm.model import (
+from sleep_lm.common.validation import FieldError
+from sleep_lm.inference.stream import Stream
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import (
   HybridLM,
   LayerGroup,
   convert_params,
@@ -45,9 +46,10 @@ from sleep_lm.model import (
   window_pass,
   zero_states,
 )
-from sleep_lm.sleep import sleep_forward
-from sleep_lm.stream import Stream
-from sleep_lm.training import (
+from sleep_lm.model.layers import LAYOUTS, AttentionCache
+from sleep_lm.model.sleep import sleep_forward
+from sleep_lm.model.windows import window_context
+from sleep_lm.training.step import (
   OptimizerConfig,
   TrainState,
   create_train_state,
@@ -56,8 +58,6 @@ from sleep_lm.training import (
   param_labels,
   train_step,
 )
-from sleep_lm.validation import FieldError
-from sleep_lm.windows import window_context
 from tests.test_model_features import make_params
 
 L = 6          # window
@@ -71,7 +71,7 @@ def kinds(pattern: str) -> tuple[str, ...]:
 
 SMOL = kinds("AAAG" * 2 + "AA")
 CASES = {
-    # A retrofit in small: (A G) x 2, the GDN layers without an MLP (as `sleep_lm.retrofit`
+    # A retrofit in small: (A G) x 2, the GDN layers without an MLP (as `sleep_lm.model.retrofit`
     # inserts them), tied head; remat "blocks": every layer checkpointed on its own, in the
     # scan's body too.
     "retrofit_4": dict(layers=kinds("AG" * 2), mlp_layers=(True, False) * 2,
@@ -344,12 +344,12 @@ def test_train_step_with_muon_labels_and_train_layers_equals_the_plain_loop():
 
 def test_imported_pretrained_model_with_inserted_gdn_layers_computes_the_reference():
   """A random Llama-family checkpoint of 6 layers, imported (`sleep_lm.pretrained.importer`)
-  and given GDN layers at 3 and 7 (`sleep_lm.retrofit`: zero output projections, the function
+  and given GDN layers at 3 and 7 (`sleep_lm.model.retrofit`: zero output projections, the function
   unchanged): (A A A G) x 2, one scan, and the NumPy oracle's logits."""
   pytest.importorskip("gguf")
+  from sleep_lm.model.retrofit import insert_gdn_layers
   from sleep_lm.pretrained import Architecture, Checkpoint, Reference, canonical_shapes
   from sleep_lm.pretrained.importer import import_params, model_config
-  from sleep_lm.retrofit import insert_gdn_layers
   arch = Architecture(family="llama", vocab_size=50, d_model=32, layers=6, heads=4, kv_heads=2,
                       head_dim=8, mlp_dim=48, rope_base=10_000.0, norm_eps=1e-5,
                       tied_embeddings=True, qkv_bias=False, context_length=64)

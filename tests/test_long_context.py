@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from experiments import inference_latency, long_context, long_context_chain, plot_long_context
-from sleep_lm import evaluate, evaluation, trainer, workdir
-from sleep_lm.errors import PREEMPTED_STATUS, UserError
-from sleep_lm.run_config import RunConfig
+from sleep_lm import evaluate
+from sleep_lm.common.errors import PREEMPTED_STATUS, UserError
+from sleep_lm.training import evaluation, trainer, workdir
+from sleep_lm.training.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"N1": "hybrid,N=1", "N4": "hybrid,N=4", "attn": "attn"}

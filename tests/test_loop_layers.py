@@ -7,7 +7,8 @@ coda once), keeping each GDN layer's state and (sliding eviction) each attention
 L-1 keys/values from the last time it ran. It shares only the blocks themselves and the window
 masks (`window_context`) with the code under test, not its layer loop, remat or scans.
 
-A stream (`sleep_lm.stream`, `sleep_lm.decoding`) is checked as tests/test_generate.py checks
+A stream (`sleep_lm.inference.stream`, `sleep_lm.inference.decoding`) is checked as
+tests/test_generate.py checks
 the whole stack: its logits for window c are the sleep scan's with windows c.. supervised (the
 windows before c sleep, window c gets the one wake pass a stream's logits come from).
 """
@@ -21,15 +22,15 @@ import numpy as np
 import pytest
 
 from experiments import rule110
-from sleep_lm import decoding
-from sleep_lm import stream as stream_lib
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import TRAIN, AttentionCache, GDNCache
-from sleep_lm.model import HybridLM, init_params, split_caches
-from sleep_lm.run_config import RunConfig
-from sleep_lm.sleep import sleep_forward, static_schedule
-from sleep_lm.validation import FieldError
-from sleep_lm.windows import window_context
+from sleep_lm.common.validation import FieldError
+from sleep_lm.inference import decoding
+from sleep_lm.inference import stream as stream_lib
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import HybridLM, init_params, split_caches
+from sleep_lm.model.layers import TRAIN, AttentionCache, GDNCache
+from sleep_lm.model.sleep import sleep_forward, static_schedule
+from sleep_lm.model.windows import window_context
+from sleep_lm.training.run_config import RunConfig
 from tests.test_generate import stream_logits
 
 L = 6          # window
@@ -213,8 +214,8 @@ def test_from_a_json_list_and_through_the_run_config():
 
 
 def test_retrofit_keeps_the_whole_stack_and_refuses_a_partial_range():
-  from sleep_lm.errors import UserError
-  from sleep_lm.retrofit import inserted_config
+  from sleep_lm.common.errors import UserError
+  from sleep_lm.model.retrofit import inserted_config
   assert inserted_config(config(), (1,)).loop_layers is None
   assert inserted_config(config(loop_layers=(0, 4)), (1,)).loop_layers == (0, 5)
   with pytest.raises(UserError, match=r"config\.model\.loop_layers"):

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import RMSNorm
-from sleep_lm.model import HybridLM, init_params
-from sleep_lm.sleep import sleep_forward
-from sleep_lm.stream import Stream
-from sleep_lm.validation import FieldError
+from sleep_lm.common.validation import FieldError
+from sleep_lm.inference.stream import Stream
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import HybridLM, init_params
+from sleep_lm.model.layers import RMSNorm
+from sleep_lm.model.sleep import sleep_forward
 
 TOL = 1e-5
 

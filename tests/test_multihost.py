@@ -20,8 +20,8 @@ import portpicker
 import pytest
 
 from experiments import rule110 as rule110_config
-from sleep_lm import trainer
-from sleep_lm.run_config import RunConfig
+from sleep_lm.training import trainer
+from sleep_lm.training.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3

@@ -1,4 +1,4 @@
-"""`sleep_lm.muon`: Muon with the Newton-Schulz chain batched over same-shape matrices.
+"""`sleep_lm.training.muon`: Muon with the Newton-Schulz chain batched over same-shape matrices.
 
 The oracle is `optax.contrib.muon` with the same hyperparameters: several steps of updates (and
 the parameters they move), the optimizer state leaf by leaf and its tree (types included: a
@@ -23,10 +23,10 @@ import numpy as np
 import optax
 import pytest
 
-from sleep_lm import muon as batched
-from sleep_lm.checkpointing import Checkpointer
-from sleep_lm.config import ModelConfig
-from sleep_lm.training import OptimizerConfig, TrainState, make_optimizer, param_labels
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.training import muon as batched
+from sleep_lm.training.checkpointing import Checkpointer
+from sleep_lm.training.step import OptimizerConfig, TrainState, make_optimizer, param_labels
 from tests.test_model_features import make_params
 
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 0.15}

@@ -7,8 +7,8 @@ import pytest
 
 from experiments import depo as depo_config
 from experiments import plot_depo, plot_rule110
-from sleep_lm import trainer
-from sleep_lm.run_config import RunConfig
+from sleep_lm.training import trainer
+from sleep_lm.training.run_config import RunConfig
 
 RUNS = Path(__file__).resolve().parents[1] / "docs" / "results_runs"
 
@@ -116,7 +116,7 @@ def test_gsm_figure_draws_every_run_with_its_floors(tmp_path, capsys, monkeypatc
   import json
 
   from experiments import gsm_symbolic, plot_gsm
-  from sleep_lm import workdir
+  from sleep_lm.training import workdir
 
   for i, arg in enumerate(("smoke,N=2", "smoke,sliding,N=2,warmup=20")):
     run = tmp_path / "runs" / f"run{i}"

@@ -8,7 +8,7 @@ import sys
 import time
 
 from experiments import processes
-from sleep_lm.errors import PREEMPTED_STATUS
+from sleep_lm.common.errors import PREEMPTED_STATUS
 
 # Says it is ready, then waits; on SIGTERM exits PREEMPTED_STATUS, like a trainer after its
 # checkpoint.

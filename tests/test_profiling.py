@@ -1,4 +1,5 @@
-"""sleep_lm.profiling on a real (CPU) trace: parsing works, a CPU run has no device events."""
+"""sleep_lm.common.profiling on a real (CPU) trace: parsing works, a CPU run has no device
+events."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sleep_lm import profiling
+from sleep_lm.common import profiling
 
 
 def test_cpu_trace_has_no_device_rows(tmp_path):

@@ -1,4 +1,5 @@
-"""Retrofit (sleep_lm.retrofit): fresh GDN layers inserted into an imported attention stack leave
+"""Retrofit (sleep_lm.model.retrofit): fresh GDN layers inserted into an imported attention stack
+leave
 its function unchanged, and the two-stage recipe's stage 1 trains only them.
 
 The attention stack is a random canonical checkpoint imported through `sleep_lm.pretrained`
@@ -19,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_lm.errors import UserError
-from sleep_lm.model import HybridLM
+from sleep_lm.common.errors import UserError
+from sleep_lm.model.hybrid import HybridLM
+from sleep_lm.model.retrofit import insert_gdn_layers, inserted_config
 from sleep_lm.pretrained.importer import import_params, model_config
-from sleep_lm.retrofit import insert_gdn_layers, inserted_config
-from sleep_lm.training import (
+from sleep_lm.training.step import (
   OptimizerConfig,
   TrainState,
   make_optimizer,

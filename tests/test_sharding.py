@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sleep_lm import sharding
+from sleep_lm.model import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 

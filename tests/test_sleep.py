@@ -7,10 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.model import Context, HybridLM, init_params, window_pass, zero_states
-from sleep_lm.sleep import parallel_forward, sleep_forward, sleep_forward_embedded, sleep_schedule
-from sleep_lm.training import (
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import Context, HybridLM, init_params, window_pass, zero_states
+from sleep_lm.model.sleep import (
+  parallel_forward,
+  sleep_forward,
+  sleep_forward_embedded,
+  sleep_schedule,
+)
+from sleep_lm.training.step import (
   OptimizerConfig,
   create_train_state,
   make_optimizer,
@@ -170,7 +175,7 @@ def test_windows_without_a_retained_prefix_are_causal_not_masked():
   """Hard eviction and "none" (and a first sliding window) pass `causal` and no [T, S] mask, so
   that cuDNN skips the masked blocks; their values equal the masked path's (the two tests
   above compare them with explicit masks). A retained prefix still needs the mask."""
-  from sleep_lm.windows import window_context
+  from sleep_lm.model.windows import window_context
   ctx = window_context(jnp.asarray(L), L, total=T)
   assert ctx.causal and ctx.mask is None
   np.testing.assert_array_equal(ctx.valid, np.arange(L, 2 * L) < T)
@@ -319,7 +324,7 @@ def test_sliding_with_one_token_window_retains_nothing():
     ("hard", False), pytest.param("sliding", True, marks=pytest.mark.slow)])
 def test_static_schedule_equals_traced(eviction, unroll):
   """The schedule known before tracing (no cond) computes the traced one's values and grads."""
-  from sleep_lm.sleep import static_schedule
+  from sleep_lm.model.sleep import static_schedule
   cfg = small_config(passes=2, eviction=eviction, unroll=unroll, layers=("attn", "gdn"))
   params = nn.meta.unbox(init_params(cfg, jax.random.key(4)))
   tokens, mask = tokens_and_mask(11)

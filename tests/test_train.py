@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from experiments import rule110 as rule110_config
-from sleep_lm import evaluate, evaluation, trainer, workdir
-from sleep_lm.checkpointing import Checkpointer
-from sleep_lm.errors import UserError
-from sleep_lm.run_config import RunConfig
+from sleep_lm import evaluate
+from sleep_lm.common.errors import UserError
+from sleep_lm.training import evaluation, trainer, workdir
+from sleep_lm.training.checkpointing import Checkpointer
+from sleep_lm.training.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -107,7 +108,7 @@ def test_seeds_have_their_own_records_and_tensorboard(uninterrupted):
 def test_vmapped_seeds_equal_separate_runs(tmp_path):
   """S models in one vmapped step train exactly as S separate one-seed runs."""
   from sleep_lm.tasks import train_dataset
-  from sleep_lm.training import create_train_states, make_optimizer, make_train_step
+  from sleep_lm.training.step import create_train_states, make_optimizer, make_train_step
   run = tiny_run(tmp_path, seed=3, **{"model.passes": 1})   # vmap's exactness needs no sleep
   optimizer = make_optimizer(run.optimizer)
   schedule = trainer.task_schedule(run)
@@ -519,7 +520,8 @@ def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
 
 
 def test_generate_num_streams_is_bounded_by_memory(uninterrupted):
-  from sleep_lm import generate, memory
+  from sleep_lm import generate
+  from sleep_lm.common import memory
   run = generate.load_run(uninterrupted / "run")
   make = lambda b: generate.init_state(run.model, b)
   per_stream = memory.bytes_per_item(make)

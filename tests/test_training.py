@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.evaluation import answer_accuracy, floors
-from sleep_lm.model import init_params
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import init_params
 from sleep_lm.tasks import make_task
-from sleep_lm.training import OptimizerConfig, make_optimizer, param_labels, param_path
+from sleep_lm.training.evaluation import answer_accuracy, floors
+from sleep_lm.training.step import OptimizerConfig, make_optimizer, param_labels, param_path
 
 
 def test_muon_gets_exactly_the_projection_matrices():

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from sleep_lm.errors import UserError
+from sleep_lm.common.errors import UserError
 
 FAMILIES = ("llama", "qwen2")
 

@@ -8,16 +8,17 @@ restore.
       --max_new_tokens 8
 
 --source: a .gguf file or a Hugging Face folder (`sleep_lm.pretrained.load`). The workdir gets
-  config.json      a run config (`sleep_lm.run_config.RunConfig`): the all-attention model of
+  config.json      a run config (`sleep_lm.training.run_config.RunConfig`): the all-attention model
+  of
                    `importer.model_config`, the task "text" (`sleep_lm.tasks.text`: the
                    checkpoint's vocabulary, no data), one seed, the default optimizer recipe
-  checkpoints/0/   the train state at step 0 (orbax, through `sleep_lm.checkpointing`): the
+  checkpoints/0/   the train state at step 0 (orbax, through `sleep_lm.training.checkpointing`): the
                    imported parameters on the seed axis and a fresh optimizer state
   tokenizer/       tokenizer.json (the `tokenizers` file), tokenizer_config.json (the chat
                    template) and config.json (bos/eos/pad ids), which
                    `sleep_lm.pretrained.tokenizer.from_hf` reads back; `sleep_lm.generate` then
                    takes text prompts and prints text
-With --gdn_layers, fresh GDN layers are inserted (`sleep_lm.retrofit`: no MLP, zero output
+With --gdn_layers, fresh GDN layers are inserted (`sleep_lm.model.retrofit`: no MLP, zero output
 projection, so the function is the pretrained one until trained); --freeze_pretrained writes the
 retrofit's stage 1 into the optimizer config (`train_layers`: only the new layers train).
 The workdir is claimed like a training run's (its lock, its config.json); converting into a
@@ -33,14 +34,15 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from sleep_lm import sharding, workdir
-from sleep_lm.config import ModelConfig
-from sleep_lm.errors import UserError
-from sleep_lm.files import write_atomic
+from sleep_lm.common.errors import UserError
+from sleep_lm.common.files import write_atomic
+from sleep_lm.model import sharding
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.retrofit import insert_gdn_layers
 from sleep_lm.pretrained.checkpoint import Checkpoint
 from sleep_lm.pretrained.importer import import_params, model_config
 from sleep_lm.pretrained.tokenizer import TextTokenizer
-from sleep_lm.retrofit import insert_gdn_layers
+from sleep_lm.training import workdir
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -109,12 +111,12 @@ def convert(source: str | Path, path: str | Path, *, eviction: str = "none",
   `tokenizer`, `source` then only naming it). Returns the workdir's path.
 
   gdn_layers: fresh GDN layers (no MLP, zero output projection: the function unchanged) at
-  these indices of the new stack (`sleep_lm.retrofit`); freeze_pretrained: the run config's
+  these indices of the new stack (`sleep_lm.model.retrofit`); freeze_pretrained: the run config's
   optimizer trains only them (the retrofit's stage 1)."""
-  from sleep_lm import trainer
-  from sleep_lm.checkpointing import Checkpointer
-  from sleep_lm.run_config import RunConfig
-  from sleep_lm.training import make_optimizer
+  from sleep_lm.training import trainer
+  from sleep_lm.training.checkpointing import Checkpointer
+  from sleep_lm.training.run_config import RunConfig
+  from sleep_lm.training.step import make_optimizer
 
   path = Path(path)
   if checkpoint is None:

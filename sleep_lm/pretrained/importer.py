@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from sleep_lm.config import ModelConfig
+from sleep_lm.model.config import ModelConfig
 from sleep_lm.pretrained.checkpoint import Architecture, Checkpoint, CheckpointError, name_list
 
 # canonical name pattern -> sleep_lm parameter path ({i}: the layer index).
@@ -92,7 +92,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Every training-layout parameter of `HybridLM(config)`, path -> shape (nothing computed)."""
   import flax.linen as nn
 
-  from sleep_lm.model import init_params
+  from sleep_lm.model.hybrid import init_params
   tree = jax.eval_shape(lambda: nn.meta.unbox(init_params(config, jax.random.key(0))))
   return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

@@ -8,7 +8,7 @@ A task is a frozen dataclass (its fields are `config.task` minus `name`) that gi
   - `eval_set_names()`, `eval_examples(name, indices)`: the held-out sets (a disjoint stream),
     written once as TFDS array_record files by `sleep_lm.tasks.eval_sets`;
   - `chance(name)`: chance levels of the metrics on an eval set (the majority-answer floor is
-    measured from the set itself by the evaluator, see `sleep_lm.evaluation`);
+    measured from the set itself by the evaluator, see `sleep_lm.training.evaluation`);
   - `set_floors(name, batch)` (optional): more reference levels of the task's own, measured on
     the whole eval set by the evaluator.
 Examples are dicts of NumPy arrays with a leading example axis and the keys `BATCH_KEYS`:
@@ -132,7 +132,7 @@ class Task(abc.ABC):
 
   def layout_mask(self) -> np.ndarray:
     """The loss mask [T] shared by every example: these tasks have a fixed layout, so which
-    windows sleep is known before tracing (`sleep_lm.sleep.static_schedule`)."""
+    windows sleep is known before tracing (`sleep_lm.model.sleep.static_schedule`)."""
     return self.train_examples(0, np.zeros(1, np.uint64))["loss_mask"][0]
 
 

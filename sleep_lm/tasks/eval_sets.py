@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from sleep_lm import files
+from sleep_lm.common import files
 from sleep_lm.tasks.base import BATCH_KEYS, Task, check_int
 
 SPLIT = "eval"
@@ -116,7 +116,8 @@ def eval_source(task: Task, eval_set: str, *, size: int, data_dir: str):
 
 
 def _check_metadata(directory: Path) -> None:
-  """The metadata of a set built before, read through `sleep_lm.files`: a damaged file (a crash
+  """The metadata of a set built before, read through `sleep_lm.common.files`: a damaged file (a
+  crash
   or a full disk while TFDS wrote it) is one line naming it, where TFDS would raise a protobuf
   traceback. The set's records themselves are trusted."""
   path = directory / "dataset_info.json"

@@ -80,7 +80,7 @@ def test_no_import_cycle_between_modules():
 
 def test_limits_written_once():
   from kernels.gated_delta_rule import api
-  from sleep_lm import config
+  from sleep_lm.model import config
   for module in (config, api):
     assert module.CHUNK_SIZES is base.CHUNK_SIZES, module
     assert module.MAX_HEAD_DIM is base.MAX_HEAD_DIM, module

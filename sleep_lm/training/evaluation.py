@@ -26,9 +26,9 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
-from sleep_lm import sharding
-from sleep_lm.config import ModelConfig
-from sleep_lm.sleep import sleep_forward
+from sleep_lm.model import sharding
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.sleep import sleep_forward
 from sleep_lm.tasks import Task, eval_sets
 
 Array = jax.Array

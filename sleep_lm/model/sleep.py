@@ -47,9 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import AttentionCache, Context
-from sleep_lm.model import (
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import (
   HybridLM,
   loop_segments,
   pass_caches,
@@ -57,7 +56,8 @@ from sleep_lm.model import (
   window_pass,
   zero_states,
 )
-from sleep_lm.windows import retain, window_context
+from sleep_lm.model.layers import AttentionCache, Context
+from sleep_lm.model.windows import retain, window_context
 
 Array = jax.Array
 

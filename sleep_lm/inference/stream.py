@@ -1,5 +1,5 @@
 """The host side of streaming inference: `Stream` feeds prompts and generates, sleeping at every
-window boundary, through the jitted functions of `sleep_lm.decoding`.
+window boundary, through the jitted functions of `sleep_lm.inference.decoding`.
 
     stream = Stream(config, params, batch=2)
     logits = stream.feed(prompt)                  # [B,T,V]: prefill, or teacher forcing
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sleep_lm import decoding
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import Layout, layout_named
+from sleep_lm.inference import decoding
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.layers import Layout, layout_named
 
 Array = jax.Array
 
@@ -34,7 +34,8 @@ class Stream:
   """B independent streams of one model, advancing in lockstep.
 
   config, params: the model and its (training-layout, unboxed, one-model) parameters; they are
-    rearranged once into `layout` (`sleep_lm.layers.LAYOUTS`: "rows" by default) on the device.
+    rearranged once into `layout` (`sleep_lm.model.layers.LAYOUTS`: "rows" by default) on the
+    device.
   capacity: the most tokens a stream holds, for eviction "none" (the full-cache baseline).
   loop: "dynamic", one compiled generation loop for any number of tokens, or "fixed", one per
     distinct number (a loop whose trip count is known when compiled).

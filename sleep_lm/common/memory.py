@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from sleep_lm.errors import UserError
+from sleep_lm.common.errors import UserError
 
 UNKNOWN_MEMORY_CAP = 1024
 BUDGET_FRACTION = 0.5

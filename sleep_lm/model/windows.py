@@ -1,6 +1,6 @@
 """Where the tokens of a window sit: attention visibility, the context of a pass over a window,
-and what sliding eviction keeps. Training (`sleep_lm.sleep`) and decoding
-(`sleep_lm.decoding`) build their masks and retain keys here, so both see the same keys.
+and what sliding eviction keeps. Training (`sleep_lm.model.sleep`) and decoding
+(`sleep_lm.inference.decoding`) build their masks and retain keys here, so both see the same keys.
 
 Visibility, by absolute positions (keys at negative positions are empty slots):
   hard eviction (and "none", one window from 0): a query at p sees keys at [window start, p];
@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sleep_lm.layers import AttentionCache, Context
+from sleep_lm.model.layers import AttentionCache, Context
 
 Array = jax.Array
 

@@ -1,4 +1,4 @@
-"""Loss, metrics, optimizer and the jitted train step (no I/O: see `sleep_lm.trainer`).
+"""Loss, metrics, optimizer and the jitted train step (no I/O: see `sleep_lm.training.trainer`).
 
 Several independent models (seeds) train in one program: the train state and the batch carry a
 leading seed axis [S, ...], and the step is `jax.vmap`ped over it (own init, own data, own
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sleep_lm import muon as muon_lib
-from sleep_lm.config import ModelConfig
-from sleep_lm.sleep import sleep_forward
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.sleep import sleep_forward
+from sleep_lm.training import muon as muon_lib
 
 Array = jax.Array
 # Muon updates the hidden layers' projection matrices and nothing else (paper: "Muon for 2-D
@@ -53,7 +53,7 @@ class OptimizerConfig:
   muon_nesterov: bool = True
   # Layers whose parameters train (indices into ModelConfig.layers); every other parameter
   # (other layers, embedding, head, final norm) is frozen. None: all train. The retrofit's
-  # stage 1 trains only the inserted layers (sleep_lm.retrofit).
+  # stage 1 trains only the inserted layers (sleep_lm.model.retrofit).
   train_layers: tuple[int, ...] | None = None
 
   def __post_init__(self):
@@ -146,7 +146,8 @@ def make_optimizer(cfg: OptimizerConfig, *,
   norm nor anywhere else) and their updates are zero (`optax.set_to_zero`: no optimizer state
   either, and no weight decay); the optimizer state's structure then differs from the default's.
 
-  Muon is `sleep_lm.muon.muon`: `optax.contrib.muon` with one Newton-Schulz chain per group of
+  Muon is `sleep_lm.training.muon.muon`: `optax.contrib.muon` with one Newton-Schulz chain per
+  group of
   same-shape matrices instead of one per matrix (same values, same state tree; a smaller program
   that compiles faster). `batched_muon=False`: `optax.contrib.muon` itself (the tests' oracle)."""
   muon_fn = muon_lib.muon if batched_muon else optax.contrib.muon
@@ -177,7 +178,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 def create_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                        rng: Array) -> TrainState:
-  from sleep_lm.model import init_params  # local: keeps this module light for tools
+  from sleep_lm.model.hybrid import init_params  # local: keeps this module light for tools
   params = nn.meta.unbox(init_params(model_cfg, rng))
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
@@ -225,7 +226,8 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
                     rules=None, **jit_kw):
   """Jitted (state, batch) -> (state, metrics) over a leading seed axis [S, ...] of both.
 
-  `rules` (`sleep_lm.sharding`) are entered while tracing, so the activation constraints and the
+  `rules` (`sleep_lm.model.sharding`) are entered while tracing, so the activation constraints and
+  the
   sharded fast-weight op follow them; call the step under `jax.set_mesh(mesh)`. `jit_kw` goes to
   `jax.jit` (the trainer pins in_shardings and out_shardings: the state keeps its layout from
   step to step, and its donated buffers are reused).

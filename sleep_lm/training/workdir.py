@@ -3,10 +3,11 @@
   <workdir>/train.lock      held (flock) by the training run writing the workdir: its pid, host
   <workdir>/config.json     the config of the run; a different config is refused
   <workdir>/metrics.jsonl   one strict-JSON object per line (non-finite numbers as null)
-  <workdir>/tensorboard/    event files (`sleep_lm.tensorboard`), one folder per seed
-  <workdir>/checkpoints/    orbax (`sleep_lm.checkpointing`)
+  <workdir>/tensorboard/    event files (`sleep_lm.training.tensorboard`), one folder per seed
+  <workdir>/checkpoints/    orbax (`sleep_lm.training.checkpointing`)
 
-Every file is read back through `sleep_lm.files`: a damaged one is a one-line error naming it.
+Every file is read back through `sleep_lm.common.files`: a damaged one is a one-line error naming
+it.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 
 import ml_collections
 
-from sleep_lm import files
-from sleep_lm.errors import UserError
-from sleep_lm.files import write_atomic
-from sleep_lm.sharding import DEFAULT_RULES
+from sleep_lm.common import files
+from sleep_lm.common.errors import UserError
+from sleep_lm.common.files import write_atomic
+from sleep_lm.model.sharding import DEFAULT_RULES
 
 LOCK_NAME = "train.lock"
 # Top-level fields every config.json holds (older ones may lack sharding_rules: _upgrade_legacy).

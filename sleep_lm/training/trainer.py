@@ -1,12 +1,13 @@
 """The training loop: S models (seeds) at once, checkpoints, evaluation, metrics.
 
 `train(run, workdir)` trains (or continues) the run in `workdir`. Everything a run needs to
-continue is in the workdir (`sleep_lm.workdir`); repeating the command after a crash or a kill
+continue is in the workdir (`sleep_lm.training.workdir`); repeating the command after a crash or a
+kill
 continues from the newest readable checkpoint and reproduces the uninterrupted run: every batch
 is a pure function of the step (`sleep_lm.tasks.train_dataset`), and the train metrics pending
 since the last log line travel in the checkpoint.
 
-Guards: one training run per workdir (`sleep_lm.workdir.Lock`, taken by process 0 before
+Guards: one training run per workdir (`sleep_lm.training.workdir.Lock`, taken by process 0 before
 anything is written); a non-finite loss or gradient norm stops the run with a `TrainingDiverged`
 naming the first bad step and seed, and that state is never saved (with `config.skip_nonfinite`
 such steps are skipped instead: the state stays as it was); a checkpoint that cannot be written
@@ -30,14 +31,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sleep_lm import evaluation, init_from, sharding, workdir
-from sleep_lm.checkpointing import Checkpointer
-from sleep_lm.errors import Preempted, UserError
-from sleep_lm.run_config import RunConfig
-from sleep_lm.sleep import static_schedule
+from sleep_lm.common.errors import Preempted, UserError
+from sleep_lm.model import sharding
+from sleep_lm.model.sleep import static_schedule
 from sleep_lm.tasks import train_dataset
-from sleep_lm.tensorboard import ScalarWriter
-from sleep_lm.training import create_train_states, make_optimizer, make_train_step
+from sleep_lm.training import evaluation, init_from, workdir
+from sleep_lm.training.checkpointing import Checkpointer
+from sleep_lm.training.run_config import RunConfig
+from sleep_lm.training.step import create_train_states, make_optimizer, make_train_step
+from sleep_lm.training.tensorboard import ScalarWriter
 
 
 class TrainingDiverged(UserError):
@@ -58,7 +60,7 @@ def setup(run: RunConfig, devices=None):
   """The mesh and the abstract parameters, checked against each other; no side effects.
 
   `devices`: the mesh's devices (default: every device of every process)."""
-  from sleep_lm.model import init_params
+  from sleep_lm.model.hybrid import init_params
   mesh = sharding.make_mesh(run.mesh, devices)
   boxed = jax.eval_shape(lambda: init_params(run.model, jax.random.key(0)))
   sharding.check_divisible(run.batch_size, mesh, boxed, run.sharding_rules)
@@ -70,7 +72,7 @@ def setup(run: RunConfig, devices=None):
 def state_shardings(run: RunConfig, mesh, boxed, optimizer):
   """NamedShardings of the stacked train state: parameters by their logical names and the rules,
   optimizer state like the parameter it belongs to, the step replicated; seeds replicated."""
-  from sleep_lm.training import TrainState
+  from sleep_lm.training.step import TrainState
   param_sh = sharding.param_shardings(boxed, mesh, run.sharding_rules)
   params = nn.meta.unbox(boxed)
   opt_sh = sharding.opt_state_shardings(jax.eval_shape(optimizer.init, params), params,
@@ -99,7 +101,7 @@ def state_from_params(run: RunConfig, mesh, boxed, optimizer, params):
   every seed, or of run.seeds) with a fresh optimizer state, made in place in the run's
   shardings by one jitted program: no random initialisation, whose compilation for an imported
   34-layer stack took 8 minutes on an H200 (2026-12-04)."""
-  from sleep_lm.training import TrainState
+  from sleep_lm.training.step import TrainState
   shardings = state_shardings(run, mesh, boxed, optimizer)
 
   def fresh(params):

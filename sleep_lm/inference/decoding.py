@@ -1,5 +1,5 @@
 """Decoding as pure functions of a batch of streams: state, wake, sleep, prefill, sampling, and
-the on-device generation loop. No host state: `sleep_lm.stream.Stream` drives these.
+the on-device generation loop. No host state: `sleep_lm.inference.stream.Stream` drives these.
 
 What a stream does (the paper's inference, "Sleep, precisely"):
   - wake: tokens arrive one by one (or a chunk at a time); each goes through one pass of the
@@ -8,14 +8,14 @@ What a stream does (the paper's inference, "Sleep, precisely"):
     step on its state S. The logits of a token come from this wake pass (pass 1).
   - sleep: when the window of L tokens is full, N-1 more passes run over it (the wake pass counts
     as pass 1), each feeding its output features into the next and updating S, exactly as a
-    consolidation window in training (`sleep_lm.model.window_pass`). The wake pass's features
+    consolidation window in training (`sleep_lm.model.hybrid.window_pass`). The wake pass's features
     are kept in a buffer [B,L,D] while the window fills.
   - a looped block range (`ModelConfig.loop_layers` = (a, b) smaller than the stack, N > 1): the
     wake pass still runs every layer once (the logits come from there), but the buffer keeps the
     range's output (layer b - 1's), and the state keeps the GDN states of the coda (layers
     [b, len(layers))) as they were at the window's start. The sleep replays the range N-1 times
     over the buffer, then restores those states and runs the coda once over the range's final
-    output, as a window that sleeps in training does (`sleep_lm.sleep`); the prelude (layers
+    output, as a window that sleeps in training does (`sleep_lm.model.sleep`); the prelude (layers
     [0, a)) ran once in the wake pass, as in training.
   - evict: hard eviction drops the window's keys/values (nothing to do: the attention mask is
     made from positions, so stale slots are never read); sliding eviction keeps the final pass's
@@ -28,10 +28,10 @@ Cache layout per attention layer: keys and values [B, C, H, K] with C = L (hard)
 slots [0, L-1) the retained prefix of the previous window, slots [L-1, 2L-1) the window) or the
 capacity (eviction "none": the full-cache attention baseline, which never sleeps). Slot j of a
 window starting at position s holds key position s - retained + j; masks come from those
-positions (`sleep_lm.windows.visible`). No shape depends on the position, so one compiled step
+positions (`sleep_lm.model.windows.visible`). No shape depends on the position, so one compiled step
 serves any context length. The B streams of a batch advance in lockstep (same position).
 
-Parameters are in a decode layout (`sleep_lm.layers.Layout`, `prepare_params`): the functions
+Parameters are in a decode layout (`sleep_lm.model.layers.Layout`, `prepare_params`): the functions
 take the layout as a static argument.
 """
 
@@ -44,9 +44,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import AttentionCache, Context, GDNCache, Layout
-from sleep_lm.model import (
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.hybrid import (
   HybridLM,
   attn_in_span,
   convert_params,
@@ -57,7 +56,8 @@ from sleep_lm.model import (
   window_pass,
   zero_states,
 )
-from sleep_lm.windows import retain, visible, window_context
+from sleep_lm.model.layers import AttentionCache, Context, GDNCache, Layout
+from sleep_lm.model.windows import retain, visible, window_context
 
 Array = jax.Array
 

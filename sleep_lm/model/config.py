@@ -1,6 +1,7 @@
 """Model configuration: one frozen dataclass, checked on construction.
 
-Every field that can be wrong raises a ValueError (`sleep_lm.validation.FieldError`) that names the
+Every field that can be wrong raises a ValueError (`sleep_lm.common.validation.FieldError`) that
+names the
 field and the allowed values, so a typo in an ml-collections override fails at start-up rather than
 deep inside a jitted scan. `RunConfig` reports it at the field's config path (config.model.<field>).
 """
@@ -16,7 +17,7 @@ import jax
 
 from kernels import available_implementations
 from kernels.gated_delta_rule.base import CHUNK_SIZES, MAX_HEAD_DIM
-from sleep_lm.validation import FieldError, check_int, unknown_fields
+from sleep_lm.common.validation import FieldError, check_int, unknown_fields
 
 BLOCK_TYPES = ("attn", "gdn")
 RULES = ("gdn", "gated_linear")
@@ -70,7 +71,8 @@ class ModelConfig:
       feeding its output to the next (the first is the range's wake pass), then [b, len(layers))
       once (the coda) on the range's final output; a window that does not sleep runs every layer
       once. None: the whole stack (a = 0, b = len(layers)). Decoding streams compute the same
-      (`sleep_lm.decoding`: the sleep re-runs the coda from its states at the window's start).
+      (`sleep_lm.inference.decoding`: the sleep re-runs the coda from its states at the window's
+      start).
     kernel_implementation: name passed to `kernels.gated_delta_rule(implementation=...)`, or
       None for the backend's best.
     chunk_size: largest chunk for the chunked op; shorter windows use the smallest allowed
@@ -79,7 +81,8 @@ class ModelConfig:
     unroll: unroll the window and pass scans of a static schedule into straight-line code (no
       loop carries or stacked residuals to copy; longer compiles).
     scan_layers: run the layers of a pass as `jax.lax.scan`s over maximal runs of a repeated
-      group of layers (`sleep_lm.model.layer_groups`: SmolLM2 + 4 GDN layers, (A*7 G) x 4 + AA,
+      group of layers (`sleep_lm.model.hybrid.layer_groups`: SmolLM2 + 4 GDN layers, (A*7 G) x 4 +
+      AA,
       is one scan of 4 repetitions of the 8-layer group and 2 single layers; (A G) x 8 a scan of
       8 repetitions of 2), so that the program holds each group once rather than every layer:
       shorter compiles, same values. The parameters stay one subtree per layer (checkpoints,

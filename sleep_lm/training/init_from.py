@@ -29,9 +29,9 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 
-from sleep_lm import workdir
-from sleep_lm.errors import UserError
-from sleep_lm.training import param_path
+from sleep_lm.common.errors import UserError
+from sleep_lm.training import workdir
+from sleep_lm.training.step import param_path
 
 FIELD = "config.init_from"
 
@@ -43,7 +43,7 @@ def _shapes(tree) -> dict[str, tuple]:
 
 def source_run(run):
   """The RunConfig the source workdir was written with."""
-  from sleep_lm.run_config import RunConfig
+  from sleep_lm.training.run_config import RunConfig
   src = Path(run.init_from)
   try:
     config = workdir.load_config(src)
@@ -55,7 +55,7 @@ def source_run(run):
 
 def check(run, boxed) -> None:
   """Refuses (a `UserError` naming config.init_from) a source that cannot start this run."""
-  from sleep_lm.model import init_params
+  from sleep_lm.model.hybrid import init_params
   if not run.init_from:
     return
   source = source_run(run)
@@ -81,9 +81,9 @@ def check(run, boxed) -> None:
 def start_state(run, mesh, boxed, optimizer, *, log=print):
   """This run's train state at step 0: the source's parameters and a fresh optimizer state for
   them (`check` first), made in place in the run's shardings (no random initialisation)."""
-  from sleep_lm import trainer
-  from sleep_lm.checkpointing import Checkpointer
-  from sleep_lm.model import init_params
+  from sleep_lm.model.hybrid import init_params
+  from sleep_lm.training import trainer
+  from sleep_lm.training.checkpointing import Checkpointer
   check(run, boxed)
   source = source_run(run)
   src_boxed = jax.eval_shape(lambda: init_params(source.model, jax.random.key(0)))

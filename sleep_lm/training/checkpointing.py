@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from sleep_lm.errors import UserError
+from sleep_lm.common.errors import UserError
 
 # orbax writes step S into "S.orbax-checkpoint-tmp" (older versions: "...-tmp-<time>") and
 # renames it to "S" when complete (orbax/checkpoint/_src/path/atomicity_types.py).
@@ -59,7 +59,7 @@ class Checkpointer:
   """An orbax CheckpointManager over <workdir>/checkpoints keeping the newest `keep` steps.
 
   `clean`: remove the temporary folders of unfinished saves now (only the workdir's one writer,
-  holding its lock, may: see `sleep_lm.workdir.Lock`)."""
+  holding its lock, may: see `sleep_lm.training.workdir.Lock`)."""
 
   def __init__(self, directory: str | Path, *, keep: int = 2, read_only: bool = False,
                clean: bool = False):

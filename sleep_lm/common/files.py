@@ -4,7 +4,7 @@ config.json, metrics.jsonl, the workdir's lock file and the metadata of the eval
 read here, so that a damaged file (empty, cut short, not JSON, not an object, missing a field the
 reader needs, unreadable) ends in one line that names the file, says what is wrong with it and,
 where there is one, how to fix it: a `DamagedFile`, a `UserError`. Checkpoints are orbax's
-(`sleep_lm.checkpointing` falls back past a damaged one).
+(`sleep_lm.training.checkpointing` falls back past a damaged one).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sleep_lm.errors import UserError
+from sleep_lm.common.errors import UserError
 
 
 class DamagedFile(UserError):

@@ -2,7 +2,7 @@
 
 `RunConfig.from_config(config)` checks every field a run depends on and raises a ValueError that
 names the field by its full config path (config.model.passes, config.task.t) and the allowed keys
-or values (`sleep_lm.validation`); `trainer.setup` then checks what depends on the machine
+or values (`sleep_lm.common.validation`); `trainer.setup` then checks what depends on the machine
 (mesh sizes against the devices, batch sizes and weights against the mesh). Both run before a
 workdir is claimed, so a bad launch leaves nothing behind.
 """
@@ -15,11 +15,12 @@ from typing import Any
 
 import ml_collections
 
-from sleep_lm import sharding, validation
-from sleep_lm.config import ModelConfig
-from sleep_lm.errors import UserError
+from sleep_lm.common import validation
+from sleep_lm.common.errors import UserError
+from sleep_lm.model import sharding
+from sleep_lm.model.config import ModelConfig
 from sleep_lm.tasks import TASKS, Task, make_task
-from sleep_lm.training import OptimizerConfig
+from sleep_lm.training.step import OptimizerConfig
 
 # Top-level fields of an experiment config (`experiments/*.py`).
 _RUN_FIELDS = ("name", "seed", "seeds", "task", "model", "optimizer", "batch_size", "steps",
@@ -79,11 +80,11 @@ class RunConfig:
   tensorboard: bool
   config: ml_collections.ConfigDict = dataclasses.field(repr=False, compare=False)
   # Sliding-window runs: train the first steps with eviction="hard" (same parameters, same
-  # window), then with model.eviction; 0: no warm-up (`sleep_lm.trainer`).
+  # window), then with model.eviction; 0: no warm-up (`sleep_lm.training.trainer`).
   hard_warmup_steps: int = 0
   # A workdir (a converted checkpoint, or a finished stage of a run) whose newest checkpoint's
   # parameters start this run, with a fresh optimizer state; "": a fresh init
-  # (`sleep_lm.init_from`).
+  # (`sleep_lm.training.init_from`).
   init_from: str = ""
 
   @property

@@ -36,7 +36,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Every logical axis name used by the model (`sleep_lm.layers`, `sleep_lm.model`) and what it is.
+# Every logical axis name used by the model (`sleep_lm.model.layers`, `sleep_lm.model.hybrid`) and
+# what it is.
 LOGICAL_AXES = {
     "batch": "examples of a batch (inputs, activations, fast-weight states)",
     "activation_length": "tokens of an activation [B,T,D]",

@@ -1,12 +1,13 @@
 """The hybrid language model: embedding, one pass of the layer stack, output head.
 
-`HybridLM` is a linen module whose methods are the stages that the sleep scan (`sleep_lm.sleep`)
-and the decoder (`sleep_lm.decoding`) compose: `embed`, `run_pass` (every layer's `Block` over
-the tokens of one call, per-layer caches in and out) and `logits`. Each is a pure function of the
+`HybridLM` is a linen module whose methods are the stages that the sleep scan
+(`sleep_lm.model.sleep`) and the decoder (`sleep_lm.inference.decoding`) compose: `embed`,
+`run_pass` (every layer's `Block` over the tokens of one call, per-layer caches in and out) and
+`logits`. Each is a pure function of the
 parameters and its inputs, so the scans call them through `model.apply(..., method=...)`.
 
 `run_pass` is the one layer loop: a training pass over a window, a replay (sleep) pass, prefill,
-and a decode step differ only in their `Context` and caches (`sleep_lm.layers`). With
+and a decode step differ only in their `Context` and caches (`sleep_lm.model.layers`). With
 `ModelConfig.scan_layers` it runs each maximal run of a repeated group of layers as a
 `jax.lax.scan` over the group's repetitions (`layer_groups`), the parameters staying one subtree
 per layer.
@@ -21,8 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.layers import (
+from sleep_lm.model.config import ModelConfig
+from sleep_lm.model.layers import (
   TRAIN,
   Attention,
   AttentionCache,
@@ -37,7 +38,7 @@ from sleep_lm.layers import (
   SwiGLU,
   convert_module_params,
 )
-from sleep_lm.sharding import ACTIVATION
+from sleep_lm.model.sharding import ACTIVATION
 
 Array = jax.Array
 
@@ -235,7 +236,8 @@ class HybridLM(nn.Module):
       raise ValueError(f"run_pass: needs one cache per layer ({len(self.blocks)}), got "
                        f"{len(caches)}")
     start, stop = (0, len(self.blocks)) if span is None else span
-    h = nn.with_logical_constraint(h, ACTIVATION)     # block boundaries: see sleep_lm.sharding
+    # block boundaries: see sleep_lm.model.sharding
+    h = nn.with_logical_constraint(h, ACTIVATION)
     new = list(caches)
     if self.config.scan_layers and not self.is_initializing():
       params = nn.meta.unbox(self.variables["params"])

@@ -9,7 +9,7 @@ returns `(h, new_cache)`; `Context` says where the tokens sit, the typed cache (
 `GDNCache`) what the mixer carries between calls.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) from this set, which
-`sleep_lm.sharding` maps to mesh axes:
+`sleep_lm.model.sharding` maps to mesh axes:
   "vocab", "embed" (d_model), "mlp" (F), "heads" (H * head dim, flattened), "head_dim" (per-head
   norm gains), "gdn_heads" (one scalar per GDN head), "conv" (conv taps).
 Activations at block boundaries carry ("batch", "activation_length", "activation_embed").
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 
 import kernels
 import kernels.gemv
-from sleep_lm import sharding
-from sleep_lm.config import ModelConfig
+from sleep_lm.model import sharding
+from sleep_lm.model.config import ModelConfig
 
 P = nn.with_logical_partitioning
 Array = jax.Array

@@ -14,7 +14,7 @@ the new layer is behind it); after the first update the rest follow.
 The old layers keep their parameters, renamed to their new indices (`layer_{i}_...` ->
 `layer_{j}_...`). The two-stage recipe trains the new layers first, then everything:
 `OptimizerConfig.train_layers` (stage 1: the new layers' indices, i.e. `positions`; stage 2:
-None) freezes every other parameter (`sleep_lm.training.param_labels`).
+None) freezes every other parameter (`sleep_lm.training.step.param_labels`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sleep_lm.config import ModelConfig
-from sleep_lm.errors import UserError
+from sleep_lm.common.errors import UserError
+from sleep_lm.model.config import ModelConfig
 
 _LAYER = re.compile(r"layer_(\d+)_(.+)")
 
@@ -67,7 +67,7 @@ def insert_gdn_layers(config: ModelConfig, params, positions: Sequence[int], rng
                       ) -> tuple[ModelConfig, dict]:
   """(new config, new parameters): `params` (training layout, one model, unboxed) with fresh
   GDN layers at `positions` whose output projections are zero."""
-  from sleep_lm.model import init_params
+  from sleep_lm.model.hybrid import init_params
   new_cfg = inserted_config(config, positions)
   fresh = jax.jit(lambda key: nn.meta.unbox(init_params(new_cfg, key)))(rng)
   where = dict(enumerate(old_layer_indices(config, positions)))

@@ -1,0 +1,1 @@
+"""Inference: decoding as pure functions and the host-side stream."""
