@@ -359,15 +359,15 @@ def test_task_interface_sets_and_ids():
     (dict(full_share="0.5"), "full_share"),
 ])
 def test_bad_task_args(kwargs, field):
-  with pytest.raises(ValueError, match=f"^{field} must|^{field}="):
+  with pytest.raises(ValueError, match=f"^{field}: "):
     DepoTask(**kwargs)
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"node_law": "zipf"}, r"config.task.node_law must be one of \('original', 'uniform'\)"),
-    ({"full_share": -0.1}, r"config.task.full_share must be a number in \[0, 1\]"),
-    ({"hop_law": "x"}, r"config.task.hop_law must be one of \('uniform', 'harmonic'\)"),
-    ({"wrap": "yes"}, "config.task.wrap must be True or False"),
+    ({"node_law": "zipf"}, r"config.task.node_law: must be one of \('original', 'uniform'\)"),
+    ({"full_share": -0.1}, r"config.task.full_share: must be a number in \[0, 1\]"),
+    ({"hop_law": "x"}, r"config.task.hop_law: must be one of \('uniform', 'harmonic'\)"),
+    ({"wrap": "yes"}, "config.task.wrap: must be True or False"),
     ({"train_num_nodes": None}, "config.task.train_num_nodes: this config is of the old Depo"),
     ({"hops": 2}, r"config.task: unknown field\(s\) \['hops'\]"),
 ])

@@ -466,11 +466,11 @@ def test_curriculum_stages_by_example_index():
 
 
 @pytest.mark.parametrize("stages, match", [
-    ([[64, 17, 40]], r"curriculum\[0\]"),
-    ([[64, 17, 40, 2], [64, 40, 80, 2]], r"curriculum\[1\]: until"),
-    ([[64, 17, 200, 2]], r"curriculum\[0\]: max_len"),
-    ([[64, 17, 40, 5]], r"curriculum\[0\]: max_op"),
-    ([[64, 10, 40, 2]], r"curriculum\[0\]: min_len"),       # shorter than an op-2 core
+    ([[64, 17, 40]], r"config\.task\.curriculum\[0\]: must be \(until, "),
+    ([[64, 17, 40, 2], [64, 40, 80, 2]], r"curriculum\[1\]\.until: must be an integer >= 65"),
+    ([[64, 17, 200, 2]], r"curriculum\[0\]\.max_len: "),
+    ([[64, 17, 40, 5]], r"curriculum\[0\]\.max_op: "),
+    ([[64, 10, 40, 2]], r"curriculum\[0\]\.min_len: "),       # shorter than an op-2 core
     ("abc", "config.task.curriculum"),
 ])
 def test_bad_curriculum_names_the_stage(stages, match):

@@ -119,13 +119,13 @@ def test_floors_on_the_decoded_text(tokenizer_dir):
 
 
 def test_errors_name_the_field(tokenizer_dir, tmp_path):
-  with pytest.raises(ValueError, match="tokenizer must name"):
+  with pytest.raises(ValueError, match="config.task.tokenizer: must name"):
     make(tmp_path)
-  with pytest.raises(ValueError, match="vocab_size must be >= 269"):
+  with pytest.raises(ValueError, match="config.task.vocab_size: must be an integer >= 269"):
     make(tokenizer_dir, vocab_size=100)
-  with pytest.raises(ValueError, match="min_len must be >="):
+  with pytest.raises(ValueError, match="config.task.min_len: must be an integer >="):
     make(tokenizer_dir, min_len=50)
-  with pytest.raises(ValueError, match="eval_ops must be >= 1 and <= 4"):
+  with pytest.raises(ValueError, match=r"config.task.eval_ops: must be an integer in \[1, 4\]"):
     make(tokenizer_dir, eval_ops=(8,))
   with pytest.raises(ValueError, match="not a rendered problem"):
     parse_text("assign V000001 = 3.")

@@ -208,7 +208,7 @@ def test_bad_call_args():
     task.example(-1)
   with pytest.raises(ValueError, match="indices"):
     task.batch(np.array([1, -2]))
-  with pytest.raises(ValueError, match="^t must"):
+  with pytest.raises(ValueError, match="^t: must be an integer >= 0"):
     evolve(np.zeros(24, bool), -1)
   with pytest.raises(ValueError, match="states"):
     rule110_step(np.zeros(24, np.int32))
@@ -227,7 +227,7 @@ def test_bad_call_args():
     next(eval_sets.eval_batches([], 0))
   with pytest.raises(ValueError, match=r"config.task: unknown field\(s\) \['T'\]"):
     make_task({"name": "rule110", "T": 5})
-  with pytest.raises(ValueError, match="config.task.name must be one of"):
+  with pytest.raises(ValueError, match="config.task.name: must be one of"):
     make_task({"name": "rule30"})
 
 

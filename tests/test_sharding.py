@@ -71,11 +71,13 @@ def test_scanned_layers_on_8_devices():
 
 
 @pytest.mark.parametrize("mesh, devices, message", [
-    ({"data": -1, "model": 2}, 8, r"unknown axis\(es\) \['model'\] \('model' is now 'tensor'\)"),
+    ({"data": -1, "model": 2}, 8,
+     r"^config\.mesh: unknown field\(s\) \['model'\] for the mesh \('model' is now 'tensor'\); "
+     r"allowed: \['data', 'fsdp', 'tensor'\]$"),
     ({"data": 3}, 8, r"data x fsdp x tensor = 3 must equal the number of devices \(8\)"),
     ({"data": -1, "fsdp": -1}, 8, "at most one axis may be -1"),
     ({"data": -1, "tensor": 3}, 8, r"fixed axes \(3 devices\) must divide the 8 devices"),
-    ({"data": 0}, 8, r"config.mesh.data must be an integer >= 1 or -1"),
+    ({"data": 0}, 8, r"^config\.mesh\.data: must be an integer >= 1 or -1"),
 ])
 def test_bad_mesh_is_refused_by_name(mesh, devices, message):
   with pytest.raises(ValueError, match=message):

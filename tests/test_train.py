@@ -194,7 +194,7 @@ def test_workdir_with_another_config_is_refused(uninterrupted):
     ("optimizer.muon_lr", float("nan"), r"^config\.optimizer\.muon_lr"),
     ("optimizer.train_layers", (0, 9), r"^config\.optimizer\.train_layers: layer indices must "
      r"be < the model's"),
-    ("task.t", -1, r"^config\.task\.t: must be >= 0, got -1$"),
+    ("task.t", -1, r"^config\.task\.t: must be an integer >= 0, got -1$"),
     ("task.foo", 1, r"^config\.task: unknown field\(s\) \['foo'\] .*; allowed: \['seed', 't'\]$"),
     ("model.foo", 1, r"^config\.model: unknown field\(s\) \['foo'\]; allowed: \['attention_"),
 ])
@@ -510,7 +510,7 @@ def test_evaluate_task_overrides_are_checked_by_name(uninterrupted):
       ({"t": 2.5}, r"^--task: config\.task\.t: must be an integer, got 2\.5$"),
       ({"T": "3"}, r"^--task: config\.task: unknown field\(s\) \['T'\]; allowed: "
                    r"\['seed', 't'\]$"),
-      ({"t": "-1"}, r"^config\.task\.t: must be >= 0, got -1$"),
+      ({"t": "-1"}, r"^config\.task\.t: must be an integer >= 0, got -1$"),
   ]:
     with pytest.raises(UserError, match=message):
       evaluate.evaluate_workdir(run, task_overrides=overrides)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sleep_lm.common.validation import FieldError
 from sleep_lm.model.config import ModelConfig
 from sleep_lm.model.hybrid import init_params
 from sleep_lm.tasks import make_task
@@ -78,6 +79,11 @@ def test_optimizer_config_defaults_and_errors():
                        ("gate_lr", "1e-3")):
     with pytest.raises(ValueError, match=f"OptimizerConfig.{field}"):
       OptimizerConfig(total_steps=10, warmup_steps=2, **{field: value})
+  # From a config section: unknown keys refused by name, errors named at the section's path.
+  with pytest.raises(FieldError, match=r"^OptimizerConfig: unknown field\(s\) \['b3'\]; allowed"):
+    OptimizerConfig.from_mapping({"total_steps": 10, "b3": 0.9})
+  with pytest.raises(FieldError, match=r"^config\.optimizer\.b1: must be in \[0, 1\), got 1\.0$"):
+    OptimizerConfig.from_mapping({"total_steps": 200, "b1": 1.0}, path="config.optimizer")
 
 
 def test_floors_of_a_hand_made_set():

@@ -1,15 +1,14 @@
 """Model configuration: one frozen dataclass, checked on construction.
 
-Every field that can be wrong raises a ValueError (`sleep_lm.common.validation.FieldError`) that
-names the
-field and the allowed values, so a typo in an ml-collections override fails at start-up rather than
-deep inside a jitted scan. `RunConfig` reports it at the field's config path (config.model.<field>).
+Every field that can be wrong raises a `sleep_lm.common.validation.FieldError` (a ValueError) that
+names the field ("ModelConfig.<field>") and the allowed values, so a typo in an ml-collections
+override fails at start-up rather than deep inside a jitted scan. `RunConfig` builds it with
+`from_mapping(..., path="config.model")`, which names the field at its config path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +16,8 @@ import jax
 
 from kernels import available_implementations
 from kernels.gated_delta_rule.base import CHUNK_SIZES, MAX_HEAD_DIM
-from sleep_lm.common.validation import FieldError, check_int, unknown_fields
+from sleep_lm.common import validation
+from sleep_lm.common.validation import check_bool, check_choice, check_int, expect, is_int
 
 BLOCK_TYPES = ("attn", "gdn")
 RULES = ("gdn", "gated_linear")
@@ -125,79 +125,67 @@ class ModelConfig:
     if isinstance(self.loop_layers, list):     # from config.json
       object.__setattr__(self, "loop_layers", tuple(self.loop_layers))
 
-    def expect(cond, field, message):
-      if not cond:
-        raise FieldError(f"ModelConfig.{field}", message)
-
     for field in ("vocab_size", "d_model", "attn_head_dim", "gdn_head_dim", "conv_kernel"):
       check_int(f"ModelConfig.{field}", getattr(self, field), minimum=1)
-    expect(isinstance(self.window, int) and self.window >= 1, "window",
+    expect(is_int(self.window) and self.window >= 1, "ModelConfig.window",
            f"L must be an integer >= 1, got {self.window!r}")
-    expect(isinstance(self.passes, int) and self.passes >= 1, "passes",
+    expect(is_int(self.passes) and self.passes >= 1, "ModelConfig.passes",
            f"N must be an integer >= 1, got {self.passes!r}")
-    expect(len(self.layers) >= 1, "layers", "needs at least one layer")
+    expect(len(self.layers) >= 1, "ModelConfig.layers", "needs at least one layer")
     unknown = [b for b in self.layers if b not in BLOCK_TYPES]
-    expect(not unknown, "layers", f"unknown block name(s) {unknown}; allowed: {BLOCK_TYPES}")
-    expect(self.passes == 1 or "gdn" in self.layers, "passes",
+    expect(not unknown, "ModelConfig.layers",
+           f"unknown block name(s) {unknown}; allowed: {BLOCK_TYPES}")
+    expect(self.passes == 1 or "gdn" in self.layers, "ModelConfig.passes",
            f"N = {self.passes} > 1 needs at least one 'gdn' layer (only fast-weight states "
            f"survive eviction), got layers {self.layers}")
     expect(self.attn_heads is not None or self.d_model % self.attn_head_dim == 0,
-           "attn_head_dim", f"must divide d_model = {self.d_model} when attn_heads is None, "
-           f"got {self.attn_head_dim}")
-    expect(self.d_model % self.gdn_head_dim == 0, "gdn_head_dim",
+           "ModelConfig.attn_head_dim", f"must divide d_model = {self.d_model} when attn_heads "
+           f"is None, got {self.attn_head_dim}")
+    expect(self.d_model % self.gdn_head_dim == 0, "ModelConfig.gdn_head_dim",
            f"must divide d_model = {self.d_model}, got {self.gdn_head_dim}")
     for field in ("attn_heads", "attn_kv_heads"):
       value = getattr(self, field)
-      expect(value is None or (isinstance(value, int) and not isinstance(value, bool)
-                               and value >= 1),
-             field, f"must be None or an integer >= 1, got {value!r}")
+      expect(value is None or (is_int(value) and value >= 1), f"ModelConfig.{field}",
+             f"must be None or an integer >= 1, got {value!r}")
     expect(self.attn_kv_heads is None or self.num_attn_heads % self.attn_kv_heads == 0,
-           "attn_kv_heads", f"must divide the query heads ({self.num_attn_heads}), got "
-           f"{self.attn_kv_heads}")
-    expect(isinstance(self.norm_eps, (int, float)) and not isinstance(self.norm_eps, bool)
-           and math.isfinite(self.norm_eps) and self.norm_eps > 0, "norm_eps",
+           "ModelConfig.attn_kv_heads", f"must divide the query heads ({self.num_attn_heads}), "
+           f"got {self.attn_kv_heads}")
+    expect(validation.is_finite_number(self.norm_eps) and self.norm_eps > 0, "ModelConfig.norm_eps",
            f"must be a finite number > 0, got {self.norm_eps!r}")
-    expect(isinstance(self.attn_qkv_bias, bool), "attn_qkv_bias",
-           f"must be True or False, got {self.attn_qkv_bias!r}")
-    expect(isinstance(self.tie_embeddings, bool), "tie_embeddings",
-           f"must be True or False, got {self.tie_embeddings!r}")
+    check_bool("ModelConfig.attn_qkv_bias", self.attn_qkv_bias)
+    check_bool("ModelConfig.tie_embeddings", self.tie_embeddings)
     expect(self.mlp_layers is None or (
         isinstance(self.mlp_layers, tuple) and len(self.mlp_layers) == len(self.layers)
-        and all(isinstance(x, bool) for x in self.mlp_layers)), "mlp_layers",
+        and all(isinstance(x, bool) for x in self.mlp_layers)), "ModelConfig.mlp_layers",
         f"must be None (every layer has an MLP) or one True/False per layer ({len(self.layers)} "
         f"layers), got {self.mlp_layers!r}")
     n = len(self.layers)
     expect(self.loop_layers is None or (
         isinstance(self.loop_layers, tuple) and len(self.loop_layers) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) for x in self.loop_layers)
-        and 0 <= self.loop_layers[0] < self.loop_layers[1] <= n), "loop_layers",
+        and all(is_int(x) for x in self.loop_layers)
+        and 0 <= self.loop_layers[0] < self.loop_layers[1] <= n), "ModelConfig.loop_layers",
         f"must be None (the whole stack) or a pair (a, b) of layer indices with "
         f"0 <= a < b <= {n} (the model's layers), got {self.loop_layers!r}")
-    expect(self.gdn_head_dim <= MAX_HEAD_DIM, "gdn_head_dim",
+    expect(self.gdn_head_dim <= MAX_HEAD_DIM, "ModelConfig.gdn_head_dim",
            f"must be <= {MAX_HEAD_DIM}, got {self.gdn_head_dim}")
-    expect(self.mlp_dim is None or (isinstance(self.mlp_dim, int) and self.mlp_dim >= 1),
-           "mlp_dim", f"must be None or an integer >= 1, got {self.mlp_dim!r}")
-    expect(self.rule in RULES, "rule", f"must be one of {RULES}, got {self.rule!r}")
-    expect(self.eviction in EVICTIONS, "eviction",
-           f"must be one of {EVICTIONS}, got {self.eviction!r}")
-    expect(self.eviction != "none" or self.passes == 1, "passes",
+    expect(self.mlp_dim is None or (is_int(self.mlp_dim) and self.mlp_dim >= 1),
+           "ModelConfig.mlp_dim", f"must be None or an integer >= 1, got {self.mlp_dim!r}")
+    check_choice("ModelConfig.rule", self.rule, RULES)
+    check_choice("ModelConfig.eviction", self.eviction, EVICTIONS)
+    expect(self.eviction != "none" or self.passes == 1, "ModelConfig.passes",
            "eviction='none' keeps the whole sequence in one window: nothing to consolidate, "
            f"so N must be 1, got {self.passes}")
-    expect(self.remat in REMAT_POLICIES, "remat",
-           f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
-    expect(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-    expect(self.chunk_size in CHUNK_SIZES, "chunk_size",
-           f"must be one of {CHUNK_SIZES}, got {self.chunk_size!r}")
+    check_choice("ModelConfig.remat", self.remat, REMAT_POLICIES)
+    check_choice("ModelConfig.dtype", self.dtype, DTYPES)
+    check_choice("ModelConfig.chunk_size", self.chunk_size, CHUNK_SIZES)
     impls = available_implementations()
     expect(self.kernel_implementation is None or self.kernel_implementation in impls,
-           "kernel_implementation", f"must be None or one of {impls}, got "
+           "ModelConfig.kernel_implementation", f"must be None or one of {impls}, got "
            f"{self.kernel_implementation!r}")
-    expect(isinstance(self.unroll, bool), "unroll", f"must be True or False, got {self.unroll!r}")
-    expect(isinstance(self.scan_layers, bool), "scan_layers",
-           f"must be True or False, got {self.scan_layers!r}")
-    attn_impls = (None, "xla", "cudnn")
-    expect(self.attention_implementation in attn_impls, "attention_implementation",
-           f"must be one of {attn_impls}, got {self.attention_implementation!r}")
+    check_bool("ModelConfig.unroll", self.unroll)
+    check_bool("ModelConfig.scan_layers", self.scan_layers)
+    check_choice("ModelConfig.attention_implementation", self.attention_implementation,
+                 (None, "xla", "cudnn"))
 
   @property
   def num_attn_heads(self) -> int:
@@ -244,8 +232,7 @@ class ModelConfig:
     return jax.numpy.dtype(self.dtype)
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
-    """Builds a config from a dict or ConfigDict, rejecting unknown keys by name."""
-    values = dict(values)
-    unknown_fields("ModelConfig", values, (f.name for f in dataclasses.fields(cls)))
-    return cls(**values)
+  def from_mapping(cls, values: Mapping[str, Any], path: str = "ModelConfig") -> ModelConfig:
+    """Builds a config from a dict or ConfigDict at config path `path` (e.g. "config.model"),
+    rejecting unknown keys by name; its errors name the field there."""
+    return validation.from_mapping(cls, values, path, owner="ModelConfig")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 import kernels
 import kernels.gemv
+from kernels.gated_delta_rule.base import CHUNK_SIZES
 from sleep_lm.model import sharding
 from sleep_lm.model.config import ModelConfig
 
@@ -377,7 +378,8 @@ class GatedDeltaNet(nn.Module):
       keep = ctx.valid.astype(f32)[None, :, None]
       g, beta = g * keep, beta * keep
 
-    chunk = next(c for c in (16, 32, 64) if c >= min(t, cfg.chunk_size))
+    # The smallest allowed chunk that covers a shorter window (CHUNK_SIZES is ascending).
+    chunk = next(c for c in CHUNK_SIZES if c >= min(t, cfg.chunk_size))
     o, state = sharded_fast_weight_op(
         cfg.rule, q, k, v, g, beta, cache.state, use_qk_l2norm=True, chunk_size=chunk,
         implementation="single_token" if t == 1 else cfg.kernel_implementation)

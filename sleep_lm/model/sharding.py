@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from sleep_lm.common.validation import FieldError, expect, is_int, unknown_fields
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Every logical axis name used by the model (`sleep_lm.model.layers`, `sleep_lm.model.hybrid`) and
@@ -84,14 +86,14 @@ def check_rules(rules) -> Rules:
   out, seen = [], set()
   for entry in rules:
     if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence) or len(entry) != 2:
-      raise ValueError(f"config.sharding_rules: each entry must be a pair (logical axis, mesh "
+      raise FieldError("config.sharding_rules", f"each entry must be a pair (logical axis, mesh "
                        f"axes), got {entry!r}")
     name, axes = entry
     if name not in LOGICAL_AXES:
-      raise ValueError(f"config.sharding_rules: unknown logical axis {name!r}; allowed: "
+      raise FieldError("config.sharding_rules", f"unknown logical axis {name!r}; allowed: "
                        f"{sorted(LOGICAL_AXES)}")
     if name in seen:
-      raise ValueError(f"config.sharding_rules: logical axis {name!r} has more than one rule")
+      raise FieldError("config.sharding_rules", f"logical axis {name!r} has more than one rule")
     seen.add(name)
     if isinstance(axes, (list, tuple)):
       axes = tuple(axes)
@@ -100,19 +102,19 @@ def check_rules(rules) -> Rules:
     members = () if axes is None else (axes,) if isinstance(axes, str) else axes
     for a in members:
       if a not in MESH_AXES:
-        raise ValueError(f"config.sharding_rules: {name!r} -> {a!r} is not a mesh axis; "
+        raise FieldError("config.sharding_rules", f"{name!r} -> {a!r} is not a mesh axis; "
                          f"allowed: {MESH_AXES} or None")
     if len(set(members)) != len(members):
-      raise ValueError(f"config.sharding_rules: {name!r} names a mesh axis twice: {axes!r}")
+      raise FieldError("config.sharding_rules", f"{name!r} names a mesh axis twice: {axes!r}")
     out.append((name, axes))
   missing = sorted(set(LOGICAL_AXES) - seen)
   if missing:
-    raise ValueError(f"config.sharding_rules: no rule for logical axis(es) {missing} (use None "
+    raise FieldError("config.sharding_rules", f"no rule for logical axis(es) {missing} (use None "
                      f"for replicated)")
   rules = tuple(out)
   overlap = set(mesh_axes_of(rules, "batch")) & set(mesh_axes_of(rules, "gdn_heads"))
   if overlap:
-    raise ValueError(f"config.sharding_rules: 'batch' and 'gdn_heads' both use mesh axis(es) "
+    raise FieldError("config.sharding_rules", f"'batch' and 'gdn_heads' both use mesh axis(es) "
                      f"{sorted(overlap)}; the fast-weight op is split over both at once")
   return rules
 
@@ -125,27 +127,23 @@ def mesh_axes_of(rules: Rules, name: str) -> tuple[str, ...]:
 
 def mesh_shape(mesh_config: Mapping, device_count: int) -> dict[str, int]:
   """{"data", "fsdp", "tensor"} sizes from the config, -1 resolved, checked against the devices."""
-  unknown = sorted(set(mesh_config) - set(MESH_AXES))
-  if unknown:
-    hint = " ('model' is now 'tensor')" if "model" in unknown else ""
-    raise ValueError(f"config.mesh: unknown axis(es) {unknown}{hint}; allowed: {MESH_AXES}")
+  unknown_fields("config.mesh", mesh_config, MESH_AXES,
+                 subject="the mesh ('model' is now 'tensor')" if "model" in mesh_config else "")
   sizes = {a: mesh_config.get(a, 1) for a in MESH_AXES}
   for a, n in sizes.items():
-    if isinstance(n, bool) or not isinstance(n, int) or not (n >= 1 or n == -1):
-      raise ValueError(f"config.mesh.{a} must be an integer >= 1 or -1 (the rest of the "
-                       f"devices), got {n!r}")
+    expect(is_int(n) and (n >= 1 or n == -1), f"config.mesh.{a}",
+           f"must be an integer >= 1 or -1 (the rest of the devices), got {n!r}")
   free = [a for a, n in sizes.items() if n == -1]
-  if len(free) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {free}")
+  expect(len(free) <= 1, "config.mesh", f"at most one axis may be -1, got {free}")
   fixed = math.prod(n for n in sizes.values() if n != -1)
   if free:
     if device_count % fixed:
-      raise ValueError(f"config.mesh: the fixed axes ({fixed} devices) must divide the "
+      raise FieldError("config.mesh", f"the fixed axes ({fixed} devices) must divide the "
                        f"{device_count} devices for mesh.{free[0]} = -1")
     sizes[free[0]] = device_count // fixed
   if math.prod(sizes.values()) != device_count:
-    raise ValueError(f"config.mesh: data x fsdp x tensor = {math.prod(sizes.values())} must equal "
-                     f"the number of devices ({device_count}), got {sizes}")
+    raise FieldError("config.mesh", f"data x fsdp x tensor = {math.prod(sizes.values())} must "
+                     f"equal the number of devices ({device_count}), got {sizes}")
   return sizes
 
 

@@ -34,12 +34,19 @@ sleep_lm's `apply_rope` convention; readers undo any other layout (see `names.py
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import numpy as np
 
 from sleep_lm.common.errors import UserError
+from sleep_lm.common.validation import (
+  FieldError,
+  check_bool,
+  check_choice,
+  check_int,
+  expect,
+  is_finite_number,
+)
 
 FAMILIES = ("llama", "qwen2")
 
@@ -90,31 +97,30 @@ class Architecture:
 
   def __post_init__(self):
     object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
+    try:
+      self._check_fields()
+    except FieldError as e:        # a checkpoint's hyper-parameter: the user's to fix
+      raise CheckpointError(str(e)) from None
 
-    def expect(cond, field, message):
-      if not cond:
-        raise CheckpointError(f"Architecture.{field}: {message}")
-
-    expect(self.family in FAMILIES, "family", f"must be one of {FAMILIES}, got {self.family!r}")
+  def _check_fields(self):
+    check_choice("Architecture.family", self.family, FAMILIES)
     for field in ("vocab_size", "d_model", "layers", "heads", "kv_heads", "head_dim", "mlp_dim",
                   "context_length"):
-      value = getattr(self, field)
-      expect(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
-             f"must be an integer >= 1, got {value!r}")
-    expect(self.heads % self.kv_heads == 0, "kv_heads",
+      check_int(f"Architecture.{field}", getattr(self, field), 1)
+    expect(self.heads % self.kv_heads == 0, "Architecture.kv_heads",
            f"must divide heads = {self.heads}, got {self.kv_heads}")
-    expect(self.head_dim % 2 == 0, "head_dim", f"must be even (RoPE), got {self.head_dim}")
+    expect(self.head_dim % 2 == 0, "Architecture.head_dim",
+           f"must be even (RoPE), got {self.head_dim}")
     for field in ("rope_base", "norm_eps"):
       value = getattr(self, field)
-      expect(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, field,
+      expect(is_finite_number(value) and value > 0, f"Architecture.{field}",
              f"must be a finite number > 0, got {value!r}")
     for field in ("tied_embeddings", "qkv_bias"):
-      expect(isinstance(getattr(self, field), bool), field,
-             f"must be True or False, got {getattr(self, field)!r}")
+      check_bool(f"Architecture.{field}", getattr(self, field))
     ids = ([self.bos_id] if self.bos_id is not None else []) + list(self.eos_ids)
-    expect(all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids), "bos_id/eos_ids",
-           f"token ids must be in [0, {self.vocab_size}), got bos {self.bos_id!r}, "
-           f"eos {self.eos_ids!r}")
+    expect(all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids),
+           "Architecture.bos_id/eos_ids", f"token ids must be in [0, {self.vocab_size}), got bos "
+           f"{self.bos_id!r}, eos {self.eos_ids!r}")
 
   @property
   def q_dim(self) -> int:

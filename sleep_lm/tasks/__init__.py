@@ -9,6 +9,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
+from sleep_lm.common.validation import check_choice
 from sleep_lm.tasks.base import BATCH_KEYS, Task, train_dataset
 from sleep_lm.tasks.depo import Depo
 from sleep_lm.tasks.gsm_symbolic import GsmSymbolic
@@ -24,8 +25,7 @@ def make_task(values: Mapping[str, Any]) -> Task:
   """The task named by values["name"], built from the other keys (rejected by name if unknown)."""
   values = dict(values)
   name = values.pop("name", None)
-  if name not in TASKS:
-    raise ValueError(f"config.task.name must be one of {sorted(TASKS)}, got {name!r}")
+  check_choice("config.task.name", name, sorted(TASKS))
   return TASKS[name].from_mapping(values)
 
 

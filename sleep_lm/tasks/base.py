@@ -30,6 +30,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from sleep_lm.common import validation
+from sleep_lm.common.validation import check_int, expect
+
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "answer_group")
 
 
@@ -61,17 +64,6 @@ def example_keys(seed: int, split_key: int, indices) -> np.ndarray:
   key = mix64(np.array([seed], np.uint64) + GOLDEN)
   key = mix64(key ^ np.uint64(split_key))
   return mix64(key ^ idx.astype(np.uint64))
-
-
-def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
-  """`value` as an int in [minimum, maximum], or a ValueError that names the field."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  value = int(value)
-  if value < minimum or (maximum is not None and value > maximum):
-    hi = "" if maximum is None else f" and <= {maximum}"
-    raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
-  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +113,10 @@ class Task(abc.ABC):
       raise ValueError(f"{self.name}: unknown eval set {name!r}; allowed: {self.eval_set_names()}")
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> Task:
-    """Builds the task from `config.task` (without its `name`), rejecting unknown keys."""
-    allowed = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-      raise ValueError(f"config.task: unknown field(s) {unknown} for task {cls.name!r}; "
-                       f"allowed: {allowed}")
-    return cls(**dict(values))
+  def from_mapping(cls, values: Mapping[str, Any], path: str = "config.task") -> Task:
+    """Builds the task from `config.task` (without its `name`), rejecting unknown keys; its
+    errors name the field at `path`."""
+    return validation.from_mapping(cls, values, path, subject=f"task {cls.name!r}")
 
   def layout_mask(self) -> np.ndarray:
     """The loss mask [T] shared by every example: these tasks have a fixed layout, so which
@@ -142,9 +130,8 @@ def check_sharding(batch_size, shard_index, shard_count) -> tuple[int, int, int]
   batch_size = check_int("batch_size", batch_size, 1)
   shard_count = check_int("shard_count", shard_count, 1)
   shard_index = check_int("shard_index", shard_index, 0, shard_count - 1)
-  if batch_size % shard_count:
-    raise ValueError(
-        f"batch_size must be divisible by shard_count, got {batch_size} and {shard_count}")
+  expect(batch_size % shard_count == 0, "batch_size",
+         f"must be divisible by shard_count = {shard_count}, got {batch_size}")
   return batch_size, shard_index, shard_count
 
 

@@ -69,7 +69,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from sleep_lm.tasks.base import BATCH_KEYS, GOLDEN, MASK64, Task, check_int, example_keys, mix64
+from sleep_lm.common.validation import (
+  FieldError,
+  check_bool,
+  check_choice,
+  check_int,
+  expect,
+  is_finite_number,
+)
+from sleep_lm.tasks.base import BATCH_KEYS, GOLDEN, MASK64, Task, example_keys, mix64
 
 SEQ_LEN = 360
 GRAPH_LEN = 300
@@ -141,13 +149,10 @@ def hop_probs(hop_law: str = "uniform", num_nodes: int = MAX_NODES,
 
 
 def _check_laws(node_law, full_share, hop_law) -> None:
-  if node_law not in NODE_LAWS:
-    raise ValueError(f"node_law must be one of {NODE_LAWS}, got {node_law!r}")
-  if (isinstance(full_share, bool) or not isinstance(full_share, (int, float))
-      or not 0.0 <= full_share <= 1.0):
-    raise ValueError(f"full_share must be a number in [0, 1], got {full_share!r}")
-  if hop_law not in HOP_LAWS:
-    raise ValueError(f"hop_law must be one of {HOP_LAWS}, got {hop_law!r}")
+  check_choice("node_law", node_law, NODE_LAWS)
+  expect(is_finite_number(full_share) and 0.0 <= full_share <= 1.0, "full_share",
+         f"must be a number in [0, 1], got {full_share!r}")
+  check_choice("hop_law", hop_law, HOP_LAWS)
 
 
 def _words(key: np.ndarray, stream: np.uint64, count: int) -> np.ndarray:
@@ -252,19 +257,17 @@ class DepoTask:
 
   def __post_init__(self):
     check_int("seed", self.seed, 0, MASK64)
-    if self.split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+    check_choice("split", self.split, SPLITS)
     if self.hops is not None:
       check_int("hops", self.hops, 1, MAX_HOPS)
     if self.num_nodes is not None:
       check_int("num_nodes", self.num_nodes, MIN_NODES, MAX_NODES)
     _check_laws(self.node_law, self.full_share, self.hop_law)
-    if not isinstance(self.wrap, bool):
-      raise ValueError(f"wrap must be True or False, got {self.wrap!r}")
-    if self.hops is not None and not self.wrap and (
-        self.num_nodes is None or self.hops >= self.num_nodes):
-      raise ValueError(f"hops={self.hops} without wrap needs a fixed num_nodes > {self.hops}, "
-                       f"got num_nodes={self.num_nodes}")
+    check_bool("wrap", self.wrap)
+    expect(self.hops is None or self.wrap or (
+        self.num_nodes is not None and self.hops < self.num_nodes), "hops",
+        f"{self.hops} without wrap needs a fixed num_nodes > {self.hops}, "
+        f"got num_nodes={self.num_nodes}")
 
   def replace(self, **changes) -> DepoTask:
     return dataclasses.replace(self, **changes)
@@ -418,22 +421,19 @@ class Depo(Task):
   wrap: bool = False
 
   def __post_init__(self):
-    try:
-      self._generator("train")  # validates every field
-    except ValueError as e:
-      raise ValueError(f"config.task.{e}") from None
+    self._generator("train")  # validates every field (its fields are the generator's)
 
   @classmethod
-  def from_mapping(cls, values) -> Depo:
+  def from_mapping(cls, values, path: str = "config.task") -> Depo:
     legacy = sorted(_LEGACY_FIELDS & set(values))
     if legacy:
-      raise ValueError(
-          f"config.task.{legacy[0]}: this config is of the old Depo format (names of 1-2 "
-          "tokens, no arrow or comma; before issue 21), whose data this code no longer makes. "
-          "The training graphs are now set by config.task.node_law (one of "
-          f"{NODE_LAWS}), full_share (share of n = 75 graphs, in [0, 1]), hop_law (one of "
-          f"{HOP_LAWS}) and wrap; e.g. full_share=1.0 trains on n = 75 only")
-    return super().from_mapping(values)
+      raise FieldError(
+          f"{path}.{legacy[0]}", "this config is of the old Depo format (names of 1-2 tokens, "
+          "no arrow or comma; before issue 21), whose data this code no longer makes. The "
+          f"training graphs are now set by {path}.node_law (one of {NODE_LAWS}), full_share "
+          f"(share of n = 75 graphs, in [0, 1]), hop_law (one of {HOP_LAWS}) and wrap; e.g. "
+          "full_share=1.0 trains on n = 75 only")
+    return super().from_mapping(values, path)
 
   def _generator(self, split: str, **kw) -> DepoTask:
     return DepoTask(seed=self.seed, split=split, node_law=self.node_law,

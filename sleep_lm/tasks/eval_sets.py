@@ -23,7 +23,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from sleep_lm.common import files
-from sleep_lm.tasks.base import BATCH_KEYS, Task, check_int
+from sleep_lm.common.validation import check_int
+from sleep_lm.tasks.base import BATCH_KEYS, Task
 
 SPLIT = "eval"
 _GEN_CHUNK = 1024  # examples generated per vectorised call

@@ -86,7 +86,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sleep_lm.tasks.base import BATCH_KEYS, GOLDEN, MASK64, Task, check_int, example_keys, mix64
+from sleep_lm.common.validation import FieldError, check_choice, check_int, expect, relocate
+from sleep_lm.tasks.base import BATCH_KEYS, GOLDEN, MASK64, Task, example_keys, mix64
 
 # ----------------------------------------------------------------------------------- vocabulary
 
@@ -322,8 +323,7 @@ class GsmSymbolicTask:
 
   def __post_init__(self):
     check_int("seed", self.seed, 0, MASK64)
-    if self.split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+    check_choice("split", self.split, SPLITS)
     check_int("max_op", self.max_op, 1, MAX_OP)
     check_int("min_op", self.min_op, 1, self.max_op)
     if self.op is not None:
@@ -332,10 +332,9 @@ class GsmSymbolicTask:
     core = QUESTION_LEN + ROOT_LEN + STEP_LEN * (self.max_op - 1)
     check_int("min_len", self.min_len, core)
     check_int("max_len", self.max_len, self.min_len + LENGTH_SLACK)
-    if not isinstance(self.question_first, (bool, np.bool_)):
-      raise ValueError(f"question_first must be True or False, got {self.question_first!r}")
-    if self.padding not in PADDINGS:
-      raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+    expect(isinstance(self.question_first, (bool, np.bool_)), "question_first",
+           f"must be True or False, got {self.question_first!r}")
+    check_choice("padding", self.padding, PADDINGS)
     if self.layout_len is not None:
       check_int("layout_len", self.layout_len, self.max_len)
     if self.layout_op is not None:
@@ -625,38 +624,35 @@ class GsmSymbolic(Task):
 
   def __post_init__(self):
     ops = self.eval_ops
-    if isinstance(ops, (int, np.integer)) or not isinstance(ops, Sequence) or not ops:
-      raise ValueError(f"config.task.eval_ops must be a non-empty list of op counts, got {ops!r}")
+    expect(not isinstance(ops, (int, np.integer)) and isinstance(ops, Sequence) and len(ops) > 0,
+           "eval_ops", f"must be a non-empty list of op counts, got {ops!r}")
     object.__setattr__(self, "eval_ops", tuple(ops))
-    try:
-      self._generator("train")
-      for k in self.eval_ops:
-        check_int("eval_ops", k, 1, self.max_op)
-    except ValueError as e:
-      raise ValueError(f"config.task.{e}") from None
-    if len(set(self.eval_ops)) != len(self.eval_ops):
-      raise ValueError(f"config.task.eval_ops must not repeat an op count, got {self.eval_ops}")
+    self._generator("train")  # validates the fields the generator shares
+    for k in self.eval_ops:
+      check_int("eval_ops", k, 1, self.max_op)
+    expect(len(set(self.eval_ops)) == len(self.eval_ops), "eval_ops",
+           f"must not repeat an op count, got {self.eval_ops}")
     object.__setattr__(self, "curriculum", self._check_curriculum(self.curriculum))
 
   def _check_curriculum(self, stages) -> tuple[tuple[int, int, int, int], ...]:
-    where = "config.task.curriculum"
-    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
-      raise ValueError(f"{where} must be a list of (until, min_len, max_len, max_op) stages, "
-                       f"got {stages!r}")
+    expect(not isinstance(stages, (str, bytes)) and isinstance(stages, Sequence), "curriculum",
+           f"must be a list of (until, min_len, max_len, max_op) stages, got {stages!r}")
     out, last = [], 0
     for k, stage in enumerate(stages):
-      if isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence) or len(stage) != 4:
-        raise ValueError(f"{where}[{k}] must be (until, min_len, max_len, max_op), got {stage!r}")
-      try:
+      where = f"curriculum[{k}]"
+      expect(not isinstance(stage, (str, bytes)) and isinstance(stage, Sequence)
+             and len(stage) == 4, where,
+             f"must be (until, min_len, max_len, max_op), got {stage!r}")
+      try:        # the stage's fields, and the generator's checks of them, named in the stage
         until = check_int("until", stage[0], last + 1)
-        min_len, max_len, max_op = (int(check_int(n, v, 1)) for n, v in
+        min_len, max_len, max_op = (check_int(n, v, 1) for n, v in
                                     zip(("min_len", "max_len", "max_op"), stage[1:], strict=True))
         check_int("max_len", max_len, 1, self.max_len)
         check_int("max_op", max_op, 1, self.max_op)
         self._stage_generator((until, min_len, max_len, max_op), seed=0)
-      except ValueError as e:
-        raise ValueError(f"{where}[{k}]: {e}") from None
-      out.append((int(until), min_len, max_len, max_op))
+      except FieldError as e:
+        raise relocate(e, where) from None
+      out.append((until, min_len, max_len, max_op))
       last = until
     return tuple(out)
 

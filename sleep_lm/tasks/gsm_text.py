@@ -57,8 +57,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sleep_lm.common.validation import FieldError, check_int, expect
 from sleep_lm.tasks import gsm_symbolic as gs
-from sleep_lm.tasks.base import BATCH_KEYS, Task, check_int, mix64
+from sleep_lm.tasks.base import BATCH_KEYS, Task, mix64
 
 ANSWER_END = "\n"
 _S_TEXT_LEN = np.uint64(0x7E47_0000_0000_95A1)
@@ -78,8 +79,9 @@ def tokenizer_folder(path: str) -> Path:
   for folder in (p, p / "tokenizer"):
     if (folder / "tokenizer.json").is_file():
       return folder.resolve()
-  raise ValueError(f"tokenizer must name a workdir written by sleep_lm.pretrained.convert (its "
-                   f"tokenizer/tokenizer.json) or a folder holding tokenizer.json, got {path!r}")
+  raise FieldError("tokenizer", f"must name a workdir written by sleep_lm.pretrained.convert "
+                   f"(its tokenizer/tokenizer.json) or a folder holding tokenizer.json, got "
+                   f"{path!r}")
 
 
 # ----------------------------------------------------------------------------- reading text back
@@ -143,23 +145,23 @@ class GsmText(Task):
 
   def __post_init__(self):
     ops = self.eval_ops
-    if isinstance(ops, (int, np.integer)) or not isinstance(ops, Sequence) or not ops:
-      raise ValueError(f"eval_ops must be a non-empty list of op counts, got {ops!r}")
+    expect(not isinstance(ops, (int, np.integer)) and isinstance(ops, Sequence) and len(ops) > 0,
+           "eval_ops", f"must be a non-empty list of op counts, got {ops!r}")
     object.__setattr__(self, "eval_ops", tuple(ops))
     check_int("seed", self.seed, 0)
     check_int("max_op", self.max_op, 1, gs.MAX_OP)
     check_int("min_op", self.min_op, 1, self.max_op)
     for k in self.eval_ops:
       check_int("eval_ops", k, 1, self.max_op)
-    if len(set(self.eval_ops)) != len(self.eval_ops):
-      raise ValueError(f"eval_ops must not repeat an op count, got {self.eval_ops}")
-    if not isinstance(self.tokenizer, str) or not self.tokenizer:
-      raise ValueError(f"tokenizer must name a converted workdir or a folder holding "
-                       f"tokenizer.json, got {self.tokenizer!r}")
+    expect(len(set(self.eval_ops)) == len(self.eval_ops), "eval_ops",
+           f"must not repeat an op count, got {self.eval_ops}")
+    expect(isinstance(self.tokenizer, str) and len(self.tokenizer) > 0, "tokenizer",
+           f"must name a converted workdir or a folder holding tokenizer.json, got "
+           f"{self.tokenizer!r}")
     tok = self.text_tokenizer
     check_int("vocab_size", self.vocab_size, tok.vocab_size)
-    if self.pad_id is None:
-      raise ValueError(f"tokenizer {self.tokenizer!r} has neither a pad nor an eos id to pad with")
+    expect(self.pad_id is not None, "tokenizer",
+           f"{self.tokenizer!r} has neither a pad nor an eos id to pad with")
     core = self._prompt_base + self._costs["root"] + (self.max_op - 1) * self._costs["step_max"]
     check_int("min_len", self.min_len, core)     # the longest core must fit the shortest prompt
     check_int("max_len", self.max_len, self.min_len)

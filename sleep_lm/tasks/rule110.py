@@ -27,7 +27,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from sleep_lm.tasks.base import GOLDEN, MASK64, Task, check_int, example_keys, mix64
+from sleep_lm.common.validation import check_choice, check_int
+from sleep_lm.tasks.base import GOLDEN, MASK64, Task, example_keys, mix64
 
 ZERO = 0
 ONE = 1
@@ -83,8 +84,7 @@ class Rule110Task:
   def __post_init__(self):
     check_int("seed", self.seed, 0, MASK64)
     check_int("t", self.t, 0)
-    if self.split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+    check_choice("split", self.split, SPLITS)
     check_int("num_states", self.num_states, 1)
     # One 64-bit hash word per state; 3 cells is the smallest ring with distinct neighbours.
     check_int("state_bits", self.state_bits, 3, 64)

@@ -15,7 +15,8 @@ import dataclasses
 
 import numpy as np
 
-from sleep_lm.tasks.base import Task, check_int
+from sleep_lm.common.validation import check_int
+from sleep_lm.tasks.base import Task
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import ml_collections
 
@@ -19,7 +18,7 @@ from sleep_lm.common import validation
 from sleep_lm.common.errors import UserError
 from sleep_lm.model import sharding
 from sleep_lm.model.config import ModelConfig
-from sleep_lm.tasks import TASKS, Task, make_task
+from sleep_lm.tasks import Task, make_task
 from sleep_lm.training.step import OptimizerConfig
 
 # Top-level fields of an experiment config (`experiments/*.py`).
@@ -40,21 +39,6 @@ def _product_or_free(mesh: Mapping) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
       count *= value
   return count
-
-
-def _int_field(config: Mapping[str, Any], field: str, minimum: int) -> int:
-  return validation.check_int(f"config.{field}", config[field], minimum)
-
-
-def _task(values: Mapping[str, Any]) -> Task:
-  """The task of `config.task`; its errors name the field as config.task.<field>."""
-  name = values.get("name")
-  cls = TASKS.get(name) if isinstance(name, str) else None
-  fields = [f.name for f in dataclasses.fields(cls)] if cls else []
-  try:
-    return make_task(values)
-  except ValueError as e:
-    raise validation.relocate(e, "config.task", fields=fields) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +84,10 @@ class RunConfig:
   def from_config(cls, config: ml_collections.ConfigDict) -> RunConfig:
     validation.unknown_fields("config", config.keys(), (*_RUN_FIELDS, *_OPTIONAL_FIELDS))
     validation.missing_fields("config", config.keys(), _RUN_FIELDS)
-    ints = {f: _int_field(config, f, 1) for f in (
+    ints = {f: validation.check_int(f"config.{f}", config[f], 1) for f in (
         "seeds", "batch_size", "steps", "log_every", "eval_every", "eval_size",
         "eval_batch_size", "checkpoint_every", "keep_checkpoints")}
-    seed = _int_field(config, "seed", 0)
+    seed = validation.check_int("config.seed", config.seed, 0)
     for field in ("skip_nonfinite", "tensorboard"):
       validation.check_bool(f"config.{field}", config[field])
     validation.check_str("config.data_dir", config.data_dir)
@@ -113,16 +97,11 @@ class RunConfig:
     mesh = dict(mesh)
     sharding.mesh_shape(mesh, _product_or_free(mesh))      # names and values; sizes at setup
     rules = sharding.check_rules(config.sharding_rules)
-    task = _task(config.task.to_dict())
-    try:
-      model = ModelConfig.from_mapping({**config.model.to_dict(), "vocab_size": task.vocab_size})
-    except ValueError as e:
-      raise validation.relocate(e, "config.model", owner="ModelConfig") from e
-    try:
-      optimizer = OptimizerConfig.from_mapping(
-          {**config.optimizer.to_dict(), "total_steps": config.steps})
-    except ValueError as e:
-      raise validation.relocate(e, "config.optimizer", owner="OptimizerConfig") from e
+    task = make_task(config.task.to_dict())
+    model = ModelConfig.from_mapping(
+        {**config.model.to_dict(), "vocab_size": task.vocab_size}, path="config.model")
+    optimizer = OptimizerConfig.from_mapping(
+        {**config.optimizer.to_dict(), "total_steps": config.steps}, path="config.optimizer")
     layers = optimizer.train_layers or ()
     if any(i >= len(model.layers) for i in layers):
       raise validation.FieldError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sleep_lm.common import validation
+from sleep_lm.common.validation import check_bool, check_int, expect, is_finite_number, is_int
 from sleep_lm.model.config import ModelConfig
 from sleep_lm.model.sleep import sleep_forward
 from sleep_lm.training import muon as muon_lib
@@ -57,49 +58,41 @@ class OptimizerConfig:
   train_layers: tuple[int, ...] | None = None
 
   def __post_init__(self):
-    def expect(cond, field, message):
-      if not cond:
-        raise ValueError(f"OptimizerConfig.{field}: {message}")
-
-    def number(x):
-      return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    for field in ("total_steps", "warmup_steps"):
-      expect(isinstance(getattr(self, field), int) and not isinstance(getattr(self, field), bool),
-             field, f"must be an integer, got {getattr(self, field)!r}")
-    expect(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
-    expect(0 <= self.warmup_steps <= self.total_steps, "warmup_steps",
-           f"must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+    total = check_int("OptimizerConfig.total_steps", self.total_steps, 1)
+    warmup = check_int("OptimizerConfig.warmup_steps", self.warmup_steps)
+    expect(0 <= warmup <= total, "OptimizerConfig.warmup_steps",
+           f"must be in [0, total_steps={total}], got {warmup}")
     for field in ("muon_lr", "adamw_lr", "clip_norm"):
       value = getattr(self, field)
-      expect(number(value) and value > 0, field, f"must be a finite number > 0, got {value!r}")
-    expect(self.gate_lr is None or (number(self.gate_lr) and self.gate_lr > 0), "gate_lr",
+      expect(is_finite_number(value) and value > 0, f"OptimizerConfig.{field}",
+             f"must be a finite number > 0, got {value!r}")
+    expect(self.gate_lr is None or (is_finite_number(self.gate_lr) and self.gate_lr > 0),
+           "OptimizerConfig.gate_lr",
            f"must be None (= adamw_lr) or a finite number > 0, got {self.gate_lr!r}")
-    expect(number(self.decay_fraction) and 0.0 <= self.decay_fraction <= 1.0, "decay_fraction",
-           f"must be in [0, 1], got {self.decay_fraction!r}")
-    expect(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+    expect(is_finite_number(self.decay_fraction) and 0.0 <= self.decay_fraction <= 1.0,
+           "OptimizerConfig.decay_fraction", f"must be in [0, 1], got {self.decay_fraction!r}")
+    expect(is_finite_number(self.weight_decay) and self.weight_decay >= 0,
+           "OptimizerConfig.weight_decay",
            f"must be a finite number >= 0, got {self.weight_decay!r}")
     for field in ("b1", "b2", "muon_momentum"):
       value = getattr(self, field)
-      expect(number(value) and 0 <= value < 1, field, f"must be in [0, 1), got {value!r}")
-    expect(isinstance(self.muon_nesterov, bool), "muon_nesterov",
-           f"must be True or False, got {self.muon_nesterov!r}")
+      expect(is_finite_number(value) and 0 <= value < 1, f"OptimizerConfig.{field}",
+             f"must be in [0, 1), got {value!r}")
+    check_bool("OptimizerConfig.muon_nesterov", self.muon_nesterov)
     if isinstance(self.train_layers, list):
       object.__setattr__(self, "train_layers", tuple(self.train_layers))
     expect(self.train_layers is None or (
         isinstance(self.train_layers, tuple) and len(self.train_layers) >= 1
-        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                for i in self.train_layers)), "train_layers",
+        and all(is_int(i) and i >= 0 for i in self.train_layers)), "OptimizerConfig.train_layers",
         f"must be None (every parameter trains) or a non-empty tuple of layer indices >= 0, got "
         f"{self.train_layers!r}")
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> OptimizerConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f"OptimizerConfig: unknown field(s) {unknown}; allowed: {sorted(fields)}")
-    return cls(**dict(values))
+  def from_mapping(cls, values: Mapping[str, Any],
+                   path: str = "OptimizerConfig") -> OptimizerConfig:
+    """Builds a config from a dict or ConfigDict at config path `path` (e.g.
+    "config.optimizer"), rejecting unknown keys by name; its errors name the field there."""
+    return validation.from_mapping(cls, values, path, owner="OptimizerConfig")
 
 
 def wsd_schedule(peak: float, cfg: OptimizerConfig) -> optax.Schedule:
