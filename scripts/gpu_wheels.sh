@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # On a machine with a package registry: the wheels a GPU machine without one needs (cp312,
 # manylinux; the packages ../shared/gpu.md lists as missing there: ml-collections,
-# tensorflow-datasets, grain, ...; gguf for the pretrained import; fla and jax-linear-attention
-# for the kernel benchmark's peers) into .whl/ (git-ignored, ~13 MB). Take .whl/ along and run
-# scripts/gpu_setup.sh there. With --smollm2 also SmolLM2's GGUF in two parts of < 50 MB
-# (.gl/smollm2/part-00, part-01, git-ignored: one transfer to the GPU machine carries at most
-# 64 MiB; docs/pretrained.md, "On the GPU machine", joins them there).
+# tensorflow-datasets, grain, ...; tensorboardX, whose numpy, packaging and protobuf are there;
+# gguf for the pretrained import; fla and jax-linear-attention for the kernel benchmark's peers)
+# into .whl/ (git-ignored, ~13 MB). Take .whl/ along and run scripts/gpu_setup.sh there. With
+# --smollm2 also SmolLM2's GGUF in two parts of < 50 MB (.gl/smollm2/part-00, part-01,
+# git-ignored: one transfer to the GPU machine carries at most 64 MiB; docs/pretrained.md, "On
+# the GPU machine", joins them there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,8 +17,8 @@ mkdir -p .whl
   ml-collections==1.1.0 tensorflow-datasets==4.9.10 array-record==0.8.6 grain==0.2.18 \
   dm-tree==0.1.10 immutabledict==4.3.1 simple_parsing==0.1.9 termcolor==3.3.0 toml==0.10.2 \
   docstring-parser==0.18.0 tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 \
-  portpicker==1.6.0 gguf==0.19.0 fla-core==0.6.0 flash-linear-attention==0.6.0 \
-  jax-linear-attention==0.1.0
+  portpicker==1.6.0 tensorboardX==2.6.4 gguf==0.19.0 fla-core==0.6.0 \
+  flash-linear-attention==0.6.0 jax-linear-attention==0.1.0
 "$PY" -m pip wheel -q --no-deps -w .whl promise==2.3    # an sdist only: built here
 ls .whl/*.whl | wc -l | xargs echo "gpu_wheels: wheels in .whl/:"
 if [ "${1:-}" = "--smollm2" ]; then

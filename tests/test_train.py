@@ -65,6 +65,14 @@ def records(path, kind, seed=None):
   return [r for r in rs if seed is None or r["seed"] == seed]
 
 
+def tensorboard_scalars(path) -> dict[tuple[str, int], float]:
+  """{(tag, step): value} of an event file, read with TensorBoard's own loader."""
+  from tensorboard.backend.event_processing import event_file_loader
+  events = list(event_file_loader.EventFileLoader(str(path)).Load())
+  assert events[0].file_version == "brain.Event:2"
+  return {(v.tag, e.step): float(v.tensor.float_val[0]) for e in events for v in e.summary.value}
+
+
 def run_cli(module, args, **kw):
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, **kw)
@@ -91,17 +99,18 @@ def test_seeds_have_their_own_records_and_tensorboard(uninterrupted):
   assert last[0] != last[1]
   assert all(records(run, "train", s)[-1]["loss"] < records(run, "train", s)[0]["loss"]
              for s in (0, 1))
-  # TensorBoard files, read back with TensorBoard's own loader, hold the same numbers.
-  from tensorboard.backend.event_processing import event_file_loader
+  # Each seed's TensorBoard file, read back with TensorBoard's own loader, holds the numbers of
+  # metrics.jsonl: every train metric at every log step, every eval metric at every eval step.
   for seed in (0, 1):
     (path,) = (run / "tensorboard" / f"seed_{seed}").glob("events.out.tfevents.*")
-    loss = {e.step: float(v.tensor.float_val[0])
-            for e in event_file_loader.EventFileLoader(str(path)).Load()
-            for v in e.summary.value if v.tag == "train/loss"}
-    want = {r["step"]: r["loss"] for r in records(run, "train", seed)}
-    assert loss.keys() == want.keys()
-    np.testing.assert_allclose([loss[s] for s in sorted(loss)], [want[s] for s in sorted(want)],
-                               rtol=1e-6)
+    got = tensorboard_scalars(path)
+    want = {(f"train/{k}", r["step"]): v for r in records(run, "train", seed)
+            for k, v in r.items() if k not in ("step", "kind", "seed", "tokens_per_s", "elapsed_s")}
+    want |= {(f"eval/{r['set']}/{k}", r["step"]): r[k] for r in records(run, "eval", seed)
+             for k in ("loss", "exact_accuracy", "query_accuracy")}
+    assert {tag for tag, _ in want} >= {"train/loss", "train/grad_norm", "eval/t2/loss"}
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-6)
 
 
 @pytest.mark.slow   # CI time: run with -m slow
@@ -144,6 +153,14 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(uninterrupted, tmp_path):
   proc.send_signal(signal.SIGKILL)                       # no chance to save anything more
   proc.wait()
   assert records(run, "train")[-1]["step"] < STEPS, "the run finished before it was killed"
+  # A TensorBoard point is on disk once written: the killed run's files hold the steps it logged
+  # (the last one may have been killed between metrics.jsonl and TensorBoard).
+  killed = {p: p.read_bytes() for p in run.glob("tensorboard/seed_*/events.out.tfevents.*")}
+  for seed in (0, 1):
+    (path,) = [p for p in killed if p.parent.name == f"seed_{seed}"]
+    logged = {r["step"] for r in records(run, "train", seed)}
+    assert logged - {max(logged)} <= {s for t, s in tensorboard_scalars(path)
+                                      if t == "train/loss"} <= logged
 
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -158,6 +175,14 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(uninterrupted, tmp_path):
                                rtol=1e-6)
     assert records(run, "eval", seed)[-1]["exact_accuracy"] == pytest.approx(
         records(uninterrupted / "run", "eval", seed)[-1]["exact_accuracy"])
+    # The resumed run adds its own event file and leaves the killed run's as they were.
+    folder = run / "tensorboard" / f"seed_{seed}"
+    (added,) = set(folder.iterdir()) - set(killed)
+    assert all(p.read_bytes() == data for p, data in killed.items() if p.parent == folder)
+    loss = {s: v for (t, s), v in tensorboard_scalars(added).items() if t == "train/loss"}
+    assert sorted(loss) == [s for s in sorted(want) if s > resumed_at]
+    np.testing.assert_allclose([loss[s] for s in sorted(loss)],
+                               [want[s] for s in sorted(loss)], rtol=1e-6)
 
 
 def test_evaluate_reports_each_seed_and_the_floor(uninterrupted):

@@ -18,6 +18,7 @@ stops between two steps, checkpoints and raises `Preempted` (the CLI's exit stat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -39,7 +40,6 @@ from sleep_lm.training import evaluation, init_from, workdir
 from sleep_lm.training.checkpointing import Checkpointer
 from sleep_lm.training.run_config import RunConfig
 from sleep_lm.training.step import create_train_states, make_optimizer, make_train_step
-from sleep_lm.training.tensorboard import ScalarWriter
 
 
 class TrainingDiverged(UserError):
@@ -149,6 +149,75 @@ def _progress_line(step, total, start, loss, exact, tok_s, elapsed):
           f"exact {exact:.3f} | {tok_s / 1e3:7.1f}k tok/s | eta {eta / 60:5.1f} min")
 
 
+def _write_scalars(writers, step: int, values: dict) -> None:
+  """{tag: one value per seed} -> one TensorBoard point per seed, each in its seed's writer."""
+  for i, w in enumerate(writers):
+    w.scalars(step, {k: v[i] for k, v in values.items()})
+
+
+class MetricBuffer:
+  """The train metrics since the last log line, and their log line.
+
+  Each step `add`s its metrics, which stay on the device until `fetch` brings them to the host
+  (the loop's only host syncs: at log lines and saves) and stops the run at the first
+  non-finite loss or gradient norm (unless `run.skip_nonfinite`). `flush` writes their means: a
+  metrics.jsonl record and a TensorBoard point per seed, and the progress line. The fetched
+  metrics (`pending`) travel in the checkpoint, so a run resumed between two log lines logs the
+  same means as the uninterrupted run.
+  """
+
+  def __init__(self, run: RunConfig, start: int, pending: list[tuple[int, dict]],
+               metrics_log: workdir.MetricsLog, writers: list, log):
+    self.pending = pending                  # (step, {name: [value per seed]}) on the host
+    self.diverged: tuple[int, int, str] | None = None   # (step, seed, name): first non-finite
+    self._run, self._start = run, start
+    self._metrics_log, self._writers, self._log = metrics_log, writers, log
+    self._on_device: list = []
+    self._started = self._interval_start = time.time()
+    self._interval_steps = 0                # steps this process trained since the last flush
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._on_device.append((step, metrics))
+    self._interval_steps += 1
+
+  def fetch(self, last_checkpoint: int) -> None:
+    """Brings the added metrics to the host; raises `TrainingDiverged` at the first non-finite
+    one (naming `last_checkpoint`, the step a rerun would continue from)."""
+    self.pending.extend((s, {k: np.asarray(v).tolist() for k, v in m.items()})
+                        for s, m in jax.device_get(self._on_device))
+    self._on_device = []
+    if not self._run.skip_nonfinite and self.diverged is None:
+      self.diverged = _first_nonfinite(self.pending, self._run.model_seeds)
+      if self.diverged:
+        bad_step, bad_seed, key = self.diverged
+        raise TrainingDiverged(
+            f"{key} is not finite at step {bad_step} (seed {bad_seed}); stopping without saving "
+            f"that state (last checkpoint: step {last_checkpoint}). Lower the learning rate, or "
+            f"set config.skip_nonfinite=True to skip such steps")
+
+  def flush(self, step: int, last_checkpoint: int) -> None:
+    """Fetches, then writes the means since the last flush (with tokens/s and the elapsed time)
+    to metrics.jsonl and TensorBoard and logs the progress line; the next interval starts."""
+    self.fetch(last_checkpoint)
+    means = {k: np.mean([m[k] for _, m in self.pending], axis=0) for k in self.pending[0][1]}
+    now = time.time()
+    tokens_per_s = self._interval_steps * self._run.tokens_per_step / (now - self._interval_start)
+    for i, seed in enumerate(self._run.model_seeds):
+      self._metrics_log.write({"step": step, "kind": "train", "seed": seed,
+                               **{k: float(v[i]) for k, v in means.items()},
+                               "tokens_per_s": tokens_per_s, "elapsed_s": now - self._started})
+    _write_scalars(self._writers, step, {f"train/{k}": v for k, v in means.items()})
+    self._log(_progress_line(step, self._run.steps, self._start, float(np.mean(means["loss"])),
+                             float(np.mean(means["exact_accuracy"])), tokens_per_s,
+                             now - self._started))
+    self.pending, self._interval_steps = [], 0
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """The time until now was not training (an evaluation): tokens/s leaves it out."""
+    self._interval_start = time.time()
+
+
 def _barrier(name: str) -> None:
   """Every process waits here for the others (a no-op with one process)."""
   if jax.process_count() > 1:
@@ -202,52 +271,152 @@ def train(run: RunConfig, path: str | Path, *, log=print) -> dict:
 
 
 def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
+  # Setup: the starting state, the outputs, the eval sets, the step and its batches.
   workdir.claim(path, run.config, write=lead)
-  data_dir = Path(run.data_dir) if run.data_dir else path / "eval_data"
-  seeds = run.model_seeds
+  ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints, clean=lead)
+  state, optimizer, start, pending = _starting_state(run, path, mesh, boxed, ckpt, log)
+  metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead, warn=log)
+  writers = _tensorboard_writers(run, path) if lead else []
+  eval_sets = _eval_sets(run, path, lead)
   schedule = task_schedule(run)
+  train_step, batch_sh = _step_function(run, mesh, boxed, optimizer)
+  batches = _device_batches(run, batch_sh, start, schedule)
+  metrics = MetricBuffer(run, start, pending, metrics_log, writers, log)
 
+  def evaluate(step: int) -> dict:
+    ckpt.wait()                    # a step is evaluated only once its checkpoint is on disk
+    results = evaluation.evaluate(run.model, state.params, mesh, eval_sets,
+                                  batch_size=run.eval_batch_size, schedule=schedule,
+                                  rules=run.sharding_rules)
+    for record in evaluation.per_seed_records(results, run.model_seeds):
+      metrics_log.write({"step": step, "kind": "eval", **record})
+    for name, r in results.items():
+      _write_scalars(writers, step, {f"eval/{name}/{k}": r[k] for k in ("loss", "exact_accuracy",
+                                                                        "query_accuracy")})
+    log(f"eval step {step}\n" + evaluation.format_results(results, run.model_seeds))
+    return results
+
+  def save(step: int) -> None:
+    metrics.fetch(last_checkpoint=saved)   # a non-finite state is never saved
+    # a copy: the next fetch extends the buffer's list while the save may still be writing it
+    ckpt.save(state, step, {"step": step, "data_position": step,
+                            "pending": list(metrics.pending)})
+
+  # The loop. A SIGTERM asks it to stop between two steps, so that the state it checkpoints is
+  # whole (a step in flight has already consumed its donated input).
+  last_eval: dict = {}
+  step = saved = start
+  with _sigterm_requests() as stop_requested:
+    try:
+      for step in range(start + 1, run.steps + 1):
+        if step == run.hard_warmup_steps + 1 and step > 1:
+          log(f"step {step}: hard-eviction warm-up over; training with eviction "
+              f"{run.model.eviction!r}")
+        state, step_metrics = train_step(state, next(batches), step)
+        metrics.add(step, step_metrics)
+        ckpt.check()                 # a background save that failed stops the run here
+        if step % run.log_every == 0 or step == run.steps:
+          metrics.flush(step, last_checkpoint=saved)
+        if step % run.checkpoint_every == 0 or step == run.steps:
+          save(step)
+          saved = step
+        if step % run.eval_every == 0 or step == run.steps:
+          last_eval = evaluate(step)
+          metrics.restart_clock()    # keep eval time out of tokens/s
+        if stop_requested:
+          log(f"SIGTERM: stopping at step {step}")
+          break
+      if not last_eval and not stop_requested:   # already complete: report its accuracy again
+        last_eval = evaluate(step)
+    except KeyboardInterrupt:
+      log(f"interrupted at step {step}")
+      raise
+    finally:
+      # The end, however it came: the step stopped at is saved if its state is whole and finite
+      # and saving still works; the checkpointer and the event files are closed.
+      whole = not any(x.is_deleted() for x in jax.tree.leaves(state))
+      if (saved != step and step > start and whole and metrics.diverged is None
+          and not ckpt.failed):
+        try:
+          save(step)
+        except TrainingDiverged:
+          pass                                  # found only now: the state is not saved
+      try:
+        ckpt.close()
+      finally:
+        if ckpt.failed and lead:
+          ckpt.remove_temporary()               # the failed save's folder: it only fills the disk
+        for w in writers:
+          w.close()
+  if metrics.diverged:
+    raise TrainingDiverged(f"stopped at step {metrics.diverged[0]}: {metrics.diverged[2]} is not "
+                           f"finite")
+  if stop_requested and step < run.steps:
+    raise Preempted(f"SIGTERM: stopped at step {step} of {run.steps} with its checkpoint "
+                    f"saved; the same command continues the run")
+  return last_eval
+
+
+def _starting_state(run: RunConfig, path: Path, mesh, boxed, ckpt: Checkpointer, log):
+  """(state, optimizer, the first step, the pending train metrics): from the newest readable
+  checkpoint, else from `run.init_from`, else a random initialisation."""
   # The random initialisation runs only when nothing else gives the parameters: for an
   # imported 34-layer stack its compilation tripped XLA's slow-compile alarm on an H200, time
   # wasted on a resumed run or one that starts from init_from.
   abstract, optimizer = initial_state(run, mesh, boxed, abstract=True)
-  ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints, clean=lead)
-  start, pending_host = 0, []
   restored = ckpt.restore_latest(abstract, log=log)
   if restored is not None:
     state, meta = restored
     start = int(meta["data_position"])
-    pending_host = [(int(s), m) for s, m in meta.get("pending", [])]
     log(f"resuming {path} from step {start}")
-  elif run.init_from:
-    state = init_from.start_state(run, mesh, boxed, optimizer, log=log)
-  else:
-    state, _ = initial_state(run, mesh, boxed)
-  metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead, warn=log)
-  writers = ([ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in seeds]
-             if run.tensorboard and lead else [])
+    return state, optimizer, start, [(int(s), m) for s, m in meta.get("pending", [])]
+  if run.init_from:
+    return init_from.start_state(run, mesh, boxed, optimizer, log=log), optimizer, 0, []
+  return initial_state(run, mesh, boxed)[0], optimizer, 0, []
+
+
+def _tensorboard_writers(run: RunConfig, path: Path) -> list:
+  """One event-file writer per seed, in <workdir>/tensorboard/seed_<s>, if the run asks for
+  them."""
+  if not run.tensorboard:
+    return []
+  # Imported only here: tensorboardX imports torch wherever torch is installed.
+  from sleep_lm.training.tensorboard import ScalarWriter
+  return [ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in run.model_seeds]
+
+
+def _eval_sets(run: RunConfig, path: Path, lead: bool):
+  data_dir = Path(run.data_dir) if run.data_dir else path / "eval_data"
   if lead:                                   # TFDS files: built once, by one process
     evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
   _barrier("eval_sets_built")
-  eval_sets = evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
+  return evaluation.prepare_eval_sets(run.task, size=run.eval_size, data_dir=data_dir)
 
-  jitted_step, batch_sh = sharded_train_step(run, mesh, boxed, optimizer)
-  # Hard-eviction warm-up of a sliding-window run: steps 1..hard_warmup_steps train the same
-  # parameters with eviction="hard" (the same windows, so the same schedule), then sliding.
+
+def _step_function(run: RunConfig, mesh, boxed, optimizer):
+  """(step(state, batch, step number) -> (state, metrics), batch sharding). A sliding-window
+  run's hard-eviction warm-up: steps 1..hard_warmup_steps train the same parameters with
+  eviction="hard" (the same windows, so the same schedule), then sliding."""
+  sharded_step, batch_sh = sharded_train_step(run, mesh, boxed, optimizer)
   warmup_step = None
   if run.hard_warmup_steps:
     hard = dataclasses.replace(run.model, eviction="hard")
     warmup_step, _ = sharded_train_step(run, mesh, boxed, optimizer, model=hard)
 
-  def step_fn(state, batch, step):
-    fn = warmup_step if step <= run.hard_warmup_steps else jitted_step
+  def train_step(state, batch, step):
+    fn = warmup_step if step <= run.hard_warmup_steps else sharded_step
     with jax.set_mesh(mesh):
       return fn(state, batch)
 
+  return train_step, batch_sh
+
+
+def _device_batches(run: RunConfig, batch_sh, start: int, schedule):
+  """An iterator over the batches of steps start + 1, ..., each a global array made of this
+  process's part (`sharding.process_batch_slice`)."""
   shard_index, shard_count = sharding.process_batch_slice(batch_sh, run.batch_size, axis=1)
-  dataset = train_dataset(run.task, run.batch_size, data_seeds=seeds, shard_index=shard_index,
-                          shard_count=shard_count, num_steps=run.steps)
-  batches = iter(dataset[start:].to_iter_dataset())
+  dataset = train_dataset(run.task, run.batch_size, data_seeds=run.model_seeds,
+                          shard_index=shard_index, shard_count=shard_count, num_steps=run.steps)
 
   def to_device(batch):
     if static_schedule(run.model, batch["loss_mask"].reshape(-1, run.task.seq_len)) != schedule:
@@ -255,111 +424,19 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
                        f"fixed layout ({schedule}); the static schedule would be wrong")
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x), batch)
 
-  def scalars(step, values):
-    for i, w in enumerate(writers):
-      w.scalars(step, {k: v[i] for k, v in values.items()})
+  return map(to_device, dataset[start:].to_iter_dataset())
 
-  def run_eval(step):
-    ckpt.wait()                    # a step is evaluated only once its checkpoint is on disk
-    results = evaluation.evaluate(run.model, state.params, mesh, eval_sets,
-                                  batch_size=run.eval_batch_size, schedule=schedule,
-                                  rules=run.sharding_rules)
-    for record in evaluation.per_seed_records(results, seeds):
-      metrics_log.write({"step": step, "kind": "eval", **record})
-    for name, r in results.items():
-      scalars(step, {f"eval/{name}/{k}": r[k] for k in ("loss", "exact_accuracy",
-                                                         "query_accuracy")})
-    log(f"eval step {step}\n" + evaluation.format_results(results, seeds))
-    return results
 
-  # A SIGTERM asks the loop to stop between two steps, so that the state it checkpoints is whole
-  # (a step in flight has already consumed its donated input).
-  stop_requested = []
-  on_main_thread = threading.current_thread() is threading.main_thread()  # signal needs it
-  if on_main_thread:
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-  last_eval: dict = {}
-  step, saved = start, start
-  pending_device = []                      # (step, metrics on the device) since the last sync
-  t0 = interval_start = time.time()
-  interval_steps, diverged = 0, None
-
-  def sync():
-    """Fetches the pending metrics (the loop's only host syncs) and checks they are finite."""
-    nonlocal pending_device, diverged
-    pending_host.extend((s, {k: np.asarray(v).tolist() for k, v in m.items()})
-                        for s, m in jax.device_get(pending_device))
-    pending_device = []
-    if not run.skip_nonfinite and diverged is None:
-      diverged = _first_nonfinite(pending_host, seeds)
-      if diverged:
-        bad_step, bad_seed, key = diverged
-        raise TrainingDiverged(
-            f"{key} is not finite at step {bad_step} (seed {bad_seed}); stopping without saving "
-            f"that state (last checkpoint: step {saved}). Lower the learning rate, or set "
-            f"config.skip_nonfinite=True to skip such steps")
-
-  def save(step):
-    nonlocal saved
-    sync()
-    ckpt.save(state, step, {"step": step, "data_position": step, "pending": pending_host})
-    saved = step
-
+@contextlib.contextmanager
+def _sigterm_requests():
+  """A list that each SIGTERM appends to while the block runs. Python delivers signals to the
+  main thread only: elsewhere nothing is caught and the list stays empty."""
+  requests: list[bool] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield requests
+    return
+  previous = signal.signal(signal.SIGTERM, lambda *_: requests.append(True))
   try:
-    for step in range(start + 1, run.steps + 1):
-      if step == run.hard_warmup_steps + 1 and step > 1:
-        log(f"step {step}: hard-eviction warm-up over; training with eviction "
-            f"{run.model.eviction!r}")
-      state, metrics = step_fn(state, to_device(next(batches)), step)
-      pending_device.append((step, metrics))
-      ckpt.check()                 # a background save that failed stops the run here
-      interval_steps += 1
-      if step % run.log_every == 0 or step == run.steps:
-        sync()
-        means = {k: np.mean([m[k] for _, m in pending_host], axis=0) for k in pending_host[0][1]}
-        now = time.time()
-        tok_s = interval_steps * run.tokens_per_step / (now - interval_start)
-        for i, seed in enumerate(seeds):
-          metrics_log.write({"step": step, "kind": "train", "seed": seed,
-                             **{k: float(v[i]) for k, v in means.items()},
-                             "tokens_per_s": tok_s, "elapsed_s": now - t0})
-        scalars(step, {f"train/{k}": v for k, v in means.items()})
-        log(_progress_line(step, run.steps, start, float(np.mean(means["loss"])),
-                           float(np.mean(means["exact_accuracy"])), tok_s, now - t0))
-        pending_host, interval_start, interval_steps = [], time.time(), 0
-      if step % run.checkpoint_every == 0 or step == run.steps:
-        save(step)
-      if step % run.eval_every == 0 or step == run.steps:
-        last_eval = run_eval(step)
-        interval_start = time.time()   # keep eval time out of tokens/s
-      if stop_requested:
-        log(f"SIGTERM: stopping at step {step}")
-        break
-    if not last_eval and not stop_requested:   # already complete: report its accuracy again
-      last_eval = run_eval(step)
-  except KeyboardInterrupt:
-    log(f"interrupted at step {step}")
-    raise
+    yield requests
   finally:
-    whole = not any(x.is_deleted() for x in jax.tree.leaves(state))
-    if saved != step and step > start and whole and diverged is None and not ckpt.failed:
-      try:
-        save(step)
-      except TrainingDiverged:
-        pass                                  # found only now: the state is not saved
-    try:
-      ckpt.close()
-    finally:
-      if ckpt.failed and lead:
-        ckpt.remove_temporary()               # the failed save's folder: it only fills the disk
-      for w in writers:
-        w.close()
-      if on_main_thread:
-        signal.signal(signal.SIGTERM, previous)
-  if diverged:
-    raise TrainingDiverged(f"stopped at step {diverged[0]}: {diverged[2]} is not finite")
-  if stop_requested and step < run.steps:
-    raise Preempted(f"SIGTERM: stopped at step {step} of {run.steps} with its checkpoint "
-                    f"saved; the same command continues the run")
-  return last_eval
-
+    signal.signal(signal.SIGTERM, previous)
