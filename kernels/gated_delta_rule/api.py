@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from kernels.array_types import Arr, Float, typed
 from kernels.gated_delta_rule import (
   chunked,
   pallas_mosaic_gpu_grads,
@@ -126,18 +127,28 @@ def _run(q, k, v, g, beta, *, scale, initial_state, use_qk_l2norm, chunk_size, i
   if implementation is not None:
     impl = (implementation if isinstance(implementation, Implementation)
             else REGISTRY[implementation])
-    o, final_state = impl.fn(q, k, v, g, beta, state, **kwargs)
+    o, final_state = _call(impl.fn, q, k, v, g, beta, state, **kwargs)
   else:
     candidates, reasons = default_candidates(q)
     for name in candidates:
       try:
-        o, final_state = REGISTRY[name].fn(q, k, v, g, beta, state, **kwargs)
+        o, final_state = _call(REGISTRY[name].fn, q, k, v, g, beta, state, **kwargs)
         break
       except NotImplementedError as e:  # this one cannot take these inputs: try the next
         reasons.append(f"{name}: {e}")
     else:
       raise NotImplementedError("no implementation takes these inputs: " + "; ".join(reasons))
   return o.astype(v.dtype), final_state.astype(jnp.float32)
+
+
+@typed
+def _call(fn: Callable, q: Float[Arr, "b t h k"], k: Float[Arr, "b t h k"],
+          v: Float[Arr, "b t h v"], g: Float[Arr, "b t h"], beta: Float[Arr, "b t h"],
+          state: Float[Arr, "b h k v"], **kwargs
+          ) -> tuple[Float[Arr, "b t h v"], Float[Arr, "b h k v"]]:
+  """One implementation's call, after `_check_args`: the contract every implementation keeps
+  (shapes in and out), checked in tests (kernels.array_types)."""
+  return fn(q, k, v, g, beta, state, **kwargs)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None,

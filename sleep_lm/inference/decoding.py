@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels.array_types import Arr, Float, Int, typed
 from sleep_lm.model.config import ModelConfig
 from sleep_lm.model.hybrid import (
   HybridLM,
@@ -76,9 +77,9 @@ class DecodeState(NamedTuple):
     None. Their conv histories need no copy: every window's starts at zero, and sleep passes do
     not read it.
   """
-  position: Array
+  position: Int[Array, ""]
   caches: tuple
-  hidden: Array | None
+  hidden: Float[Array, "b l d"] | None
   coda: tuple | None = None
 
 
@@ -185,9 +186,10 @@ def step_context(config: ModelConfig, lay: CacheLayout, position: Array, batch: 
   return Context(positions, segment_pos, mask=mask, slot=slot)
 
 
+@typed
 def wake(config: ModelConfig, lay: CacheLayout, layout: Layout, params, state: DecodeState,
-         tokens: Array, *, last_only: bool = False, empty: bool = False
-         ) -> tuple[DecodeState, Array]:
+         tokens: Int[Arr, "b t"], *, last_only: bool = False, empty: bool = False
+         ) -> tuple[DecodeState, Float[Array, "b _ vocab"]]:
   """The wake pass over tokens [B,T] that fit in the current window: (new state, logits
   [B,T,V], or [B,1,V] of the last token if last_only). T = 1 is the decode step."""
   model, variables = HybridLM(config, layout), {"params": params}
@@ -295,8 +297,10 @@ def sleep(config: ModelConfig, lay: CacheLayout, layout: Layout, params,
   return _evicted(config, lay, state, states, attn, kept, state.position)
 
 
+@typed
 def prefill(config: ModelConfig, lay: CacheLayout, layout: Layout, params, state: DecodeState,
-            tokens: Array, *, last_only: bool = False) -> tuple[DecodeState, Array]:
+            tokens: Int[Arr, "b t"], *, last_only: bool = False
+            ) -> tuple[DecodeState, Float[Array, "b _ vocab"]]:
   """Whole windows [B, n*L] from a window boundary, as in training: the wake pass (its features
   give the logits), N-1 replays (a partial range: then the coda once, `_consolidate`), eviction,
   per window. Returns (state, logits)."""
@@ -337,7 +341,9 @@ def prefill(config: ModelConfig, lay: CacheLayout, layout: Layout, params, state
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
-def sample(logits: Array, key: Array, *, temperature: float = 0.0, top_k: int = 0) -> Array:
+@typed
+def sample(logits: Float[Arr, "b vocab"], key: Array, *, temperature: float = 0.0,
+           top_k: int = 0) -> Int[Array, " b"]:
   """[B,V] logits -> [B] int32 tokens: greedy (temperature 0), else softmax(logits/temperature)
   sampling, over the top_k logits only when top_k > 0 (ties with the k-th are kept)."""
   if temperature <= 0:
@@ -349,9 +355,11 @@ def sample(logits: Array, key: Array, *, temperature: float = 0.0, top_k: int = 
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@typed
 def generate(config: ModelConfig, lay: CacheLayout, layout: Layout, params, state: DecodeState,
-             logits: Array, key: Array, index: Array, count, *, steps: int,
-             temperature: float = 0.0, top_k: int = 0) -> tuple[DecodeState, Array, Array]:
+             logits: Float[Arr, "b vocab"], key: Array, index: Array | int, count, *,
+             steps: int, temperature: float = 0.0, top_k: int = 0
+             ) -> tuple[DecodeState, Int[Array, "b steps"], Float[Array, "b vocab"]]:
   """`count` (<= steps) tokens per stream, sampled and fed back on the device: token i is drawn
   from the logits before it with `fold_in(key, index + i)`, then its wake step runs.
 

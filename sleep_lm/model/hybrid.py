@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels.array_types import Arr, Float, typed
 from sleep_lm.model.config import ModelConfig
 from sleep_lm.model.layers import (
   TRAIN,
@@ -70,9 +71,10 @@ def pass_caches(config: ModelConfig, states, prefix=None) -> tuple:
   return join_caches(config, (GDNCache(s) for s in states), prefix)
 
 
-def window_pass(config: ModelConfig, params, ctx: Context, prefix, h: Array, states,
+@typed
+def window_pass(config: ModelConfig, params, ctx: Context, prefix, h: Float[Arr, "b t d"], states,
                 layout: Layout = TRAIN, span: tuple[int, int] | None = None
-                ) -> tuple[Array, tuple, tuple]:
+                ) -> tuple[Float[Array, "b t d"], tuple, tuple]:
   """One pass of the layer stack over a window (a training pass, a replay pass, a prefill
   window): the GDN states and, for sliding eviction, the attention layers' retained prefix in;
   (h, the GDN states after the window, the attention layers' own keys/values) out.

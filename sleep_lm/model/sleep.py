@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.array_types import Arr, Bool, Float, Int, Shaped, typed
 from sleep_lm.model.config import ModelConfig
 from sleep_lm.model.hybrid import (
   HybridLM,
@@ -69,10 +70,10 @@ REMAT_POLICIES = {
 
 
 class SleepOutput(NamedTuple):
-  logits: Array        # [B,T,vocab] float32
-  hidden: Array        # [B,T,D] final-pass features of every window (float32 residual stream)
-  states: tuple        # GDN states after the last window, float32 [B,H,K,V] each
-  sleeps: Array        # [W] bool, True where the window was consolidated with N passes
+  logits: Float[Array, "b t vocab"]   # float32
+  hidden: Float[Array, "b t d"]       # final-pass features of every window (float32 residual)
+  states: tuple                       # GDN states after the last window, float32 [B,H,K,V] each
+  sleeps: Bool[Array, " w"]           # True where the window was consolidated with N passes
 
 
 def window_length(config: ModelConfig, seq_len: int) -> int:
@@ -103,7 +104,9 @@ def _remat(fn, policy: str):
   return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
-def sleep_forward(config: ModelConfig, params, tokens: Array, loss_mask: Array, *,
+@typed
+def sleep_forward(config: ModelConfig, params, tokens: Int[Arr, "b t"],
+                  loss_mask: Shaped[Arr, "b t"], *,
                   initial_states: tuple | None = None,
                   schedule: Sequence[bool] | None = None) -> SleepOutput:
   """Runs Algorithm 1 over tokens [B,T]; windows sleep as `schedule` says (static tuple of W
@@ -113,7 +116,9 @@ def sleep_forward(config: ModelConfig, params, tokens: Array, loss_mask: Array, 
                                 schedule=schedule)
 
 
-def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Array, *,
+@typed
+def sleep_forward_embedded(config: ModelConfig, params, h: Float[Arr, "b t d"],
+                           loss_mask: Shaped[Arr, "b t"], *,
                            initial_states: tuple | None = None,
                            schedule: Sequence[bool] | None = None) -> SleepOutput:
   """`sleep_forward` from embedded inputs h [B,T,D] (lets tests differentiate w.r.t. them)."""
@@ -217,7 +222,8 @@ def sleep_forward_embedded(config: ModelConfig, params, h: Array, loss_mask: Arr
   return SleepOutput(logits, hidden, states, sleeps)
 
 
-def parallel_forward(config: ModelConfig, params, tokens: Array) -> SleepOutput:
+@typed
+def parallel_forward(config: ModelConfig, params, tokens: Int[Arr, "b t"]) -> SleepOutput:
   """The plain hybrid (N = 1, hard eviction) as one pass over the whole sequence.
 
   Attention uses a block-diagonal causal mask (each window sees only itself), the conv restarts
