@@ -200,15 +200,18 @@ def test_backward_is_the_reverse_kernel(wy_kernel):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dv", [128, 32])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_reverse_kernel_matches_jax_steps(dtype):
-  """The reverse kernel alone (two V-tiles, two batch rows of two heads) against
-  `_pallas_common.state_bwd_step` looped in JAX at HIGHEST: dVnew, dS leaving each chunk, dS_0.
-  q, k and dO enter in the op's [B, T, H, *] layout (`head_tile`); the kernel scales q and k
-  into Qe and Ke itself."""
+def test_reverse_kernel_matches_jax_steps(dtype, dv):
+  """The reverse kernel alone (two V-tiles of 64, or one of 32; two batch rows of two heads)
+  against `_pallas_common.state_bwd_step` looped in JAX at HIGHEST: dVnew, dS leaving each
+  chunk, dS_0. q, k and dO enter in the op's [B, T, H, *] layout (`head_tile`); the kernel
+  scales q and k into Qe and Ke itself. V = 32 calls the kernel directly, past the op's refusal
+  on a GPU: it tells whether the reverse chain is where V-tile 32 goes wrong compiled (12-04d,
+  docs/kernels.md)."""
   from kernels.gated_delta_rule import _pallas_common as common
   m = pallas_mosaic_gpu
-  b, bh, t, dk, dv = 2, 4, 192, 64, 128
+  b, bh, t, dk = 2, 4, 192, 64
   keys = jax.random.split(jax.random.PRNGKey(5), 8)
   rnd = lambda i, shape: jax.random.normal(keys[i], shape)
   q, k, w = (0.3 * rnd(i, (bh, t, dk)) for i in range(3))
