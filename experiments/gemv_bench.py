@@ -8,9 +8,8 @@ the --settings given. Each is one jitted function of `--inner` calls on distinct
 enough distinct copies of w (at least --rotate_mb MB in all) that w comes from HBM, not from the
 50 MB L2 (a decode step reads every layer's weights once). Reported per call: the wall time of the
 loop with one sync (median of --samples) and the device time (kernels summed, from a profiler
-trace, `sleep_lm.common.profiling`), and the bandwidth, bytes of w over the device time.
-Correctness is
-checked first against a float32 product on the same inputs.
+trace, `sleep_lm.common.profiling`), and the bandwidth, bytes of w over the device time. Correctness
+is checked first against a float32 product on the same inputs.
 
 CPU smoke run (kernel interpreted, tiny shapes; checks that the script runs, times nothing real):
   python -m experiments.gemv_bench --quick --json /tmp/gemv_quick.json

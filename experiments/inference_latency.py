@@ -37,8 +37,7 @@ Derived: per hybrid N and eviction, the crossover (shortest measured C from whic
 batch-1 latency beats attention's at every longer C), the speed-ups at 32K and 128K (attention /
 hybrid latency), the throughput ratio at 32K and the prefill ratio at 128K.
 --profile prints the device-time table (`sleep_lm.common.profiling`) of `generate(--tokens)` per
-token
-for the hybrid (N = 1) and attention (at 32K or the longest C below it).
+token for the hybrid (N = 1) and attention (at 32K or the longest C below it).
 
 Writes <out>/inference_latency.json (after each model: a run cut short keeps what it measured),
 <out>/inference_latency.png and prints a table. Sizes:

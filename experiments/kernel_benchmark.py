@@ -309,8 +309,8 @@ def load_jla(impl="mosaic_gpu"):
 
 
 def torch_device_time_table(fn, *, calls, top=25):
-  """Device time per call by CUDA kernel name, as sleep_lm.common.profiling.device_time_table
-  returns.
+  """Device time per call by CUDA kernel name, as
+  sleep_lm.common.profiling.device_time_table returns.
 
   Run it after every JAX trace of the process: once torch's profiler has subscribed to CUPTI,
   jax.profiler cannot (CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED)."""

@@ -210,8 +210,7 @@ def check(c: ml_collections.ConfigDict, lengths=None) -> None:
 def check_source(c: ml_collections.ConfigDict, init: str) -> None:
   """An init workdir that already holds a run must be the same model (layers, passes): the
   parameter check of `sleep_lm.training.init_from` cannot tell N = 1 from N = 4. A workdir not made
-  yet
-  is left to that check at launch."""
+  yet is left to that check at launch."""
   path = Path(init) / "config.json"
   if not path.exists():
     return

@@ -14,11 +14,10 @@ r"""Train-step scaling over devices: ms/step, tokens/s, efficiency against one d
 Each mesh runs in its own child process (fresh device memory statistics, an out-of-memory or a
 crash costs only its row), restricted to the first n GPUs (CUDA_VISIBLE_DEVICES), sequentially.
 A child builds the train state on the mesh (`sleep_lm.training.trainer`: the same shardings, rules
-and
-jitted step as training), compiles the step ahead of time, runs `--warmup` steps, then times
-`--repeats` runs of `--iters` back-to-back steps (one device sync per run) on one batch held on
-the devices (the input pipeline is not timed), and reports the median ms/step with the 20th and
-80th percentiles.
+and jitted step as training), compiles the step ahead of time, runs `--warmup` steps, then times
+`--repeats` runs of `--iters` back-to-back steps (one device sync per run) on one batch held on the
+devices (the input pipeline is not timed), and reports the median ms/step with the 20th and 80th
+percentiles.
 
 Efficiency of a row = its tokens/s / (devices x tokens/s of the first 1-device row of the same
 invocation, or of --baseline's, measured earlier on the same machine). Weak scaling

@@ -8,9 +8,8 @@ model), reads the prompt as comma-separated token ids or, for tasks with token c
 110: '0', '1', 'Q'), as a string of them, or, in the workdir of a converted pretrained model
 (`sleep_lm.pretrained.convert`: it holds tokenizer/tokenizer.json), as text through that
 tokenizer; feeds it to a `sleep_lm.inference.stream.Stream` and generates, then prints the tokens
-(as text
-with a tokenizer) and the timing. User errors print one line and exit with status 2.
-How a stream wakes, sleeps and evicts: `sleep_lm.inference.decoding`, docs/inference.md.
+(as text with a tokenizer) and the timing. User errors print one line and exit with status 2. How a
+stream wakes, sleeps and evicts: `sleep_lm.inference.decoding`, docs/inference.md.
 """
 
 from __future__ import annotations

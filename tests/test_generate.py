@@ -1,6 +1,5 @@
 """Streaming generation (sleep_lm.inference.stream, sleep_lm.inference.decoding) against the
-training forward,
-sampling, and the CLI (sleep_lm.generate).
+training forward, sampling, and the CLI (sleep_lm.generate).
 
 The equivalence tested: a stream's logits for the tokens of window c are those of `sleep_forward`
 over the tokens up to the end of window c with only window c supervised (the windows before it

@@ -8,9 +8,9 @@ L-1 keys/values from the last time it ran. It shares only the blocks themselves 
 masks (`window_context`) with the code under test, not its layer loop, remat or scans.
 
 A stream (`sleep_lm.inference.stream`, `sleep_lm.inference.decoding`) is checked as
-tests/test_generate.py checks
-the whole stack: its logits for window c are the sleep scan's with windows c.. supervised (the
-windows before c sleep, window c gets the one wake pass a stream's logits come from).
+tests/test_generate.py checks the whole stack: its logits for window c are the sleep scan's with
+windows c.. supervised (the windows before c sleep, window c gets the one wake pass a stream's
+logits come from).
 """
 
 import functools

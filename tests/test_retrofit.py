@@ -1,6 +1,5 @@
-"""Retrofit (sleep_lm.model.retrofit): fresh GDN layers inserted into an imported attention stack
-leave
-its function unchanged, and the two-stage recipe's stage 1 trains only them.
+"""Retrofit (sleep_lm.model.retrofit): fresh GDN layers inserted into an imported attention
+stack leave its function unchanged, and the two-stage recipe's stage 1 trains only them.
 
 The attention stack is a random canonical checkpoint imported through `sleep_lm.pretrained`
 (GQA, tied head). Checks: the logits after insertion equal those before (they are computed

@@ -34,8 +34,8 @@ class Stream:
   """B independent streams of one model, advancing in lockstep.
 
   config, params: the model and its (training-layout, unboxed, one-model) parameters; they are
-    rearranged once into `layout` (`sleep_lm.model.layers.LAYOUTS`: "rows" by default) on the
-    device.
+    rearranged once on the device into `layout` (`sleep_lm.model.layers.LAYOUTS`: "rows" by
+    default).
   capacity: the most tokens a stream holds, for eviction "none" (the full-cache baseline).
   loop: "dynamic", one compiled generation loop for any number of tokens, or "fixed", one per
     distinct number (a loop whose trip count is known when compiled).

@@ -81,15 +81,14 @@ class ModelConfig:
     unroll: unroll the window and pass scans of a static schedule into straight-line code (no
       loop carries or stacked residuals to copy; longer compiles).
     scan_layers: run the layers of a pass as `jax.lax.scan`s over maximal runs of a repeated
-      group of layers (`sleep_lm.model.hybrid.layer_groups`: SmolLM2 + 4 GDN layers, (A*7 G) x 4 +
-      AA,
-      is one scan of 4 repetitions of the 8-layer group and 2 single layers; (A G) x 8 a scan of
-      8 repetitions of 2), so that the program holds each group once rather than every layer:
-      shorter compiles, same values. The parameters stay one subtree per layer (checkpoints,
-      the optimizer's labels and masks unchanged); each pass stacks the repeated layers'
-      parameters and caches to scan over them and unstacks the new caches (copies at every
-      call, a decode step included: decode speed with the flag is not measured). False: every
-      layer in line (`unroll` does not unroll these scans).
+      group of layers (`sleep_lm.model.hybrid.layer_groups`: SmolLM2 + 4 GDN layers,
+      (A*7 G) x 4 + AA, is one scan of 4 repetitions of the 8-layer group and 2 single layers;
+      (A G) x 8 a scan of 8 repetitions of 2), so that the program holds each group once rather than
+      every layer: shorter compiles, same values. The parameters stay one subtree per layer
+      (checkpoints, the optimizer's labels and masks unchanged); each pass stacks the repeated
+      layers' parameters and caches to scan over them and unstacks the new caches (copies at every
+      call, a decode step included: decode speed with the flag is not measured). False: every layer
+      in line (`unroll` does not unroll these scans).
   """
   vocab_size: int
   d_model: int = 256

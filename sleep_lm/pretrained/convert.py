@@ -8,10 +8,9 @@ restore.
       --max_new_tokens 8
 
 --source: a .gguf file or a Hugging Face folder (`sleep_lm.pretrained.load`). The workdir gets
-  config.json      a run config (`sleep_lm.training.run_config.RunConfig`): the all-attention model
-  of
-                   `importer.model_config`, the task "text" (`sleep_lm.tasks.text`: the
-                   checkpoint's vocabulary, no data), one seed, the default optimizer recipe
+  config.json      a run config (`sleep_lm.training.run_config.RunConfig`): the all-attention
+                   model of `importer.model_config`, the task "text" (`sleep_lm.tasks.text`:
+                   the checkpoint's vocabulary, no data), one seed, the default optimizer recipe
   checkpoints/0/   the train state at step 0 (orbax, through `sleep_lm.training.checkpointing`): the
                    imported parameters on the seed axis and a fresh optimizer state
   tokenizer/       tokenizer.json (the `tokenizers` file), tokenizer_config.json (the chat

@@ -117,10 +117,9 @@ def eval_source(task: Task, eval_set: str, *, size: int, data_dir: str):
 
 
 def _check_metadata(directory: Path) -> None:
-  """The metadata of a set built before, read through `sleep_lm.common.files`: a damaged file (a
-  crash
-  or a full disk while TFDS wrote it) is one line naming it, where TFDS would raise a protobuf
-  traceback. The set's records themselves are trusted."""
+  """The metadata of a set built before, read through `sleep_lm.common.files`: a damaged file
+  (a crash or a full disk while TFDS wrote it) is one line naming it, where TFDS would raise a
+  protobuf traceback. The set's records themselves are trusted."""
   path = directory / "dataset_info.json"
   if path.exists():
     files.read_json(path, fields=("name", "splits"), fix=f"delete {directory} to rebuild the set")

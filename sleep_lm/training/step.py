@@ -139,9 +139,8 @@ def make_optimizer(cfg: OptimizerConfig, *,
   norm nor anywhere else) and their updates are zero (`optax.set_to_zero`: no optimizer state
   either, and no weight decay); the optimizer state's structure then differs from the default's.
 
-  Muon is `sleep_lm.training.muon.muon`: `optax.contrib.muon` with one Newton-Schulz chain per
-  group of
-  same-shape matrices instead of one per matrix (same values, same state tree; a smaller program
+  Muon is `sleep_lm.training.muon.muon`: `optax.contrib.muon` with one Newton-Schulz chain per group
+  of same-shape matrices instead of one per matrix (same values, same state tree; a smaller program
   that compiles faster). `batched_muon=False`: `optax.contrib.muon` itself (the tests' oracle)."""
   muon_fn = muon_lib.muon if batched_muon else optax.contrib.muon
   muon = muon_fn(wsd_schedule(cfg.muon_lr, cfg), beta=cfg.muon_momentum,
@@ -220,10 +219,9 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
   """Jitted (state, batch) -> (state, metrics) over a leading seed axis [S, ...] of both.
 
   `rules` (`sleep_lm.model.sharding`) are entered while tracing, so the activation constraints and
-  the
-  sharded fast-weight op follow them; call the step under `jax.set_mesh(mesh)`. `jit_kw` goes to
-  `jax.jit` (the trainer pins in_shardings and out_shardings: the state keeps its layout from
-  step to step, and its donated buffers are reused).
+  the sharded fast-weight op follow them; call the step under `jax.set_mesh(mesh)`. `jit_kw` goes to
+  `jax.jit` (the trainer pins in_shardings and out_shardings: the state keeps its layout from step
+  to step, and its donated buffers are reused).
   """
   schedule = None if schedule is None else tuple(bool(x) for x in schedule)
 

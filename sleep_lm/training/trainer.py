@@ -2,10 +2,9 @@
 
 `train(run, workdir)` trains (or continues) the run in `workdir`. Everything a run needs to
 continue is in the workdir (`sleep_lm.training.workdir`); repeating the command after a crash or a
-kill
-continues from the newest readable checkpoint and reproduces the uninterrupted run: every batch
-is a pure function of the step (`sleep_lm.tasks.train_dataset`), and the train metrics pending
-since the last log line travel in the checkpoint.
+kill continues from the newest readable checkpoint and reproduces the uninterrupted run: every batch
+is a pure function of the step (`sleep_lm.tasks.train_dataset`), and the train metrics pending since
+the last log line travel in the checkpoint.
 
 Guards: one training run per workdir (`sleep_lm.training.workdir.Lock`, taken by process 0 before
 anything is written); a non-finite loss or gradient norm stops the run with a `TrainingDiverged`
