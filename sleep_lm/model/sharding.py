@@ -81,7 +81,7 @@ def check_rules(rules) -> Rules:
   (the fast-weight op is split over both at once).
   """
   if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-    raise ValueError(f"config.sharding_rules must be a sequence of (logical axis, mesh axes) "
+    raise FieldError("config.sharding_rules", f"must be a sequence of (logical axis, mesh axes) "
                      f"pairs, got {rules!r}")
   out, seen = [], set()
   for entry in rules:

@@ -36,7 +36,7 @@ def _product_or_free(mesh: Mapping) -> int:
   machine is known (-1 then stands for 1 device)."""
   count = 1
   for value in mesh.values():
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if validation.is_int(value) and value >= 1:
       count *= value
   return count
 
@@ -92,8 +92,8 @@ class RunConfig:
       validation.check_bool(f"config.{field}", config[field])
     validation.check_str("config.data_dir", config.data_dir)
     mesh = config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh
-    if not isinstance(mesh, Mapping):
-      raise ValueError(f"config.mesh must be a dict of mesh axis sizes, got {config.mesh!r}")
+    validation.expect(isinstance(mesh, Mapping), "config.mesh",
+                      f"must be a dict of mesh axis sizes, got {config.mesh!r}")
     mesh = dict(mesh)
     sharding.mesh_shape(mesh, _product_or_free(mesh))      # names and values; sizes at setup
     rules = sharding.check_rules(config.sharding_rules)
