@@ -299,7 +299,8 @@ class HybridLM(nn.Module):
     """Plain single-window forward; used to create parameters (`init`)."""
     t = tokens.shape[1]
     pos = jnp.arange(t)
-    ctx = Context(pos, pos, jnp.ones((t,), bool), jnp.tril(jnp.ones((t, t), bool))[None, None])
+    # causal, not a [T, T] mask: cuDNN's vmap rule cannot batch a broadcast mask (seeds vmap init)
+    ctx = Context(pos, pos, jnp.ones((t,), bool), causal=True)
     caches = pass_caches(self.config, zero_states(self.config, tokens.shape[0]))
     h, _ = self.run_pass(self.embed(tokens), caches, ctx)
     return self.logits(h)
