@@ -75,7 +75,8 @@ def test_cudnn_matches_xla_vmapped(t):
   forward and all three gradients against XLA's attention in float32."""
   if jax.default_backend() != "gpu":
     pytest.skip("cuDNN needs a GPU")
-  seeds, b, h, d = 2, 1, 2, 64     # XLA's float32 reference at 32K: 17 GB of scores
+  seeds, b, d = 2, 1, 64
+  h = 1 if t > 8192 else 2          # XLA's float32 reference at 32K: 8.6 GB per [T, T] tensor
   keys = jax.random.split(jax.random.key(t), 4)
   q, k, v = (jax.random.normal(kk, (seeds, b, t, h, d), jnp.float32) for kk in keys[:3])
   cotangent = jax.random.normal(keys[3], (seeds, b, t, h, d), jnp.float32)
