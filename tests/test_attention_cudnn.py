@@ -24,17 +24,13 @@ from sleep_lm.model.config import ModelConfig
 from sleep_lm.model.hybrid import init_params
 from sleep_lm.model.sleep import sleep_forward
 from sleep_lm.training.step import loss_fn
+from tests.numerics import rel_rms
 
 BASE = dict(vocab_size=16, d_model=32, attn_head_dim=16, gdn_head_dim=16, mlp_dim=48, window=8)
 CONFIGS = {
     "hybrid_hard": ModelConfig(layers=("attn", "gdn"), eviction="hard", passes=2, **BASE),
     "attn_none": ModelConfig(layers=("attn", "attn"), eviction="none", **BASE),
 }
-
-
-def rel_rms(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.sqrt(np.mean((x - ref) ** 2) / np.mean(ref ** 2)))
 
 
 @pytest.fixture

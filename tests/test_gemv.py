@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kernels.gemv import default_blocks, gemv, resolve_blocks
+from tests.numerics import rel_rms
 
 
 def _inputs(n, k, dtype, seed):
@@ -26,11 +27,6 @@ def _inputs(n, k, dtype, seed):
 def _oracle(x, w):
   """w @ x in float64 from the inputs as given (already rounded to their dtype)."""
   return np.asarray(w, np.float64) @ np.asarray(x, np.float64)
-
-
-def _rel_rms(got, want):
-  got = np.asarray(got, np.float64)
-  return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
 
 
 # (n, k, block_rows, block_k): None = the default blocks.
@@ -47,7 +43,7 @@ def test_float32_matches_float64_oracle(n, k, bn, bk):
   x, w = _inputs(n, k, jnp.float32, seed=n + k)
   got = jax.jit(lambda x, w: gemv(x, w, block_rows=bn, block_k=bk))(x, w)
   assert got.shape == (n,) and got.dtype == jnp.float32
-  err = _rel_rms(got, _oracle(x, w))
+  err = rel_rms(got, _oracle(x, w))
   assert err < 1e-6, err
 
 
@@ -57,7 +53,7 @@ def _check_bf16(got, want):
   floor for elements near zero, where cancellation leaves the accumulation error the larger)."""
   assert got.dtype == jnp.bfloat16
   got64 = np.asarray(got, np.float64)
-  assert _rel_rms(got, want) < 1e-2
+  assert rel_rms(got, want) < 1e-2
   ulp = np.abs(want) * 2.0 ** -7 + 1e-5 * np.sqrt(np.mean(want ** 2))
   bad = np.abs(got64 - want) > ulp
   assert not bad.any(), (np.flatnonzero(bad), got64[bad], want[bad])
@@ -83,8 +79,8 @@ def test_gradients_match_analytic(n, k, bn, bk):
   loss = lambda x, w: jnp.sum(c * gemv(x, w, block_rows=bn, block_k=bk))
   dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
   c64 = np.asarray(c, np.float64)
-  assert _rel_rms(dx, c64 @ np.asarray(w, np.float64)) < 1e-6
-  assert _rel_rms(dw, np.outer(c64, np.asarray(x, np.float64))) < 1e-6
+  assert rel_rms(dx, c64 @ np.asarray(w, np.float64)) < 1e-6
+  assert rel_rms(dw, np.outer(c64, np.asarray(x, np.float64))) < 1e-6
 
 
 def test_default_blocks():
@@ -122,6 +118,6 @@ def test_decode_shapes(n, k, dtype):
   x, w = _inputs(n, k, dtype, seed=n ^ k)
   got = jax.jit(gemv)(x, w)
   if dtype == jnp.float32:
-    assert _rel_rms(got, _oracle(x, w)) < 1e-6
+    assert rel_rms(got, _oracle(x, w)) < 1e-6
   else:
     _check_bf16(got, _oracle(x, w))

@@ -33,6 +33,7 @@ from sleep_lm.pretrained.importer import (  # noqa: E402
     model_config,
     param_path,
 )
+from tests.numerics import rel_rms  # noqa: E402
 from tests.test_pretrained import (  # noqa: E402
     VOCAB,
     hf_config,
@@ -42,11 +43,6 @@ from tests.test_pretrained import (  # noqa: E402
 )
 
 TOL = 1e-5
-
-
-def rel_rms(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
 
 
 def jax_logits(ckpt: Checkpoint, tokens: np.ndarray, **config_overrides) -> np.ndarray:

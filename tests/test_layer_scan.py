@@ -58,6 +58,7 @@ from sleep_lm.training.step import (
   param_labels,
   train_step,
 )
+from tests.numerics import rel_rms
 from tests.test_model_features import make_params
 
 L = 6          # window
@@ -100,12 +101,6 @@ def config(scan: bool = False, **overrides) -> ModelConfig:
 def both(case: str) -> tuple[ModelConfig, ModelConfig]:
   """(plain loop, scan) configs of a case."""
   return config(False, **CASES[case]), config(True, **CASES[case])
-
-
-def rel_rms(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  scale = np.linalg.norm(b)
-  return float(np.linalg.norm(a - b) / scale) if scale else float(np.linalg.norm(a))
 
 
 def assert_close(got, want, what: str, tol: float = TOL) -> None:

@@ -31,6 +31,7 @@ from sleep_lm.model.layers import TRAIN, AttentionCache, GDNCache
 from sleep_lm.model.sleep import sleep_forward, static_schedule
 from sleep_lm.model.windows import window_context
 from sleep_lm.training.run_config import RunConfig
+from tests.numerics import rel_rms
 from tests.test_generate import stream_logits
 
 L = 6          # window
@@ -50,11 +51,6 @@ def params():
 
 
 forward = jax.jit(sleep_forward, static_argnums=0, static_argnames="schedule")
-
-
-def rel_rms(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def data(seed=0, batch=2, t=T):

@@ -27,6 +27,7 @@ from sleep_lm.model.config import ModelConfig
 from sleep_lm.training import muon as batched
 from sleep_lm.training.checkpointing import Checkpointer
 from sleep_lm.training.step import OptimizerConfig, TrainState, make_optimizer, param_labels
+from tests.numerics import rel_rms
 from tests.test_model_features import make_params
 
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 0.15}
@@ -52,12 +53,6 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 def random_tree(rng, scale: float = 1.0):
   return {name: [jnp.asarray(scale * rng.standard_normal(s[:-1]), DTYPES[s[-1]]) for s in shapes]
           for name, shapes in SHAPES.items()}
-
-
-def rel_rms(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  scale = np.linalg.norm(b)
-  return float(np.linalg.norm(a - b) / scale) if scale else float(np.linalg.norm(a))
 
 
 def assert_close(got, want, what: str) -> None:

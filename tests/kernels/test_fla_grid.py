@@ -67,6 +67,7 @@ import numpy as np
 import pytest
 
 import kernels
+from tests.numerics import rel_rms
 
 BACKEND = jax.default_backend()
 # Everything registered that runs here: on a CPU the Pallas kernels run interpreted; the TPU
@@ -253,10 +254,6 @@ def run(case: Case, impl: str, args, cotangents):
   chunk = 64 if impl in FIXED_CHUNK_64 else case.chunk
   outs = _op_vjp(args, cotangents, impl=impl, chunk=chunk, scale=case.scale, l2norm=case.l2norm)
   return [np.asarray(x.astype(jnp.float32), np.float64) for x in outs]
-
-
-def rel_rms(x, ref):
-  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def _record(case, impl, errors, max_abs, refused=None):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import kernels
+from tests.numerics import rel_rms
 
 RULES = ("delta", "linear")
 IMPLS = ("recurrent", "chunked")
@@ -175,13 +176,6 @@ def make_inputs(rng, *, b=2, t=75, h=2, dk=16, dv=32, normalize_k=True, with_sta
   s0 = rng.standard_normal((b, h, dk, dv)) * 0.5 if with_state else None
   cast = lambda x: None if x is None else jnp.asarray(x.astype(np.float32)).astype(dtype)
   return tuple(cast(x) for x in (q, k, v, g, beta)) + (cast(s0),)
-
-
-def rel_rms(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  assert x.shape == ref.shape, (x.shape, ref.shape)
-  assert np.all(np.isfinite(x)), "non-finite values"
-  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def assert_close(got, ref, tol, what):

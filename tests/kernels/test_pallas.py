@@ -16,6 +16,7 @@ import pytest
 
 import kernels
 from kernels.gated_delta_rule import api
+from tests.numerics import rel_rms
 
 BACKEND = jax.default_backend()
 # Compiled where the hardware is, interpreted on a CPU; the TPU kernel has no GPU interpreter.
@@ -54,11 +55,6 @@ def reference(inputs, cotangents, **kwargs):
   up = lambda xs: tuple(x.astype(jnp.float32) for x in xs)
   with jax.default_matmul_precision("highest"):
     return outputs_and_grads("recurrent", up(inputs), up(cotangents), **kwargs)
-
-
-def rel_rms(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.sqrt(np.mean((x - ref) ** 2)) / (np.sqrt(np.mean(ref ** 2)) + 1e-30)
 
 
 def assert_close(got, want, tolerance, names=NAMES):
