@@ -2,7 +2,8 @@ r"""What one training step of the long-context models needs in device memory, pe
 
   # GPU (bf16, cuDNN attention and XLA's for comparison; compiled only, nothing allocated):
   python -m experiments.long_context_memory --preset gpu --models attn,N1,N4 \
-      --lengths 8k,32k,64k --remat blocks,full --attention cudnn,xla --json $OUT/memory.json
+      --lengths 8k,32k,64k --remat blocks,full --attention cudnn,xla,pallas_triton \
+      --json $OUT/memory.json
   # the same, also allocated and run (3 steps, the last 2 timed): peak bytes and ms/step
   python -m experiments.long_context_memory --preset gpu --models attn,N1,N4 \
       --lengths 8k,32k,64k --run --json $OUT/memory_run.json
@@ -104,7 +105,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--remat", default="", help="comma-separated remat policies "
                       "(default: the config's: blocks for attn, full for the hybrids)")
   parser.add_argument("--attention", default="",
-                      help="comma-separated: xla, cudnn (default: the config's)")
+                      help="comma-separated: xla, cudnn, pallas_triton (default: the config's)")
   parser.add_argument("--run", action="store_true", help="also allocate, run and time it")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
@@ -132,12 +133,12 @@ def main(argv=None) -> list[dict]:
               row["error"] = f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
             rows.append(row)
             print(json.dumps(row), flush=True)
-  print(f"\n{'model':<6}{'length':>7}{'B':>3}{'S':>3}{'remat':>8}{'attention':>10}"
+  print(f"\n{'model':<6}{'length':>7}{'B':>3}{'S':>3}{'remat':>8}{'attention':>14}"
         f"{'args GiB':>9}{'temp GiB':>9}{'total GiB':>10}{'peak GiB':>9}{'ms/step':>9}"
         f"{'tok/s':>10}")
   for r in rows:
     head = (f"{r['model']:<6}{r['length']:>7}{r['batch']:>3}{r['seeds']:>3}{r['remat']:>8}"
-            f"{r['attention']:>10}")
+            f"{r['attention']:>14}")
     if "error" in r:
       print(f"{head}  {r['error'][:100]}")
       continue

@@ -24,6 +24,7 @@ RULES = ("gdn", "gated_linear")
 EVICTIONS = ("hard", "sliding", "none")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "blocks")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas_triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,10 @@ class ModelConfig:
       None for the backend's best.
     chunk_size: largest chunk for the chunked op; shorter windows use the smallest allowed
       chunk that covers them.
-    attention_implementation: passed to `jax.nn.dot_product_attention` (None, "xla", "cudnn").
+    attention_implementation: None, "xla" or "cudnn": passed to `jax.nn.dot_product_attention`
+      (None is XLA's); "pallas_triton": JAX's Pallas flash-attention kernel for the causal calls
+      (`kernels.attention`: training windows, a fresh window's prefill; no band), XLA's for the
+      masked ones (a decode step against its cache).
     unroll: unroll the window and pass scans of a static schedule into straight-line code (no
       loop carries or stacked residuals to copy; longer compiles).
     scan_layers: run the layers of a pass as `jax.lax.scan`s over maximal runs of a repeated
@@ -184,7 +188,7 @@ class ModelConfig:
     check_bool("ModelConfig.unroll", self.unroll)
     check_bool("ModelConfig.scan_layers", self.scan_layers)
     check_choice("ModelConfig.attention_implementation", self.attention_implementation,
-                 (None, "xla", "cudnn"))
+                 ATTENTION_IMPLEMENTATIONS)
 
   @property
   def num_attn_heads(self) -> int:

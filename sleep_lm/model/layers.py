@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 import kernels
 import kernels.gemv
+from kernels.attention import causal_attention as flash_causal_attention
 from kernels.gated_delta_rule.base import CHUNK_SIZES
 from sleep_lm.model import sharding
 from sleep_lm.model.config import ModelConfig
@@ -267,6 +268,21 @@ def causal_conv(x: Array, w: Array, segment_pos: Array, history: Array | None = 
   return out, (None if history is None else xs[:, t:])
 
 
+def causal_attention(q: Array, k: Array, v: Array, band: int | None,
+                     implementation: str | None) -> Array:
+  """q [B,T,H,D] over its own keys k, v [B,T,G,D], causally; band: each query sees only its own
+  and the band - 1 keys before it, or None. implementation: `ModelConfig.attention_implementation`
+  ("pallas_triton": `kernels.attention.causal_attention`; the others: jax.nn's)."""
+  if implementation == "pallas_triton":
+    if band is not None:
+      raise ValueError("ModelConfig.attention_implementation: 'pallas_triton' has no local "
+                       "window (band); use 'cudnn' or 'xla' for banded attention")
+    return flash_causal_attention(q, k, v)
+  window = None if band is None else (band - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                      implementation=implementation)
+
+
 class Attention(nn.Module):
   """Causal softmax attention; which keys a query sees: `Context` (mask, buffer, lengths).
 
@@ -308,13 +324,15 @@ class Attention(nn.Module):
         values = jnp.concatenate([cache.values.astype(dt), v], axis=1)
       new = AttentionCache(k, v)
     if ctx.causal:
-      band = None if ctx.band is None else (ctx.band - 1, 0)
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=band,
-                                       implementation=cfg.attention_implementation)
+      o = causal_attention(q, k, v, ctx.band, cfg.attention_implementation)
     else:
+      # The Pallas kernel is causal-only: masked calls (a decode step against its cache) use
+      # XLA's attention under "pallas_triton".
+      impl = (None if cfg.attention_implementation == "pallas_triton"
+              else cfg.attention_implementation)
       o = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=ctx.mask,
                                        key_value_seq_lengths=ctx.kv_lengths,
-                                       implementation=cfg.attention_implementation)
+                                       implementation=impl)
     if self.layout.fused:     # the attention's own products stay out of the projection's kernel
       o = jax.lax.optimization_barrier(o)
     out = project(self, o.reshape(b, t, h * d), "out", {"out": (cfg.d_model, "embed")},

@@ -1,27 +1,35 @@
-"""cuDNN attention on the training path (the long-context configs use it: docs/tasks.md).
+"""Attention implementations on the training path (`ModelConfig.attention_implementation`; the
+long-context configs use cuDNN: docs/tasks.md).
 
 On a CPU (default run): every attention call of parameter creation and of a hard-eviction or
 full-cache training forward says `is_causal` and passes no mask. A broadcast [1, 1, T, T] mask
 is what cuDNN's vmap rule cannot batch (the vmapped seeds' init failed on the GPU with "cannot
-reshape array of shape (1, 1, 1, 8, 8)"), and at 32K it would be a 2 GiB bias.
+reshape array of shape (1, 1, 1, 8, 8)"), and at 32K it would be a 2 GiB bias. "pallas_triton"
+(JAX's Pallas flash attention, `kernels.attention`, interpreted here) gives XLA's values: the
+full-cache model's loss and gradients under the seeds' vmap and remat of each layer, the
+hard-eviction hybrid's forward, and the full-cache decode stream (its masked calls run XLA's).
 
-On the GPU (`-m gpu`): cuDNN against XLA's attention at the long-context shapes, forward and
-gradients, vmapped like the seeds; the whole training loss and gradients of the long-context
-attention model (experiments/long_context.py's 8k stage: one window of 8,192 tokens, remat of
-each layer) under both; and the vmapped init with cuDNN itself. (The attention model scored 0
-after its 8k stage on the GPU while the hybrids, cuDNN over windows of 2,048, learned: these
-say whether cuDNN's path at T >= 8,192 is the cause; docs/results.md, "Past 32K tokens".)
+On the GPU (`-m gpu`): cuDNN and the Pallas kernel against XLA's attention at the long-context
+shapes, forward and gradients, vmapped like the seeds; the whole training loss and gradients of
+the long-context attention model (experiments/long_context.py's 8k stage: one window of 8,192
+tokens, remat of each layer) under each; and the vmapped init with cuDNN itself. (The attention
+model scored 0 after its 8k stage on the GPU while the hybrids, cuDNN over windows of 2,048,
+learned: these say whether cuDNN's path at T >= 8,192 is the cause; docs/results.md, "Past 32K
+tokens".)
 """
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sleep_lm.inference.stream import Stream
 from sleep_lm.model.config import ModelConfig
-from sleep_lm.model.hybrid import init_params
+from sleep_lm.model.hybrid import HybridLM, init_params
+from sleep_lm.model.layers import causal_attention
 from sleep_lm.model.sleep import sleep_forward
 from sleep_lm.training.step import loss_fn
 from tests.numerics import rel_rms
@@ -60,17 +68,69 @@ def test_training_attention_is_causal_without_a_mask(name, attention_calls):
     assert kwargs.get("is_causal") is True and kwargs.get("mask") is None, kwargs
 
 
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
+
+
+def test_pallas_full_cache_training_matches_xla():
+  """The long-context attention model's shape of training (eviction none, remat of each layer,
+  two vmapped seeds) at a small size: loss and gradients under the Pallas kernel and XLA."""
+  config = dataclasses.replace(CONFIGS["attn_none"], remat="blocks", window=40)
+  params = jax.vmap(lambda k: init_params(config, k))(jax.random.split(jax.random.key(0), 2))
+  tokens = jax.random.randint(jax.random.key(1), (2, 2, 40), 0, config.vocab_size)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, -1),
+           "loss_mask": jnp.ones(tokens.shape, jnp.int32)}
+
+  def loss_and_grads(implementation):
+    cfg = dataclasses.replace(config, attention_implementation=implementation)
+    grad = jax.value_and_grad(lambda p, b: loss_fn(p, cfg, b)[0])
+    return jax.jit(jax.vmap(grad))(params, batch)
+
+  (loss, grads), (ref_loss, ref_grads) = loss_and_grads("pallas_triton"), loss_and_grads("xla")
+  assert rel_rms(loss, ref_loss) < 1e-6
+  assert rel_rms(_flat(grads), _flat(ref_grads)) < 1e-5
+
+
+def test_pallas_hybrid_and_decode_match_xla():
+  """Hard eviction over three windows, two passes (each window's own causal attention) and the
+  full-cache decode stream (prefill causal, then steps against the cache: XLA's masked calls)."""
+  hybrid = CONFIGS["hybrid_hard"]
+  tokens = jax.random.randint(jax.random.key(2), (2, 3 * hybrid.window), 0, hybrid.vocab_size)
+  params = nn.meta.unbox(init_params(hybrid, jax.random.key(3)))
+  mask = jnp.ones(tokens.shape)
+  logits = {impl: sleep_forward(dataclasses.replace(hybrid, attention_implementation=impl),
+                                params, tokens, mask).logits for impl in ("pallas_triton", "xla")}
+  assert rel_rms(logits["pallas_triton"], logits["xla"]) < 1e-5
+
+  full = dataclasses.replace(CONFIGS["attn_none"], attention_implementation="pallas_triton")
+  params = nn.meta.unbox(init_params(full, jax.random.key(4)))
+  stream = Stream(full, params, 2, capacity=tokens.shape[1])
+  got = jnp.concatenate([stream.feed(tokens[:, :5])] +
+                        [stream.feed(tokens[:, i:i + 1]) for i in range(5, tokens.shape[1])], 1)
+  want = HybridLM(dataclasses.replace(full, attention_implementation="xla")).apply(
+      {"params": params}, tokens)
+  assert rel_rms(got, want) < 1e-5
+
+
+def test_pallas_has_no_band():
+  x = jnp.zeros((1, 16, 2, 16))
+  with pytest.raises(ValueError, match="attention_implementation: 'pallas_triton' has no"):
+    causal_attention(x, x, x, 4, "pallas_triton")
+
+
 def _attention(implementation, q, k, v):
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+  return causal_attention(q, k, v, None, implementation)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["cudnn", "pallas_triton"])
 @pytest.mark.parametrize("t", [2048, 8192, 32768])
-def test_cudnn_matches_xla_vmapped(t):
-  """The seeds' vmap over cuDNN's causal attention at the long-context lengths, bf16 inputs,
-  forward and all three gradients against XLA's attention in float32 on the same values."""
+def test_memory_efficient_attention_matches_xla_vmapped(t, implementation):
+  """The seeds' vmap over cuDNN's or the Pallas kernel's causal attention at the long-context
+  lengths, bf16 inputs, forward and all three gradients against XLA's attention in float32 on
+  the same values."""
   if jax.default_backend() != "gpu":
-    pytest.skip("cuDNN needs a GPU")
+    pytest.skip("cuDNN and Triton need a GPU")
   seeds, b, d = 2, 1, 64
   h = 1 if t > 8192 else 2          # XLA's float32 reference at 32K: 8.6 GB per [T, T] tensor
   keys = jax.random.split(jax.random.key(t), 4)
@@ -86,7 +146,7 @@ def test_cudnn_matches_xla_vmapped(t):
 
   grad = lambda impl, dtype: jax.jit(jax.grad(lambda *a: loss(impl, dtype, *a), argnums=(0, 1, 2),
                                               has_aux=True))(q, k, v)
-  (dq, dk, dv), out = grad("cudnn", jnp.bfloat16)
+  (dq, dk, dv), out = grad(implementation, jnp.bfloat16)
   (rq, rk, rv), ref = grad("xla", jnp.float32)
   for name, x, r in (("out", out, ref), ("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
     assert rel_rms(x, r) < 2e-2, f"T={t} {name}: relative RMS {rel_rms(x, r):.3g}"
@@ -103,13 +163,14 @@ def test_vmapped_init_with_cudnn():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["cudnn", "pallas_triton"])
 @pytest.mark.parametrize("stage", ["8k"])   # XLA's reference at 32K would hold ~100 GB of scores
-def test_long_context_attention_loss_cudnn_matches_xla(stage):
+def test_long_context_attention_loss_matches_xla(stage, implementation):
   """The long-context attention model's training loss and gradients, 2 vmapped seeds, batch 1,
   random parameters and tokens (the loss on the last 18 positions, as the task's answer region):
-  cuDNN against XLA's attention, both in the config's bf16."""
+  cuDNN or the Pallas kernel against XLA's attention, all in the config's bf16."""
   if jax.default_backend() != "gpu":
-    pytest.skip("cuDNN needs a GPU")
+    pytest.skip("cuDNN and Triton need a GPU")
   from experiments import long_context
   from sleep_lm.training.run_config import RunConfig
   run = RunConfig.from_config(long_context.get_config(f"gpu,attn,{stage},seeds=2,init=unused"))
@@ -125,8 +186,7 @@ def test_long_context_attention_loss_cudnn_matches_xla(stage):
     grad = jax.value_and_grad(lambda p, b: loss_fn(p, cfg, b)[0])
     return jax.jit(jax.vmap(grad))(params, batch)
 
-  (loss, grads), (ref_loss, ref_grads) = loss_and_grads("cudnn"), loss_and_grads("xla")
+  (loss, grads), (ref_loss, ref_grads) = loss_and_grads(implementation), loss_and_grads("xla")
   assert rel_rms(loss, ref_loss) < 1e-2, (loss, ref_loss)
-  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
-  g, r = flat(grads), flat(ref_grads)
+  g, r = _flat(grads), _flat(ref_grads)
   assert rel_rms(g, r) < 5e-2, f"{stage}: gradients' relative RMS {rel_rms(g, r):.3g}"
