@@ -3,7 +3,8 @@ r"""Accuracy against evaluation length for the long-context runs (issue 27), and
   python -m experiments.plot_long_context --root runs/long_context \
       --out docs/figures/long_context.png
   python -m experiments.plot_long_context --root docs/results_runs/long_context --table_only
-  python -m experiments.plot_long_context --root runs/lc_seed0 --root runs/lc_seed1 --out lc.png
+  python -m experiments.plot_long_context --root runs/lc_seed0 --root runs/lc_seed1 --out lc.png \
+      --curves lc_curves.png
 
 Reads only what a run directory keeps when its checkpoints are gone: config.json, metrics.jsonl
 and the eval_step*.json files of `sleep_lm.evaluate` (and ROOT/chain.jsonl, the chain's wall
@@ -24,7 +25,8 @@ mean, sd and each seed, the floors (root_only, all_derivable) and chance; then p
 stage the tokens trained (per seed), the steps done and the training time (from metrics.jsonl:
 the sum over each process's last elapsed time, compilation before the first step excluded;
 sharing the device) and the chain's wall time of the stage's processes where chain.jsonl has
-it.
+it. --curves: a second figure, the training loss and token accuracy against step per stage
+(a column each), a line per model and seed.
 """
 
 from __future__ import annotations
@@ -240,11 +242,65 @@ def draw(models: list[dict], out: str) -> None:
   common.save_figure(fig, out)
 
 
+def curves(models: list[dict]) -> dict[str, dict[str, list[tuple[list, list, list]]]]:
+  """Per stage (the run folder's name: short, 8k, 32k) and model label, each chain's and seed's
+  training curve: (steps, loss, token accuracy) from its train records; a step logged again by
+  a resumed process counts once, as its last record (records without a token accuracy: NaN)."""
+  out = defaultdict(lambda: defaultdict(list))
+  for m in models:
+    for chain in m["chains"]:
+      for stage in chain["stages"]:
+        train = [r for r in stage["records"] if r["kind"] == "train"]
+        for seed in sorted({r["seed"] for r in train}):
+          last = {r["step"]: r for r in train if r["seed"] == seed}
+          rows = [last[step] for step in sorted(last)]
+          out[stage["path"].name][m["label"]].append(
+              ([r["step"] for r in rows], [r["loss"] for r in rows],
+               [r.get("token_accuracy", float("nan")) for r in rows]))
+  return out
+
+
+def draw_curves(models: list[dict], out: str) -> None:
+  """Training loss and token accuracy against step, one column per stage, one colour per model
+  (a line per seed): what each model learned of the text itself, the answer aside."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  by_stage = curves(models)
+  stages = sorted(by_stage, key=lambda s: min(st["run"].task.seq_len for m in models
+                                                for c in m["chains"] for st in c["stages"]
+                                                if st["path"].name == s))
+  fig, axes = plt.subplots(2, len(stages), figsize=(3.6 * len(stages), 5.4), dpi=120,
+                           squeeze=False)
+  colours = {m["label"]: f"C{i}" for i, m in enumerate(models)}
+  for col, stage in enumerate(stages):
+    for label, lines in by_stage[stage].items():
+      for i, (steps, loss, accuracy) in enumerate(lines):
+        kw = dict(color=colours[label], lw=0.9, label=label if i == 0 else None)
+        axes[0][col].plot(steps, loss, **kw)
+        axes[1][col].plot(steps, accuracy, **kw)
+    axes[0][col].set_title(f"stage {stage}", fontsize=9)
+    axes[1][col].set_xlabel("step")
+    for row in (0, 1):
+      axes[row][col].grid(alpha=0.3)
+    losses = [x for lines in by_stage[stage].values() for _, loss, _ in lines for x in loss]
+    if losses and max(losses) > 20 * min(losses):   # the short stage starts ~100x up
+      axes[0][col].set_yscale("log")
+  axes[0][0].set_ylabel("training loss (nats/token)")
+  axes[1][0].set_ylabel("training token accuracy")
+  axes[0][-1].legend(fontsize=6)
+  fig.suptitle("Training curves of the long-context chains (a line per seed)", fontsize=9)
+  common.save_figure(fig, out)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--root", action="append", required=True,
                       help="a chain's root (repeatable)")
   parser.add_argument("--out", default=None, help="the PNG (omit with --table_only)")
+  parser.add_argument("--curves", default=None,
+                      help="also this PNG: training loss and token accuracy per stage")
   parser.add_argument("--table_only", action="store_true")
   args = parser.parse_args(argv)
   models = load_runs([Path(r) for r in args.root])
@@ -253,6 +309,8 @@ def main(argv=None):
     if not args.out:
       parser.error("--out is required unless --table_only")
     draw(models, args.out)
+  if args.curves:
+    draw_curves(models, args.curves)
 
 
 if __name__ == "__main__":

@@ -200,10 +200,10 @@ def _fabricate(root: Path, model: str, exact: dict[int, list[float]]) -> None:
     workdir.claim(path, c)
     run = RunConfig.from_config(c)
     seeds = list(run.model_seeds) + [run.seed + 1]
-    records = [{"step": s, "kind": "train", "seed": seed, "loss": 1.0, "elapsed_s": 10.0 * s}
-               for s in (1, 2) for seed in seeds]
-    records += [{"step": 1, "kind": "train", "seed": seed, "loss": 1.0, "elapsed_s": 5.0}
-                for seed in seeds]          # a resumed process: its clock restarts
+    records = [{"step": s, "kind": "train", "seed": seed, "loss": 1.0, "elapsed_s": 10.0 * s,
+                "token_accuracy": 0.1 * s + seed} for s in (1, 2) for seed in seeds]
+    records += [{"step": 1, "kind": "train", "seed": seed, "loss": 0.5, "elapsed_s": 5.0,
+                 "token_accuracy": 0.3} for seed in seeds]   # a resumed process: clock restarts
     sets = {"op1": {"examples": 4, "loss": [0.5, 0.5], "exact_accuracy": exact[1024],
                     "answer_accuracy": [[x] for x in exact[1024]],
                     "query_accuracy": exact[1024], "floor_root_only": 1.0,
@@ -231,9 +231,18 @@ def test_the_plot_reads_the_chain_layout_and_prints_the_table(tmp_path, capsys):
   assert n4[1024]["sets"]["op1"]["exact"] == [0.5, 0.7]
   assert n4[2048]["sets"]["op1"]["floor_root_only"] == 0.9
   assert plot_long_context.train_seconds(models[0]["chains"][0]["stages"][0]["records"]) == 25.0
-  plot_long_context.main(["--root", str(tmp_path), "--out", str(tmp_path / "lc.png")])
+  curves = plot_long_context.curves(models)
+  assert sorted(curves) == ["32k", "short"]
+  n4_lines = curves["32k"][models[0]["label"]]
+  assert len(n4_lines) == 2                       # one per seed
+  steps, loss, accuracy = n4_lines[0]
+  assert steps == [1, 2] and loss == [0.5, 1.0]   # step 1 as the resumed process logged it last
+  assert accuracy == [0.3, 0.2 + models[0]["chains"][0]["stages"][1]["run"].seed]
+  plot_long_context.main(["--root", str(tmp_path), "--out", str(tmp_path / "lc.png"),
+                          "--curves", str(tmp_path / "curves.png")])
   out = capsys.readouterr().out
   assert (tmp_path / "lc.png").stat().st_size > 0
+  assert (tmp_path / "curves.png").stat().st_size > 0
   row = next(line for line in out.splitlines() if line.startswith("hybrid N = 4")
              and " 2K " in line)
   assert "0.300" in row and "0.141" in row          # mean and sample sd of 0.2, 0.4
