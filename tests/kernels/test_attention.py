@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kernels.attention import causal_attention
+from tests.lowering import TRITON_CALL, abstract_gpu
 from tests.numerics import rel_rms
 
 
@@ -92,3 +93,26 @@ def test_bad_input_is_named():
     causal_attention(q, q.astype(jnp.bfloat16), q)
   with pytest.raises(ValueError, match=r"\[B,T,H,D\]"):
     causal_attention(q[0], q, q)
+
+
+@pytest.mark.parametrize("t,d", [(8192, 64), (32768, 64), (300, 24)])
+def test_lowers_for_a_gpu(t, d):
+  """On any machine: the compiled (not interpreted) forward and backward lower through Pallas'
+  Triton back end for an H200 (an abstract device stands in for the GPU), at the long-context
+  shapes and at padded ones, under the seeds' vmap (the numbers on a GPU:
+  tests/test_attention_implementations.py, `-m gpu`)."""
+  q = jax.ShapeDtypeStruct((2, 1, t, 4, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 1, t, 2, d), jnp.bfloat16)
+
+  def loss(q, k, v):
+    out = jax.vmap(lambda *a: causal_attention(*a, interpret=False))(q, k, v)
+    return jnp.sum(out.astype(jnp.float32))
+
+  with abstract_gpu():
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
+        lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  # the forward, the backward's preprocessing (o . dO) and the fused dq, dk, dv kernel
+  assert text.count(TRITON_CALL) == 3
+  for name in ("mha_forward", "mha_backward"):
+    assert name in text, name
