@@ -39,6 +39,7 @@ import kernels
 import kernels.gemv
 from kernels.attention import causal_attention as flash_causal_attention
 from kernels.gated_delta_rule.base import CHUNK_SIZES
+from sleep_lm.common.validation import expect
 from sleep_lm.model import sharding
 from sleep_lm.model.config import ModelConfig
 
@@ -274,9 +275,9 @@ def causal_attention(q: Array, k: Array, v: Array, band: int | None,
   and the band - 1 keys before it, or None. implementation: `ModelConfig.attention_implementation`
   ("pallas_triton": `kernels.attention.causal_attention`; the others: jax.nn's)."""
   if implementation == "pallas_triton":
-    if band is not None:
-      raise ValueError("ModelConfig.attention_implementation: 'pallas_triton' has no local "
-                       "window (band); use 'cudnn' or 'xla' for banded attention")
+    expect(band is None, "ModelConfig.attention_implementation",
+           "'pallas_triton' has no local window (band); use 'cudnn' or 'xla' for banded "
+           "attention")
     return flash_causal_attention(q, k, v)
   window = None if band is None else (band - 1, 0)
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
