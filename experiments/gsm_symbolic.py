@@ -134,7 +134,7 @@ def get_config(arg=None):
               curriculum=())
   c = common.base_config("gsm_symbolic", task=task, model=dict(
       d_model=256, layers=("attn", "gdn") * 2, mlp_dim=1024, window=hard_window,
-      tie_embeddings=True))
+      tie_embeddings=True, tied_logit_scale=False))
   # Tied embeddings and AdamW at 3e-3 (embedding, norms, GDN gates) (issue 22): with an untied
   # head at the base recipe's 5e-5 the answer (a copy of two name tokens) was never learned.
   c.optimizer.adamw_lr = 3e-3

@@ -112,6 +112,36 @@ def test_tied_head_is_the_transposed_embedding():
   assert rel_err(logits(tied, params, x), logits(config(), untied, x)) < TOL
 
 
+def test_scaled_tied_head_is_the_transposed_embedding_over_sqrt_d():
+  scaled = config(tie_embeddings=True, tied_logit_scale=True)
+  params = make_params(scaled, seed=5)
+  untied = dict(params, head={"kernel": params["embedding"]["embedding"].T / np.sqrt(32)})
+  x = tokens(5)
+  assert rel_err(logits(scaled, params, x), logits(config(), untied, x)) < TOL
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_tied_logits_at_initialisation(scale):
+  """The model's own initialiser (std-1 table), width 256: at initialisation the residual stream
+  is mostly the token's own embedding e, so the tied logits are about e' . e / |e| sqrt(d):
+  std ~sqrt(d) = 16 over the vocabulary and ~d = 256 for the current token unscaled; std ~1
+  and ~sqrt(d) scaled. The first loss follows (the next token is rarely the current one)."""
+  d, vocab = 256, 512
+  cfg = config(vocab_size=vocab, d_model=d, attn_head_dim=64, tie_embeddings=True,
+               tied_logit_scale=scale)
+  params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
+  x = np.random.default_rng(0).integers(0, vocab, (4, 12)).astype(np.int32)
+  out = logits(cfg, params, x)
+  own = np.take_along_axis(out, x[..., None], axis=-1)[..., 0].mean()
+  loss = float(np.mean(jax.nn.logsumexp(out, axis=-1) - np.take_along_axis(
+      out, np.roll(x, -1, axis=1)[..., None], axis=-1)[..., 0]))
+  std = np.median(out.std(axis=-1))
+  if scale:
+    assert 0.5 < std < 2 and 0.5 * d ** 0.5 < own < 2 * d ** 0.5 and loss < 2 * d ** 0.5
+  else:
+    assert 8 < std < 32 and 0.5 * d < own < 2 * d and loss > 0.25 * d
+
+
 def test_mlp_less_layer_is_a_layer_whose_mlp_adds_nothing():
   cfg = config(mlp_layers=(True, False))
   params = make_params(cfg, seed=3)
@@ -191,6 +221,8 @@ def test_decoding_with_every_feature_matches_training(eviction):
     (dict(attn_head_dim=12), "attn_head_dim", "when attn_heads is None"),
     (dict(norm_eps=0.0), "norm_eps", "finite number > 0"),
     (dict(tie_embeddings=1), "tie_embeddings", "True or False"),
+    (dict(tied_logit_scale=1, tie_embeddings=True), "tied_logit_scale", "True or False"),
+    (dict(tied_logit_scale=True), "tied_logit_scale", "needs tie_embeddings=True"),
     (dict(attn_qkv_bias=None), "attn_qkv_bias", "True or False"),
     (dict(mlp_layers=(True,)), "mlp_layers", "one True/False per layer (2 layers)"),
     (dict(mlp_layers=(1, 0)), "mlp_layers", "one True/False per layer"),

@@ -65,6 +65,12 @@ class ModelConfig:
     norm_eps: epsilon of every RMSNorm (x / sqrt(mean(x^2) + eps) * gain).
     tie_embeddings: the output head is the transposed embedding (logits = h @ embedding^T, no
       `head` parameter); False: a `head` matrix of its own.
+    tied_logit_scale: tied embeddings only: the logits are scaled by 1/sqrt(d_model) (PaLM's
+      recipe). The table is initialised at std 1 and at initialisation the residual stream is
+      mostly the token's own embedding, so unscaled tied logits start at std ~sqrt(d_model) over
+      the vocabulary and ~d_model for the current token (16 and 256 at width 256: a first loss
+      of ~100 nats); scaled, at std ~1 and ~sqrt(d_model). False for imported pretrained models
+      (they were trained unscaled).
     mlp_layers: per layer, whether it has its SwiGLU MLP (and the MLP's norm); None: every layer
       does. A layer without one is norm + mixer + residual only (the paper's inserted Jet layers).
     loop_layers: the block range [a, b) that a consolidation window loops (Jet-Nemotron's middle
@@ -113,6 +119,7 @@ class ModelConfig:
   rope_base: float = 10_000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  tied_logit_scale: bool = False
   mlp_layers: tuple[bool, ...] | None = None
   loop_layers: tuple[int, int] | None = None
   kernel_implementation: str | None = None
@@ -157,6 +164,10 @@ class ModelConfig:
            f"must be a finite number > 0, got {self.norm_eps!r}")
     check_bool("ModelConfig.attn_qkv_bias", self.attn_qkv_bias)
     check_bool("ModelConfig.tie_embeddings", self.tie_embeddings)
+    check_bool("ModelConfig.tied_logit_scale", self.tied_logit_scale)
+    expect(not self.tied_logit_scale or self.tie_embeddings, "ModelConfig.tied_logit_scale",
+           "scales the tied head's logits: needs tie_embeddings=True (an untied head is "
+           "initialised at its own scale)")
     expect(self.mlp_layers is None or (
         isinstance(self.mlp_layers, tuple) and len(self.mlp_layers) == len(self.layers)
         and all(isinstance(x, bool) for x in self.mlp_layers)), "ModelConfig.mlp_layers",

@@ -292,7 +292,8 @@ class HybridLM(nn.Module):
     if self.config.tie_embeddings:
       dt = self.config.activation_dtype
       table = self.embedding.embedding.astype(dt)
-      return jnp.einsum("...d,vd->...v", x.astype(dt), table).astype(jnp.float32)
+      logits = jnp.einsum("...d,vd->...v", x.astype(dt), table).astype(jnp.float32)
+      return logits * self.config.d_model ** -0.5 if self.config.tied_logit_scale else logits
     return self.head(x).astype(jnp.float32)
 
   def __call__(self, tokens: Array) -> Array:
