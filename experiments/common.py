@@ -67,6 +67,7 @@ def base_config(name: str, task: dict, model: dict) -> ml_collections.ConfigDict
   c.log_every = 10
   c.keep_checkpoints = 2
   c.data_dir = ""                 # TFDS eval sets; "" means <workdir>/eval_data
+  c.init_from = ""                # a workdir whose parameters start this run (fresh optimizer)
   # Devices: data x fsdp x tensor = all devices; -1 takes the rest (sleep_lm/model/sharding.py).
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   # Logical axis (sleep_lm/model/layers.py) -> mesh axis, a tuple of them, or None (replicated).

@@ -185,6 +185,35 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(uninterrupted, tmp_path):
                                [want[s] for s in sorted(loss)], rtol=1e-6)
 
 
+def latest_params(path):
+  """The newest checkpoint's parameters of a workdir, as NumPy."""
+  run = RunConfig.checked(workdir.load_config(path))
+  mesh, boxed = trainer.setup(run)
+  state, _ = trainer.initial_state(run, mesh, boxed)
+  ckpt = Checkpointer(Path(path) / "checkpoints", read_only=True)
+  try:
+    state, _ = ckpt.restore_latest(state, log=lambda _: None)
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, state.params)
+
+
+def test_cli_init_from_starts_a_run_from_another_runs_parameters(uninterrupted, tmp_path):
+  """`--config.init_from` exists in every experiment's config (experiments/common.py): one step
+  at the warm-up's learning rate 0 leaves the parameters it started from, the source's last
+  (a random start would differ)."""
+  run = tmp_path / "continued"
+  out = run_cli("sleep_lm.train", [
+      *cli_args(uninterrupted / "data", steps=1, checkpoint_every=1, log_every=1, eval_every=1,
+                **{"optimizer.warmup_steps": 1}),
+      f"--config.init_from={uninterrupted / 'run'}", f"--workdir={run}"], timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  got, want = latest_params(run), latest_params(uninterrupted / "run")
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_evaluate_reports_each_seed_and_the_floor(uninterrupted):
   result = evaluate.evaluate_workdir(uninterrupted / "run")
   assert result["step"] == STEPS and result["seeds"] == [0, 1]
