@@ -20,11 +20,11 @@ from experiments.pretrained_gsm import get_config  # noqa: E402
 from sleep_lm.common.errors import UserError  # noqa: E402
 from sleep_lm.pretrained import Reference, load  # noqa: E402
 from sleep_lm.pretrained.convert import convert  # noqa: E402
-from sleep_lm.training import trainer, workdir  # noqa: E402
-from sleep_lm.training.checkpointing import Checkpointer  # noqa: E402
+from sleep_lm.training import trainer  # noqa: E402
 from sleep_lm.training.run_config import RunConfig  # noqa: E402
 from sleep_lm.training.step import loss_fn  # noqa: E402
 from tests.test_pretrained import hf_weights, write_gguf  # noqa: E402
+from tests.workdirs import latest_params  # noqa: E402
 
 quiet = lambda *_: None
 
@@ -34,20 +34,6 @@ def converted(tmp_path_factory):
   root = tmp_path_factory.mktemp("conv")
   source = write_gguf(root / "tiny.gguf", hf_weights("llama", seed=5))
   return source, convert(source, root / "gdn", gdn_layers=(1,), log=quiet)
-
-
-def params_of(path):
-  """The newest checkpoint's parameters of a workdir, [seeds, ...] NumPy."""
-  run = RunConfig.checked(workdir.load_config(path))
-  mesh, boxed = trainer.setup(run)
-  state, _ = trainer.initial_state(run, mesh, boxed)
-  ckpt = Checkpointer(path / "checkpoints", read_only=True)
-  try:
-    state, _ = ckpt.restore_latest(state, log=quiet)
-  finally:
-    ckpt.close()
-  import jax
-  return jax.tree.map(np.asarray, state.params)
 
 
 def first_loss(path) -> float:
@@ -113,7 +99,7 @@ def test_reference_step0_loss_equals_the_numpy_oracle(converted, tmp_path):
 def test_two_stages_move_the_new_layers_then_everything(converted, tmp_path):
   import jax
   _, gdn = converted
-  start = params_of(gdn)
+  start = latest_params(gdn)
   s1 = tmp_path / "s1"
   run1 = train(get_config(f"smoke,stage=1,N=2,init={gdn}"), s1)
   # Step 0 of stage 1: the converted model's loss on the first batch (hard eviction, N = 2).
@@ -121,7 +107,7 @@ def test_two_stages_move_the_new_layers_then_everything(converted, tmp_path):
   one = jax.tree.map(lambda x: x[0], start)
   want = float(loss_fn(one, run1.model, batch)[0])
   assert first_loss(s1) == pytest.approx(want, rel=1e-5)
-  after1 = params_of(s1)
+  after1 = latest_params(s1)
   flat = lambda p: dict(jax.tree_util.tree_flatten_with_path(p)[0])
   for path, value in flat(after1).items():
     moved = not np.array_equal(value, flat(start)[path])
@@ -131,6 +117,6 @@ def test_two_stages_move_the_new_layers_then_everything(converted, tmp_path):
   assert run2.optimizer.train_layers is None
   one = jax.tree.map(lambda x: x[0], after1)
   assert first_loss(s2) == pytest.approx(float(loss_fn(one, run2.model, batch)[0]), rel=1e-5)
-  after2 = params_of(s2)
+  after2 = latest_params(s2)
   for path, value in flat(after2).items():
     assert not np.array_equal(value, flat(after1)[path]), path

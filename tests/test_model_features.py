@@ -123,7 +123,7 @@ def test_scaled_tied_head_is_the_transposed_embedding_over_sqrt_d():
 @pytest.mark.parametrize("scale", [False, True])
 def test_tied_logits_at_initialisation(scale):
   """The model's own initialiser (std-1 table), width 256: at initialisation the residual stream
-  is mostly the token's own embedding e, so the tied logits are about e' . e / |e| sqrt(d):
+  is mostly the token's own embedding e, so the tied logits are about (e' . e) sqrt(d) / |e|:
   std ~sqrt(d) = 16 over the vocabulary and ~d = 256 for the current token unscaled; std ~1
   and ~sqrt(d) scaled. The first loss follows (the next token is rarely the current one)."""
   d, vocab = 256, 512

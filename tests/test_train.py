@@ -25,6 +25,7 @@ from sleep_lm.common.errors import UserError
 from sleep_lm.training import evaluation, trainer, workdir
 from sleep_lm.training.checkpointing import Checkpointer
 from sleep_lm.training.run_config import RunConfig
+from tests.workdirs import latest_params
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -183,19 +184,6 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(uninterrupted, tmp_path):
     assert sorted(loss) == [s for s in sorted(want) if s > resumed_at]
     np.testing.assert_allclose([loss[s] for s in sorted(loss)],
                                [want[s] for s in sorted(loss)], rtol=1e-6)
-
-
-def latest_params(path):
-  """The newest checkpoint's parameters of a workdir, as NumPy."""
-  run = RunConfig.checked(workdir.load_config(path))
-  mesh, boxed = trainer.setup(run)
-  state, _ = trainer.initial_state(run, mesh, boxed)
-  ckpt = Checkpointer(Path(path) / "checkpoints", read_only=True)
-  try:
-    state, _ = ckpt.restore_latest(state, log=lambda _: None)
-  finally:
-    ckpt.close()
-  return jax.tree.map(np.asarray, state.params)
 
 
 def test_cli_init_from_starts_a_run_from_another_runs_parameters(uninterrupted, tmp_path):
