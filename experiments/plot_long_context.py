@@ -268,9 +268,10 @@ def draw_curves(models: list[dict], out: str) -> None:
   import matplotlib.pyplot as plt
 
   by_stage = curves(models)
-  stages = sorted(by_stage, key=lambda s: min(st["run"].task.seq_len for m in models
-                                                for c in m["chains"] for st in c["stages"]
-                                                if st["path"].name == s))
+  seq_len = defaultdict(lambda: float("inf"))      # stages in order of length
+  for st in (st for m in models for c in m["chains"] for st in c["stages"]):
+    seq_len[st["path"].name] = min(seq_len[st["path"].name], st["run"].task.seq_len)
+  stages = sorted(by_stage, key=seq_len.__getitem__)
   fig, axes = plt.subplots(2, len(stages), figsize=(3.6 * len(stages), 5.4), dpi=120,
                            squeeze=False)
   colours = {m["label"]: f"C{i}" for i, m in enumerate(models)}
