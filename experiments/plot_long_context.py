@@ -262,7 +262,8 @@ def curves(models: list[dict]) -> dict[str, dict[str, list[tuple[list, list, lis
 
 def draw_curves(models: list[dict], out: str) -> None:
   """Training loss and token accuracy against step, one column per stage, one colour per model
-  (a line per seed): what each model learned of the text itself, the answer aside."""
+  (a line per seed). Both cover the supervised answer tokens only (ANSWER, the name tokens, END:
+  the task's loss mask), so writing END alone scores ~0.2."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -288,8 +289,8 @@ def draw_curves(models: list[dict], out: str) -> None:
     losses = [x for lines in by_stage[stage].values() for _, loss, _ in lines for x in loss]
     if losses and max(losses) > 20 * min(losses):   # the short stage starts ~100x up
       axes[0][col].set_yscale("log")
-  axes[0][0].set_ylabel("training loss (nats/token)")
-  axes[1][0].set_ylabel("training token accuracy")
+  axes[0][0].set_ylabel("training loss (nats per answer token)")
+  axes[1][0].set_ylabel("training answer-token accuracy")
   axes[0][-1].legend(fontsize=6)
   fig.suptitle("Training curves of the long-context chains (a line per seed)", fontsize=9)
   common.save_figure(fig, out)
