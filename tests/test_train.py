@@ -74,6 +74,40 @@ def tensorboard_scalars(path) -> dict[tuple[str, int], float]:
   return {(v.tag, e.step): float(v.tensor.float_val[0]) for e in events for v in e.summary.value}
 
 
+def tensorboard_curve(folder, tag="train/loss") -> dict[int, float]:
+  """{step: value} of one tag as TensorBoard shows a folder of event files: its event
+  accumulator reads them in name order and applies each file's purges (a point shown twice
+  would make two steps equal)."""
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(folder), size_guidance={"scalars": 0})
+  acc.Reload()
+  points = [(e.step, e.value) for e in acc.Scalars(tag)]
+  assert len({s for s, _ in points}) == len(points), f"a step shown twice: {points}"
+  return dict(points)
+
+
+def test_tensorboard_shows_a_redone_step_once(tmp_path):
+  """A run killed after logging steps past its last checkpoint redoes them on resume: TensorBoard
+  shows each step once, with the resumed run's value; a run killed before its first checkpoint
+  restarts at 0 and replaces every point."""
+  from sleep_lm.training.tensorboard import ScalarWriter
+  killed = ScalarWriter(tmp_path, start_step=0)
+  for step in (4, 8, 12):
+    killed.scalars(step, {"train/loss": step})
+  killed.close()
+  time.sleep(1.1)                  # event files are named by the second: the resumed one sorts last
+  resumed = ScalarWriter(tmp_path, start_step=10)
+  for step in (12, 16):
+    resumed.scalars(step, {"train/loss": -step})
+  resumed.close()
+  assert tensorboard_curve(tmp_path) == {4: 4, 8: 8, 12: -12, 16: -16}
+  time.sleep(1.1)
+  restarted = ScalarWriter(tmp_path, start_step=0)
+  restarted.scalars(4, {"train/loss": 0.5})
+  restarted.close()
+  assert tensorboard_curve(tmp_path) == {4: 0.5}
+
+
 def run_cli(module, args, **kw):
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, **kw)
@@ -184,6 +218,11 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(uninterrupted, tmp_path):
     assert sorted(loss) == [s for s in sorted(want) if s > resumed_at]
     np.testing.assert_allclose([loss[s] for s in sorted(loss)],
                                [want[s] for s in sorted(loss)], rtol=1e-6)
+    # TensorBoard reads the folder as the uninterrupted curve, each step once.
+    shown = tensorboard_curve(folder)
+    assert sorted(shown) == sorted(want)
+    np.testing.assert_allclose([shown[s] for s in sorted(want)], [want[s] for s in sorted(want)],
+                               rtol=1e-6)
 
 
 def test_cli_init_from_starts_a_run_from_another_runs_parameters(uninterrupted, tmp_path):

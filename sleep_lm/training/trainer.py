@@ -275,7 +275,7 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
   ckpt = Checkpointer(path / "checkpoints", keep=run.keep_checkpoints, clean=lead)
   state, optimizer, start, pending = _starting_state(run, path, mesh, boxed, ckpt, log)
   metrics_log = workdir.MetricsLog(path / "metrics.jsonl", start, write=lead, warn=log)
-  writers = _tensorboard_writers(run, path) if lead else []
+  writers = _tensorboard_writers(run, path, start) if lead else []
   eval_sets = _eval_sets(run, path, lead)
   schedule = task_schedule(run)
   train_step, batch_sh = _step_function(run, mesh, boxed, optimizer)
@@ -374,14 +374,15 @@ def _starting_state(run: RunConfig, path: Path, mesh, boxed, ckpt: Checkpointer,
   return initial_state(run, mesh, boxed)[0], optimizer, 0, []
 
 
-def _tensorboard_writers(run: RunConfig, path: Path) -> list:
+def _tensorboard_writers(run: RunConfig, path: Path, start: int) -> list:
   """One event-file writer per seed, in <workdir>/tensorboard/seed_<s>, if the run asks for
-  them."""
+  them; `start`: the step the run starts or resumes from."""
   if not run.tensorboard:
     return []
   # Imported only here: tensorboardX imports torch wherever torch is installed.
   from sleep_lm.training.tensorboard import ScalarWriter
-  return [ScalarWriter(path / "tensorboard" / f"seed_{s}") for s in run.model_seeds]
+  return [ScalarWriter(path / "tensorboard" / f"seed_{s}", start_step=start)
+          for s in run.model_seeds]
 
 
 def _eval_sets(run: RunConfig, path: Path, lead: bool):
