@@ -35,15 +35,28 @@ def parse_arg(name: str, arg: str | None, shortcuts: Mapping[str, tuple[str, ...
 def apply_shortcuts(c: ml_collections.ConfigDict, overrides: Mapping[str, str],
                     shortcuts: Mapping[str, tuple[str, ...]]) -> None:
   """Writes each override at its path, converted to the field's type (an unset optional field,
-  None, takes an integer)."""
+  None, takes an integer); a value that does not convert is refused with the key's name."""
   for key, value in overrides.items():
     *parents, leaf = shortcuts[key]
     node = c
     for p in parents:
       node = node[p]
-    current = node[leaf]
-    node[leaf] = (value if isinstance(current, str) else int(value) if current is None
-                  else type(current)(value))
+    node[leaf] = _converted(c.name, key, value, node[leaf])
+
+
+def _converted(name: str, key: str, value: str, current):
+  if isinstance(current, str):
+    return value
+  if isinstance(current, bool):              # bool("False") is True: spell it out
+    if value.lower() not in ("true", "false"):
+      raise ValueError(f"{name} config: {key}={value!r}: must be true or false")
+    return value.lower() == "true"
+  kind = int if current is None else type(current)
+  try:
+    return kind(value)
+  except ValueError:
+    noun = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+    raise ValueError(f"{name} config: {key}={value!r}: must be {noun}") from None
 
 
 def base_config(name: str, task: dict, model: dict) -> ml_collections.ConfigDict:

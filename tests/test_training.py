@@ -109,12 +109,28 @@ def test_rule110_majority_floor_is_above_chance():
   assert 0.54 < f["floor_answer"] < 0.57
 
 
+def test_a_shortcut_takes_its_fields_type():
+  import ml_collections
+
+  from experiments.common import apply_shortcuts
+  c = ml_collections.ConfigDict({"name": "x", "flag": True, "rate": 0.5, "tag": "a"})
+  shortcuts = {"f": ("flag",), "r": ("rate",), "t": ("tag",)}
+  apply_shortcuts(c, {"f": "False", "r": "2e-3", "t": "7"}, shortcuts)
+  assert (c.flag, c.rate, c.tag) == (False, 2e-3, "7")
+  with pytest.raises(ValueError, match=r"^x config: f='0': must be true or false$"):
+    apply_shortcuts(c, {"f": "0"}, shortcuts)
+
+
 def test_experiment_config_args():
   from experiments import depo, rule110
   with pytest.raises(ValueError, match="rule110 config: unknown preset 'tiny'"):
     rule110.get_config("tiny")
   with pytest.raises(ValueError, match="depo config: unknown override 'M'"):
     depo.get_config("M=2")
+  with pytest.raises(ValueError, match=r"^rule110 config: steps='2k': must be an integer$"):
+    rule110.get_config("steps=2k")
+  with pytest.raises(ValueError, match=r"^depo config: full_share='half': must be a number$"):
+    depo.get_config("full_share=half")
   c = rule110.get_config("paper,N=4,t=32,seeds=3,dtype=bfloat16")
   assert (c.model.passes, c.task.t, c.seeds, c.model.dtype, c.model.window) == (
       4, 32, 3, "bfloat16", 24)
