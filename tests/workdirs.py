@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import numpy as np
 
-from sleep_lm.training import trainer, workdir
-from sleep_lm.training.checkpointing import Checkpointer
-from sleep_lm.training.run_config import RunConfig
+from sleep_lm.generate import load_run, restore_params
 
 
 def latest_params(path):
-  """The newest checkpoint's parameters of a workdir, [seeds, ...] NumPy."""
-  run = RunConfig.checked(workdir.load_config(path))
-  mesh, boxed = trainer.setup(run)
-  state, _ = trainer.initial_state(run, mesh, boxed)
-  ckpt = Checkpointer(Path(path) / "checkpoints", read_only=True)
-  try:
-    state, _ = ckpt.restore_latest(state, log=lambda _: None)
-  finally:
-    ckpt.close()
-  return jax.tree.map(np.asarray, state.params)
+  """The newest checkpoint's parameters of a workdir, [seeds, ...] NumPy: each seed's as
+  `sleep_lm.generate` restores it, stacked."""
+  run = load_run(path)
+  per_seed = [restore_params(path, run, seed_index=s)[0] for s in range(run.seeds)]
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *per_seed)
