@@ -9,7 +9,9 @@ r"""Training-step throughput of a config: ms/step, tokens/s, model FLOPs and MFU
 Each row times the jitted train step (forward, backward through every pass of every window, the
 optimizer) of one (N, seeds, remat, unroll, scan_layers, implementation) combination after
 warm-up, on one batch held on the device (per seed: the config's batch), and reports:
-  compile            seconds to lower and compile the step (compile_s in the JSON);
+  compile            seconds to trace, lower and compile the step (compile_s in the JSON; apart:
+                     trace_s, lower_s to StableHLO, xla_compile_s; with JAX_COMPILATION_CACHE_DIR
+                     set, a cache hit makes xla_compile_s the load from the cache);
   ms/step            median over --iters steps (20th/80th percentiles in the JSON);
   tokens/s           summed over the seeds;
   TFLOP/step         model FLOPs: 6 x (matrix parameters) x (token-passes) for the projections
@@ -42,6 +44,14 @@ from sleep_lm.training.run_config import RunConfig
 # Dense bf16 peak by device kind (vendor datasheets, SXM parts).
 BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "H100": 989.4,
                     "H200": 989.4}
+
+# Kernel families of the step's profile (regexes over kernel names; a kernel may match none).
+STEP_GROUPS = {
+    "copies": profiling.COPY_KERNELS,
+    "fast-weight op (Pallas)": r"intra_fwd|state_fwd|state_bwd|qk_grads|wy_grads|gdr_",
+    "matmuls (cuBLAS, XLA gemm fusions)": r"(?i)nvjet|gemm|cublas|cutlass|xmma|wgmma",
+    "attention (cuDNN)": r"(?i)cudnn|fmha|flash",
+}
 
 
 def load_config(path_and_arg: str):
@@ -89,10 +99,18 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
     with jax.set_mesh(mesh):
       return jitted(state, batch)
 
-  t0 = time.perf_counter()
+  # Traced, lowered and compiled apart: where a long compile goes (Python tracing, StableHLO
+  # emission, or XLA's passes, autotuning and kernel compilation).
+  stage_s = {}
   with jax.set_mesh(mesh):
-    compiled = jitted.lower(state, batch).compile()
+    t0 = time.perf_counter()
+    traced = jitted.trace(state, batch)
+    stage_s["trace_s"] = time.perf_counter() - t0
+    lowered = traced.lower()
+    stage_s["lower_s"] = time.perf_counter() - t0 - stage_s["trace_s"]
+    compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  stage_s["xla_compile_s"] = compile_s - stage_s["trace_s"] - stage_s["lower_s"]
   memory = compiled.memory_analysis()
   temp_gb = ((memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 1e9
              if memory is not None else None)
@@ -110,7 +128,7 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
   flops = model_flops_per_step(run) * run.seeds
   peak = peak_tflops(device)
   row = {"ms_per_step": ms, "p20_ms": 1e3 * float(np.percentile(times, 20)),
-         "p80_ms": 1e3 * float(np.percentile(times, 80)), "compile_s": compile_s,
+         "p80_ms": 1e3 * float(np.percentile(times, 80)), "compile_s": compile_s, **stage_s,
          "tokens_per_s": run.tokens_per_step / (ms / 1e3), "tflop_per_step": flops / 1e12,
          "tflops": flops / 1e12 / (ms / 1e3),
          "mfu": flops / 1e12 / (ms / 1e3) / peak if peak else None,
@@ -123,8 +141,10 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
       holder[0], _ = step(holder[0], batch)  # the state is donated: carry the new one
       return holder[0]
 
-    table = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir)
-    print(profiling.format_table(table), flush=True)
+    # Every kernel name kept in the JSON (to regroup later); the printed table has the largest.
+    table = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir, top=None,
+                                        groups=STEP_GROUPS)
+    print(profiling.format_table({**table, "rows": table["rows"][:25]}), flush=True)
     row["profile"] = table
     row["copy_share"] = table["groups"]["copies"]["share"]
     row["device_ms_per_step"] = table["total_ms_per_call"]
@@ -189,7 +209,7 @@ def main():
   device = jax.devices()[0].device_kind
   print(f"\ndevice: {device}   config: {args.config}   tokens per example: {rows[0]['seq_len']}")
   print(f"{'impl':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
-        f"{'ms/step':>9}{'tok/s':>11}"
+        f"{'of it XLA':>10}{'ms/step':>9}{'tok/s':>11}"
         f"{'TFLOP':>7}{'MFU':>7}{'peakGB':>7}{'XLA GB':>7}{'copies':>7}")
   fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
   for r in rows:
@@ -198,7 +218,7 @@ def main():
     if "error" in r:
       print(f"{head}  {r['error'][:90]}")
       continue
-    print(f"{head}{r['compile_s']:>7.1f}s{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>11.0f}"
+    print(f"{head}{r['compile_s']:>7.1f}s{r['xla_compile_s']:>9.1f}s{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>11.0f}"
           f"{r['tflop_per_step']:>7.2f}"
           f"{fmt(r['mfu'] and 100 * r['mfu'], '6.1f'):>6}%{fmt(r['peak_gb'], '7.1f'):>7}"
           f"{fmt(r['xla_gb'], '7.1f'):>7}"

@@ -50,13 +50,14 @@ COPY_KERNELS = r"(?i)memcpy|memset|^copy|_copy|transpose"
 
 
 def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
-                      top: int = 25, groups: dict[str, str] | None = None) -> dict:
+                      top: int | None = 25, groups: dict[str, str] | None = None) -> dict:
   """Runs `fn` once untraced (warm-up), then `calls` times traced; per-call device ms by name.
 
   Returns {"total_ms_per_call", "rows": [{"name", "ms_per_call", "count_per_call", "share"}],
   "groups": {group: {"ms_per_call", "count_per_call", "share"}}} with the `top` largest names
-  (the rest summed into one "(other)" row) and, for each regex in `groups` (default: "copies",
-  `COPY_KERNELS`), the kernels whose name it matches, over all events.
+  (every name with top=None; the rest summed into one "(other)" row) and, for each regex in
+  `groups` (default: "copies", `COPY_KERNELS`), the kernels whose name it matches, over all
+  events.
   """
   if calls < 1:
     raise ValueError(f"calls must be >= 1, got {calls}")
