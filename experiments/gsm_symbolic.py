@@ -122,17 +122,18 @@ _LENGTHS = ("smoke", "small", "paper", "long8k", "long32k", "long64k")
 _PRESETS = (*_LENGTHS, "sliding", "attn_only", "qlast", "nocurriculum")
 
 
-def get_config(arg=None):
-  presets, overrides = common.parse_arg("gsm_symbolic", arg, _SHORTCUTS, _PRESETS)
+def get_config(arg=None, *, experiment: str = "gsm_symbolic"):
+  """`experiment`: the name errors and `config.name` carry (long_context builds on this file)."""
+  presets, overrides = common.parse_arg(experiment, arg, _SHORTCUTS, _PRESETS)
   lengths = [p for p in presets if p in _LENGTHS]
   if len(lengths) > 1:
-    raise ValueError(f"gsm_symbolic config: choose one length preset of {_LENGTHS}, got {lengths}")
+    raise ValueError(f"{experiment} config: choose one length preset of {_LENGTHS}, got {lengths}")
   size = lengths[0] if lengths else "small"
   hard_window, sliding_window = WINDOWS[size]
   task = dict(name="gsm_symbolic", seed=0, **gsm_symbolic.PRESETS[size], min_op=1,
               eval_ops=gsm_symbolic.EVAL_OPS, question_first=True, padding="left",
               curriculum=())
-  c = common.base_config("gsm_symbolic", task=task, model=dict(
+  c = common.base_config(experiment, task=task, model=dict(
       d_model=256, layers=("attn", "gdn") * 2, mlp_dim=1024, window=hard_window,
       tie_embeddings=True, tied_logit_scale=False))
   # Tied embeddings and AdamW at 3e-3 (embedding, norms, GDN gates) (issue 22): with an untied

@@ -160,8 +160,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                    "L": str(WINDOWS[size][stage])}
   gsm_overrides.update({k: v for k, v in overrides.items() if k != "eval_size"})
   c = gsm_symbolic.get_config(",".join(gsm_presets + [f"{k}={v}" for k, v in
-                                                       gsm_overrides.items()]))
-  c.name = "long_context"
+                                                       gsm_overrides.items()]),
+                              experiment="long_context")
   c.init_from = init
   c.task.min_len, c.task.max_len = STAGE_LENGTHS[size][stage]
   for field in ("eval_size", "eval_batch_size", "checkpoint_every", "log_every"):

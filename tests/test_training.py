@@ -122,7 +122,7 @@ def test_a_shortcut_takes_its_fields_type():
 
 
 def test_experiment_config_args():
-  from experiments import depo, rule110
+  from experiments import depo, long_context, rule110
   with pytest.raises(ValueError, match="rule110 config: unknown preset 'tiny'"):
     rule110.get_config("tiny")
   with pytest.raises(ValueError, match="depo config: unknown override 'M'"):
@@ -131,6 +131,9 @@ def test_experiment_config_args():
     rule110.get_config("steps=2k")
   with pytest.raises(ValueError, match=r"^depo config: full_share='half': must be a number$"):
     depo.get_config("full_share=half")
+  with pytest.raises(ValueError, match=r"^long_context config: steps='2k': must be an integer$"):
+    long_context.get_config("steps=2k")
+  assert long_context.get_config("smoke").name == "long_context"
   c = rule110.get_config("paper,N=4,t=32,seeds=3,dtype=bfloat16")
   assert (c.model.passes, c.task.t, c.seeds, c.model.dtype, c.model.window) == (
       4, 32, 3, "bfloat16", 24)
