@@ -241,6 +241,31 @@ def test_cli_init_from_starts_a_run_from_another_runs_parameters(uninterrupted, 
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_complete_run_resumed_reports_its_accuracy_without_recording_it_twice(
+    uninterrupted, tmp_path):
+  """Launched again, a finished run evaluates its last step and returns the result; the log and
+  TensorBoard gain nothing, unless the run had stopped between that step's checkpoint and its
+  evaluation: then the evaluation is recorded once."""
+  run = tmp_path / "run"
+  shutil.copytree(uninterrupted / "run", run)
+  want = {s: records(run, "eval", s) for s in (0, 1)}
+  results = trainer.train(tiny_run(uninterrupted / "data"), run, log=lambda _: None)
+  np.testing.assert_allclose(results["t2"]["exact_accuracy"],
+                             [want[s][-1]["exact_accuracy"] for s in (0, 1)])
+  for seed in (0, 1):
+    assert records(run, "eval", seed) == want[seed]
+    assert sorted(tensorboard_curve(run / "tensorboard" / f"seed_{seed}", "eval/t2/loss")) == [
+        20, STEPS]
+  log = run / "metrics.jsonl"          # as if killed after the last checkpoint, before its eval
+  log.write_text("".join(json.dumps(r) + "\n" for r in workdir.read_records(log)
+                         if not (r["kind"] == "eval" and r["step"] == STEPS)))
+  trainer.train(tiny_run(uninterrupted / "data"), run, log=lambda _: None)
+  for seed in (0, 1):
+    got = records(run, "eval", seed)
+    assert [r["step"] for r in got] == [20, STEPS]
+    assert got[-1]["exact_accuracy"] == pytest.approx(want[seed][-1]["exact_accuracy"])
+
+
 def test_evaluate_reports_each_seed_and_the_floor(uninterrupted):
   result = evaluate.evaluate_workdir(uninterrupted / "run")
   assert result["step"] == STEPS and result["seeds"] == [0, 1]

@@ -282,16 +282,17 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
   batches = _device_batches(run, batch_sh, start, schedule)
   metrics = MetricBuffer(run, start, pending, metrics_log, writers, log)
 
-  def evaluate(step: int) -> dict:
+  def evaluate(step: int, record: bool = True) -> dict:
     ckpt.wait()                    # a step is evaluated only once its checkpoint is on disk
     results = evaluation.evaluate(run.model, state.params, mesh, eval_sets,
                                   batch_size=run.eval_batch_size, schedule=schedule,
                                   rules=run.sharding_rules)
-    for record in evaluation.per_seed_records(results, run.model_seeds):
-      metrics_log.write({"step": step, "kind": "eval", **record})
-    for name, r in results.items():
-      _write_scalars(writers, step, {f"eval/{name}/{k}": r[k] for k in ("loss", "exact_accuracy",
-                                                                        "query_accuracy")})
+    if record:
+      for seed_record in evaluation.per_seed_records(results, run.model_seeds):
+        metrics_log.write({"step": step, "kind": "eval", **seed_record})
+      for name, r in results.items():
+        _write_scalars(writers, step, {f"eval/{name}/{k}": r[k]
+                                       for k in ("loss", "exact_accuracy", "query_accuracy")})
     log(f"eval step {step}\n" + evaluation.format_results(results, run.model_seeds))
     return results
 
@@ -325,8 +326,9 @@ def _train(run: RunConfig, path: Path, mesh, boxed, *, lead: bool, log) -> dict:
         if stop_requested:
           log(f"SIGTERM: stopping at step {step}")
           break
-      if not last_eval and not stop_requested:   # already complete: report its accuracy again
-        last_eval = evaluate(step)
+      if not last_eval and not stop_requested:   # already complete: report its accuracy again,
+        # recorded only if the run stopped between its last checkpoint and its evaluation
+        last_eval = evaluate(step, record=step not in metrics_log.eval_steps)
     except KeyboardInterrupt:
       log(f"interrupted at step {step}")
       raise

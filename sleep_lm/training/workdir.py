@@ -214,9 +214,11 @@ class MetricsLog:
 
   def __init__(self, path: Path, resume_step: int, *, write: bool = True, warn=print):
     self.path, self.enabled = path, write
+    self.eval_steps: set[int] = set()       # steps whose evaluation the log already holds
     if write and path.exists():
       kept = [r for r in read_records(path, warn=warn) if r["step"] <= resume_step]
       write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+      self.eval_steps = {r["step"] for r in kept if r["kind"] == "eval"}
 
   def write(self, record: dict) -> None:
     if self.enabled:
