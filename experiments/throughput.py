@@ -22,7 +22,9 @@ warm-up, on one batch held on the device (per seed: the config's batch), and rep
                      arguments (the train state and batch); peak GB: the device's peak bytes in
                      use so far in the process (GPU only; rows run in order, so it only grows);
   copy share         with --profile-dir: the share of device time in copy kernels (memcpy, XLA
-                     copy/transpose fusions), from a trace of 3 steps.
+                     copy/transpose fusions), from a trace of 3 steps; the trace's largest
+                     kernels and its device time by kernel family (`STEP_FAMILIES`) are printed
+                     and every kernel is kept in the JSON ("profile", "families").
 Prints a table last; --json writes every row.
 """
 
@@ -45,13 +47,15 @@ from sleep_lm.training.run_config import RunConfig
 BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "H100": 989.4,
                     "H200": 989.4}
 
-# Kernel families of the step's profile (regexes over kernel names; a kernel may match none).
-STEP_GROUPS = {
-    "copies": profiling.COPY_KERNELS,
-    "fast-weight op (Pallas)": r"intra_fwd|state_fwd|state_bwd|qk_grads|wy_grads|gdr_",
-    "matmuls (cuBLAS, XLA gemm fusions)": r"(?i)nvjet|gemm|cublas|cutlass|xmma|wgmma",
-    "attention (cuDNN)": r"(?i)cudnn|fmha|flash",
-}
+# Kernel families of the step's profile, by name; each kernel counts in the first that matches.
+STEP_FAMILIES = (
+    ("fast-weight op (Pallas)", r"intra_fwd|state_fwd|state_bwd|qk_grads|wy_grads|gdr_"),
+    ("matmuls (cuBLAS, XLA gemm fusions)", r"(?i)nvjet|gemm|cublas|cutlass|xmma|wgmma|dot"),
+    ("attention (cuDNN)", r"(?i)cudnn|fmha|flash|attn"),
+    ("copies and transposes", profiling.COPY_KERNELS),
+    ("reductions (XLA reduce fusions)", r"(?i)reduce|reduction"),
+    ("elementwise (other XLA fusions)", r"(?i)fusion"),
+)
 
 
 def load_config(path_and_arg: str):
@@ -142,10 +146,12 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
       return holder[0]
 
     # Every kernel name kept in the JSON (to regroup later); the printed table has the largest.
-    table = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir, top=None,
-                                        groups=STEP_GROUPS)
+    table = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir, top=None)
+    families = profiling.family_table(table, STEP_FAMILIES)
     print(profiling.format_table({**table, "rows": table["rows"][:25]}), flush=True)
+    print(profiling.format_families(families), flush=True)
     row["profile"] = table
+    row["families"] = families
     row["copy_share"] = table["groups"]["copies"]["share"]
     row["device_ms_per_step"] = table["total_ms_per_call"]
   return row

@@ -43,3 +43,16 @@ def test_copy_group_sums_the_copy_kernels():
       "memcpy128", "MemcpyD2D", "copy.12", "loop_copy_fusion", "input_transpose_fusion_3"))
   assert not any(re.search(profiling.COPY_KERNELS, n) for n in (
       "gemm_fusion_dot_1", "_intra_fwd_kernel", "loop_add_fusion"))
+
+
+def test_family_table_counts_each_kernel_in_its_first_match():
+  table = {"rows": [
+      {"name": "gemm_copy_fusion", "ms_per_call": 2.0, "count_per_call": 1.0, "share": 0.5},
+      {"name": "memcpy", "ms_per_call": 1.0, "count_per_call": 3.0, "share": 0.25},
+      {"name": "mystery", "ms_per_call": 1.0, "count_per_call": 1.0, "share": 0.25}]}
+  fams = profiling.family_table(table, [("gemm", "gemm"), ("copies", profiling.COPY_KERNELS)])
+  assert list(fams) == ["gemm", "copies", "other"]
+  assert [f["ms_per_call"] for f in fams.values()] == [2.0, 1.0, 1.0]
+  assert [f["count_per_call"] for f in fams.values()] == [1.0, 3.0, 1.0]
+  text = profiling.format_families(fams)
+  assert "50.0%" in text and "other" in text

@@ -15,7 +15,7 @@ import collections
 import glob
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -86,6 +86,26 @@ def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
                                                                for r in rows)) / calls,
                  "share": rest / total})
   return {"total_ms_per_call": total / calls, "rows": rows, "groups": group_rows}
+
+
+def family_table(table: dict, families: Sequence[tuple[str, str]]) -> dict:
+  """Each kernel of `table` (made with top=None, so that no row is "(other)") in the first
+  family whose regex matches its name, or in "other": {family: {"ms_per_call",
+  "count_per_call", "share"}}, in the order given, summing to the table's total."""
+  out = {name: {"ms_per_call": 0.0, "count_per_call": 0.0, "share": 0.0}
+         for name in [*(f for f, _ in families), "other"]}
+  for row in table["rows"]:
+    family = next((f for f, pattern in families if re.search(pattern, row["name"])), "other")
+    for key in ("ms_per_call", "count_per_call", "share"):
+      out[family][key] += row[key]
+  return out
+
+
+def format_families(families: dict) -> str:
+  lines = [f"{'ms/call':>9} {'share':>6} {'n/call':>7}  family (each kernel in its first match)"]
+  lines += [f"{r['ms_per_call']:9.3f} {100 * r['share']:5.1f}% {r['count_per_call']:7.1f}  {name}"
+            for name, r in families.items()]
+  return "\n".join(lines)
 
 
 def format_table(table: dict, width: int = 70) -> str:
