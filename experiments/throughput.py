@@ -224,7 +224,8 @@ def main():
     if "error" in r:
       print(f"{head}  {r['error'][:90]}")
       continue
-    print(f"{head}{r['compile_s']:>7.1f}s{r['xla_compile_s']:>9.1f}s{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>11.0f}"
+    print(f"{head}{r['compile_s']:>7.1f}s{r['xla_compile_s']:>9.1f}s"
+          f"{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>11.0f}"
           f"{r['tflop_per_step']:>7.2f}"
           f"{fmt(r['mfu'] and 100 * r['mfu'], '6.1f'):>6}%{fmt(r['peak_gb'], '7.1f'):>7}"
           f"{fmt(r['xla_gb'], '7.1f'):>7}"
