@@ -23,8 +23,10 @@ warm-up, on one batch held on the device (per seed: the config's batch), and rep
                      use so far in the process (GPU only; rows run in order, so it only grows);
   copy share         with --profile-dir: the share of device time in copy kernels (memcpy, XLA
                      copy/transpose fusions), from a trace of 3 steps; the trace's largest
-                     kernels and its device time by kernel family (`STEP_FAMILIES`) are printed
-                     and every kernel is kept in the JSON ("profile", "families").
+                     kernels, its device time by kernel family (`STEP_FAMILIES`) and by part
+                     of the model (each kernel's HLO instruction -> its op_name ->
+                     `profiling.model_component`, forward and backward apart) are printed and
+                     kept in the JSON ("profile", "families", "components").
 Prints a table last; --json writes every row.
 """
 
@@ -148,10 +150,15 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
     # Every kernel name kept in the JSON (to regroup later); the printed table has the largest.
     table = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir, top=None)
     families = profiling.family_table(table, STEP_FAMILIES)
+    # Each kernel's HLO instruction -> the op_name of the model code that made it.
+    components = profiling.component_table(table, profiling.hlo_op_names(compiled.as_text()))
     print(profiling.format_table({**table, "rows": table["rows"][:25]}), flush=True)
     print(profiling.format_families(families), flush=True)
+    print(profiling.format_families(dict(list(components.items())[:30]),
+                                    title="model part (forward/backward)"), flush=True)
     row["profile"] = table
     row["families"] = families
+    row["components"] = components
     row["copy_share"] = table["groups"]["copies"]["share"]
     row["device_ms_per_step"] = table["total_ms_per_call"]
   return row

@@ -18,7 +18,7 @@ def test_cpu_trace_has_no_device_rows(tmp_path):
   table = profiling.device_time_table(lambda: f(x), calls=2, log_dir=str(tmp_path))
   assert list(tmp_path.rglob("*.xplane.pb")), "the trace was not written"
   assert table == {"total_ms_per_call": 0.0, "rows": [], "groups": {
-      "copies": {"ms_per_call": 0.0, "count_per_call": 0.0, "share": 0.0}}}
+      "copies": {"ms_per_call": 0.0, "count_per_call": 0.0, "share": 0.0}}, "ops": {}}
   assert "no device events" in profiling.format_table(table)
 
 
@@ -56,3 +56,79 @@ def test_family_table_counts_each_kernel_in_its_first_match():
   assert [f["count_per_call"] for f in fams.values()] == [1.0, 3.0, 1.0]
   text = profiling.format_families(fams)
   assert "50.0%" in text and "other" in text
+
+
+def _gpu_trace(kernels) -> jax.profiler.ProfileData:
+  """A GPU device plane in XLA's xplane format, parsed by JAX's own reader: one stream with the
+  kernels (name, ms, hlo_op or None) in order."""
+  names = {n: i + 1 for i, n in enumerate(dict.fromkeys(n for n, _, _ in kernels))}
+  events, at = [], 0
+  for name, ms, op in kernels:
+    stat = f' stats {{ metadata_id: 1000 str_value: "{op}" }}' if op else ""
+    events.append(f"events {{ metadata_id: {names[name]} offset_ps: {at} "
+                  f"duration_ps: {int(ms * 1e9)}{stat} }}")
+    at += int(ms * 1e9) + 1000
+  meta = "".join(f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }} '
+                 for n, i in names.items())
+  return jax.profiler.ProfileData.from_text_proto(
+      'planes { id: 1 name: "/device:GPU:0" lines { id: 1 name: "Stream #13(Kernel)" '
+      f'timestamp_ns: 1 {" ".join(events)} }} {meta}'
+      'stat_metadata { key: 1000 value { id: 1000 name: "hlo_op" } } }')
+
+
+def test_kernels_are_charged_to_the_model_code_that_made_them():
+  """A real compiled module (a norm and a projection inside layer_0_gdn, as sleep_lm names its
+  layers) and a GPU trace whose kernels name their HLO instructions: device time lands on the
+  module and direction of each instruction's op_name; a kernel with no hlo_op stays apart."""
+  import flax.linen as nn
+
+  class Gdn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.RMSNorm(name="out_norm")(nn.Dense(8, name="q_proj")(x))
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x + Gdn(name="layer_0_gdn")(x)
+
+  x = jnp.ones((4, 8))
+  params = Block(name="blocks_0").init(jax.random.key(0), x)
+  loss = lambda p: jnp.sum(jnp.sin(Block(name="blocks_0").apply(p, x)))
+  text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  names = profiling.hlo_op_names(text)
+  parts = {op: profiling.model_component(n) for op, n in names.items()}
+  norm_fwd = next(op for op, c in parts.items() if c == "gdn/out_norm (forward)")
+  norm_bwd = next(op for op, c in parts.items() if c == "gdn/out_norm (backward)")
+  events = profiling.device_events(_gpu_trace([
+      ("loop_multiply_fusion_1", 2.0, norm_fwd), ("input_reduce_fusion", 1.0, norm_bwd),
+      ("loop_multiply_fusion_1", 2.0, norm_fwd), ("nvjet_sm90_tst_128x64", 0.5, None)]))
+  assert [e[3] for e in events] == [norm_fwd, norm_bwd, norm_fwd, None]
+  table = profiling.summarize(events, calls=2)
+  assert table["ops"] == {norm_fwd: {"ms_per_call": 2.0, "count_per_call": 1.0},
+                          norm_bwd: {"ms_per_call": 0.5, "count_per_call": 0.5}}
+  got = profiling.component_table(table, names)
+  assert list(got) == ["gdn/out_norm (forward)", "gdn/out_norm (backward)",
+                       "(kernels without an hlo_op)"]
+  assert [r["ms_per_call"] for r in got.values()] == pytest.approx([2.0, 0.5, 0.25])
+  assert sum(r["share"] for r in got.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("op_name,part", [
+    ("jit(seeded)/vmap(transpose(jvp()))/while/body/eval_jaxpr/HybridLM.run_pass/blocks_3/"
+     "layer_3_gdn/mul", "gdn (backward)"),
+    ("jit(seeded)/vmap(jvp())/while/body/eval_jaxpr/HybridLM.run_pass/blocks_1/layer_1_gdn/"
+     "out_norm/reduce_sum", "gdn/out_norm (forward)"),
+    ("jit(seeded)/vmap(jvp())/HybridLM.run_pass/blocks_1/layer_1_gdn/blocks_1/layer_1_gdn/"
+     "blocks_1/custom_vjp_call", "gdn (forward)"),
+    ("jit(seeded)/vmap(jvp())/HybridLM.run_pass/blocks_0/layer_0_mixer_norm/mul",
+     "mixer_norm (forward)"),
+    ("jit(seeded)/vmap(transpose(jvp()))/HybridLM.run_pass/blocks_2/add_any",
+     "block (residual adds) (backward)"),
+    ("jit(seeded)/vmap(jvp())/HybridLM.run_pass/final_norm/mul", "final_norm (forward)"),
+    ("jit(seeded)/vmap(jit(tree_bias_correction))/div", "outside the layers (forward)"),
+    ("reduce_sum", "outside the layers (forward)"),
+])
+def test_model_component_of_real_op_names(op_name, part):
+  """op_names as JAX wrote them into the compiled Rule 110 train step (CPU)."""
+  assert profiling.model_component(op_name) == part

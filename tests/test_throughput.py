@@ -25,6 +25,7 @@ def test_a_row_times_trace_lower_and_compile_apart(tmp_path, monkeypatch):
   # A CPU trace has no device plane: the profile is empty but whole, every family present.
   assert list(row["families"]) == [f for f, _ in throughput.STEP_FAMILIES] + ["other"]
   assert row["copy_share"] == 0.0 and row["device_ms_per_step"] == 0.0
+  assert row["components"] == {}
 
 
 def test_step_families_take_each_kernel_once():

@@ -15,7 +15,7 @@ import collections
 import glob
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
@@ -30,9 +30,11 @@ def _latest_xplane(log_dir: str) -> str:
   return max(paths, key=os.path.getmtime)
 
 
-def device_events(xplane_path: str) -> list[tuple[str, str, float]]:
-  """(plane, event name, duration in ms) of every kernel on a device stream."""
-  data = jax.profiler.ProfileData.from_file(xplane_path)
+def device_events(xplane) -> list[tuple[str, str, float, str | None]]:
+  """(plane, event name, duration in ms, HLO instruction) of every kernel on a device stream of
+  `xplane` (a *.xplane.pb path or a `jax.profiler.ProfileData`); the instruction is the event's
+  "hlo_op" stat (XLA's GPU tracer sets it on the kernels it launches), None where there is none."""
+  data = jax.profiler.ProfileData.from_file(xplane) if isinstance(xplane, str) else xplane
   events = []
   for plane in data.planes:
     if not plane.name.startswith("/device:"):
@@ -40,7 +42,8 @@ def device_events(xplane_path: str) -> list[tuple[str, str, float]]:
     for line in plane.lines:
       if any(s in line.name for s in _SUMMARY_LINES):
         continue
-      events.extend((plane.name, e.name, e.duration_ns / 1e6) for e in line.events)
+      events.extend((plane.name, e.name, e.duration_ns / 1e6, dict(e.stats).get("hlo_op"))
+                    for e in line.events)
   return events
 
 
@@ -65,10 +68,21 @@ def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
   with jax.profiler.trace(log_dir):
     for _ in range(calls):
       jax.block_until_ready(fn())
+  return summarize(device_events(_latest_xplane(log_dir)), calls=calls, top=top, groups=groups)
+
+
+def summarize(events, *, calls: int, top: int | None = 25,
+              groups: dict[str, str] | None = None) -> dict:
+  """`device_time_table`'s result from `device_events`' list for `calls` calls; also "ops":
+  {HLO instruction: {"ms_per_call", "count_per_call"}} of the kernels that name theirs."""
   totals, counts = collections.Counter(), collections.Counter()
-  for _, name, ms in device_events(_latest_xplane(log_dir)):
+  op_ms, op_counts = collections.Counter(), collections.Counter()
+  for _, name, ms, op in events:
     totals[name] += ms
     counts[name] += 1
+    if op:
+      op_ms[op] += ms
+      op_counts[op] += 1
   total = sum(totals.values())
   group_rows = {}
   for group, pattern in (groups if groups is not None else {"copies": COPY_KERNELS}).items():
@@ -85,7 +99,9 @@ def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
                  "count_per_call": (sum(counts.values()) - sum(r["count_per_call"] * calls
                                                                for r in rows)) / calls,
                  "share": rest / total})
-  return {"total_ms_per_call": total / calls, "rows": rows, "groups": group_rows}
+  ops = {op: {"ms_per_call": ms / calls, "count_per_call": op_counts[op] / calls}
+         for op, ms in op_ms.most_common()}
+  return {"total_ms_per_call": total / calls, "rows": rows, "groups": group_rows, "ops": ops}
 
 
 def family_table(table: dict, families: Sequence[tuple[str, str]]) -> dict:
@@ -101,8 +117,58 @@ def family_table(table: dict, families: Sequence[tuple[str, str]]) -> dict:
   return out
 
 
-def format_families(families: dict) -> str:
-  lines = [f"{'ms/call':>9} {'share':>6} {'n/call':>7}  family (each kernel in its first match)"]
+# Segments of a JAX op_name that are transformations or control flow, not Flax modules.
+_NOT_MODULES = {"while", "body", "cond", "eval_jaxpr", "checkpoint", "remat",
+                "rematted_computation"}
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """{instruction name: its JAX op_name} of a compiled module's text (`compiled.as_text()`); a
+  fusion carries its root's op_name, so a kernel maps to the model code that made it."""
+  pattern = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?\bop_name="([^"]*)"', re.M)
+  return dict(pattern.findall(hlo_text))
+
+
+def model_component(op_name: str) -> str:
+  """The part of the model an op_name comes from, layer indices dropped, forward or backward:
+  ".../transpose(jvp(...))/.../blocks_1/layer_1_gdn/out_norm/mul" -> "gdn/out_norm (backward)".
+  Reads sleep_lm's module names (`layer_{i}_{kind}` inside `blocks_{i}`); ops outside every
+  module (loss, optimizer, data movement) are "outside the layers"."""
+  direction = "backward" if "transpose(" in op_name else "forward"
+  mods = [m for m in op_name.split("/")[:-1]                  # the last segment is the primitive
+          if "(" not in m and "." not in m and m not in _NOT_MODULES]
+  layers = [i for i, m in enumerate(mods) if re.fullmatch(r"layer_\d+_\w+", m)]
+  if layers:
+    kind = re.sub(r"^layer_\d+_", "", mods[layers[-1]])
+    rest = [m for m in mods[layers[-1] + 1:] if not re.fullmatch(r"(blocks|layer)_\d+\w*", m)]
+    parts = [kind, *dict.fromkeys(rest)]
+  else:
+    named = [m for m in mods if not re.fullmatch(r"blocks_\d+", m)]
+    parts = [named[-1]] if named else (["block (residual adds)"] if mods else [])
+  return f"{'/'.join(parts) or 'outside the layers'} ({direction})"
+
+
+def component_table(table: dict, op_names: Mapping[str, str]) -> dict:
+  """Device ms per call by `model_component` of each kernel's HLO instruction (`table["ops"]`
+  from `summarize`, `op_names` from `hlo_op_names`), largest first, with the kernel time that
+  names no instruction or one missing from the module in rows of their own."""
+  out = collections.defaultdict(lambda: {"ms_per_call": 0.0, "count_per_call": 0.0})
+  for op, r in table.get("ops", {}).items():
+    name = op_names.get(op.lstrip("%"))
+    key = model_component(name) if name is not None else "(instruction not in the module)"
+    out[key]["ms_per_call"] += r["ms_per_call"]
+    out[key]["count_per_call"] += r["count_per_call"]
+  named = sum(r["ms_per_call"] for r in table.get("ops", {}).values())
+  if table["total_ms_per_call"] - named > 1e-9:
+    out["(kernels without an hlo_op)"]["ms_per_call"] = table["total_ms_per_call"] - named
+  total = table["total_ms_per_call"]
+  return {k: {**r, "share": r["ms_per_call"] / total if total else 0.0}
+          for k, r in sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"])}
+
+
+def format_families(families: dict, title: str = "family (each kernel in its first match)"
+                    ) -> str:
+  lines = [f"{'ms/call':>9} {'share':>6} {'n/call':>7}  {title}"]
   lines += [f"{r['ms_per_call']:9.3f} {100 * r['share']:5.1f}% {r['count_per_call']:7.1f}  {name}"
             for name, r in families.items()]
   return "\n".join(lines)
