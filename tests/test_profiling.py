@@ -111,6 +111,7 @@ def test_kernels_are_charged_to_the_model_code_that_made_them():
   assert list(got) == ["gdn/out_norm (forward)", "gdn/out_norm (backward)",
                        "(kernels without an hlo_op)"]
   assert [r["ms_per_call"] for r in got.values()] == pytest.approx([2.0, 0.5, 0.25])
+  assert [r["count_per_call"] for r in got.values()] == pytest.approx([1.0, 0.5, 0.5])
   assert sum(r["share"] for r in got.values()) == pytest.approx(1.0)
 
 

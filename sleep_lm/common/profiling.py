@@ -60,7 +60,7 @@ def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
   "groups": {group: {"ms_per_call", "count_per_call", "share"}}} with the `top` largest names
   (every name with top=None; the rest summed into one "(other)" row) and, for each regex in
   `groups` (default: "copies", `COPY_KERNELS`), the kernels whose name it matches, over all
-  events.
+  events; "ops": the time per HLO instruction (`summarize`).
   """
   if calls < 1:
     raise ValueError(f"calls must be >= 1, got {calls}")
@@ -160,7 +160,10 @@ def component_table(table: dict, op_names: Mapping[str, str]) -> dict:
     out[key]["count_per_call"] += r["count_per_call"]
   named = sum(r["ms_per_call"] for r in table.get("ops", {}).values())
   if table["total_ms_per_call"] - named > 1e-9:
-    out["(kernels without an hlo_op)"]["ms_per_call"] = table["total_ms_per_call"] - named
+    out["(kernels without an hlo_op)"] = {
+        "ms_per_call": table["total_ms_per_call"] - named,
+        "count_per_call": (sum(r["count_per_call"] for r in table["rows"])
+                           - sum(r["count_per_call"] for r in table.get("ops", {}).values()))}
   total = table["total_ms_per_call"]
   return {k: {**r, "share": r["ms_per_call"] / total if total else 0.0}
           for k, r in sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"])}
