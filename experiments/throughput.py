@@ -153,8 +153,8 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
     # Each kernel's HLO instruction -> the op_name of the model code that made it.
     components = profiling.component_table(table, profiling.hlo_op_names(compiled.as_text()))
     print(profiling.format_table({**table, "rows": table["rows"][:25]}), flush=True)
-    print(profiling.format_families(families), flush=True)
-    print(profiling.format_families(dict(list(components.items())[:30]),
+    print(profiling.format_breakdown(families), flush=True)
+    print(profiling.format_breakdown(dict(list(components.items())[:30]),
                                     title="model part (forward/backward)"), flush=True)
     row["profile"] = table
     row["families"] = families

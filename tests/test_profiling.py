@@ -54,7 +54,7 @@ def test_family_table_counts_each_kernel_in_its_first_match():
   assert list(fams) == ["gemm", "copies", "other"]
   assert [f["ms_per_call"] for f in fams.values()] == [2.0, 1.0, 1.0]
   assert [f["count_per_call"] for f in fams.values()] == [1.0, 3.0, 1.0]
-  text = profiling.format_families(fams)
+  text = profiling.format_breakdown(fams)
   assert "50.0%" in text and "other" in text
 
 

@@ -169,11 +169,12 @@ def component_table(table: dict, op_names: Mapping[str, str]) -> dict:
           for k, r in sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"])}
 
 
-def format_families(families: dict, title: str = "family (each kernel in its first match)"
-                    ) -> str:
+def format_breakdown(rows: dict, title: str = "family (each kernel in its first match)") -> str:
+  """A {name: {"ms_per_call", "share", "count_per_call"}} breakdown (`family_table`,
+  `component_table`) as text, one line a name."""
   lines = [f"{'ms/call':>9} {'share':>6} {'n/call':>7}  {title}"]
   lines += [f"{r['ms_per_call']:9.3f} {100 * r['share']:5.1f}% {r['count_per_call']:7.1f}  {name}"
-            for name, r in families.items()]
+            for name, r in rows.items()]
   return "\n".join(lines)
 
 
