@@ -25,6 +25,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from kernels.platform import target_platform
+
 MAX_BLOCK = 128        # the kernel's default forward tile along T
 BACKWARD_BLOCK = 32    # and its default backward tiles
 MIN_BLOCK = 16         # the smallest tile Triton's dot takes
@@ -60,7 +62,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise ValueError(f"causal_attention: q, k and v must share a dtype, got {q.dtype}, "
                      f"{k.dtype}, {v.dtype}")
   if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+    interpret = target_platform() != "gpu"
   if g != h:
     k, v = (jnp.repeat(x, h // g, axis=2) for x in (k, v))
   block = min(MAX_BLOCK, _pow2_at_least(t, MIN_BLOCK))

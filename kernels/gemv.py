@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from kernels.platform import target_platform
+
 f32 = jnp.float32
 
 # At least this many programs where N allows: two per SM of a 132-SM H100/H200.
@@ -173,7 +175,7 @@ def gemv(x: jax.Array, w: jax.Array, *, interpret: bool | None = None,
   if num_warps is None:
     num_warps = 8 if bn * bk >= _WIDE_TILE else 4
   if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+    interpret = target_platform() != "gpu"
   cfg = _Config(bn, bk, num_warps, 3 if num_stages is None else num_stages, bool(interpret))
   return _gemv(x, w.astype(x.dtype), cfg)
 

@@ -44,6 +44,7 @@ from kernels.gated_delta_rule.base import (  # noqa: F401  (re-exported)
   l2_normalize,
   prepare_qk,
 )
+from kernels.platform import target_platform
 
 REGISTRY: types.MappingProxyType[str, Implementation] = types.MappingProxyType({
     impl.name: impl for impl in (reference.IMPLEMENTATION, chunked.IMPLEMENTATION,
@@ -66,7 +67,7 @@ def available_implementations() -> tuple[str, ...]:
 
 def default_implementations(backend: str | None = None) -> tuple[str, ...]:
   """The order in which `implementation=None` tries implementations on `backend`."""
-  return DEFAULT_ORDER.get(backend or jax.default_backend(), _FALLBACK_ORDER)
+  return DEFAULT_ORDER.get(backend or target_platform(), _FALLBACK_ORDER)
 
 
 def default_candidates(q: jax.Array, backend: str | None = None

@@ -131,6 +131,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.gated_delta_rule import _pallas_common as common
 from kernels.gated_delta_rule import base
+from kernels.platform import target_platform
 
 f32, bf16 = jnp.float32, jnp.bfloat16
 NAME = "pallas_mosaic_gpu"
@@ -600,7 +601,7 @@ def intra_fwd(q, k, v, gamma, beta, *, interpret):
 
 
 def _interpret():
-  return False if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams()
+  return False if target_platform() == "gpu" else plgpu.InterpretGPUParams()
 
 
 def _config(dk, dv, dtype):

@@ -27,6 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.gated_delta_rule import _pallas_common as common
 from kernels.gated_delta_rule import base
+from kernels.platform import target_platform
 
 f32 = jnp.float32
 NAME = "pallas_mosaic_tpu"
@@ -234,7 +235,7 @@ _core = common.make_core(common.Backend(intra_fwd, state_fwd, state_bwd, chunk_b
 
 def _make_config(chunk, dk, dv, dtype, batch_heads):
   del batch_heads  # one block size
-  on_tpu = jax.default_backend() == "tpu"
+  on_tpu = target_platform() == "tpu"
   return common.KernelConfig(
       chunk_size=chunk, block_v=min(128, dv), block_k=min(128, dk), grads_block_v=min(128, dv),
       compute_dtype=jnp.dtype(dtype).name, intermediate_dtype=jnp.dtype(dtype).name,

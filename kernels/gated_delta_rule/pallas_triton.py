@@ -31,6 +31,7 @@ from jax.experimental.pallas import triton as pltr
 
 from kernels.gated_delta_rule import _pallas_common as common
 from kernels.gated_delta_rule import base
+from kernels.platform import target_platform
 
 f32 = jnp.float32
 NAME = "pallas_triton"
@@ -283,7 +284,7 @@ def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_
 
 
 def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+  return target_platform() == "gpu"
 
 
 def _state_block_v(dv, batch_heads, tuning: Tuning):
