@@ -23,11 +23,21 @@ warm-up, on one batch held on the device (per seed: the config's batch), and rep
                      use so far in the process (GPU only; rows run in order, so it only grows);
   copy share         with --profile-dir: the share of device time in copy kernels (memcpy, XLA
                      copy/transpose fusions), from a trace of 3 steps; the trace's largest
-                     kernels, its device time by kernel family (`STEP_FAMILIES`) and by part
-                     of the model (each kernel's HLO instruction -> its op_name ->
+                     kernels, its device time by kernel family (`profiling.STEP_FAMILIES`)
+                     and by part of the model (each kernel's HLO instruction -> its op_name ->
                      `profiling.model_component`, forward and backward apart) are printed and
                      kept in the JSON ("profile", "families", "components").
 Prints a table last; --json writes every row.
+
+With --plan h200 (or h100) nothing runs: each row's step is compiled for that GPU on this
+machine, which needs none (the CUDA PJRT plugin, `pip install -e '.[plan]'`), and the compiled
+program's kernels are read by `sleep_lm.common.kernel_plan`: the HBM bytes they move, by kernel
+family and by model part, and those bytes over the device's bandwidth ("ms at BW", the time this
+fusion plan cannot beat however fast its kernels run). The compile omits autotuning (XLA cannot
+time kernels without the device), so gemm configurations, never the bytes, may differ.
+
+  python -m experiments.throughput --config experiments/rule110.py:dtype=bfloat16 --passes 4 \
+      --seeds 3 --plan h200 --json plan.json
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import jax
 import numpy as np
 
 from experiments.sweep import load_module
-from sleep_lm.common import profiling
+from sleep_lm.common import kernel_plan, profiling
 from sleep_lm.model.sleep import window_length
 from sleep_lm.training import trainer
 from sleep_lm.training.run_config import RunConfig
@@ -48,17 +58,6 @@ from sleep_lm.training.run_config import RunConfig
 # Dense bf16 peak by device kind (vendor datasheets, SXM parts).
 BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "H100": 989.4,
                     "H200": 989.4}
-
-# Kernel families of the step's profile, by name; each kernel counts in the first that matches.
-STEP_FAMILIES = (
-    ("fast-weight op (Pallas)", r"intra_fwd|state_fwd|state_bwd|qk_grads|wy_grads|gdr_"),
-    ("matmuls (cuBLAS, XLA gemm fusions)", r"(?i)nvjet|gemm|cublas|cutlass|xmma|wgmma|dot"),
-    ("attention (cuDNN)", r"(?i)cudnn|fmha|flash|attn"),
-    ("copies and transposes", profiling.COPY_KERNELS),
-    ("reductions (XLA reduce fusions)", r"(?i)reduce|reduction"),
-    ("elementwise (other XLA fusions)", r"(?i)fusion"),
-)
-
 
 def load_config(path_and_arg: str):
   """'experiments/rule110.py:smoke' -> that file's get_config('smoke')."""
@@ -91,22 +90,16 @@ def model_flops_per_step(run: RunConfig) -> float:
   return float(dense + scores + fast_weight)
 
 
-def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | None = None) -> dict:
-  mesh, boxed = trainer.setup(run)
-  state, optimizer = trainer.initial_state(run, mesh, boxed)
-  jitted, batch_sh = trainer.sharded_train_step(run, mesh, boxed, optimizer)
+def _example_batch(run: RunConfig) -> dict:
   idx = np.arange(run.batch_size)
   examples = [run.task.train_examples(s, idx) for s in run.model_seeds]
-  batch = {k: np.stack([e[k] for e in examples]) for k in ("inputs", "targets", "loss_mask")}
-  batch = jax.device_put(batch, batch_sh)
-  device = jax.devices()[0]
+  return {k: np.stack([e[k] for e in examples]) for k in ("inputs", "targets", "loss_mask")}
 
-  def step(state, batch):
-    with jax.set_mesh(mesh):
-      return jitted(state, batch)
 
-  # Traced, lowered and compiled apart: where a long compile goes (Python tracing, StableHLO
-  # emission, or XLA's passes, autotuning and kernel compilation).
+def _compile(jitted, mesh, state, batch) -> tuple[object, dict]:
+  """The compiled step and its compile time, traced, lowered and compiled apart: where a long
+  compile goes (Python tracing, StableHLO emission, or XLA's passes, autotuning and kernel
+  compilation)."""
   stage_s = {}
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
@@ -115,11 +108,45 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
     lowered = traced.lower()
     stage_s["lower_s"] = time.perf_counter() - t0 - stage_s["trace_s"]
     compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  stage_s["xla_compile_s"] = compile_s - stage_s["trace_s"] - stage_s["lower_s"]
+  stage_s["compile_s"] = time.perf_counter() - t0
+  stage_s["xla_compile_s"] = stage_s["compile_s"] - stage_s["trace_s"] - stage_s["lower_s"]
   memory = compiled.memory_analysis()
-  temp_gb = ((memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 1e9
-             if memory is not None else None)
+  stage_s["xla_gb"] = ((memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 1e9
+                       if memory is not None else None)
+  return compiled, stage_s
+
+
+def plan_step(run: RunConfig, target: str) -> dict:
+  """Compiles the step for `target` (a `kernel_plan.GPU_TARGETS` key) without its device and
+  reads the compiled program's kernel plan: bytes moved by family and by model part."""
+  devices = kernel_plan.gpu_topology(target).devices
+  mesh, boxed = trainer.setup(run, devices=devices)
+  state, optimizer = trainer.initial_state(run, mesh, boxed, abstract=True)
+  jitted, batch_sh = trainer.sharded_train_step(run, mesh, boxed, optimizer)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+           for k, v in _example_batch(run).items()}
+  compiled, stage_s = _compile(jitted, mesh, state, batch)
+  plan = kernel_plan.plan(compiled.as_text(),
+                          bandwidth=kernel_plan.GPU_TARGETS[target]["bandwidth"])
+  print(profiling.format_breakdown(plan["families"], title="family (ms = GB / bandwidth)"))
+  print(profiling.format_breakdown(dict(list(plan["components"].items())[:30]),
+                                   title="model part (forward/backward)"), flush=True)
+  return {**stage_s, "tflop_per_step": model_flops_per_step(run) * run.seeds / 1e12,
+          "plan_target": target, **plan}
+
+
+def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | None = None) -> dict:
+  mesh, boxed = trainer.setup(run)
+  state, optimizer = trainer.initial_state(run, mesh, boxed)
+  jitted, batch_sh = trainer.sharded_train_step(run, mesh, boxed, optimizer)
+  batch = jax.device_put(_example_batch(run), batch_sh)
+  device = jax.devices()[0]
+
+  def step(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  compiled, stage_s = _compile(jitted, mesh, state, batch)
   for _ in range(warmup):
     state, _ = step(state, batch)
   jax.block_until_ready(state)
@@ -134,12 +161,11 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
   flops = model_flops_per_step(run) * run.seeds
   peak = peak_tflops(device)
   row = {"ms_per_step": ms, "p20_ms": 1e3 * float(np.percentile(times, 20)),
-         "p80_ms": 1e3 * float(np.percentile(times, 80)), "compile_s": compile_s, **stage_s,
+         "p80_ms": 1e3 * float(np.percentile(times, 80)), **stage_s,
          "tokens_per_s": run.tokens_per_step / (ms / 1e3), "tflop_per_step": flops / 1e12,
          "tflops": flops / 1e12 / (ms / 1e3),
          "mfu": flops / 1e12 / (ms / 1e3) / peak if peak else None,
-         "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9 if stats else None,
-         "xla_gb": temp_gb}
+         "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9 if stats else None}
   if profile_dir:  # where the step's device time goes, by kernel
     holder = [state]
 
@@ -149,7 +175,7 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
 
     # Every kernel name kept in the JSON (to regroup later); the printed table has the largest.
     table = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir, top=None)
-    families = profiling.family_table(table, STEP_FAMILIES)
+    families = profiling.family_table(table, profiling.STEP_FAMILIES)
     # Each kernel's HLO instruction -> the op_name of the model code that made it.
     components = profiling.component_table(table, profiling.hlo_op_names(compiled.as_text()))
     print(profiling.format_table({**table, "rows": table["rows"][:25]}), flush=True)
@@ -184,7 +210,13 @@ def main():
   parser.add_argument("--json", default=None)
   parser.add_argument("--profile-dir", default=None,
                       help="also trace 3 steps per row: device time by kernel, copy share")
+  parser.add_argument("--plan", default=None, choices=sorted(kernel_plan.GPU_TARGETS),
+                      help="compile each row for this GPU without one and print the kernel "
+                           "plan's bytes by family and model part instead of timing (needs the "
+                           "CUDA PJRT plugin, see sleep_lm/common/kernel_plan.py)")
   args = parser.parse_args()
+  if args.plan:  # the CUDA plugin cannot start without a GPU; its compiler needs none
+    jax.config.update("jax_platforms", "cpu")
 
   rows = []
   flags = lambda arg: [bool(int(u)) for u in arg.split(",")] if arg else [None]
@@ -212,34 +244,60 @@ def main():
            "scan_layers": run.model.scan_layers, "batch_size": run.batch_size,
            "seq_len": run.task.seq_len}
     try:
-      row.update(time_step(run, warmup=args.warmup, iters=args.iters,
+      row.update(plan_step(run, args.plan) if args.plan else
+                 time_step(run, warmup=args.warmup, iters=args.iters,
                            profile_dir=args.profile_dir and f"{args.profile_dir}/{len(rows)}"))
     except Exception as e:  # noqa: BLE001 - an OOM in one row must not lose the others
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     rows.append(row)
-    print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+    print(json.dumps({k: v for k, v in row.items()
+                      if k not in ("profile", "families", "components")}), flush=True)
 
-  device = jax.devices()[0].device_kind
+  device = (f"plan for {args.plan} (compiled without it)" if args.plan
+            else jax.devices()[0].device_kind)
   print(f"\ndevice: {device}   config: {args.config}   tokens per example: {rows[0]['seq_len']}")
+  if args.plan:
+    _print_plans(rows)
+  else:
+    _print_timings(rows)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device": device, "config": args.config, "rows": rows}, f, indent=2)
+
+
+def _head(r: dict) -> str:
+  return (f"{r['implementation']:<14}{r['passes']:>3}{r['seeds']:>3}{r['remat']:>6}"
+          f"{int(r['unroll']):>4}{int(r['scan_layers']):>5}")
+
+
+def _print_plans(rows: list[dict]):
+  print(f"{'impl':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
+        f"{'of it XLA':>10}{'kernels':>8}{'GB moved':>9}{'ms at BW':>9}{'TFLOP':>7}"
+        f"{'XLA GB':>7}")
+  for r in rows:
+    if "error" in r:
+      print(f"{_head(r)}  {r['error'][:90]}")
+      continue
+    print(f"{_head(r)}{r['compile_s']:>7.1f}s{r['xla_compile_s']:>9.1f}s{r['kernels']:>8}"
+          f"{r['gb']:>9.1f}{r['ms_at_bandwidth']:>9.2f}{r['tflop_per_step']:>7.2f}"
+          f"{r['xla_gb']:>7.1f}")
+
+
+def _print_timings(rows: list[dict]):
   print(f"{'impl':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
         f"{'of it XLA':>10}{'ms/step':>9}{'tok/s':>11}"
         f"{'TFLOP':>7}{'MFU':>7}{'peakGB':>7}{'XLA GB':>7}{'copies':>7}")
   fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
   for r in rows:
-    head = (f"{r['implementation']:<14}{r['passes']:>3}{r['seeds']:>3}{r['remat']:>6}"
-            f"{int(r['unroll']):>4}{int(r['scan_layers']):>5}")
     if "error" in r:
-      print(f"{head}  {r['error'][:90]}")
+      print(f"{_head(r)}  {r['error'][:90]}")
       continue
-    print(f"{head}{r['compile_s']:>7.1f}s{r['xla_compile_s']:>9.1f}s"
+    print(f"{_head(r)}{r['compile_s']:>7.1f}s{r['xla_compile_s']:>9.1f}s"
           f"{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>11.0f}"
           f"{r['tflop_per_step']:>7.2f}"
           f"{fmt(r['mfu'] and 100 * r['mfu'], '6.1f'):>6}%{fmt(r['peak_gb'], '7.1f'):>7}"
           f"{fmt(r['xla_gb'], '7.1f'):>7}"
           f"{fmt(r.get('copy_share') and 100 * r['copy_share'], '6.1f'):>6}%")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": device, "config": args.config, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

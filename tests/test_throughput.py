@@ -23,7 +23,7 @@ def test_a_row_times_trace_lower_and_compile_apart(tmp_path, monkeypatch):
   assert abs(sum(stages) - row["compile_s"]) < 1e-6 * max(1.0, row["compile_s"])
   assert row["ms_per_step"] > 0 and row["tokens_per_s"] > 0
   # A CPU trace has no device plane: the profile is empty but whole, every family present.
-  assert list(row["families"]) == [f for f, _ in throughput.STEP_FAMILIES] + ["other"]
+  assert list(row["families"]) == [f for f, _ in profiling.STEP_FAMILIES] + ["other"]
   assert row["copy_share"] == 0.0 and row["device_ms_per_step"] == 0.0
   assert row["components"] == {}
 
@@ -42,10 +42,10 @@ def test_step_families_take_each_kernel_once():
   }
   rows = [{"name": n, "ms_per_call": 1.0, "count_per_call": 2.0, "share": 1 / len(want)}
           for n in want]
-  families = profiling.family_table({"rows": rows}, throughput.STEP_FAMILIES)
+  families = profiling.family_table({"rows": rows}, profiling.STEP_FAMILIES)
   for name, family in want.items():
     alone = profiling.family_table({"rows": [{**rows[0], "name": name}]},
-                                   throughput.STEP_FAMILIES)
+                                   profiling.STEP_FAMILIES)
     assert alone[family]["ms_per_call"] == 1.0, (name, family)
   assert sum(f["ms_per_call"] for f in families.values()) == len(want)
   assert abs(sum(f["share"] for f in families.values()) - 1) < 1e-12

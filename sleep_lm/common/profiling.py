@@ -51,6 +51,17 @@ def device_events(xplane) -> list[tuple[str, str, float, str | None]]:
 # transpose kernels (named after their fusion root).
 COPY_KERNELS = r"(?i)memcpy|memset|^copy|_copy|transpose"
 
+# Kernel families of a train step, by kernel name (a trace's, or `kernel_plan`'s for a compiled
+# program); each kernel counts in the first that matches.
+STEP_FAMILIES = (
+    ("fast-weight op (Pallas)", r"intra_fwd|state_fwd|state_bwd|qk_grads|wy_grads|gdr_"),
+    ("matmuls (cuBLAS, XLA gemm fusions)", r"(?i)nvjet|gemm|cublas|cutlass|xmma|wgmma|dot"),
+    ("attention (cuDNN)", r"(?i)cudnn|fmha|flash|attn"),
+    ("copies and transposes", COPY_KERNELS),
+    ("reductions (XLA reduce fusions)", r"(?i)reduce|reduction"),
+    ("elementwise (other XLA fusions)", r"(?i)fusion"),
+)
+
 
 def device_time_table(fn: Callable[[], object], *, calls: int, log_dir: str,
                       top: int | None = 25, groups: dict[str, str] | None = None) -> dict:

@@ -1,0 +1,226 @@
+"""The kernels XLA planned for a compiled program and the HBM bytes each moves, from its HLO text.
+
+  plan = kernel_plan.plan(compiled.as_text(), bandwidth=4.27e12)
+  print(profiling.format_breakdown(plan["families"], title="family (bytes / bandwidth)"))
+
+The static counterpart of `profiling` (which times the kernels of a traced run): every kernel
+launch of the entry computation (while bodies times their known trip count) with the bytes of its
+operands and results, named the way XLA names its kernels, so `profiling.STEP_FAMILIES` and
+`profiling.model_component` group it as they group a trace. Bytes over a bandwidth is the time
+the plan cannot beat however fast its kernels are. A fusion that reads only a slice of an operand
+counts the slice, an in-place update counts the update; a conditional counts every branch.
+
+`gpu_topology("h200")` makes an ahead-of-time GPU target, so a machine without a GPU can compile a
+GPU program (`experiments/throughput.py --plan h200`) and read its plan. It needs the CUDA PJRT
+plugin installed (jax's `cuda13` extra) and JAX_PLATFORMS=cpu (the plugin cannot start without
+a GPU, but its compiler runs).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Sequence
+
+from sleep_lm.common import profiling
+
+_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+          "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0}
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(?:, (.*))?$")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{$")
+# Top-level instructions that launch no kernel (or whose work is counted where it happens).
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier",
+              "after-all", "partition-id", "replica-id", "add-dependency", "domain", "call",
+              "while", "conditional", "async-done", "copy-done", "send-done", "recv-done"}
+_SLICES = {"slice", "dynamic-slice"}
+
+# Ahead-of-time targets: Hopper's limits, each part's memory, and the bandwidth that plans are
+# read at (H200: the device-to-device copy rate we measured, ../shared/gpu.md; H100 SXM: the
+# datasheet's 3.35 TB/s scaled by the same 89% that the H200 reaches of its 4.8).
+_HOPPER = """gpu_device_info {{
+  threads_per_block_limit: 1024  threads_per_warp: 32  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472  threads_per_core_limit: 2048  core_count: 132
+  fpus_per_core: 128  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535  memory_bandwidth: {bandwidth}  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98  device_memory_size: {memory}  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{name}"
+"""
+GPU_TARGETS = {
+    "h200": {"config": _HOPPER.format(bandwidth=4_800_000_000_000, memory=151_397_597_184,
+                                      name="NVIDIA H200"), "bandwidth": 4.27e12},
+    "h100": {"config": _HOPPER.format(bandwidth=3_352_320_000_000, memory=84_929_347_584,
+                                      name="NVIDIA H100 80GB HBM3"), "bandwidth": 2.98e12},
+}
+
+
+def gpu_topology(target: str):
+  """A one-device topology of `target` (a `GPU_TARGETS` key) to compile for without the device:
+  `trainer.setup(run, devices=gpu_topology("h200").devices)`."""
+  if target not in GPU_TARGETS:
+    raise ValueError(f"plan target {target!r}: must be one of {sorted(GPU_TARGETS)}")
+  from jax.experimental import topologies
+  try:
+    return topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                        target_config=GPU_TARGETS[target]["config"])
+  except Exception as e:  # noqa: BLE001 - the cause is almost always the missing plugin
+    raise RuntimeError(
+        "compiling for a GPU on this machine needs the CUDA PJRT plugin of this jax version "
+        "(pip install 'jax[cuda13]' or jax-cuda13-plugin and jax-cuda13-pjrt) and "
+        f"JAX_PLATFORMS=cpu; get_topology_desc said: {e}") from e
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape, e.g. 'bf16[3,512]{1,0}' or a tuple '(f32[4], s32[])'."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    if dtype not in _BYTES:
+      raise ValueError(f"shape_bytes: unknown HLO element type {dtype!r} in {shape!r}")
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _BYTES[dtype]
+  return total
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
+  """{computation: [(name, shape, opcode, operand names, attributes)]} and the entry's name."""
+  comps, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = comps.setdefault(header.group(1), [])
+      if line.startswith("ENTRY"):
+        entry = header.group(1)
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    m = _INSTRUCTION.match(line) if current is not None else None
+    if m:
+      name, shape, opcode, args, attrs = m.groups()
+      current.append((name, shape, opcode, re.findall(r"%([\w.\-]+)", args), attrs or ""))
+  if entry is None:
+    raise ValueError("kernel_plan: no ENTRY computation in the HLO text")
+  return comps, entry
+
+
+def _fusion_bytes(body: list[tuple]) -> int:
+  """Bytes a fusion moves: each parameter read whole, or only the slices taken of it, or not
+  at all when it is the buffer of an in-place update; each result written whole, or only the
+  update written into it."""
+  by_name = {inst[0]: inst for inst in body}
+  users = collections.defaultdict(list)
+  for name, _, opcode, operands, _ in body:
+    for position, operand in enumerate(operands):
+      users[operand].append((opcode, position, name))
+  root, _, root_opcode, root_operands, _ = body[-1]
+  in_place, total = set(), 0
+  for out in (root_operands if root_opcode == "tuple" else [root]):
+    _, shape, opcode, operands, _ = by_name[out]
+    if opcode == "dynamic-update-slice" and by_name[operands[0]][2] == "parameter":
+      in_place.add(operands[0])
+      total += shape_bytes(by_name[operands[1]][1])
+    else:
+      total += shape_bytes(shape)
+  for name, shape, opcode, _, _ in body:
+    if opcode != "parameter":
+      continue
+    uses = users[name]
+    if name in in_place and all(op == "dynamic-update-slice" and p == 0 for op, p, _ in uses):
+      continue                                        # the buffer updated in place
+    if uses and all(op in _SLICES and p == 0 for op, p, _ in uses):
+      total += sum(shape_bytes(by_name[user][1]) for _, _, user in uses)
+    else:
+      total += shape_bytes(shape)
+  return total
+
+
+def _kernel_name(name: str, opcode: str, attrs: str) -> str:
+  """The name a trace gives the kernel: a Pallas kernel's own name, a library call's target,
+  XLA's fusion name with '_' for '.'."""
+  if opcode == "custom-call":
+    kernel = re.search(r'\bname = "([^"]+)"', attrs)
+    if kernel:
+      return kernel.group(1)
+    target = re.search(r'custom_call_target="([^"]+)"', attrs)
+    return target.group(1) if target else name
+  return name.replace(".", "_")
+
+
+def launches(hlo_text: str) -> list[dict]:
+  """Every kernel launch of a compiled module (`compiled.as_text()`), in program order:
+  {"kernel", "instruction", "opcode", "op_name" (None where the instruction has none), "bytes",
+  "calls" (launches per run: the product of the enclosing while loops' known trip counts)}."""
+  comps, entry = _computations(hlo_text)
+  out = []
+
+  def walk(comp: str, calls: int):
+    shapes = {}
+    for name, shape, opcode, operands, attrs in comps[comp]:
+      shapes[name] = shape
+      if opcode == "while":
+        body = re.search(r"\bbody=%([\w.\-]+)", attrs).group(1)
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+        walk(body, calls * (int(trip.group(1)) if trip else 1))
+        continue
+      if opcode == "conditional":
+        for branch in re.findall(r"%([\w.\-]+)", re.search(
+            r"(?:branch_computations=\{([^}]*)\}|true_computation=.*)", attrs).group(0)):
+          if branch in comps:
+            walk(branch, calls)
+        continue
+      if opcode == "call":
+        walk(re.search(r"\bto_apply=%([\w.\-]+)", attrs).group(1), calls)
+        continue
+      if opcode in _NO_KERNEL:
+        continue
+      fused = re.search(r"\bcalls=%([\w.\-]+)", attrs)
+      if opcode == "fusion" and fused:
+        nbytes = _fusion_bytes(comps[fused.group(1)])
+      else:
+        nbytes = sum(shape_bytes(shapes.get(o, "")) for o in operands) + shape_bytes(shape)
+      op_name = re.search(r'\bop_name="([^"]*)"', attrs)
+      out.append({"kernel": _kernel_name(name, opcode, attrs), "instruction": name,
+                  "opcode": opcode, "op_name": op_name.group(1) if op_name else None,
+                  "bytes": nbytes, "calls": calls})
+
+  walk(entry, 1)
+  return out
+
+
+def _rows(groups: dict, bandwidth: float, total: float) -> dict:
+  return {k: {"gb": b / 1e9, "ms_per_call": 1e3 * b / bandwidth, "count_per_call": n,
+              "share": b / total if total else 0.0}
+          for k, (b, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])}
+
+
+def plan(hlo_text: str, *, bandwidth: float,
+         families: Sequence[tuple[str, str]] = profiling.STEP_FAMILIES) -> dict:
+  """The launches of `hlo_text` summed per run: {"kernels", "gb", "ms_at_bandwidth",
+  "families": {family: row}, "components": {model part: row}} with rows {"gb", "ms_per_call"
+  (bytes / `bandwidth` in bytes/s), "count_per_call", "share" (of the bytes)}, largest first
+  (families: each kernel in its first matching regex, as `profiling.family_table`; components:
+  `profiling.model_component` of the op_name, "(no op_name)" where there is none)."""
+  fam, comp = (collections.defaultdict(lambda: [0, 0]) for _ in range(2))
+  total = 0
+  for launch in launches(hlo_text):
+    b, n = launch["bytes"] * launch["calls"], launch["calls"]
+    total += b
+    family = next((f for f, p in families if re.search(p, launch["kernel"])), "other")
+    part = (profiling.model_component(launch["op_name"]) if launch["op_name"] is not None
+            else "(no op_name)")
+    for groups, key in ((fam, family), (comp, part)):
+      groups[key][0] += b
+      groups[key][1] += n
+  return {"kernels": sum(n for _, n in fam.values()), "gb": total / 1e9,
+          "ms_at_bandwidth": 1e3 * total / bandwidth, "families": _rows(fam, bandwidth, total),
+          "components": _rows(comp, bandwidth, total)}

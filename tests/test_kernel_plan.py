@@ -1,0 +1,123 @@
+"""kernel_plan: the kernels of a compiled program and the bytes each moves, read from its HLO.
+
+The byte counts are checked against the obvious count of each program (inputs read, outputs
+written) on modules compiled by XLA on this machine; the GPU plan itself (a step compiled for an
+H200 without one) is the slow test at the end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels.platform import target_platform
+from sleep_lm.common import kernel_plan, profiling
+
+F32 = 4
+
+
+def _launches(fn, *args, **jit_kw):
+  return kernel_plan.launches(jax.jit(fn, **jit_kw).lower(*args).compile().as_text())
+
+
+def test_shape_bytes():
+  assert kernel_plan.shape_bytes("bf16[3,512]{1,0}") == 3 * 512 * 2
+  assert kernel_plan.shape_bytes("(f32[4]{0}, s32[], pred[7])") == 16 + 4 + 7
+  with pytest.raises(ValueError, match="'q7'"):
+    kernel_plan.shape_bytes("q7[3]")
+
+
+def test_an_elementwise_kernel_reads_its_inputs_and_writes_its_output():
+  x = jax.random.normal(jax.random.key(0), (256, 512))
+  got = _launches(lambda x, y: jnp.tanh(x) * y + 1, x, x + 1)
+  assert sum(k["bytes"] * k["calls"] for k in got) == 3 * x.size * F32
+  assert all(k["op_name"].startswith("jit(<lambda>)/") for k in got)
+
+
+def test_a_kernel_that_reads_a_slice_counts_the_slice():
+  x = jax.random.normal(jax.random.key(1), (256, 512))
+  got = _launches(lambda x: x[:, :8] * 2, x)
+  assert sum(k["bytes"] for k in got) == 2 * 256 * 8 * F32
+
+
+def test_an_in_place_update_counts_the_update_not_the_buffer():
+  buf, upd = jnp.zeros((1024, 256)), jnp.ones((8, 256))
+  got = _launches(lambda b, u, i: jax.lax.dynamic_update_slice(b, u * 2, (i, 0)), buf, upd, 3,
+                  donate_argnums=0)
+  moved = sum(k["bytes"] for k in got)
+  assert 2 * upd.size * F32 <= moved < 2 * upd.size * F32 + 64     # + the scalar index
+
+
+def test_a_while_body_counts_once_per_trip():
+  x = jax.random.normal(jax.random.key(2), (256, 512))
+  got = _launches(lambda x: jax.lax.fori_loop(0, 5, lambda i, v: jnp.tanh(v) * 2, x), x)
+  body = [k for k in got if "/while/body/" in (k["op_name"] or "")]
+  assert body and {k["calls"] for k in body} == {5}
+  assert max(k["bytes"] for k in body) == 2 * x.size * F32
+
+
+def test_plan_groups_bytes_by_family_and_model_part():
+  """A real compiled module named as sleep_lm names its layers: every launch lands in one
+  family and one model part, and both breakdowns sum to the plan's bytes."""
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(16, name="down")(jax.nn.silu(nn.Dense(64, name="gate")(x)))
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x + Mlp(name="layer_0_mlp")(nn.RMSNorm(name="layer_0_mlp_norm")(x))
+
+  x = jax.random.normal(jax.random.key(3), (128, 16))
+  params = Block(name="blocks_0").init(jax.random.key(0), x)
+  loss = lambda p: jnp.sum(Block(name="blocks_0").apply(p, x) ** 2)
+  text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  plan = kernel_plan.plan(text, bandwidth=1e12)
+  total = sum(k["bytes"] * k["calls"] for k in kernel_plan.launches(text))
+  assert plan["gb"] == pytest.approx(total / 1e9)
+  assert plan["ms_at_bandwidth"] == pytest.approx(1e3 * total / 1e12)
+  for rows in (plan["families"], plan["components"]):
+    assert sum(r["gb"] for r in rows.values()) == pytest.approx(plan["gb"])
+    assert sum(r["count_per_call"] for r in rows.values()) == plan["kernels"]
+  assert {"mlp (forward)", "mlp (backward)"} <= set(plan["components"])
+  assert set(plan["families"]) <= {f for f, _ in profiling.STEP_FAMILIES} | {"other"}
+
+
+def test_target_platform_is_the_set_meshs():
+  assert target_platform() == jax.default_backend()
+  with jax.set_mesh(jax.make_mesh((1,), ("d",))):
+    assert target_platform() == jax.devices()[0].platform
+
+
+def test_unknown_plan_target_names_the_choices():
+  with pytest.raises(ValueError, match="'h100', 'h200'"):
+    kernel_plan.gpu_topology("a100")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda13_plugin") is None,
+                    reason="needs the CUDA PJRT plugin: pip install -e '.[plan]'")
+def test_a_train_step_compiles_for_an_h200_without_one(tmp_path):
+  """The Rule 110 smoke step compiled for an H200 on this machine: its fast-weight op lowers to
+  the Pallas Triton kernels (not interpret mode), and the plan charges its bytes to the GDN."""
+  out = tmp_path / "plan.json"
+  subprocess.run([sys.executable, "-m", "experiments.throughput", "--config",
+                  "experiments/rule110.py:smoke", "--dtype", "bfloat16", "--passes", "2",
+                  "--plan", "h200", "--json", str(out)], check=True, cwd=os.getcwd(),
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=1200)
+  (row,) = json.loads(out.read_text())["rows"]
+  assert "error" not in row, row.get("error")
+  pallas = row["families"]["fast-weight op (Pallas)"]
+  assert pallas["count_per_call"] > 0 and pallas["gb"] > 0
+  assert any(part.startswith("gdn") for part in row["components"])
+  assert row["ms_at_bandwidth"] == pytest.approx(1e3 * row["gb"] * 1e9 / 4.27e12)
