@@ -49,7 +49,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """q [B,T,H,D], k and v [B,T,G,D] (G divides H; query head n reads key/value head
   n // (H/G)), one dtype -> [B,T,H,D] in q's dtype.
 
-  interpret: run in Pallas' interpreter; None: unless JAX's default backend is a GPU."""
+  interpret: run in Pallas' interpreter; None: unless the computation
+    targets a GPU (`kernels.platform.target_platform`)."""
   if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
     raise ValueError(f"causal_attention: q must be [B,T,H,D] and k, v [B,T,G,D] of one shape, "
                      f"got q {q.shape}, k {k.shape}, v {v.shape}")

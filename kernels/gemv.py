@@ -152,7 +152,8 @@ def gemv(x: jax.Array, w: jax.Array, *, interpret: bool | None = None,
   w is cast to x's dtype first (as `sleep_lm.model.layers.Linear` casts both to its compute dtype);
   pass equal dtypes, or the cast is a copy of w at every call.
 
-  interpret: run the kernel in Pallas' interpreter; None: unless JAX's default backend is a GPU.
+  interpret: run the kernel in Pallas' interpreter; None: unless the computation
+    targets a GPU (`kernels.platform.target_platform`).
   block_rows, block_k: the [BN, BK] tile (powers of two, clamped to the matrix:
     `resolve_blocks`); None: `default_blocks`.
   num_warps, num_stages: Triton launch settings (ignored when interpreted); None: 4 warps (8
