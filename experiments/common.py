@@ -59,6 +59,11 @@ def _converted(name: str, key: str, value: str, current):
     raise ValueError(f"{name} config: {key}={value!r}: must be {noun}") from None
 
 
+# ModelConfig's optional string fields (None by default): kernel choices.
+OPTIONAL_MODEL_STRINGS = ("kernel_implementation", "attention_implementation",
+                          "mlp_implementation")
+
+
 def base_config(name: str, task: dict, model: dict) -> ml_collections.ConfigDict:
   """The paper's recipe (Muon for the projections, AdamW for the rest, warmup-stable-decay,
   clipping at 1.0) and the run fields every experiment has; `model` holds the task's model."""
@@ -70,10 +75,10 @@ def base_config(name: str, task: dict, model: dict) -> ml_collections.ConfigDict
   c.model = dict(
       attn_head_dim=64, gdn_head_dim=64, conv_kernel=4, rule="gdn", passes=1, eviction="hard",
       remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
-      attention_implementation=None, unroll=True, **model)
+      attention_implementation=None, mlp_implementation=None, unroll=True, **model)
   # Optional strings need a typed placeholder so that --config.model.X=... can set them.
-  c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
-  c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
+  for field in OPTIONAL_MODEL_STRINGS:
+    c.model[field] = ml_collections.config_dict.placeholder(str)
   c.optimizer = dict(muon_lr=2e-3, adamw_lr=5e-5, warmup_steps=50, decay_fraction=0.2,
                      weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.95, muon_momentum=0.95,
                      muon_nesterov=True)

@@ -116,8 +116,8 @@ def get_config(arg=None):
     model["remat"] = "blocks"
   c = common.base_config("pretrained_gsm", task=task, model={})
   c.model = model
-  c.model.kernel_implementation = ml_collections.config_dict.placeholder(str)
-  c.model.attention_implementation = ml_collections.config_dict.placeholder(str)
+  for field in common.OPTIONAL_MODEL_STRINGS:
+    c.model[field] = ml_collections.config_dict.placeholder(str)
   c.init_from = init
   c.optimizer.update(muon_lr=1e-3 if stage == 1 else 2e-4, adamw_lr=3e-4 if stage == 1 else 2e-5,
                      warmup_steps=min(20, s["steps"][stage] // 10))

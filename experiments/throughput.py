@@ -198,6 +198,8 @@ def main():
   parser.add_argument("--implementations", default="default",
                       help="comma-separated kernel implementation names ('default': the op's "
                            "own choice)")
+  parser.add_argument("--mlp", default=None,
+                      help="comma-separated model.mlp_implementation values (xla, pallas_triton)")
   parser.add_argument("--remat", default=None, help="comma-separated remat policies")
   parser.add_argument("--unroll", default=None, help="comma-separated 0/1")
   parser.add_argument("--scan-layers", default=None,
@@ -220,26 +222,28 @@ def main():
 
   rows = []
   flags = lambda arg: [bool(int(u)) for u in arg.split(",")] if arg else [None]
-  combos = [(impl, n, s, remat, unroll, scan)
+  combos = [(impl, mlp, n, s, remat, unroll, scan)
             for impl in args.implementations.split(",")
+            for mlp in (args.mlp.split(",") if args.mlp else [None])
             for n in map(int, args.passes.split(","))
             for s in map(int, args.seeds.split(","))
             for remat in (args.remat.split(",") if args.remat else [None])
             for unroll in flags(args.unroll)
             for scan in flags(args.scan_layers)]
-  for impl, n, seeds, remat, unroll, scan in combos:
+  for impl, mlp, n, seeds, remat, unroll, scan in combos:
     config = load_config(args.config)
     config.model.passes = n
     config.seeds = seeds
     config.model.kernel_implementation = None if impl == "default" else impl
     for field, value in (("dtype", args.dtype), ("remat", remat), ("unroll", unroll),
-                         ("scan_layers", scan)):
+                         ("scan_layers", scan), ("mlp_implementation", mlp)):
       if value is not None:
         config.model[field] = value
     if args.batch:
       config.batch_size = args.batch
     run = RunConfig.from_config(config)
-    row = {"passes": n, "seeds": seeds, "implementation": impl, "dtype": run.model.dtype,
+    row = {"passes": n, "seeds": seeds, "implementation": impl,
+           "mlp": run.model.mlp_implementation or "xla", "dtype": run.model.dtype,
            "remat": run.model.remat, "unroll": run.model.unroll,
            "scan_layers": run.model.scan_layers, "batch_size": run.batch_size,
            "seq_len": run.task.seq_len}
@@ -266,12 +270,12 @@ def main():
 
 
 def _head(r: dict) -> str:
-  return (f"{r['implementation']:<14}{r['passes']:>3}{r['seeds']:>3}{r['remat']:>6}"
+  return (f"{r['implementation']:<14}{r['mlp']:<14}{r['passes']:>3}{r['seeds']:>3}{r['remat']:>6}"
           f"{int(r['unroll']):>4}{int(r['scan_layers']):>5}")
 
 
 def _print_plans(rows: list[dict]):
-  print(f"{'impl':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
+  print(f"{'impl':<14}{'mlp':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
         f"{'of it XLA':>10}{'kernels':>8}{'GB moved':>9}{'ms at BW':>9}{'TFLOP':>7}"
         f"{'XLA GB':>7}")
   for r in rows:
@@ -284,7 +288,7 @@ def _print_plans(rows: list[dict]):
 
 
 def _print_timings(rows: list[dict]):
-  print(f"{'impl':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
+  print(f"{'impl':<14}{'mlp':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
         f"{'of it XLA':>10}{'ms/step':>9}{'tok/s':>11}"
         f"{'TFLOP':>7}{'MFU':>7}{'peakGB':>7}{'XLA GB':>7}{'copies':>7}")
   fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"

@@ -55,6 +55,7 @@ COPY_KERNELS = r"(?i)memcpy|memset|^copy|_copy|transpose"
 # program); each kernel counts in the first that matches.
 STEP_FAMILIES = (
     ("fast-weight op (Pallas)", r"intra_fwd|state_fwd|state_bwd|qk_grads|wy_grads|gdr_"),
+    ("SwiGLU MLP (Pallas)", r"swiglu_up"),
     ("matmuls (cuBLAS, XLA gemm fusions)", r"(?i)nvjet|gemm|cublas|cutlass|xmma|wgmma|dot"),
     ("attention (cuDNN)", r"(?i)cudnn|fmha|flash|attn"),
     ("copies and transposes", COPY_KERNELS),

@@ -25,6 +25,7 @@ EVICTIONS = ("hard", "sliding", "none")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "blocks")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "pallas_triton")
+MLP_IMPLEMENTATIONS = (None, "xla", "pallas_triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,9 @@ class ModelConfig:
       (None is XLA's); "pallas_triton": JAX's Pallas flash-attention kernel for the causal calls
       (`kernels.attention`: training windows, a fresh window's prefill; no band), XLA's for the
       masked ones (a decode step against its cache).
+    mlp_implementation: None or "xla": the SwiGLU MLP as XLA's products and fusions;
+      "pallas_triton": `kernels.swiglu` (Pallas kernels that keep the gate and up products off
+      HBM; training layout on one device, decode layouts keep XLA's; interpreted off a GPU).
     unroll: unroll the window and pass scans of a static schedule into straight-line code (no
       loop carries or stacked residuals to copy; longer compiles).
     scan_layers: run the layers of a pass as `jax.lax.scan`s over maximal runs of a repeated
@@ -125,6 +129,7 @@ class ModelConfig:
   kernel_implementation: str | None = None
   chunk_size: int = 64
   attention_implementation: str | None = None
+  mlp_implementation: str | None = None
   unroll: bool = False
   scan_layers: bool = False
 
@@ -200,6 +205,7 @@ class ModelConfig:
     check_bool("ModelConfig.scan_layers", self.scan_layers)
     check_choice("ModelConfig.attention_implementation", self.attention_implementation,
                  ATTENTION_IMPLEMENTATIONS)
+    check_choice("ModelConfig.mlp_implementation", self.mlp_implementation, MLP_IMPLEMENTATIONS)
 
   @property
   def num_attn_heads(self) -> int:

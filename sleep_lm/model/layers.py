@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 import kernels
 import kernels.gemv
+import kernels.swiglu
 from kernels.attention import causal_attention as flash_causal_attention
 from kernels.gated_delta_rule.base import CHUNK_SIZES
 from sleep_lm.common.validation import expect
@@ -139,16 +140,20 @@ class GDNCache(NamedTuple):
 class Linear(nn.Module):
   """x W (+ b with `use_bias`). In the training layout exactly `nn.Dense`: W [in, out] float32,
   both cast to `dtype` for the product; the bias [out] float32, cast to `dtype` and added to
-  the product."""
+  the product. weight_only: return W [in_features, features] cast to `dtype` instead (the same
+  parameter; in_features defaults to x's width), for a kernel that does the product itself
+  (`SwiGLU` with `kernels.swiglu`)."""
   features: int
   axes: tuple[str, str]
   dtype: Any = f32
   layout: Layout = TRAIN
   use_bias: bool = False
+  weight_only: bool = False
+  in_features: int | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    lay, d = self.layout, x.shape[-1]
+    lay, d = self.layout, self.in_features or x.shape[-1]
     if lay.transposed:
       w = self.param("kernel", P(nn.initializers.lecun_normal(in_axis=1, out_axis=0),
                                  self.axes[::-1]), (self.features, d), f32)
@@ -156,6 +161,8 @@ class Linear(nn.Module):
       w = self.param("kernel", P(nn.initializers.lecun_normal(), self.axes),
                      (d, self.features), f32)
     x, w = x.astype(self.dtype), w.astype(self.dtype)
+    if self.weight_only:
+      return w
     if lay.barrier_inputs:
       x = jax.lax.optimization_barrier(x)
     lead = x.shape[:-1]
@@ -207,10 +214,13 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-  """x -> W_down (SiLU(W_gate x) * W_up x)."""
+  """x -> W_down (SiLU(W_gate x) * W_up x). implementation: `ModelConfig.mlp_implementation`
+  ("pallas_triton": `kernels.swiglu.swiglu_mlp` in the training layout, on one device; the
+  same parameters)."""
   hidden_dim: int
   dtype: Any = f32
   layout: Layout = TRAIN
+  implementation: str | None = None
 
   PROJECTIONS = {"gate_up": ("gate", "up"), "down": ("down",)}
 
@@ -218,6 +228,17 @@ class SwiGLU(nn.Module):
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, layout=self.layout)
     f = self.hidden_dim
+    if self.implementation == "pallas_triton" and self.layout == TRAIN:
+      devices = jax.sharding.get_abstract_mesh().size
+      expect(devices <= 1, "ModelConfig.mlp_implementation",
+             f"'pallas_triton' runs on one device (its kernels are not partitioned); this "
+             f"mesh has {devices}: use None ('xla')")
+      d = x.shape[-1]
+      weights = [Linear(n, axes, self.dtype, weight_only=True, in_features=k, name=name)(x)
+                 for name, k, n, axes in (("gate", d, f, ("embed", "mlp")),
+                                          ("up", d, f, ("embed", "mlp")),
+                                          ("down", f, d, ("mlp", "embed")))]
+      return kernels.swiglu.swiglu_mlp(x.astype(self.dtype), *weights)
     gate, up = project(self, x, "gate_up", {"gate": (f, "mlp"), "up": (f, "mlp")},
                        in_axis="embed", **kw)
     return project(self, nn.silu(gate) * up, "down", {"down": (x.shape[-1], "embed")},
@@ -430,7 +451,8 @@ class Block(nn.Module):
     self.mixer = mixer_cls(cfg, self.layout, name=prefix + kind)
     self.mixer_norm = RMSNorm(dt, eps=cfg.norm_eps, name=prefix + "mixer_norm")
     if cfg.has_mlp(self.index):
-      self.mlp = SwiGLU(cfg.hidden_dim, dt, self.layout, name=prefix + "mlp")
+      self.mlp = SwiGLU(cfg.hidden_dim, dt, self.layout, cfg.mlp_implementation,
+                        name=prefix + "mlp")
       self.mlp_norm = RMSNorm(dt, eps=cfg.norm_eps, name=prefix + "mlp_norm")
 
   def __call__(self, h: Array, ctx: Context, cache) -> tuple[Array, Any]:
