@@ -25,8 +25,10 @@ warm-up, on one batch held on the device (per seed: the config's batch), and rep
                      copy/transpose fusions), from a trace of 3 steps; the trace's largest
                      kernels, its device time by kernel family (`profiling.STEP_FAMILIES`)
                      and by part of the model (each kernel's HLO instruction -> its op_name ->
-                     `profiling.model_component`, forward and backward apart) are printed and
-                     kept in the JSON ("profile", "families", "components").
+                     `profiling.model_component`, forward and backward apart) and the bandwidth
+                     each family reaches (the compiled program's bytes per kernel,
+                     `kernel_plan.achieved_bandwidth`, over its traced time) are printed and kept
+                     in the JSON ("profile", "families", "components", "achieved_bandwidth").
 Prints a table last; --json writes every row.
 
 With --plan h200 (or h100) nothing runs: each row's step is compiled for that GPU on this
@@ -182,9 +184,15 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
     print(profiling.format_breakdown(families), flush=True)
     print(profiling.format_breakdown(dict(list(components.items())[:30]),
                                     title="model part (forward/backward)"), flush=True)
+    # The same program's bytes per kernel: how close each family runs to the bandwidth.
+    achieved = kernel_plan.achieved_bandwidth(compiled.as_text(), table["ops"])
+    print("\n".join([f"{'GB/s':>7} {'GB':>7} {'ms/call':>8}  family (planned bytes / traced time)"]
+                    + [f"{r['gb_per_s']:7.0f} {r['gb']:7.2f} {r['ms_per_call']:8.3f}  {name}"
+                       for name, r in achieved.items()]), flush=True)
     row["profile"] = table
     row["families"] = families
     row["components"] = components
+    row["achieved_bandwidth"] = achieved
     row["copy_share"] = table["groups"]["copies"]["share"]
     row["device_ms_per_step"] = table["total_ms_per_call"]
   return row

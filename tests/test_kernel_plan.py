@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -121,3 +122,25 @@ def test_a_train_step_compiles_for_an_h200_without_one(tmp_path):
   assert pallas["count_per_call"] > 0 and pallas["gb"] > 0
   assert any(part.startswith("gdn") for part in row["components"])
   assert row["ms_at_bandwidth"] == pytest.approx(1e3 * row["gb"] * 1e9 / 4.27e12)
+
+
+def test_achieved_bandwidth_divides_each_timed_kernels_bytes_by_its_time():
+  """A real compiled program's kernels, timed by a GPU trace in XLA's xplane format (the
+  helper of test_profiling): bytes per family over the traced time; an instruction the trace
+  names but the program lacks is left out."""
+  from tests.test_profiling import _gpu_trace
+
+  x = jax.random.normal(jax.random.key(4), (256, 512))
+  text = jax.jit(lambda x: jnp.sum(jnp.tanh(x) * x, axis=1)).lower(x).compile().as_text()
+  (kernel,) = kernel_plan.launches(text)
+  events = profiling.device_events(_gpu_trace([
+      (kernel["kernel"], 0.5, kernel["instruction"]), (kernel["kernel"], 0.5,
+                                                       kernel["instruction"]),
+      ("loop_add_fusion_9", 3.0, "not_in_this_program.9")]))
+  ops = profiling.summarize(events, calls=2)["ops"]
+  got = kernel_plan.achieved_bandwidth(text, ops)
+  family = next(f for f, p in profiling.STEP_FAMILIES if re.search(p, kernel["kernel"]))
+  assert list(got) == [family, "total"]
+  assert got["total"]["gb"] == pytest.approx(kernel["bytes"] / 1e9)       # one launch per call
+  assert got["total"]["ms_per_call"] == pytest.approx(0.5)
+  assert got[family]["gb_per_s"] == pytest.approx(kernel["bytes"] / 1e9 / 0.5e-3)

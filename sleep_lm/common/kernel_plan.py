@@ -224,3 +224,25 @@ def plan(hlo_text: str, *, bandwidth: float,
   return {"kernels": sum(n for _, n in fam.values()), "gb": total / 1e9,
           "ms_at_bandwidth": 1e3 * total / bandwidth, "families": _rows(fam, bandwidth, total),
           "components": _rows(comp, bandwidth, total)}
+
+
+def achieved_bandwidth(hlo_text: str, ops: dict,
+                       families: Sequence[tuple[str, str]] = profiling.STEP_FAMILIES) -> dict:
+  """The plan's bytes against a trace's device time, per family: for each HLO instruction that
+  the trace timed (`ops`: `profiling.summarize`'s {instruction: {"ms_per_call",
+  "count_per_call"}} of a run of this same compiled program), its bytes per launch times its
+  launches, over its device time. Returns {family: {"gb", "ms_per_call", "gb_per_s"}} largest
+  time first, with "total"; instructions missing from either side are left out (so "total" is
+  the timed and planned part)."""
+  by_instruction = {launch["instruction"]: launch for launch in launches(hlo_text)}
+  out = collections.defaultdict(lambda: [0.0, 0.0])
+  for op, timing in ops.items():
+    launch = by_instruction.get(op.lstrip("%"))
+    if launch is None:
+      continue
+    family = next((f for f, p in families if re.search(p, launch["kernel"])), "other")
+    for key in (family, "total"):
+      out[key][0] += launch["bytes"] * timing["count_per_call"]
+      out[key][1] += timing["ms_per_call"]
+  return {k: {"gb": b / 1e9, "ms_per_call": ms, "gb_per_s": b / 1e9 / (ms / 1e3) if ms else 0.0}
+          for k, (b, ms) in sorted(out.items(), key=lambda kv: -kv[1][1])}
