@@ -102,3 +102,17 @@ def test_benchmark_quick_run(tmp_path):
   for r in rows:
     assert max(r["errors"].values()) < 1e-5
     assert r["fwd"]["median_ms"] > 0 and r["fwd_bwd_plan_ms"] > r["fwd_plan_ms"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("lead,d,f", [((3, 512, 24), 256, 1024), ((1000,), 1024, 4096)])
+def test_compiled_on_the_gpu_matches_a_plain_mlp(dtype, tol, lead, d, f):
+  """The compiled kernels at the Rule 110 step's MLP shape (3 seeds x 512 x 24 rows, 256 ->
+  1024) and a wide one with padded rows, outputs and gradients."""
+  args, dy = inputs(5, lead, d, f, dtype)
+  got, vjp = jax.vjp(jax.jit(lambda *a: swiglu_mlp(*a, interpret=False)), *args)
+  want, vjp_want = jax.vjp(oracle, *(a.astype(jnp.float32) for a in args))
+  assert rel_rms(got, want) < tol
+  for g, w in zip(vjp(dy), vjp_want(dy.astype(jnp.float32)), strict=True):
+    assert rel_rms(g, w) < tol
