@@ -144,3 +144,40 @@ def test_achieved_bandwidth_divides_each_timed_kernels_bytes_by_its_time():
   assert got["total"]["gb"] == pytest.approx(kernel["bytes"] / 1e9)       # one launch per call
   assert got["total"]["ms_per_call"] == pytest.approx(0.5)
   assert got[family]["gb_per_s"] == pytest.approx(kernel["bytes"] / 1e9 / 0.5e-3)
+
+
+_COMPILE_KERNELS = """
+import jax, jax.numpy as jnp
+from kernels.attention import causal_attention
+from kernels.swiglu import swiglu_mlp
+from sleep_lm.common import kernel_plan
+mesh = jax.sharding.Mesh(kernel_plan.gpu_topology("h200").devices, ("d",))
+spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec()))
+def fwd_bwd(fn):
+  def run(*args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(out)
+  return run
+cases = {"swiglu": (swiglu_mlp, [spec(36864, 256), spec(256, 1024), spec(256, 1024),
+                                 spec(1024, 256)]),
+         "attention": (causal_attention, [spec(1, 1000, 8, 64)] * 3)}
+for name, (fn, args) in cases.items():
+  with jax.set_mesh(mesh):
+    text = jax.jit(fwd_bwd(fn)).lower(*args).compile().as_text()
+  kernels = [k["kernel"] for k in kernel_plan.launches(text) if k["opcode"] == "custom-call"]
+  print(name, sorted(kernels))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda13_plugin") is None,
+                    reason="needs the CUDA PJRT plugin: pip install -e '.[plan]'")
+def test_the_pallas_kernels_compile_for_an_h200_without_one():
+  """Triton's code generation for the SwiGLU and attention kernels, forward and backward, at the
+  Rule 110 MLP shape and a padded attention length: what a GPU would compile."""
+  out = subprocess.run([sys.executable, "-c", _COMPILE_KERNELS], check=True, cwd=os.getcwd(),
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                       text=True, timeout=600).stdout
+  assert "swiglu ['swiglu_up', 'swiglu_up_bwd']" in out
+  assert "attention ['mha_backward', 'mha_forward', 'mha_preprocess_backward']" in out
