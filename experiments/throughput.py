@@ -215,6 +215,8 @@ def main():
                            "compile_s against the plain loop's)")
   parser.add_argument("--dtype", default=None, help="override model.dtype")
   parser.add_argument("--batch", type=int, default=None, help="override batch_size (per seed)")
+  parser.add_argument("--chunk-size", type=int, default=None,
+                      help="override model.chunk_size (the fast-weight op's largest chunk)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--json", default=None)
@@ -249,12 +251,14 @@ def main():
         config.model[field] = value
     if args.batch:
       config.batch_size = args.batch
+    if args.chunk_size:
+      config.model.chunk_size = args.chunk_size
     run = RunConfig.from_config(config)
     row = {"passes": n, "seeds": seeds, "implementation": impl,
            "mlp": run.model.mlp_implementation or "xla", "dtype": run.model.dtype,
            "remat": run.model.remat, "unroll": run.model.unroll,
            "scan_layers": run.model.scan_layers, "batch_size": run.batch_size,
-           "seq_len": run.task.seq_len}
+           "seq_len": run.task.seq_len, "chunk_size": run.model.chunk_size}
     try:
       row.update(plan_step(run, args.plan) if args.plan else
                  time_step(run, warmup=args.warmup, iters=args.iters,
