@@ -56,3 +56,14 @@ def test_the_kernels_refuse_a_mesh_of_several_devices():
   with jax.sharding.use_abstract_mesh(mesh), pytest.raises(
       FieldError, match="mlp_implementation.*one device.*this mesh has 2"):
     jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"d_model": 96, "mlp_dim": 128}, "d_model=96, MLP width 128"),
+    ({"d_model": 64, "mlp_dim": 96}, "d_model=64, MLP width 96"),
+    ({"mlp_implementation": "triton"}, "mlp_implementation"),
+])
+def test_config_names_what_the_kernels_cannot_run(fields, match):
+  config = {**MODEL, "mlp_implementation": "pallas_triton", **fields}
+  with pytest.raises(FieldError, match=match):
+    ModelConfig(**config)

@@ -206,6 +206,12 @@ class ModelConfig:
     check_choice("ModelConfig.attention_implementation", self.attention_implementation,
                  ATTENTION_IMPLEMENTATIONS)
     check_choice("ModelConfig.mlp_implementation", self.mlp_implementation, MLP_IMPLEMENTATIONS)
+    if self.mlp_implementation == "pallas_triton":   # kernels.swiglu's tiles
+      f = self.hidden_dim
+      expect(self.d_model % 64 == 0 and (f % 128 == 0 or f in (16, 32, 64)),
+             "ModelConfig.mlp_implementation", f"'pallas_triton' needs d_model a multiple of 64 "
+             f"and an MLP width (mlp_dim) a multiple of 128 or 16, 32 or 64; got d_model="
+             f"{self.d_model}, MLP width {f}: use None ('xla')")
 
   @property
   def num_attn_heads(self) -> int:
