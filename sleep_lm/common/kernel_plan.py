@@ -12,8 +12,8 @@ counts the slice, an in-place update counts the update; a conditional counts eve
 
 `gpu_topology("h200")` makes an ahead-of-time GPU target, so a machine without a GPU can compile a
 GPU program (`experiments/throughput.py --plan h200`) and read its plan. It needs the CUDA PJRT
-plugin installed (jax's `cuda13` extra) and JAX_PLATFORMS=cpu (the plugin cannot start without
-a GPU, but its compiler runs).
+plugin installed (`pip install -e '.[plan]'`) and JAX_PLATFORMS=cpu (the plugin cannot start
+without a GPU, but its compiler runs).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def gpu_topology(target: str):
   except Exception as e:  # noqa: BLE001 - the cause is almost always the missing plugin
     raise RuntimeError(
         "compiling for a GPU on this machine needs the CUDA PJRT plugin of this jax version "
-        "(pip install 'jax[cuda13]' or jax-cuda13-plugin and jax-cuda13-pjrt) and "
-        f"JAX_PLATFORMS=cpu; get_topology_desc said: {e}") from e
+        "(pip install -e '.[plan]', i.e. jax-cuda13-plugin) and JAX_PLATFORMS=cpu; "
+        f"get_topology_desc said: {e}") from e
 
 
 def shape_bytes(shape: str) -> int:
