@@ -130,7 +130,8 @@ def plan_step(run: RunConfig, target: str) -> dict:
   compiled, stage_s = _compile(jitted, mesh, state, batch)
   plan = kernel_plan.plan(compiled.as_text(),
                           bandwidth=kernel_plan.GPU_TARGETS[target]["bandwidth"])
-  print(profiling.format_breakdown(plan["families"], title="family (ms = GB / bandwidth)"))
+  print(profiling.format_breakdown(plan["top_kernels"], title="kernel (ms = GB / bandwidth)"))
+  print(profiling.format_breakdown(plan["families"], title="family"))
   print(profiling.format_breakdown(dict(list(plan["components"].items())[:30]),
                                    title="model part (forward/backward)"), flush=True)
   return {**stage_s, "tflop_per_step": model_flops_per_step(run) * run.seeds / 1e12,

@@ -91,6 +91,9 @@ def test_plan_groups_bytes_by_family_and_model_part():
     assert sum(r["gb"] for r in rows.values()) == pytest.approx(plan["gb"])
     assert sum(r["count_per_call"] for r in rows.values()) == plan["kernels"]
   assert {"mlp (forward)", "mlp (backward)"} <= set(plan["components"])
+  kernels = plan["top_kernels"]
+  assert sum(r["count_per_call"] for r in kernels.values()) <= plan["kernels"]
+  assert list(kernels) == sorted(kernels, key=lambda k: -kernels[k]["gb"])
   assert set(plan["families"]) <= {f for f, _ in profiling.STEP_FAMILIES} | {"other"}
 
 
@@ -121,6 +124,8 @@ def test_a_train_step_compiles_for_an_h200_without_one(tmp_path):
   pallas = row["families"]["fast-weight op (Pallas)"]
   assert pallas["count_per_call"] > 0 and pallas["gb"] > 0
   assert any(part.startswith("gdn") for part in row["components"])
+  # identical fusions share one kernel (XLA's deduplicated_name), as in a GPU trace
+  assert max(r["count_per_call"] for r in row["top_kernels"].values()) > 1
   assert row["ms_at_bandwidth"] == pytest.approx(1e3 * row["gb"] * 1e9 / 4.27e12)
 
 

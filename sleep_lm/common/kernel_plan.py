@@ -146,14 +146,16 @@ def _fusion_bytes(body: list[tuple]) -> int:
 
 def _kernel_name(name: str, opcode: str, attrs: str) -> str:
   """The name a trace gives the kernel: a Pallas kernel's own name, a library call's target,
-  XLA's fusion name with '_' for '.'."""
+  XLA's fusion name with '_' for '.' (identical fusions share the kernel of the first, its
+  `deduplicated_name`)."""
   if opcode == "custom-call":
     kernel = re.search(r'\bname = "([^"]+)"', attrs)
     if kernel:
       return kernel.group(1)
     target = re.search(r'custom_call_target="([^"]+)"', attrs)
     return target.group(1) if target else name
-  return name.replace(".", "_")
+  shared = re.search(r'\bdeduplicated_name="([^"]+)"', attrs)
+  return (shared.group(1) if shared else name).replace(".", "_")
 
 
 def launches(hlo_text: str) -> list[dict]:
@@ -204,13 +206,14 @@ def _rows(groups: dict, bandwidth: float, total: float) -> dict:
 
 
 def plan(hlo_text: str, *, bandwidth: float,
-         families: Sequence[tuple[str, str]] = profiling.STEP_FAMILIES) -> dict:
+         families: Sequence[tuple[str, str]] = profiling.STEP_FAMILIES, top: int = 25) -> dict:
   """The launches of `hlo_text` summed per run: {"kernels", "gb", "ms_at_bandwidth",
-  "families": {family: row}, "components": {model part: row}} with rows {"gb", "ms_per_call"
+  "families": {family: row}, "components": {model part: row}, "top_kernels": {kernel: row}
+  (the `top` largest, a kernel counting every launch of it)} with rows {"gb", "ms_per_call"
   (bytes / `bandwidth` in bytes/s), "count_per_call", "share" (of the bytes)}, largest first
   (families: each kernel in its first matching regex, as `profiling.family_table`; components:
   `profiling.model_component` of the op_name, "(no op_name)" where there is none)."""
-  fam, comp = (collections.defaultdict(lambda: [0, 0]) for _ in range(2))
+  fam, comp, kern = (collections.defaultdict(lambda: [0, 0]) for _ in range(3))
   total = 0
   for launch in launches(hlo_text):
     b, n = launch["bytes"] * launch["calls"], launch["calls"]
@@ -218,12 +221,13 @@ def plan(hlo_text: str, *, bandwidth: float,
     family = next((f for f, p in families if re.search(p, launch["kernel"])), "other")
     part = (profiling.model_component(launch["op_name"]) if launch["op_name"] is not None
             else "(no op_name)")
-    for groups, key in ((fam, family), (comp, part)):
+    for groups, key in ((fam, family), (comp, part), (kern, launch["kernel"])):
       groups[key][0] += b
       groups[key][1] += n
   return {"kernels": sum(n for _, n in fam.values()), "gb": total / 1e9,
           "ms_at_bandwidth": 1e3 * total / bandwidth, "families": _rows(fam, bandwidth, total),
-          "components": _rows(comp, bandwidth, total)}
+          "components": _rows(comp, bandwidth, total),
+          "top_kernels": dict(list(_rows(kern, bandwidth, total).items())[:top])}
 
 
 def achieved_bandwidth(hlo_text: str, ops: dict,
