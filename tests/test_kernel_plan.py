@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -186,3 +187,19 @@ def test_the_pallas_kernels_compile_for_an_h200_without_one():
                        text=True, timeout=600).stdout
   assert "swiglu ['swiglu_up', 'swiglu_up_bwd']" in out
   assert "attention ['mha_backward', 'mha_forward', 'mha_preprocess_backward']" in out
+
+
+# An asynchronous fusion as XLA's GPU compiler emits them in a scan body (taken from the 16-layer
+# `large` step compiled for an H200, shapes shrunk): the stacked buffer is updated in place
+# through a bitcast of the new slice, and the "-done" half carries no work of its own.
+_ASYNC_UPDATE = (pathlib.Path(__file__).parent / "data" / "async_update.hlo").read_text()
+
+
+def test_asynchronous_in_place_updates_and_sliced_reads_through_bitcasts():
+  got = kernel_plan.launches(_ASYNC_UPDATE)
+  assert [(k["kernel"], k["opcode"]) for k in got] == [
+      ("loop_dynamic_update_slice_fusion", "fusion-start"),
+      ("loop_dynamic_slice_fusion_2", "fusion")]
+  update, read = got
+  assert update["bytes"] == 2 * 64 * 128 * F32 + 4          # the slice read and written, index
+  assert read["bytes"] == 2 * 64 * 128 * 2 + 4              # one bf16 slice read and written

@@ -31,7 +31,8 @@ _ARRAY = re.compile(r"\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(?:, (.*))?$")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{$")
-# Top-level instructions that launch no kernel (or whose work is counted where it happens).
+# Top-level instructions that launch no kernel (or whose work is counted where it happens; so
+# is every "*-done" of an asynchronous pair, whose "*-start" carries the work).
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier",
               "after-all", "partition-id", "replica-id", "add-dependency", "domain", "call",
               "while", "conditional", "async-done", "copy-done", "send-done", "recv-done"}
@@ -116,29 +117,40 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
 def _fusion_bytes(body: list[tuple]) -> int:
   """Bytes a fusion moves: each parameter read whole, or only the slices taken of it, or not
   at all when it is the buffer of an in-place update; each result written whole, or only the
-  update written into it."""
+  update written into it. Bitcasts (free) are looked through."""
   by_name = {inst[0]: inst for inst in body}
   users = collections.defaultdict(list)
   for name, _, opcode, operands, _ in body:
     for position, operand in enumerate(operands):
       users[operand].append((opcode, position, name))
+
+  def uses(name):                    # (opcode, operand position, user) past any bitcasts
+    for opcode, position, user in users[name]:
+      yield from uses(user) if opcode == "bitcast" else [(opcode, position, user)]
+
+  def source(name):                  # the instruction a chain of bitcasts starts from
+    while by_name[name][2] == "bitcast":
+      name = by_name[name][3][0]
+    return name
+
   root, _, root_opcode, root_operands, _ = body[-1]
   in_place, total = set(), 0
   for out in (root_operands if root_opcode == "tuple" else [root]):
-    _, shape, opcode, operands, _ = by_name[out]
-    if opcode == "dynamic-update-slice" and by_name[operands[0]][2] == "parameter":
-      in_place.add(operands[0])
+    _, shape, opcode, operands, _ = by_name[source(out)]
+    buffer = source(operands[0]) if opcode == "dynamic-update-slice" else None
+    if buffer is not None and by_name[buffer][2] == "parameter":
+      in_place.add(buffer)
       total += shape_bytes(by_name[operands[1]][1])
     else:
-      total += shape_bytes(shape)
+      total += shape_bytes(by_name[out][1])
   for name, shape, opcode, _, _ in body:
     if opcode != "parameter":
       continue
-    uses = users[name]
-    if name in in_place and all(op == "dynamic-update-slice" and p == 0 for op, p, _ in uses):
+    reads = list(uses(name))
+    if name in in_place and all(op == "dynamic-update-slice" and p == 0 for op, p, _ in reads):
       continue                                        # the buffer updated in place
-    if uses and all(op in _SLICES and p == 0 for op, p, _ in uses):
-      total += sum(shape_bytes(by_name[user][1]) for _, _, user in uses)
+    if reads and all(op in _SLICES and p == 0 for op, p, _ in reads):
+      total += sum(shape_bytes(by_name[user][1]) for _, _, user in reads)
     else:
       total += shape_bytes(shape)
   return total
@@ -183,11 +195,13 @@ def launches(hlo_text: str) -> list[dict]:
       if opcode == "call":
         walk(re.search(r"\bto_apply=%([\w.\-]+)", attrs).group(1), calls)
         continue
-      if opcode in _NO_KERNEL:
+      if opcode in _NO_KERNEL or opcode.endswith("-done"):   # an async op's work is its start's
         continue
       fused = re.search(r"\bcalls=%([\w.\-]+)", attrs)
-      if opcode == "fusion" and fused:
+      if opcode in ("fusion", "fusion-start") and fused:
         nbytes = _fusion_bytes(comps[fused.group(1)])
+      elif opcode == "copy-start":
+        nbytes = 2 * sum(shape_bytes(shapes.get(o, "")) for o in operands)
       else:
         nbytes = sum(shape_bytes(shapes.get(o, "")) for o in operands) + shape_bytes(shape)
       op_name = re.search(r'\bop_name="([^"]*)"', attrs)
