@@ -34,8 +34,7 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{$")
 # Top-level instructions that launch no kernel (or whose work is counted where it happens; so
 # is every "*-done" of an asynchronous pair, whose "*-start" carries the work).
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier",
-              "after-all", "partition-id", "replica-id", "add-dependency", "domain", "call",
-              "while", "conditional", "async-done", "copy-done", "send-done", "recv-done"}
+              "after-all", "partition-id", "replica-id", "add-dependency", "domain"}
 _SLICES = {"slice", "dynamic-slice"}
 
 # Ahead-of-time targets: Hopper's limits, each part's memory, and the bandwidth that plans are
@@ -194,6 +193,9 @@ def launches(hlo_text: str) -> list[dict]:
         continue
       if opcode == "call":
         walk(re.search(r"\bto_apply=%([\w.\-]+)", attrs).group(1), calls)
+        continue
+      if opcode == "async-start":         # the wrapped computation's launches
+        walk(re.search(r"\bcalls=%([\w.\-]+)", attrs).group(1), calls)
         continue
       if opcode in _NO_KERNEL or opcode.endswith("-done"):   # an async op's work is its start's
         continue
