@@ -268,7 +268,8 @@ def main():
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     rows.append(row)
     print(json.dumps({k: v for k, v in row.items()
-                      if k not in ("profile", "families", "components")}), flush=True)
+                      if k not in ("profile", "families", "components", "top_kernels",
+                                   "achieved_bandwidth")}), flush=True)
 
   device = (f"plan for {args.plan} (compiled without it)" if args.plan
             else jax.devices()[0].device_kind)
