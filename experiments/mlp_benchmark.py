@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.kernel_benchmark import time_jax
+from experiments.kernel_benchmark import rel_rms, time_jax
 from kernels.swiglu import swiglu_mlp
 from sleep_lm.common import kernel_plan
 
@@ -54,11 +54,6 @@ def fwd_bwd(fn):
     y, vjp = jax.vjp(fn, x, wg, wu, wd)
     return y, vjp(dy)
   return run
-
-
-def rel_rms(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def inputs(m, d, f, dtype, seed=0):
