@@ -234,7 +234,7 @@ def plan(hlo_text: str, *, bandwidth: float,
   for launch in launches(hlo_text):
     b, n = launch["bytes"] * launch["calls"], launch["calls"]
     total += b
-    family = next((f for f, p in families if re.search(p, launch["kernel"])), "other")
+    family = profiling.family_of(launch["kernel"], families)
     part = (profiling.model_component(launch["op_name"]) if launch["op_name"] is not None
             else "(no op_name)")
     for groups, key in ((fam, family), (comp, part), (kern, launch["kernel"])):
@@ -260,7 +260,7 @@ def achieved_bandwidth(hlo_text: str, ops: dict,
     launch = by_instruction.get(op.lstrip("%"))
     if launch is None:
       continue
-    family = next((f for f, p in families if re.search(p, launch["kernel"])), "other")
+    family = profiling.family_of(launch["kernel"], families)
     for key in (family, "total"):
       out[key][0] += launch["bytes"] * timing["count_per_call"]
       out[key][1] += timing["ms_per_call"]

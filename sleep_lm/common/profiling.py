@@ -116,6 +116,11 @@ def summarize(events, *, calls: int, top: int | None = 25,
   return {"total_ms_per_call": total / calls, "rows": rows, "groups": group_rows, "ops": ops}
 
 
+def family_of(kernel: str, families: Sequence[tuple[str, str]]) -> str:
+  """The first family whose regex matches the kernel's name, else "other"."""
+  return next((f for f, pattern in families if re.search(pattern, kernel)), "other")
+
+
 def family_table(table: dict, families: Sequence[tuple[str, str]]) -> dict:
   """Each kernel of `table` (made with top=None, so that no row is "(other)") in the first
   family whose regex matches its name, or in "other": {family: {"ms_per_call",
@@ -123,7 +128,7 @@ def family_table(table: dict, families: Sequence[tuple[str, str]]) -> dict:
   out = {name: {"ms_per_call": 0.0, "count_per_call": 0.0, "share": 0.0}
          for name in [*(f for f, _ in families), "other"]}
   for row in table["rows"]:
-    family = next((f for f, pattern in families if re.search(pattern, row["name"])), "other")
+    family = family_of(row["name"], families)
     for key in ("ms_per_call", "count_per_call", "share"):
       out[family][key] += row[key]
   return out
