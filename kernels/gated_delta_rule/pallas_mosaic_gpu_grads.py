@@ -21,12 +21,12 @@ needs `pl.run_state`, which GPU interpret mode does not run).
     Gq  = dO S^T                      [C,K]   (A dO, B S^T)
     dP0 = dO Vnew^T                   [C,C]   (A dO, B Vnew^T)
     sd  = rowsum(S * dS')             [K]     (elementwise, for <dS', S>)
-  dP = dP0 * Dc                                            -> SMEM operand
-  dq = diag(e) Gq + dP K                                   (A dP, B K)
+  dP = dP0 * Ds (strictly causal), p = diag(dP0)           dP -> SMEM operand
+  dq = diag(e) Gq + dP K + diag(p) K                       (A dP, B K; the last term elementwise)
   V-tile loop 2:
     Gk  = Vnew dS'^T                  [C,K]   (A Vnew, B dS'^T)
     Gw  = dVnew S^T                   [C,K]   (A dVnew, B S^T);  dW = -Gw -> SMEM operand
-  dk_O = diag(f) Gk + dP^T Q                               (A dP^T, B Q)
+  dk_O = diag(f) Gk + dP^T Q + diag(p) Q                  (A dP^T, B Q)
   V-tile loop 3:
     dTy = dVnew V^T                   [C,C]   (A dVnew, B V^T)
     dY  = T^T dVnew                   [C,BV]  (A T^T, B dVnew);  dv = diag(beta) dY,
@@ -45,11 +45,16 @@ dgamma without column sums or Q K^T / K K^T products: the column sums of dP * QK
 dKK * KK^T are row sums of k * (dP^T Q) and k * (dKK^T K), and the row sums are q * (dP K) and
 k * (dKK K), so
 
-  dgamma = rowsum(q * dq) - rowsum(k * dk_O)                                (through O, S_n+1)
+  dgamma = rowsum(q * (dq - diag(p) K)) - rowsum(k * (dk_O - diag(p) Q))   (through O, S_n+1)
            + beta rowsum(k * Z) - rowsum(k * Z2) + beta e rowsum(k * dX)    (through W, T)
            + [r = C-1] (sum_r f_r rowsum(k * Gk)_r + exp(g_last) sum(sd))   (S_n+1's decay)
 
-(the same terms as `_pallas_common.qk_grads_finish` and `wy_grads`, regrouped). The two
+(the same terms as `_pallas_common.qk_grads_finish` and `wy_grads`, regrouped). dP's diagonal
+adds p_r <q_r, k_r> to the first row sum and takes it from the second: it is left out of both
+(and out of the products) rather than cancelled in float32. With no decay (g ~ -70 a token) the
+true dgamma is ~1e-15 and dP is nearly its diagonal: as products of hi/lo parts (~2^-16) the
+two terms left dgamma 2e-5 off, compiled and interpreted (the fla grid's
+T75K64V64C64s1-float32-n0.01 case); without them, 8e-15. The two
 scalars are summed as in jax-linear-attention: the per-row vector is stored to SMEM and read
 back in the column layout (`.sum()` there).
 
@@ -227,9 +232,13 @@ def _kernel(*refs, n_parts, bv, nv, heads):
     tiles(j, [("do", "a"), ("vn", "b"), ("s", None), ("ds", None)], bar1)
     return [[(ta_s, tr(s_s))], [(ta_s, tr(tb_s))]], rowsum(load(s_s) * load(ds_s))
   (gq, dp0), sd = accumulate([sk, sq], [step1] * nv)
-  store(sq_s, dp0 * decay(ri >= ci))  # dP
+  # dP's diagonal stays out of the products (and of dgamma, where its terms cancel exactly):
+  # dq and dk_O take it elementwise. Products of parts would leave ~2^-16 of it in dgamma.
+  dp_diag = rowsum(jnp.where(ri == ci, dp0, 0.0))
+  store(sq_s, dp0 * decay(ri > ci))  # dP off its diagonal
   dq = gq * by_row(e_r, sk) + dot([(sq_s, k_s)], sk)
   dg = rowsum(load(q_s) * dq)
+  dq = dq + by_row(dp_diag, sk) * load(k_s)
   ok_s[...] = dq.astype(ok_s.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(ok_s, mgpu.head_tile(dq_g, bh, heads, rows))
@@ -246,6 +255,7 @@ def _kernel(*refs, n_parts, bv, nv, heads):
   plgpu.commit_smem()
   dk = gk * by_row(f_r, sk) + dot([(tr(sq_s), q_s)], sk)  # dk through O and S_n+1
   dg = dg - rowsum(load(k_s) * dk)
+  dk = dk + by_row(dp_diag, sk) * load(q_s)
 
   # Loop 3: dTy = dVnew V^T (across the V-tiles); per tile dY = T^T dVnew, dv = diag(beta) dY,
   # dbeta += rowsum(dY * V). dVnew is in with one V-tile.
