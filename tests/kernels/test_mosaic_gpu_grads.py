@@ -1,8 +1,9 @@
-"""The Mosaic GPU per-chunk gradient kernel (`pallas_mosaic_gpu_grads`; opt-in: the implementation
-`pallas_mosaic_gpu_grads.make_implementation()`, "pallas_mosaic_gpu[grads_kernel]").
+"""The Mosaic GPU per-chunk gradient kernel (`pallas_mosaic_gpu_grads`: the registered
+"pallas_mosaic_gpu", opt-in by name; without the WY kernel `make_implementation(wy_kernel=False)`).
 
 On a CPU it runs in GPU interpret mode (slow: small cases by default, the others under -m slow)
-and is lowered for CUDA (Mosaic GPU layout inference included). It has not run on a GPU yet.
+and is lowered for CUDA (Mosaic GPU layout inference included); compiled on an H200 the whole
+file passed (2026-12-04 and 2026-12-05, docs/kernels.md).
 Against the pure-JAX `pallas_mosaic_gpu._chunk_grads` on fresh random inputs (the kernel alone)
 and, through the whole VJP, against the `recurrent` oracle as `test_matches_oracle`. Everything:
   python -m pytest -q -n 0 tests/kernels/test_mosaic_gpu_grads.py -m "slow or not slow"
