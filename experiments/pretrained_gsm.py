@@ -108,6 +108,7 @@ def get_config(arg=None):
                        f"--gdn_layers {','.join(map(str, GDN_LAYERS))}")
     model.update(eviction="hard", window=s["window"], passes=1)
   model.update(dtype=s["dtype"], remat=s["remat"], unroll=False)
+  model.setdefault("merge_projections", False)     # settable from the command line
   if s.get("scan_layers"):          # smoke: as the workdir it starts from says (default off)
     model["scan_layers"] = True
   if "reference" in presets and s["remat"] != "none":

@@ -7,8 +7,9 @@ r"""Training-step throughput of a config: ms/step, tokens/s, model FLOPs and MFU
       --scan-layers 0,1 --iters 5          # issue 24: the 16-layer compile with the layer scan
 
 Each row times the jitted train step (forward, backward through every pass of every window, the
-optimizer) of one (N, seeds, remat, unroll, scan_layers, implementation) combination after
-warm-up, on one batch held on the device (per seed: the config's batch), and reports:
+optimizer) of one (N, seeds, remat, unroll, scan_layers, implementation, mlp, merged projections)
+combination after warm-up, on one batch held on the device (per seed: the config's batch), and
+reports:
   compile            seconds to trace, lower and compile the step (compile_s in the JSON; apart:
                      trace_s, lower_s to StableHLO, xla_compile_s; with JAX_COMPILATION_CACHE_DIR
                      set, a cache hit makes xla_compile_s the load from the cache);
@@ -210,6 +211,8 @@ def main():
                            "own choice)")
   parser.add_argument("--mlp", default=None,
                       help="comma-separated model.mlp_implementation values (xla, pallas_triton)")
+  parser.add_argument("--merge-projections", default=None,
+                      help="comma-separated 0/1: model.merge_projections")
   parser.add_argument("--remat", default=None, help="comma-separated remat policies")
   parser.add_argument("--unroll", default=None, help="comma-separated 0/1")
   parser.add_argument("--scan-layers", default=None,
@@ -234,21 +237,23 @@ def main():
 
   rows = []
   flags = lambda arg: [bool(int(u)) for u in arg.split(",")] if arg else [None]
-  combos = [(impl, mlp, n, s, remat, unroll, scan)
+  combos = [(impl, mlp, merge, n, s, remat, unroll, scan)
             for impl in args.implementations.split(",")
             for mlp in (args.mlp.split(",") if args.mlp else [None])
+            for merge in flags(args.merge_projections)
             for n in map(int, args.passes.split(","))
             for s in map(int, args.seeds.split(","))
             for remat in (args.remat.split(",") if args.remat else [None])
             for unroll in flags(args.unroll)
             for scan in flags(args.scan_layers)]
-  for impl, mlp, n, seeds, remat, unroll, scan in combos:
+  for impl, mlp, merge, n, seeds, remat, unroll, scan in combos:
     config = load_config(args.config)
     config.model.passes = n
     config.seeds = seeds
     config.model.kernel_implementation = None if impl == "default" else impl
     for field, value in (("dtype", args.dtype), ("remat", remat), ("unroll", unroll),
-                         ("scan_layers", scan), ("mlp_implementation", mlp)):
+                         ("scan_layers", scan), ("mlp_implementation", mlp),
+                         ("merge_projections", merge)):
       if value is not None:
         config.model[field] = value
     if args.batch:
@@ -257,7 +262,8 @@ def main():
       config.model.chunk_size = args.chunk_size
     run = RunConfig.from_config(config)
     row = {"passes": n, "seeds": seeds, "implementation": impl,
-           "mlp": run.model.mlp_implementation or "xla", "dtype": run.model.dtype,
+           "mlp": run.model.mlp_implementation or "xla",
+           "merge_projections": run.model.merge_projections, "dtype": run.model.dtype,
            "remat": run.model.remat, "unroll": run.model.unroll,
            "scan_layers": run.model.scan_layers, "batch_size": run.batch_size,
            "seq_len": run.task.seq_len, "chunk_size": run.model.chunk_size}
@@ -285,12 +291,14 @@ def main():
 
 
 def _head(r: dict) -> str:
-  return (f"{r['implementation']:<14}{r['mlp']:<14}{r['passes']:>3}{r['seeds']:>3}{r['remat']:>6}"
-          f"{int(r['unroll']):>4}{int(r['scan_layers']):>5}")
+  return (f"{r['implementation']:<14}{r['mlp']:<14}{int(r['merge_projections']):>4}"
+          f"{r['passes']:>3}{r['seeds']:>3}{r['remat']:>6}{int(r['unroll']):>4}"
+          f"{int(r['scan_layers']):>5}")
 
 
 def _print_plans(rows: list[dict]):
-  print(f"{'impl':<14}{'mlp':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
+  print(f"{'impl':<14}{'mlp':<14}{'mrg':>4}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}"
+        f"{'compile':>8}"
         f"{'of it XLA':>10}{'kernels':>8}{'GB moved':>9}{'ms at BW':>9}{'TFLOP':>7}"
         f"{'XLA GB':>7}")
   for r in rows:
@@ -303,7 +311,8 @@ def _print_plans(rows: list[dict]):
 
 
 def _print_timings(rows: list[dict]):
-  print(f"{'impl':<14}{'mlp':<14}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}{'compile':>8}"
+  print(f"{'impl':<14}{'mlp':<14}{'mrg':>4}{'N':>3}{'S':>3}{'remat':>6}{'unr':>4}{'scan':>5}"
+        f"{'compile':>8}"
         f"{'of it XLA':>10}{'ms/step':>9}{'tok/s':>11}"
         f"{'TFLOP':>7}{'MFU':>7}{'peakGB':>7}{'XLA GB':>7}{'copies':>7}")
   fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"

@@ -92,6 +92,16 @@ class ModelConfig:
     mlp_implementation: None or "xla": the SwiGLU MLP as XLA's products and fusions;
       "pallas_triton": `kernels.swiglu` (Pallas kernels that keep the gate and up products off
       HBM; training layout on one device, decode layouts keep XLA's; interpreted off a GPU).
+    merge_projections: in the training layout, the mixers' projections that read one input
+      (attention q|k|v, GDN q|k|v|a|b|gate) as one product of their matrices concatenated at
+      each call, its output split: the same parameters and function; the backward then forms dx
+      in one product and the matrices' gradients in another, instead of one product each and a
+      sum of the dx (XLA merges the forward's products by itself, not the backward's). Not
+      where a projection's output axis is split over devices (tensor parallel): there each
+      stays its own product. Not the SwiGLU's gate|up either: merged, the kernel plan of the
+      Rule 110 step grew. Kernel plan of that step (N = 4, 3 seeds, H200): 318.2 GB against
+      332.1 with XLA's MLP, 267.1 against 280.9 with the SwiGLU kernels; not yet timed
+      (docs/performance.md, "Second cut").
     unroll: unroll the window and pass scans of a static schedule into straight-line code (no
       loop carries or stacked residuals to copy; longer compiles).
     scan_layers: run the layers of a pass as `jax.lax.scan`s over maximal runs of a repeated
@@ -130,6 +140,7 @@ class ModelConfig:
   chunk_size: int = 64
   attention_implementation: str | None = None
   mlp_implementation: str | None = None
+  merge_projections: bool = False
   unroll: bool = False
   scan_layers: bool = False
 
@@ -202,6 +213,7 @@ class ModelConfig:
            "ModelConfig.kernel_implementation", f"must be None or one of {impls}, got "
            f"{self.kernel_implementation!r}")
     check_bool("ModelConfig.unroll", self.unroll)
+    check_bool("ModelConfig.merge_projections", self.merge_projections)
     check_bool("ModelConfig.scan_layers", self.scan_layers)
     check_choice("ModelConfig.attention_implementation", self.attention_implementation,
                  ATTENTION_IMPLEMENTATIONS)

@@ -141,8 +141,8 @@ class Linear(nn.Module):
   """x W (+ b with `use_bias`). In the training layout exactly `nn.Dense`: W [in, out] float32,
   both cast to `dtype` for the product; the bias [out] float32, cast to `dtype` and added to
   the product. weight_only: return W [in_features, features] cast to `dtype` instead (the same
-  parameter; in_features defaults to x's width), for a kernel that does the product itself
-  (`SwiGLU` with `kernels.swiglu`)."""
+  parameter; in_features defaults to x's width), and with `use_bias` the pair (W, b), for code
+  that does the product itself (`SwiGLU` with `kernels.swiglu`, merged projections)."""
   features: int
   axes: tuple[str, str]
   dtype: Any = f32
@@ -162,7 +162,7 @@ class Linear(nn.Module):
                      (d, self.features), f32)
     x, w = x.astype(self.dtype), w.astype(self.dtype)
     if self.weight_only:
-      return w
+      return (w, self._bias().astype(self.dtype)) if self.use_bias else w
     if lay.barrier_inputs:
       x = jax.lax.optimization_barrier(x)
     lead = x.shape[:-1]
@@ -177,24 +177,42 @@ class Linear(nn.Module):
     if pad:
       y = y[:1].reshape(*lead, self.features)
     if self.use_bias:
-      b = self.param("bias", P(nn.initializers.zeros, self.axes[1:]), (self.features,), f32)
-      y = y + b.astype(self.dtype)
+      y = y + self._bias().astype(self.dtype)
     return jax.lax.optimization_barrier(y) if lay.fused else y
+
+  def _bias(self) -> Array:
+    return self.param("bias", P(nn.initializers.zeros, self.axes[1:]), (self.features,), f32)
 
 
 def project(module: nn.Module, x: Array, group: str, widths: Mapping[str, tuple[int, str]], *,
-            in_axis: str, dtype: Any, layout: Layout, use_bias: bool = False) -> list[Array]:
+            in_axis: str, dtype: Any, layout: Layout, use_bias: bool = False,
+            merge: bool = False) -> list[Array]:
   """The projections of x that `module.PROJECTIONS[group]` names, in that order (`widths`:
   name -> (features, logical out axis)): one `Linear` each, named by the projection, or, in a
   fused layout, one named `group` whose output is split (`convert_module_params` concatenates
-  the matrices, and biases, in the same order). Called inside the module's compact method."""
+  the matrices, and biases, in the same order). Called inside the module's compact method.
+
+  merge (`ModelConfig.merge_projections`; the training layout, where no out axis is split
+  over devices): the same parameters, concatenated at the call into one product whose output is
+  split, so that the backward is one product for dx and one for the matrices' gradients (split
+  after) instead of one per projection and a sum of their dx."""
   members = module.PROJECTIONS[group]
-  if not layout.fused:
+  sizes = [widths[m][0] for m in members]
+  if layout.fused:
+    y = Linear(sum(sizes), (in_axis, widths[members[0]][1]), dtype, layout, use_bias,
+               name=group)(x)
+  elif (merge and layout == TRAIN and len(members) > 1
+        and not any(sharding.split_over_devices(widths[m][1]) for m in members)):
+    params = [Linear(widths[m][0], (in_axis, widths[m][1]), dtype, layout, use_bias,
+                     weight_only=True, name=m)(x) for m in members]
+    with jax.named_scope(group):
+      w = jnp.concatenate([p[0] for p in params] if use_bias else params, axis=1)
+      y = jax.lax.dot_general(x.astype(dtype), w, (((x.ndim - 1,), (0,)), ((), ())))
+      if use_bias:
+        y = y + jnp.concatenate([p[1] for p in params])
+  else:
     return [Linear(widths[m][0], (in_axis, widths[m][1]), dtype, layout, use_bias, name=m)(x)
             for m in members]
-  sizes = [widths[m][0] for m in members]
-  y = Linear(sum(sizes), (in_axis, widths[members[0]][1]), dtype, layout, use_bias,
-             name=group)(x)
   return jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
 
 
@@ -328,7 +346,7 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     h, g, d = cfg.num_attn_heads, cfg.num_kv_heads, cfg.attn_head_dim
     dt = cfg.activation_dtype
-    kw = dict(dtype=dt, layout=self.layout)
+    kw = dict(dtype=dt, layout=self.layout, merge=cfg.merge_projections)
     widths = {"q": (h * d, "heads"), "k": (g * d, "heads"), "v": (g * d, "heads")}
     q, k, v = project(self, x, "qkv", widths, in_axis="embed", use_bias=cfg.attn_qkv_bias, **kw)
     q = apply_rope(q.reshape(b, t, h, d), ctx.positions, cfg.rope_base)
@@ -388,7 +406,7 @@ class GatedDeltaNet(nn.Module):
     b, t, _ = x.shape
     h, d = cfg.num_gdn_heads, cfg.gdn_head_dim
     hk, dt = h * d, cfg.activation_dtype
-    kw = dict(dtype=dt, layout=self.layout)
+    kw = dict(dtype=dt, layout=self.layout, merge=cfg.merge_projections)
     widths = {"q_proj": (hk, "heads"), "k_proj": (hk, "heads"), "v_proj": (hk, "heads"),
               "a_proj": (h, "gdn_heads"), "b_proj": (h, "gdn_heads"), "gate_proj": (hk, "heads")}
     q, k, v, a, beta_logit, gate = project(self, x, "in_proj", widths, in_axis="embed", **kw)

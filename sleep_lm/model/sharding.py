@@ -256,6 +256,16 @@ def process_batch_slice(sharding: NamedSharding, global_batch: int, axis: int = 
   return lo // n, global_batch // n
 
 
+def split_over_devices(name: str, rules: Rules | None = None) -> bool:
+  """Whether logical axis `name` is split over more than one device of the current mesh (the
+  context's rules, else `DEFAULT_RULES`); False without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return False
+  rules = rules or nn.get_logical_axis_rules() or DEFAULT_RULES
+  return math.prod(mesh.shape.get(a, 1) for a in mesh_axes_of(rules, name)) > 1
+
+
 def fast_weight_specs(q_shape: Sequence[int], rules: Rules | None = None):
   """shard_map specs of the fast-weight op inside the current mesh, or None for a plain call.
 
