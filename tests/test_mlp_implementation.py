@@ -1,7 +1,7 @@
 """ModelConfig.mlp_implementation="pallas_triton": the SwiGLU MLP through `kernels.swiglu`
 (interpreted here) in the hybrid model, against XLA's MLP: the same parameters, the same logits
-and gradients through a sleeping forward; and the refusal on a mesh of several devices (the
-kernels are not partitioned)."""
+and gradients (the plain forward: training, replay and decode share its blocks); and the refusal
+on a mesh of several devices (the kernels are not partitioned)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,12 @@ import pytest
 
 from sleep_lm.common.validation import FieldError
 from sleep_lm.model.config import ModelConfig
-from sleep_lm.model.hybrid import init_params
-from sleep_lm.model.sleep import sleep_forward
+from sleep_lm.model.hybrid import HybridLM, init_params
 from tests.numerics import rel_rms
 
-# The model with the kernels: same parameters, same values as XLA's MLP (hard eviction, two
-# windows, two passes each).
+# The model with the kernels: same parameters, same values as XLA's MLP.
 MODEL = dict(vocab_size=16, d_model=64, attn_head_dim=32, gdn_head_dim=32, mlp_dim=128, window=8,
-             layers=("attn", "gdn"), eviction="hard", passes=2)
+             layers=("attn", "gdn"))
 
 
 def test_the_model_with_the_kernels_has_xlas_parameters_logits_and_gradients():
@@ -29,12 +27,11 @@ def test_the_model_with_the_kernels_has_xlas_parameters_logits_and_gradients():
   same = jax.tree.map(lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)),
                       params["pallas_triton"], params["xla"])
   assert all(jax.tree.leaves(same))
-  tokens = jax.random.randint(jax.random.key(1), (2, 2 * MODEL["window"]), 0, 16)
-  mask = jnp.ones(tokens.shape)
-  probe = jax.random.normal(jax.random.key(2), (2, 2 * MODEL["window"], 16))
+  tokens = jax.random.randint(jax.random.key(1), (2, MODEL["window"]), 0, 16)
+  probe = jax.random.normal(jax.random.key(2), (2, MODEL["window"], 16))
 
   def loss(p, impl):
-    return jnp.sum(sleep_forward(configs[impl], p, tokens, mask).logits * probe)
+    return jnp.sum(HybridLM(configs[impl]).apply({"params": p}, tokens) * probe)
 
   grads = {impl: str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params["xla"], impl))
            for impl in configs}
