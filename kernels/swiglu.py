@@ -9,13 +9,14 @@ the backward reads both again with the incoming gradient. Here:
   forward   kernel `_up`: per [BM rows, BF hidden] tile, x Wg and x Wu accumulate in registers
             (float32) and only h = SiLU(g) * u is written; y = h Wd is XLA's product.
   backward  kernel `_up_bwd`: per tile, recomputes g and u from x and forms dh = dy Wd^T in the
-            same K loop (the MLP's width is both products' K), then writes dg and du only;
-            dWd = h^T dy, dWg = x^T dg, dWu = x^T du and dx = dg Wg^T + du Wu^T are XLA's.
+            same K loop (the MLP's width is both products' K), then writes dg and du only, side
+            by side in one [M, 2, F] buffer; dWd = h^T dy, [dWg | dWu] = x^T [dg | du] and
+            dx = [dg | du] [Wg | Wu]^T are XLA's, one product each.
 
 Compiled for an H200 (`sleep_lm.common.kernel_plan`) at the Rule 110 shape (36,864 rows, 256 ->
-1,024, bf16), forward + backward move 12.7 hidden-sized tensors' worth of HBM bytes instead of
-XLA's 22.7 (0.96 against 1.72 GB), for two more [BM, K] x [K, BF] products per tile in the
-backward (+22% of the MLP's FLOPs).
+1,024, bf16), the gradient of sum(MLP(x) * dy) moves 10.2 hidden-sized tensors' worth of HBM
+bytes instead of XLA's 21.5, for two more [BM, K] x [K, BF] products per tile in the backward
+(+22% of the MLP's FLOPs); docs/kernels.md.
 
 Off a GPU (CI) the kernels run with `interpret=True`. Float32 inputs use 3-pass tf32 products in
 the kernels on a GPU (float32 accuracy), HIGHEST when interpreted.
@@ -68,8 +69,7 @@ def _up_kernel(x_ref, wg_ref, wu_ref, h_ref, *, cfg: _Config, steps: int):
   h_ref[...] = (g * jax.nn.sigmoid(g) * u).astype(h_ref.dtype)
 
 
-def _up_bwd_kernel(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, dg_ref, du_ref, *, cfg: _Config,
-                   steps: int):
+def _up_bwd_kernel(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, dgu_ref, *, cfg: _Config, steps: int):
   def step(k, acc):
     cols = pl.ds(pl.multiple_of(k * cfg.block_k, cfg.block_k), cfg.block_k)
     x = x_ref[:, cols]
@@ -77,22 +77,28 @@ def _up_bwd_kernel(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, dg_ref, du_ref, *, cfg
             acc[1] + _dot(x, wu_ref[cols, :], cfg.precision),
             acc[2] + _dot(dy_ref[:, cols], wd_ref[:, cols], cfg.precision, trans_b=True))
 
-  zeros = jnp.zeros(dg_ref.shape, f32)
+  zeros = jnp.zeros((dgu_ref.shape[0], dgu_ref.shape[2]), f32)
   g, u, dh = jax.lax.fori_loop(0, steps, step, (zeros, zeros, zeros))
   s = jax.nn.sigmoid(g)
-  du_ref[...] = (dh * g * s).astype(du_ref.dtype)
-  dg_ref[...] = (dh * u * s * (1 + g * (1 - s))).astype(dg_ref.dtype)
+  dgu_ref[:, 0, :] = (dh * u * s * (1 + g * (1 - s))).astype(dgu_ref.dtype)
+  dgu_ref[:, 1, :] = (dh * g * s).astype(dgu_ref.dtype)
 
 
-def _call(kernel, name: str, cfg: _Config, rows: int, hidden: int, in_specs, outs: int, dtype):
+def _call(kernel, name: str, cfg: _Config, rows: int, hidden: int, in_specs, parts: int, dtype):
+  """The kernel over a (rows, hidden) grid of tiles; its output [rows, hidden] (parts 1) or
+  [rows, parts, hidden] (each tile of every part written by the same program)."""
   grid = (rows // cfg.block_rows, hidden // cfg.block_hidden)
-  tile = pl.BlockSpec((cfg.block_rows, cfg.block_hidden), lambda i, j: (i, j))
+  if parts == 1:
+    tile = pl.BlockSpec((cfg.block_rows, cfg.block_hidden), lambda i, j: (i, j))
+    shape = (rows, hidden)
+  else:
+    tile = pl.BlockSpec((cfg.block_rows, parts, cfg.block_hidden), lambda i, j: (i, 0, j))
+    shape = (rows, parts, hidden)
   params = None if cfg.interpret else pltr.CompilerParams(num_warps=cfg.num_warps,
                                                           num_stages=cfg.num_stages)
-  out_shape = [jax.ShapeDtypeStruct((rows, hidden), dtype)] * outs
-  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=[tile] * outs,
-                        out_shape=out_shape, interpret=cfg.interpret, compiler_params=params,
-                        name=name)
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=tile,
+                        out_shape=jax.ShapeDtypeStruct(shape, dtype), interpret=cfg.interpret,
+                        compiler_params=params, name=name)
 
 
 def _specs(cfg: _Config, d: int):
@@ -106,18 +112,17 @@ def _up(x, wg, wu, cfg: _Config):
   (m, d), f = x.shape, wg.shape[1]
   rows, cols, _ = _specs(cfg, d)
   kernel = functools.partial(_up_kernel, cfg=cfg, steps=d // cfg.block_k)
-  (h,) = _call(kernel, "swiglu_up", cfg, m, f, [rows, cols, cols], 1, x.dtype)(x, wg, wu)
-  return h
+  return _call(kernel, "swiglu_up", cfg, m, f, [rows, cols, cols], 1, x.dtype)(x, wg, wu)
 
 
 def _up_bwd(x, dy, wg, wu, wd, cfg: _Config):
+  """[dg | du] as [M, 2, F]: one buffer, so that dx and the two matrices' gradients are one
+  product each."""
   (m, d), f = x.shape, wg.shape[1]
   rows, cols, down = _specs(cfg, d)
   kernel = functools.partial(_up_bwd_kernel, cfg=cfg, steps=d // cfg.block_k)
-  dg, du = _call(kernel, "swiglu_up_bwd", cfg, m, f, [rows, rows, cols, cols, down], 2,
-                 x.dtype)(
-      x, dy, wg, wu, wd)
-  return dg, du
+  return _call(kernel, "swiglu_up_bwd", cfg, m, f, [rows, rows, cols, cols, down], 2,
+               x.dtype)(x, dy, wg, wu, wd)
 
 
 def _mm(a, b, dims):
@@ -136,9 +141,10 @@ def _mlp_fwd(x, wg, wu, wd, cfg):
 
 def _mlp_bwd(cfg, res, dy):
   x, wg, wu, wd, h = res
-  dg, du = _up_bwd(x, dy, wg, wu, wd, cfg)
-  dx = _mm(dg, wg, ((1,), (1,))) + _mm(du, wu, ((1,), (1,)))
-  return dx, _mm(x, dg, ((0,), (0,))), _mm(x, du, ((0,), (0,))), _mm(h, dy, ((0,), (0,)))
+  dgu = _up_bwd(x, dy, wg, wu, wd, cfg)                    # [M, 2, F]
+  dx = _mm(dgu, jnp.stack([wg, wu], axis=1), ((1, 2), (1, 2)))
+  dw = _mm(x, dgu, ((0,), (0,)))                           # [D, 2, F]
+  return dx, dw[:, 0], dw[:, 1], _mm(h, dy, ((0,), (0,)))
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
