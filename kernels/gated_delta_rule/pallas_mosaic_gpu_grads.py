@@ -55,8 +55,8 @@ adds p_r <q_r, k_r> to the first row sum and takes it from the second: it is lef
 state (g between -70 and -30: the fla grid's normalizer 0.01) the true dgamma is ~1e-15 and dP
 is nearly its diagonal: as products of hi/lo parts (~2^-16) the two terms left dgamma 2e-5
 off, compiled and interpreted (the grid's T75K64V64C64s1-float32-n0.01 case); without them,
-8e-15. The two scalars are summed as in jax-linear-attention: the per-row vector is stored to SMEM and read
-back in the column layout (`.sum()` there).
+8e-15. The two scalars are summed as in jax-linear-attention: the per-row vector is stored to
+SMEM and read back in the column layout (`.sum()` there).
 
 Mosaic GPU layout inference: every [C] vector that is broadcast is loaded from its own SMEM
 buffer in one layout (gamma and beta twice, as ROWS = WGMMA.reduce(1) and COLS =
