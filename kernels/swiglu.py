@@ -150,8 +150,19 @@ def _mlp_bwd(cfg, res, dy):
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
+def _valid_block(value, hidden: int | None = None) -> bool:
+  return (isinstance(value, int) and value >= 16 and not value & (value - 1)
+          and not (hidden or value) % value)
+
+
+def default_tiles_fit(d: int, f: int) -> bool:
+  """Whether `swiglu_mlp` with its default tiles takes width D and hidden width F (D a multiple
+  of 64; F a multiple of 128, or 16, 32 or 64)."""
+  return d % _BLOCK_K == 0 and _valid_block(min(_DEFAULT_HIDDEN, f), f)
+
+
 def _check_block(name: str, value, hidden: int | None = None) -> None:
-  if not isinstance(value, int) or value < 16 or value & (value - 1) or (hidden or value) % value:
+  if not _valid_block(value, hidden):
     raise ValueError(f"swiglu_mlp: {name}={value!r} must be a power of two >= 16 (Triton tiles "
                      f"are)" + (f" that divides the hidden width F={hidden}" if hidden else ""))
 

@@ -16,6 +16,7 @@ import jax
 
 from kernels import available_implementations
 from kernels.gated_delta_rule.base import CHUNK_SIZES, MAX_HEAD_DIM
+from kernels.swiglu import default_tiles_fit
 from sleep_lm.common import validation
 from sleep_lm.common.validation import check_bool, check_choice, check_int, expect, is_int
 
@@ -218,9 +219,9 @@ class ModelConfig:
     check_choice("ModelConfig.attention_implementation", self.attention_implementation,
                  ATTENTION_IMPLEMENTATIONS)
     check_choice("ModelConfig.mlp_implementation", self.mlp_implementation, MLP_IMPLEMENTATIONS)
-    if self.mlp_implementation == "pallas_triton":   # kernels.swiglu's tiles
+    if self.mlp_implementation == "pallas_triton":
       f = self.hidden_dim
-      expect(self.d_model % 64 == 0 and (f % 128 == 0 or f in (16, 32, 64)),
+      expect(default_tiles_fit(self.d_model, f),
              "ModelConfig.mlp_implementation", f"'pallas_triton' needs d_model a multiple of 64 "
              f"and an MLP width (mlp_dim) a multiple of 128 or 16, 32 or 64; got d_model="
              f"{self.d_model}, MLP width {f}: use None ('xla')")
