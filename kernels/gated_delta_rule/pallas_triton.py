@@ -49,7 +49,10 @@ class Tuning:
   H100's 227 KB). `block_v` = 0 picks the V-tile of the sequential kernels from the shape
   (`_state_block_v`). `wide_intermediates` stores what passes between kernels in float32 (and
   runs the WY products in tf32) for bf16/fp16 inputs too; False (as in fla) stores it in the
-  input dtype.
+  input dtype. `narrow_warps` (when > 0) replaces the warps of kernels 1, 4a (16-bit inputs) and
+  4b at chunk 32 with K, V <= 64, the Rule 110 window's shape: there 2 warps made the op 1.17x
+  faster forward+backward on an H200 (0.309 against 0.361 ms, 2026-12-05), where at chunk 64,
+  K = V = 128 they spill (6x slower); `_warps`.
   """
   intra_warps: int = 4
   state_warps: int = 4
@@ -62,6 +65,7 @@ class Tuning:
   block_v: int = 0
   grads_block_v: int = 64
   wide_intermediates: bool = False
+  narrow_warps: int = 2
 
 
 DEFAULT_TUNING = Tuning()
@@ -69,6 +73,13 @@ DEFAULT_TUNING = Tuning()
 # The sequential kernels run B*H*V/BV programs: BV = 64 where that still gives about one program
 # per SM (H100/H200: 132), else 32 for more programs (measured, docs/kernels.md).
 _STATE_PROGRAMS = 128
+
+
+def _warps(num_warps, cfg, dk, dv, tuning: Tuning):
+  """Warps of kernels 1, 4a and 4b: `tuning.narrow_warps` at chunk 32 with K, V <= 64 (measured
+  there, compiled exact; other small shapes are not measured), else `num_warps`."""
+  narrow = tuning.narrow_warps and cfg.chunk_size == 32 and max(dk, dv) <= 64
+  return tuning.narrow_warps if narrow else num_warps
 
 
 def _params(cfg, num_warps, num_stages):
@@ -115,7 +126,7 @@ def intra_fwd(cfg, q, k, v, gamma, beta, *, tuning: Tuning):
                   jax.ShapeDtypeStruct((b, t, h), f32), jax.ShapeDtypeStruct((b, t, h), f32)]
   outs = _call(functools.partial(_intra_fwd_kernel, cfg=cfg), cfg, (b, h, t // c),
                [chunk(dk), chunk(dk), chunk(dv), vec, vec], out_specs, out_shape,
-               num_warps=tuning.intra_warps)(q, k, v, gamma, beta)
+               num_warps=_warps(tuning.intra_warps, cfg, dk, dv, tuning))(q, k, v, gamma, beta)
   return (*outs, *(() if normalize else (q, k, None, None)))
 
 
@@ -266,7 +277,8 @@ def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_
        jax.ShapeDtypeStruct((b, t, h, dk), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, t, h, dk), cfg.intermediate_dtype),
        jax.ShapeDtypeStruct((b, n_k, t, h), f32), jax.ShapeDtypeStruct((b, n_k, t, h), f32)],
-      num_warps=tuning.qk_grads_warps_fp32 if q.dtype == f32 else tuning.qk_grads_warps,
+      num_warps=(tuning.qk_grads_warps_fp32 if q.dtype == f32
+                 else _warps(tuning.qk_grads_warps, cfg, dk, dv, tuning)),
   )(q, k, gamma, do, v_new, dv_new, states, d_states)
   # 4b: grid (B, H, N).
   chunk = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
@@ -277,7 +289,7 @@ def chunk_bwd(cfg, q, k, v, t_inv, gamma, beta, do, states, d_states, v_new, dv_
       [chunk(dk), chunk(dv), vec, vec, vec],
       [jax.ShapeDtypeStruct((b, t, h, dk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
        *[jax.ShapeDtypeStruct((b, t, h), f32)] * 3],
-      num_warps=tuning.wy_grads_warps,
+      num_warps=_warps(tuning.wy_grads_warps, cfg, dk, dv, tuning),
   )(k, v, t_inv, gamma, beta, dw, dv_new, dk_a)
   return (dq, dk_, dv_, jnp.sum(dg_a, axis=1) + dg_b, dbeta, jnp.sum(dq_dot_q, axis=1),
           dk_dot_k)

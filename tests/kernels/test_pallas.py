@@ -9,6 +9,8 @@ the final state.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,12 +222,18 @@ def test_dispatcher_falls_back_when_a_kernel_refuses(monkeypatch):
   np.testing.assert_array_equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("dtype,chunk,dk,dv,l2norm", [(jnp.bfloat16, 64, 256, 256, True),
-                                                      (jnp.bfloat16, 32, 64, 64, True),
-                                                      (jnp.float32, 16, 100, 60, False)])
-def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2norm):
+# warps: kernels 1, 2, 3, 4a, 4b. At chunk 32 with K, V <= 64 (the Rule 110 window) kernels 1, 4a
+# and 4b run 2 warps (`Tuning.narrow_warps`); float32 inputs run 4a with 8 (a Triton miscompile).
+@pytest.mark.parametrize("dtype,chunk,dk,dv,l2norm,warps", [
+    (jnp.bfloat16, 64, 256, 256, True, (4, 4, 4, 4, 4)),
+    (jnp.bfloat16, 32, 64, 64, True, (2, 4, 4, 2, 2)),
+    (jnp.bfloat16, 32, 128, 64, True, (4, 4, 4, 4, 4)),
+    (jnp.float32, 32, 64, 48, False, (2, 4, 4, 8, 2)),
+    (jnp.float32, 16, 100, 60, False, (4, 4, 4, 8, 4))])
+def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2norm, warps):
   """On any machine: the compiled (not interpreted) Triton kernels of fwd+bwd lower to Triton IR
-  for an H200 (every primitive has a Triton lowering rule); Triton itself compiles on the GPU."""
+  for an H200 (every primitive has a Triton lowering rule), launched with the tuned warps; Triton
+  itself compiles on the GPU."""
   from kernels.gated_delta_rule import pallas_triton
   monkeypatch.setattr(pallas_triton, "_on_gpu", lambda: True)
   inputs, cotangents = make_inputs(0, 2, 100, 2, dk, dv, dtype)
@@ -236,7 +244,9 @@ def test_triton_kernels_lower_for_a_gpu(monkeypatch, dtype, chunk, dk, dv, l2nor
 
   with abstract_gpu():
     text = jax.jit(f).trace(inputs, cotangents).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count(TRITON_CALL) == 5  # kernels 1 and 2 (under the VJP), 3, 4a, 4b
+  calls = [line for line in text.splitlines() if TRITON_CALL in line]
+  assert len(calls) == 5  # kernels 1 and 2 (under the VJP), 3, 4a, 4b
+  assert tuple(int(re.search(r"num_warps = (\d+)", c).group(1)) for c in calls) == warps
 
 
 def test_triton_refuses_float32_large_k_at_chunk_64(monkeypatch):
