@@ -182,13 +182,14 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
     families = profiling.family_table(table, profiling.STEP_FAMILIES)
     # Each kernel's HLO instruction -> the op_name of the model code that made it.
     text = compiled.as_text()        # the compiled program, read once for both tables below
-    components = profiling.component_table(table, profiling.hlo_op_names(text))
+    components = profiling.component_table(table, profiling.hlo_op_names(text),
+                                           kernel_plan.kernel_launches(text))
     print(profiling.format_table({**table, "rows": table["rows"][:25]}), flush=True)
     print(profiling.format_breakdown(families), flush=True)
     print(profiling.format_breakdown(dict(list(components.items())[:30]),
                                     title="model part (forward/backward)"), flush=True)
     # The same program's bytes per kernel: how close each family runs to the bandwidth.
-    achieved = kernel_plan.achieved_bandwidth(text, table["ops"])
+    achieved = kernel_plan.achieved_bandwidth(text, table["ops"], rows=table["rows"])
     print("\n".join([f"{'GB/s':>7} {'GB':>7} {'ms/call':>8}  family (planned bytes / traced time)"]
                     + [f"{r['gb_per_s']:7.0f} {r['gb']:7.2f} {r['ms_per_call']:8.3f}  {name}"
                        for name, r in achieved.items()]), flush=True)

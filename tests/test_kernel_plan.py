@@ -150,6 +150,51 @@ def test_achieved_bandwidth_divides_each_timed_kernels_bytes_by_its_time():
   assert got["total"]["gb"] == pytest.approx(kernel["bytes"] / 1e9)       # one launch per call
   assert got["total"]["ms_per_call"] == pytest.approx(0.5)
   assert got[family]["gb_per_s"] == pytest.approx(kernel["bytes"] / 1e9 / 0.5e-3)
+  # Inside a command buffer the trace names the buffer's instruction: matched by kernel name,
+  # where the trace launched the kernel as often as the plan (not the 3-launch kernel below).
+  table = profiling.summarize(profiling.device_events(_gpu_trace(
+      [(kernel["kernel"], 0.5, "command_buffer_1")] * 2 + [(kernel["kernel"] + "_x", 1.0,
+                                                            "command_buffer_1")] * 3)),
+      calls=2, top=None)
+  assert kernel_plan.achieved_bandwidth(text, table["ops"]) == {}
+  assert kernel_plan.achieved_bandwidth(text, table["ops"], rows=table["rows"]) == got
+
+
+def test_command_buffer_traces_are_charged_to_model_parts_by_kernel_name():
+  """On a GPU, XLA's command buffers tag every kernel with the buffer's instruction (an H200 trace
+  of the Rule 110 step: all 5,546 kernels as `command_buffer_1`), so the model-part table charges
+  kernels by name through the module's launches; a library kernel (cuBLAS) stays apart."""
+  from tests.test_profiling import _gpu_trace
+
+  class Gdn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.RMSNorm(name="out_norm")(nn.Dense(8, name="q_proj")(x))
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x + Gdn(name="layer_0_gdn")(x)
+
+  x = jnp.ones((4, 8))
+  params = Block(name="blocks_0").init(jax.random.key(0), x)
+  loss = lambda p: jnp.sum(jnp.sin(Block(name="blocks_0").apply(p, x)))
+  text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  launches = kernel_plan.kernel_launches(text)
+  part = {k: {profiling.model_component(o) for o, _ in v} for k, v in launches.items()}
+  fwd = next(k for k, p in part.items() if p == {"gdn/out_norm (forward)"})
+  bwd = next(k for k, p in part.items() if p == {"gdn/out_norm (backward)"})
+  table = profiling.summarize(profiling.device_events(_gpu_trace([
+      (fwd, 2.0, "command_buffer_1"), (bwd + "__1", 1.0, "command_buffer_1"),
+      (fwd, 2.0, "command_buffer_1"), ("nvjet_sm90_tst_128x64", 0.5, "command_buffer_1")])),
+      calls=2, top=None)
+  names = profiling.hlo_op_names(text)
+  assert list(profiling.component_table(table, names)) == ["(instruction not in the module)"]
+  got = profiling.component_table(table, names, launches)
+  assert list(got) == ["gdn/out_norm (forward)", "gdn/out_norm (backward)",
+                       "(a library's kernel: its name is not in the module, e.g. cuBLAS)"]
+  assert [r["ms_per_call"] for r in got.values()] == pytest.approx([2.0, 0.5, 0.25])
+  assert sum(r["share"] for r in got.values()) == pytest.approx(1.0)
 
 
 _COMPILE_KERNELS = """

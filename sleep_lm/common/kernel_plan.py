@@ -215,6 +215,16 @@ def launches(hlo_text: str) -> list[dict]:
   return out
 
 
+def kernel_launches(hlo_text: str) -> dict[str, list[tuple[str | None, int]]]:
+  """{kernel name as a trace names it: [(op_name, launches per run)]} of a compiled module: the
+  instructions behind each kernel (identical fusions share one), for traces that tag kernels with
+  a command buffer's instruction (`profiling.component_table`)."""
+  out = collections.defaultdict(collections.Counter)
+  for launch in launches(hlo_text):
+    out[launch["kernel"]][launch["op_name"]] += launch["calls"]
+  return {kernel: list(counts.items()) for kernel, counts in out.items()}
+
+
 def _rows(groups: dict, bandwidth: float, total: float) -> dict:
   return {k: {"gb": b / 1e9, "ms_per_call": 1e3 * b / bandwidth, "count_per_call": n,
               "share": b / total if total else 0.0}
@@ -247,22 +257,39 @@ def plan(hlo_text: str, *, bandwidth: float,
 
 
 def achieved_bandwidth(hlo_text: str, ops: dict,
-                       families: Sequence[tuple[str, str]] = profiling.STEP_FAMILIES) -> dict:
+                       families: Sequence[tuple[str, str]] = profiling.STEP_FAMILIES,
+                       rows: Sequence[dict] | None = None) -> dict:
   """The plan's bytes against a trace's device time, per family: for each HLO instruction that
   the trace timed (`ops`: `profiling.summarize`'s {instruction: {"ms_per_call",
   "count_per_call"}} of a run of this same compiled program), its bytes per launch times its
   launches, over its device time. Returns {family: {"gb", "ms_per_call", "gb_per_s"}} largest
   time first, with "total"; instructions missing from either side are left out (so "total" is
-  the timed and planned part)."""
-  by_instruction = {launch["instruction"]: launch for launch in launches(hlo_text)}
+  the timed and planned part). Where the trace names a command buffer's instruction instead of
+  the kernels' (`profiling.component_table`), the kernels are matched by name (`rows`, the
+  table's rows made with top=None): a kernel counts where the trace launched it as often as the
+  plan does."""
+  all_launches = launches(hlo_text)
+  by_instruction = {launch["instruction"]: launch for launch in all_launches}
   out = collections.defaultdict(lambda: [0.0, 0.0])
-  for op, timing in ops.items():
-    launch = by_instruction.get(op.lstrip("%"))
-    if launch is None:
-      continue
-    family = profiling.family_of(launch["kernel"], families)
+  if rows is not None and any(op.lstrip("%") not in by_instruction for op in ops):
+    planned = collections.defaultdict(lambda: [0, 0])      # kernel -> [bytes per run, launches]
+    for launch in all_launches:
+      planned[launch["kernel"]][0] += launch["bytes"] * launch["calls"]
+      planned[launch["kernel"]][1] += launch["calls"]
+    timed = [(row, planned.get(row["name"]) or planned.get(profiling.kernel_base_name(row["name"])))
+             for row in rows]
+    timed = [(profiling.family_of(row["name"], families), plan[0], row["ms_per_call"])
+             for row, plan in timed if plan and plan[1] == round(row["count_per_call"])]
+  else:
+    timed = []
+    for op, timing in ops.items():
+      launch = by_instruction.get(op.lstrip("%"))
+      if launch is not None:
+        timed.append((profiling.family_of(launch["kernel"], families),
+                      launch["bytes"] * timing["count_per_call"], timing["ms_per_call"]))
+  for family, nbytes, ms in timed:
     for key in (family, "total"):
-      out[key][0] += launch["bytes"] * timing["count_per_call"]
-      out[key][1] += timing["ms_per_call"]
+      out[key][0] += nbytes
+      out[key][1] += ms
   return {k: {"gb": b / 1e9, "ms_per_call": ms, "gb_per_s": b / 1e9 / (ms / 1e3) if ms else 0.0}
           for k, (b, ms) in sorted(out.items(), key=lambda kv: -kv[1][1])}

@@ -165,12 +165,25 @@ def model_component(op_name: str) -> str:
   return f"{'/'.join(parts) or 'outside the layers'} ({direction})"
 
 
-def component_table(table: dict, op_names: Mapping[str, str]) -> dict:
+def component_table(table: dict, op_names: Mapping[str, str],
+                    kernel_launches: Mapping[str, list] | None = None) -> dict:
   """Device ms per call by `model_component` of each kernel's HLO instruction (`table["ops"]`
   from `summarize`, `op_names` from `hlo_op_names`), largest first, with the kernel time that
-  names no instruction or one missing from the module in rows of their own."""
+  names no instruction or one missing from the module in rows of their own.
+
+  On a GPU, XLA's command buffers (CUDA graphs, on by default) tag every kernel they launch with
+  the buffer's instruction (`command_buffer_1`), not the kernel's own. Given `kernel_launches`
+  ({kernel name as a trace names it: [(op_name, launches per run)]},
+  `kernel_plan.kernel_launches` of the same module), a trace with such instructions is charged
+  by kernel name instead (`table` made with top=None): a kernel's time is split over the
+  instructions that launch it (identical fusions share one kernel) by their launch counts. A
+  library's kernel (cuBLAS's `nvjet_*`) is named by the library, not the module: its time stays
+  in a row of its own."""
+  ops = table.get("ops", {})
+  if kernel_launches is not None and any(op.lstrip("%") not in op_names for op in ops):
+    return _charged_by_kernel_name(table, kernel_launches)
   out = collections.defaultdict(lambda: {"ms_per_call": 0.0, "count_per_call": 0.0})
-  for op, r in table.get("ops", {}).items():
+  for op, r in ops.items():
     name = op_names.get(op.lstrip("%"))
     key = model_component(name) if name is not None else "(instruction not in the module)"
     out[key]["ms_per_call"] += r["ms_per_call"]
@@ -184,6 +197,32 @@ def component_table(table: dict, op_names: Mapping[str, str]) -> dict:
   total = table["total_ms_per_call"]
   return {k: {**r, "share": r["ms_per_call"] / total if total else 0.0}
           for k, r in sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"])}
+
+
+def kernel_base_name(name: str) -> str:
+  """A Pallas kernel compiled at a second shape is traced as `<name>__1`: its name in the module."""
+  return re.sub(r"__\d+$", "", name)
+
+
+def _charged_by_kernel_name(table: dict, kernel_launches: Mapping[str, list]) -> dict:
+  out = collections.defaultdict(lambda: {"ms_per_call": 0.0, "count_per_call": 0.0})
+  for row in table["rows"]:
+    shares = (kernel_launches.get(row["name"])
+              or kernel_launches.get(kernel_base_name(row["name"])))
+    if not shares:
+      shares = [(_LIBRARY_KERNEL, 1)]
+    launches = sum(n for _, n in shares)
+    for op_name, n in shares:
+      key = (op_name if op_name == _LIBRARY_KERNEL
+             else model_component(op_name) if op_name is not None else "(no op_name)")
+      out[key]["ms_per_call"] += row["ms_per_call"] * n / launches
+      out[key]["count_per_call"] += row["count_per_call"] * n / launches
+  total = table["total_ms_per_call"]
+  return {k: {**r, "share": r["ms_per_call"] / total if total else 0.0}
+          for k, r in sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"])}
+
+
+_LIBRARY_KERNEL = "(a library's kernel: its name is not in the module, e.g. cuBLAS)"
 
 
 def format_breakdown(rows: dict, title: str = "family (each kernel in its first match)") -> str:
