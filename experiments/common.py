@@ -76,7 +76,7 @@ def base_config(name: str, task: dict, model: dict) -> ml_collections.ConfigDict
       attn_head_dim=64, gdn_head_dim=64, conv_kernel=4, rule="gdn", passes=1, eviction="hard",
       remat="none", dtype="float32", kernel_implementation=None, chunk_size=64,
       attention_implementation=None, mlp_implementation=None, merge_projections=False,
-      unroll=True, **model)
+      unroll=True, scan_layers=False, **model)
   # Optional strings need a typed placeholder so that --config.model.X=... can set them.
   for field in OPTIONAL_MODEL_STRINGS:
     c.model[field] = ml_collections.config_dict.placeholder(str)

@@ -20,6 +20,11 @@ Sweeps (3 seeds per run, vmapped; one run per GPU with --gpus):
       --root runs/fig2b_t12 --gpus 0,1,2,3
   python -m experiments.plot_rule110 fig2a --root runs/fig2a --out fig2a.png
   python -m experiments.plot_rule110 fig2b --root runs/fig2b_t12 --out fig2b_t12.png
+The large model compiles in ~8 minutes on an H200 (its fastest step, 224 ms); for short runs,
+everything scanned and each layer checkpointed compiles in 43 s (377 ms a step;
+docs/performance.md, "Compile time on the GPU"):
+  python -m sleep_lm.train --config experiments/rule110.py:large,N=4 --workdir runs/large \
+      --config.model.scan_layers=True --config.model.unroll=False --config.model.remat=blocks
 """
 
 from experiments import common

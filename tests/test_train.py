@@ -329,7 +329,9 @@ def test_cli_user_errors_are_one_line_with_status_2(tmp_path):
        "config.keep_checkpoints: must be an integer >= 1, got 0"),
       (["--config.optimizer.adamw_lr=inf"], tmp_path / "w3",
        "config.optimizer.adamw_lr: must be a finite"),
-      ([], tmp_path / "file", "exists and is not a directory"),
+      # settable from the command line (the large model's fast compile, experiments/rule110.py)
+      (["--config.model.scan_layers=True", "--config.model.unroll=False",
+        "--config.model.remat=blocks"], tmp_path / "file", "exists and is not a directory"),
   ]
   for extra, path, message in cases:
     out = run_cli("sleep_lm.train", [*cli_args(tmp_path / "data"), *extra, f"--workdir={path}"],
