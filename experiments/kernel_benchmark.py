@@ -149,7 +149,8 @@ def check(implementation, shape, dtype, reference="recurrent", seed=0, **input_k
 # Correctness cases (shape, dtype, no-decay correlated keys): awkward T, both dtypes. jla runs
 # the same shapes in bf16 only (its kernels take no float32 inputs).
 CHECKS = (((2, 75, 2, 64), jnp.float32, False), ((2, 75, 2, 64), jnp.float32, True),
-          ((2, 130, 2, 128), jnp.bfloat16, False), ((1, 24, 4, 64), jnp.bfloat16, False))
+          ((2, 130, 2, 128), jnp.bfloat16, False), ((1, 24, 4, 64), jnp.bfloat16, False),
+          ((2, 24, 4, 64), jnp.float32, True))  # T = 24: the Rule 110 window's chunk 32
 
 
 def print_check(label, errs, suffix=""):
@@ -403,14 +404,16 @@ def main(argv=None):
 
   # Correctness first: small shapes with awkward T, both dtypes, vs the float32 oracle.
   failed = results["failed"] = {}  # impl -> why; one that failed is not run again
-  for impl in [] if args.no_check else args.impls:
+  # The tunings too: launch settings change no math, but Triton has miscompiled some (Tuning).
+  checked = [(impl, impl) for impl in args.impls] + [(v.name, v) for v in variants.values()]
+  for name, impl in [] if args.no_check else checked:
     for shape, dtype, hard in CHECKS:
-      label = f"{impl}/{shape}/{jnp.dtype(dtype).name}" + ("/g0_uniform_qk" if hard else "")
+      label = f"{name}/{shape}/{jnp.dtype(dtype).name}" + ("/g0_uniform_qk" if hard else "")
       try:
         errs = check(impl, shape, dtype, no_decay_correlated_keys=hard)
       except Exception as e:  # pylint: disable=broad-except  (e.g. a kernel that does not compile)
-        failed[impl] = f"{type(e).__name__}: {e}"[:400]
-        print(f"check {label} failed: {failed[impl]}", flush=True)
+        failed[name] = f"{type(e).__name__}: {e}"[:400]
+        print(f"check {label} failed: {failed[name]}", flush=True)
         break
       results["checks"][label] = errs
       print_check(label, errs)

@@ -52,7 +52,7 @@ class Tuning:
   input dtype. `narrow_warps` (when > 0) replaces the warps of kernels 1, 4a (16-bit inputs) and
   4b at chunk 32 with K, V <= 64, the Rule 110 window's shape: there 2 warps made the op 1.17x
   faster forward+backward on an H200 (0.309 against 0.361 ms, 2026-12-05), where at chunk 64,
-  K = V = 128 they spill (6x slower); `_warps`.
+  K = V = 128 they are 1.3x-6x slower (docs/kernels.md); `_warps`.
   """
   intra_warps: int = 4
   state_warps: int = 4

@@ -10,12 +10,23 @@ import pytest
 from experiments import kernel_benchmark
 
 
-def test_smoke_run_writes_timings(tmp_path, capsys):
+def test_smoke_run_writes_timings(tmp_path, capsys, monkeypatch):
+  """Times every implementation and tuning; checks each of them first (here the check's cases
+  are cut to one small one, `test_check_in_the_hard_regime` runs the check itself)."""
+  checked = []
+  real_check = kernel_benchmark.check
+  monkeypatch.setattr(kernel_benchmark, "CHECKS", (((1, 20, 1, 16), jnp.float32, False),))
+  monkeypatch.setattr(kernel_benchmark, "check",
+                      lambda impl, *a, **k: checked.append(impl) or real_check(impl, *a, **k))
   out = tmp_path / "gdr.json"
   kernel_benchmark.main(["--shapes", "smoke_b1_t40_h1_d16", "--impls", "chunked",
-                         "--no-check", "--no-fla", "--samples", "1", "--inner", "1",
+                         "--no-fla", "--samples", "1", "--inner", "1",
                          "--variants", "block_k=16,wide_intermediates=1", "--out", str(out)])
-  row = json.loads(out.read_text())["timings"]["smoke_b1_t40_h1_d16"]
+  results = json.loads(out.read_text())
+  assert [getattr(impl, "name", impl) for impl in checked] == [
+      "chunked", "pallas_triton[block_k=16,wide_intermediates=True]"]
+  assert max(max(e.values()) for e in results["checks"].values()) < 1e-4, results["checks"]
+  row = results["timings"]["smoke_b1_t40_h1_d16"]
   for name in ("chunked", "pallas_triton[block_k=16,wide_intermediates=1]"):
     assert row[name]["fwd_bwd"]["median_ms"] > 0, name
   # jla (an optional dependency) is skipped on a CPU, installed or not, and says why.
@@ -58,6 +69,7 @@ def test_an_implementation_that_fails_is_reported_and_the_rest_timed(tmp_path, m
   monkeypatch.setattr(kernel_benchmark, "implementation_of",
                       lambda name: base.Implementation("broken", refuses, "fails")
                       if name == "pallas_mosaic_gpu[jax_wy]" else real(name))
+  monkeypatch.setattr(kernel_benchmark, "CHECKS", (((1, 20, 1, 16), jnp.float32, False),))
   out = tmp_path / "gdr.json"
   kernel_benchmark.main(["--shapes", "smoke_b1_t40_h1_d16", "--impls",
                          "pallas_mosaic_gpu[jax_wy]", "chunked", "--no-fla", "--no-jla",
