@@ -23,7 +23,7 @@ called through `jla_gated_delta_rule`, a thin adapter (its docstring maps the co
 Prints a table last (with ours/peer ratios) and the forward's distance to its byte floor on an
 H200, and writes JSON. With --profile-dir it also prints device time by kernel (jax.profiler for
 ours and jla, torch.profiler for fla) and a table of summed device times, which leaves out fla's
-PyTorch launch gaps. `--variants` also times pallas_triton built with other `Tuning`s;
+PyTorch launch gaps. `--variants` also checks and times pallas_triton built with other `Tuning`s;
 `--impls 'pallas_mosaic_gpu[jax_wy,jax_grads]'` times the Mosaic GPU op with those parts in
 pure JAX instead of its kernels (`implementation_of`).
 
