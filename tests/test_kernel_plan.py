@@ -164,22 +164,9 @@ def test_command_buffer_traces_are_charged_to_model_parts_by_kernel_name():
   """On a GPU, XLA's command buffers tag every kernel with the buffer's instruction (an H200 trace
   of the Rule 110 step: all 5,546 kernels as `command_buffer_1`), so the model-part table charges
   kernels by name through the module's launches; a library kernel (cuBLAS) stays apart."""
-  from tests.test_profiling import _gpu_trace
+  from tests.test_profiling import _gpu_trace, compiled_gdn_block
 
-  class Gdn(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.RMSNorm(name="out_norm")(nn.Dense(8, name="q_proj")(x))
-
-  class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return x + Gdn(name="layer_0_gdn")(x)
-
-  x = jnp.ones((4, 8))
-  params = Block(name="blocks_0").init(jax.random.key(0), x)
-  loss = lambda p: jnp.sum(jnp.sin(Block(name="blocks_0").apply(p, x)))
-  text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  text = compiled_gdn_block()
   launches = kernel_plan.kernel_launches(text)
   part = {k: {profiling.model_component(o) for o, _ in v} for k, v in launches.items()}
   fwd = next(k for k, p in part.items() if p == {"gdn/out_norm (forward)"})

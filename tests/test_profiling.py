@@ -76,10 +76,9 @@ def _gpu_trace(kernels) -> jax.profiler.ProfileData:
       'stat_metadata { key: 1000 value { id: 1000 name: "hlo_op" } } }')
 
 
-def test_kernels_are_charged_to_the_model_code_that_made_them():
-  """A real compiled module (a norm and a projection inside layer_0_gdn, as sleep_lm names its
-  layers) and a GPU trace whose kernels name their HLO instructions: device time lands on the
-  module and direction of each instruction's op_name; a kernel with no hlo_op stays apart."""
+def compiled_gdn_block() -> str:
+  """The compiled text of a real module's gradient: a norm and a projection inside layer_0_gdn
+  of blocks_0, as sleep_lm names its layers."""
   import flax.linen as nn
 
   class Gdn(nn.Module):
@@ -95,7 +94,14 @@ def test_kernels_are_charged_to_the_model_code_that_made_them():
   x = jnp.ones((4, 8))
   params = Block(name="blocks_0").init(jax.random.key(0), x)
   loss = lambda p: jnp.sum(jnp.sin(Block(name="blocks_0").apply(p, x)))
-  text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+
+def test_kernels_are_charged_to_the_model_code_that_made_them():
+  """A real compiled module (`compiled_gdn_block`) and a GPU trace whose kernels name their HLO
+  instructions: device time lands on the module and direction of each instruction's op_name; a
+  kernel with no hlo_op stays apart."""
+  text = compiled_gdn_block()
   names = profiling.hlo_op_names(text)
   parts = {op: profiling.model_component(n) for op, n in names.items()}
   norm_fwd = next(op for op, c in parts.items() if c == "gdn/out_norm (forward)")
