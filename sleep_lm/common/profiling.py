@@ -200,7 +200,8 @@ def component_table(table: dict, op_names: Mapping[str, str],
 
 
 def kernel_base_name(name: str) -> str:
-  """A Pallas kernel compiled at a second shape is traced as `<name>__1`: its name in the module."""
+  """A trace names a Pallas kernel's second compiled copy `<name>__1` (an H200 step:
+  `_qk_grads_kernel` 10 and `_qk_grads_kernel__1` 24 launches); the module names both `<name>`."""
   return re.sub(r"__\d+$", "", name)
 
 
@@ -209,20 +210,17 @@ def _charged_by_kernel_name(table: dict, kernel_launches: Mapping[str, list]) ->
   for row in table["rows"]:
     shares = (kernel_launches.get(row["name"])
               or kernel_launches.get(kernel_base_name(row["name"])))
-    if not shares:
-      shares = [(_LIBRARY_KERNEL, 1)]
-    launches = sum(n for _, n in shares)
-    for op_name, n in shares:
-      key = (op_name if op_name == _LIBRARY_KERNEL
-             else model_component(op_name) if op_name is not None else "(no op_name)")
+    if shares:
+      parts = [(model_component(op) if op is not None else "(no op_name)", n) for op, n in shares]
+    else:                             # named by a library at run time (cuBLAS's nvjet_*)
+      parts = [("(a library's kernel: its name is not in the module, e.g. cuBLAS)", 1)]
+    launches = sum(n for _, n in parts)
+    for key, n in parts:
       out[key]["ms_per_call"] += row["ms_per_call"] * n / launches
       out[key]["count_per_call"] += row["count_per_call"] * n / launches
   total = table["total_ms_per_call"]
   return {k: {**r, "share": r["ms_per_call"] / total if total else 0.0}
           for k, r in sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"])}
-
-
-_LIBRARY_KERNEL = "(a library's kernel: its name is not in the module, e.g. cuBLAS)"
 
 
 def format_breakdown(rows: dict, title: str = "family (each kernel in its first match)") -> str:
