@@ -108,7 +108,6 @@ def get_config(arg=None):
                        f"--gdn_layers {','.join(map(str, GDN_LAYERS))}")
     model.update(eviction="hard", window=s["window"], passes=1)
   model.update(dtype=s["dtype"], remat=s["remat"], unroll=False)
-  model.setdefault("merge_projections", False)     # settable from the command line
   if s.get("scan_layers"):          # smoke: as the workdir it starts from says (default off)
     model["scan_layers"] = True
   if "reference" in presets and s["remat"] != "none":
@@ -116,7 +115,9 @@ def get_config(arg=None):
     # backward (XLA's memory analysis: 214 GB at batch 16 x 2,048), per layer ~a tenth.
     model["remat"] = "blocks"
   c = common.base_config("pretrained_gsm", task=task, model={})
-  c.model = model
+  # The workdir's model over the base fields, so that fields its (older) config lacks are there
+  # with their defaults and settable from the command line (merge_projections, scan_layers).
+  c.model = {**c.model.to_dict(), **model}
   for field in common.OPTIONAL_MODEL_STRINGS:
     c.model[field] = ml_collections.config_dict.placeholder(str)
   c.init_from = init

@@ -194,9 +194,12 @@ def component_table(table: dict, op_names: Mapping[str, str],
         "ms_per_call": table["total_ms_per_call"] - named,
         "count_per_call": (sum(r["count_per_call"] for r in table["rows"])
                            - sum(r["count_per_call"] for r in table.get("ops", {}).values()))}
-  total = table["total_ms_per_call"]
+  return _largest_first(out, table["total_ms_per_call"])
+
+
+def _largest_first(rows: dict, total: float) -> dict:
   return {k: {**r, "share": r["ms_per_call"] / total if total else 0.0}
-          for k, r in sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"])}
+          for k, r in sorted(rows.items(), key=lambda kv: -kv[1]["ms_per_call"])}
 
 
 def kernel_base_name(name: str) -> str:
@@ -218,9 +221,7 @@ def _charged_by_kernel_name(table: dict, kernel_launches: Mapping[str, list]) ->
     for key, n in parts:
       out[key]["ms_per_call"] += row["ms_per_call"] * n / launches
       out[key]["count_per_call"] += row["count_per_call"] * n / launches
-  total = table["total_ms_per_call"]
-  return {k: {**r, "share": r["ms_per_call"] / total if total else 0.0}
-          for k, r in sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"])}
+  return _largest_first(out, table["total_ms_per_call"])
 
 
 def format_breakdown(rows: dict, title: str = "family (each kernel in its first match)") -> str:
