@@ -29,7 +29,9 @@ reports:
                      `profiling.model_component`, forward and backward apart) and the bandwidth
                      each family reaches (the compiled program's bytes per kernel,
                      `kernel_plan.achieved_bandwidth`, over its traced time) are printed and kept
-                     in the JSON ("profile", "families", "components", "achieved_bandwidth").
+                     in the JSON ("profile", "families", "components", "achieved_bandwidth");
+                     the compiled program's text is written beside the trace (--profile-dir's
+                     row folder, module.hlo.txt.gz), to regroup the kernels later.
 Prints a table last; --json writes every row.
 
 With --plan h200 (or h100) nothing runs: each row's step is compiled for that GPU on this
@@ -46,7 +48,9 @@ time kernels without the device), so gemm configurations, never the bytes, may d
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import pathlib
 import time
 
 import jax
@@ -182,6 +186,9 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
     families = profiling.family_table(table, profiling.STEP_FAMILIES)
     # Each kernel's HLO instruction -> the op_name of the model code that made it.
     text = compiled.as_text()        # the compiled program, read once for both tables below
+    # Kept beside the trace: the tables below can be regrouped later from the two files.
+    with gzip.open(pathlib.Path(profile_dir) / "module.hlo.txt.gz", "wt") as f:
+      f.write(text)
     components = profiling.component_table(table, profiling.hlo_op_names(text),
                                            kernel_plan.kernel_launches(text))
     print(profiling.format_table({**table, "rows": table["rows"][:25]}), flush=True)

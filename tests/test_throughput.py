@@ -3,11 +3,12 @@ profile's kernel families match the kernels they name (real names from our GPU t
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 
 from experiments import throughput
-from sleep_lm.common import profiling
+from sleep_lm.common import kernel_plan, profiling
 
 
 def test_a_row_times_trace_lower_and_compile_apart(tmp_path, monkeypatch):
@@ -26,6 +27,10 @@ def test_a_row_times_trace_lower_and_compile_apart(tmp_path, monkeypatch):
   assert list(row["families"]) == [f for f, _ in profiling.STEP_FAMILIES] + ["other"]
   assert row["copy_share"] == 0.0 and row["device_ms_per_step"] == 0.0
   assert row["components"] == {}
+  # The compiled program is kept beside the trace, and the kernel plan reads it.
+  with gzip.open(tmp_path / "trace" / "0" / "module.hlo.txt.gz", "rt") as f:
+    module = f.read()
+  assert module.startswith("HloModule ") and kernel_plan.launches(module)
 
 
 def test_step_families_take_each_kernel_once():
