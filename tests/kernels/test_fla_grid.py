@@ -11,7 +11,7 @@ broke the product-form inverse of the Pallas kernels (issue 15).
 The grid: T never a chunk multiple (24 .. 200), K/V of 60, 64, 100, 128, 256 (and K != V), scale
 1 and 0.1, gate normalizers 0.01 .. 10, mask_p 0 / 0.5 / 1, the three betas, L2 norm on and off,
 initial state or not, chunks 16 / 32 / 64, float32 and bfloat16. Shapes and static options are
-shared by several draws so that each implementation compiles about 15 times.
+shared by several draws so that each implementation compiles about 17 times.
 
 Runs:
 - CI (default markers, CPU, Pallas interpreted): `CI_CASES`, the three cases of issue 15 that
@@ -23,13 +23,13 @@ Runs:
         --durations=15 2>&1 | tee $OUT/fla_grid_log.txt
     python3 tests/kernels/test_fla_grid.py $OUT/fla_grid.jsonl | tee -a $OUT/fla_grid_log.txt
   (the second command prints the worst error per implementation, dtype and output). On a CPU the
-  same `-m ""` run interprets the Pallas kernels: 224 tests, 6 minutes on 2 cores.
+  same `-m ""` run interprets the Pallas kernels: 244 tests, ~6.5 minutes on 2 cores.
 - Compiled on the GPU, pallas_triton refuses float32 inputs at chunk 64 with K padded above 128
   (kernel 1 would need more shared memory than a block has; `pallas_triton._refusal`): for the
   two float32 K = V = 256, T = 200 cases the test asserts that NotImplementedError and its
   message (`refused`); interpreted, the kernels run them. `test_grid_refusals_as_on_a_gpu`
   checks that path on a CPU.
-- pallas_mosaic_gpu (compiled on the GPU, in GPU interpret mode on a CPU: its 40 cases take ~2
+- pallas_mosaic_gpu (compiled on the GPU, in GPU interpret mode on a CPU: its 44 cases take ~2
   minutes on one core) runs every case at chunk 64, its only chunk, and refuses K padded above
   64 in float32 and above 192 in bfloat16 (SMEM; `test_grid_refusals_of_the_mosaic_gpu_kernel`
   checks which cases, on a CPU). CI also runs it on `MOSAIC_GPU_CASES`: the float32 case that
@@ -353,11 +353,11 @@ def test_grid_refusals_as_on_a_gpu(monkeypatch):
 def test_grid_refusals_of_the_mosaic_gpu_kernel():
   """The grid cases pallas_mosaic_gpu refuses (its SMEM check runs before anything compiles, so
   on a CPU too): float32 at K = 100, 128, 256 and bfloat16 at K = 256, each with the message;
-  it runs the other 24 cases (on the GPU: `-m kernel_grid`)."""
+  it runs the other 28 cases (on the GPU: `-m kernel_grid`)."""
   cases = [c for c in GRID if refused(c, "pallas_mosaic_gpu")]
   assert sorted({(c.dk, c.dtype) for c in cases}) == [
       (100, F32), (128, F32), (256, BF16), (256, F32)]
-  assert len(GRID) - len(cases) == 24
+  assert len(GRID) - len(cases) == 28
   for case in cases:
     args, cotangents = draw(case)
     with pytest.raises(NotImplementedError, match=REFUSALS["pallas_mosaic_gpu"]):
