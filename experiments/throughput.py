@@ -24,14 +24,17 @@ reports:
                      use so far in the process (GPU only; rows run in order, so it only grows);
   copy share         with --profile-dir: the share of device time in copy kernels (memcpy, XLA
                      copy/transpose fusions), from a trace of 3 steps; the trace's largest
-                     kernels, its device time by kernel family (`profiling.STEP_FAMILIES`)
-                     and by part of the model (each kernel's HLO instruction -> its op_name ->
+                     kernels and its device time by kernel family (`profiling.STEP_FAMILIES`),
+                     then, from 3 steps of the same step compiled without XLA's command buffers
+                     (CUDA graphs hide each kernel's HLO instruction from the tracer), the device
+                     time by part of the model (each kernel's HLO instruction -> its op_name ->
                      `profiling.model_component`, forward and backward apart) and the bandwidth
-                     each family reaches (the compiled program's bytes per kernel,
+                     each family reaches (that program's bytes per kernel,
                      `kernel_plan.achieved_bandwidth`, over its traced time) are printed and kept
-                     in the JSON ("profile", "families", "components", "achieved_bandwidth");
-                     the compiled program's text is written beside the trace (--profile-dir's
-                     row folder, module.hlo.txt.gz), to regroup the kernels later.
+                     in the JSON ("profile", "families", "profile_without_command_buffers",
+                     "components", "achieved_bandwidth"); that program's text is written beside
+                     its trace (<profile-dir>/<row>/without_command_buffers/module.hlo.txt.gz),
+                     to regroup the kernels later.
 Prints a table last; --json writes every row.
 
 With --plan h200 (or h100) nothing runs: each row's step is compiled for that GPU on this
@@ -103,10 +106,14 @@ def _example_batch(run: RunConfig) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in ("inputs", "targets", "loss_mask")}
 
 
-def _compile(jitted, mesh, state, batch) -> tuple[object, dict]:
+# XLA's option (a list of command kinds) emptied: no command buffers (CUDA graphs) in the program.
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def _compile(jitted, mesh, state, batch, compiler_options=None) -> tuple[object, dict]:
   """The compiled step and its compile time, traced, lowered and compiled apart: where a long
   compile goes (Python tracing, StableHLO emission, or XLA's passes, autotuning and kernel
-  compilation)."""
+  compilation). `compiler_options`: XLA options for this program only."""
   stage_s = {}
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
@@ -114,13 +121,26 @@ def _compile(jitted, mesh, state, batch) -> tuple[object, dict]:
     stage_s["trace_s"] = time.perf_counter() - t0
     lowered = traced.lower()
     stage_s["lower_s"] = time.perf_counter() - t0 - stage_s["trace_s"]
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options)
   stage_s["compile_s"] = time.perf_counter() - t0
   stage_s["xla_compile_s"] = stage_s["compile_s"] - stage_s["trace_s"] - stage_s["lower_s"]
   memory = compiled.memory_analysis()
   stage_s["xla_gb"] = ((memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 1e9
                        if memory is not None else None)
   return compiled, stage_s
+
+
+def _trace_steps(step, state, batch, log_dir: str) -> tuple[dict, object]:
+  """Device time by kernel over 3 traced steps (`profiling.device_time_table`, every kernel
+  kept), and the train state after them (the step donates it)."""
+  holder = [state]
+
+  def one_step():
+    holder[0], _ = step(holder[0], batch)
+    return holder[0]
+
+  table = profiling.device_time_table(one_step, calls=3, log_dir=log_dir, top=None)
+  return table, holder[0]
 
 
 def plan_step(run: RunConfig, target: str) -> dict:
@@ -175,37 +195,40 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
          "mfu": flops / 1e12 / (ms / 1e3) / peak if peak else None,
          "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9 if stats else None}
   if profile_dir:  # where the step's device time goes, by kernel
-    holder = [state]
-
-    def one_step():
-      holder[0], _ = step(holder[0], batch)  # the state is donated: carry the new one
-      return holder[0]
-
     # Every kernel name kept in the JSON (to regroup later); the printed table has the largest.
-    table = profiling.device_time_table(one_step, calls=3, log_dir=profile_dir, top=None)
+    table, state = _trace_steps(step, state, batch, profile_dir)
     families = profiling.family_table(table, profiling.STEP_FAMILIES)
-    # Each kernel's HLO instruction -> the op_name of the model code that made it.
-    text = compiled.as_text()        # the compiled program, read once for both tables below
-    # Kept beside the trace: the tables below can be regrouped later from the two files.
-    with gzip.open(pathlib.Path(profile_dir) / "module.hlo.txt.gz", "wt") as f:
+    # Model parts and bandwidth need each kernel's HLO instruction. On a GPU, XLA runs the step
+    # as command buffers (CUDA graphs), whose kernels the tracer tags with the buffer's
+    # instruction (`command_buffer_1`), so these two tables trace the same step compiled without
+    # command buffers (the same kernels, launched one by one) and read that program's text.
+    plain, _ = _compile(jitted, mesh, state, batch, compiler_options=NO_COMMAND_BUFFERS)
+    plain_dir = f"{profile_dir}/without_command_buffers"
+    plain_table, state = _trace_steps(plain, state, batch, plain_dir)
+    text = plain.as_text()           # read once for both tables below
+    # Kept beside its trace: the tables below can be regrouped later from the two files.
+    with gzip.open(pathlib.Path(plain_dir) / "module.hlo.txt.gz", "wt") as f:
       f.write(text)
-    components = profiling.component_table(table, profiling.hlo_op_names(text),
+    components = profiling.component_table(plain_table, profiling.hlo_op_names(text),
                                            kernel_plan.kernel_launches(text))
     print(profiling.format_table({**table, "rows": table["rows"][:25]}), flush=True)
     print(profiling.format_breakdown(families), flush=True)
-    print(profiling.format_breakdown(dict(list(components.items())[:30]),
-                                    title="model part (forward/backward)"), flush=True)
+    print(profiling.format_breakdown(
+        dict(list(components.items())[:30]),
+        title="model part (forward/backward; traced without command buffers)"), flush=True)
     # The same program's bytes per kernel: how close each family runs to the bandwidth.
-    achieved = kernel_plan.achieved_bandwidth(text, table["ops"], rows=table["rows"])
+    achieved = kernel_plan.achieved_bandwidth(text, plain_table["ops"], rows=plain_table["rows"])
     print("\n".join([f"{'GB/s':>7} {'GB':>7} {'ms/call':>8}  family (planned bytes / traced time)"]
                     + [f"{r['gb_per_s']:7.0f} {r['gb']:7.2f} {r['ms_per_call']:8.3f}  {name}"
                        for name, r in achieved.items()]), flush=True)
     row["profile"] = table
     row["families"] = families
+    row["profile_without_command_buffers"] = plain_table
     row["components"] = components
     row["achieved_bandwidth"] = achieved
     row["copy_share"] = table["groups"]["copies"]["share"]
     row["device_ms_per_step"] = table["total_ms_per_call"]
+    row["device_ms_per_step_without_command_buffers"] = plain_table["total_ms_per_call"]
   return row
 
 
@@ -284,7 +307,8 @@ def main():
     rows.append(row)
     print(json.dumps({k: v for k, v in row.items()
                       if k not in ("profile", "families", "components", "top_kernels",
-                                   "achieved_bandwidth")}), flush=True)
+                                   "achieved_bandwidth", "profile_without_command_buffers")}),
+          flush=True)
 
   device = (f"plan for {args.plan} (compiled without it)" if args.plan
             else jax.devices()[0].device_kind)

@@ -27,8 +27,13 @@ def test_a_row_times_trace_lower_and_compile_apart(tmp_path, monkeypatch):
   assert list(row["families"]) == [f for f, _ in profiling.STEP_FAMILIES] + ["other"]
   assert row["copy_share"] == 0.0 and row["device_ms_per_step"] == 0.0
   assert row["components"] == {}
-  # The compiled program is kept beside the trace, and the kernel plan reads it.
-  with gzip.open(tmp_path / "trace" / "0" / "module.hlo.txt.gz", "rt") as f:
+  # The model parts come from the step compiled without command buffers, traced apart; that
+  # program is kept beside its trace, and the kernel plan reads it.
+  assert row["device_ms_per_step_without_command_buffers"] == 0.0
+  assert list(row["profile_without_command_buffers"]) == list(row["profile"])
+  plain = tmp_path / "trace" / "0" / "without_command_buffers"
+  assert list(plain.glob("**/*.xplane.pb"))
+  with gzip.open(plain / "module.hlo.txt.gz", "rt") as f:
     module = f.read()
   assert module.startswith("HloModule ") and kernel_plan.launches(module)
 
