@@ -187,6 +187,38 @@ def test_command_buffer_traces_are_charged_to_model_parts_by_kernel_name():
   assert sum(r["share"] for r in got.values()) == pytest.approx(1.0)
 
 
+
+def test_a_trace_naming_its_instructions_is_charged_per_instruction():
+  """The trace of a program compiled without command buffers names each kernel's instruction:
+  charged by instruction even with `kernel_launches` at hand, whether the trace writes the name
+  with '.' or '_'; an instruction without an op_name and one the module lacks get rows of their
+  own (they must not send the whole table to name matching, which charged 20% of an H100 step)."""
+  from tests.test_profiling import _gpu_trace, compiled_gdn_block
+
+  text = compiled_gdn_block()
+  names = profiling.hlo_op_names(text)
+  launches = kernel_plan.kernel_launches(text)
+  by_part = {}
+  for launch in kernel_plan.launches(text):
+    if launch["op_name"] is not None:
+      by_part.setdefault(profiling.model_component(launch["op_name"]), launch)
+  fwd, bwd = by_part["gdn/out_norm (forward)"], by_part["gdn/out_norm (backward)"]
+  bare = next(name for name, op in names.items() if op is None)      # e.g. a parameter
+  assert "." in bwd["instruction"]                  # the trace below writes it with '_'
+  table = profiling.summarize(profiling.device_events(_gpu_trace([
+      (fwd["kernel"], 2.0, fwd["instruction"]),
+      (bwd["kernel"], 1.0, bwd["instruction"].replace(".", "_")),
+      ("some_kernel", 0.5, bare), ("other_kernel", 0.25, "not_in_this_module.7")])),
+      calls=1, top=None)
+  got = profiling.component_table(table, names, launches)
+  assert {k: r["ms_per_call"] for k, r in got.items()} == pytest.approx({
+      "gdn/out_norm (forward)": 2.0, "gdn/out_norm (backward)": 1.0, "(no op_name)": 0.5,
+      "(instruction not in the module)": 0.25})
+  # The bandwidth table reads the same instructions: the two timed kernels, by their bytes.
+  achieved = kernel_plan.achieved_bandwidth(text, table["ops"], rows=table["rows"])
+  assert achieved["total"]["ms_per_call"] == pytest.approx(3.0)
+  assert achieved["total"]["gb"] == pytest.approx((fwd["bytes"] + bwd["bytes"]) / 1e9)
+
 _COMPILE_KERNELS = """
 import jax, jax.numpy as jnp
 from kernels.attention import causal_attention

@@ -264,14 +264,16 @@ def achieved_bandwidth(hlo_text: str, ops: dict,
   "count_per_call"}} of a run of this same compiled program), its bytes per launch times its
   launches, over its device time. Returns {family: {"gb", "ms_per_call", "gb_per_s"}} largest
   time first, with "total"; instructions missing from either side are left out (so "total" is
-  the timed and planned part). Where the trace names a command buffer's instruction instead of
-  the kernels' (`profiling.component_table`), the kernels are matched by name (`rows`, the
-  table's rows made with top=None): a kernel counts where the trace launched it as often as the
-  plan does."""
+  the timed and planned part). Where none of the trace's instructions is the program's (a
+  command buffer's instruction tags the kernels, `profiling.component_table`), the kernels are
+  matched by name (`rows`, the table's rows made with top=None): a kernel counts where the trace
+  launched it as often as the plan does."""
   all_launches = launches(hlo_text)
-  by_instruction = {launch["instruction"]: launch for launch in all_launches}
+  by_instruction = {profiling.instruction_key(launch["instruction"]): launch
+                    for launch in all_launches}
   out = collections.defaultdict(lambda: [0.0, 0.0])
-  if rows is not None and any(op.lstrip("%") not in by_instruction for op in ops):
+  if rows is not None and ops and not any(profiling.instruction_key(op) in by_instruction
+                                          for op in ops):
     planned = collections.defaultdict(lambda: [0, 0])      # kernel -> [bytes per run, launches]
     for launch in all_launches:
       planned[launch["kernel"]][0] += launch["bytes"] * launch["calls"]
@@ -283,7 +285,7 @@ def achieved_bandwidth(hlo_text: str, ops: dict,
   else:
     timed = []
     for op, timing in ops.items():
-      launch = by_instruction.get(op.lstrip("%"))
+      launch = by_instruction.get(profiling.instruction_key(op))
       if launch is not None:
         timed.append((profiling.family_of(launch["kernel"], families),
                       launch["bytes"] * timing["count_per_call"], timing["ms_per_call"]))

@@ -139,11 +139,20 @@ _NOT_MODULES = {"while", "body", "cond", "eval_jaxpr", "checkpoint", "remat",
                 "rematted_computation"}
 
 
-def hlo_op_names(hlo_text: str) -> dict[str, str]:
-  """{instruction name: its JAX op_name} of a compiled module's text (`compiled.as_text()`); a
-  fusion carries its root's op_name, so a kernel maps to the model code that made it."""
-  pattern = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?\bop_name="([^"]*)"', re.M)
-  return dict(pattern.findall(hlo_text))
+def hlo_op_names(hlo_text: str) -> dict[str, str | None]:
+  """{instruction name: its JAX op_name, or None where it has none} of every instruction of a
+  compiled module's text (`compiled.as_text()`); a fusion carries its root's op_name, so a kernel
+  maps to the model code that made it."""
+  instruction = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$', re.M)
+  op_name = re.compile(r'\bop_name="([^"]*)"')
+  return {name: (m.group(1) if (m := op_name.search(rest)) else None)
+          for name, rest in instruction.findall(hlo_text)}
+
+
+def instruction_key(name: str) -> str:
+  """An HLO instruction's name compared across a module's text and a trace: without the '%',
+  '.' read as '_' (as kernel names write it), so either spelling matches."""
+  return name.lstrip("%").replace(".", "_")
 
 
 def model_component(op_name: str) -> str:
@@ -165,27 +174,32 @@ def model_component(op_name: str) -> str:
   return f"{'/'.join(parts) or 'outside the layers'} ({direction})"
 
 
-def component_table(table: dict, op_names: Mapping[str, str],
+def component_table(table: dict, op_names: Mapping[str, str | None],
                     kernel_launches: Mapping[str, list] | None = None) -> dict:
   """Device ms per call by `model_component` of each kernel's HLO instruction (`table["ops"]`
   from `summarize`, `op_names` from `hlo_op_names`), largest first, with the kernel time that
-  names no instruction or one missing from the module in rows of their own.
+  names no instruction, one missing from the module or one without an op_name in rows of their
+  own.
 
   On a GPU, XLA's command buffers (CUDA graphs, on by default) tag every kernel they launch with
   the buffer's instruction (`command_buffer_1`), not the kernel's own. Given `kernel_launches`
   ({kernel name as a trace names it: [(op_name, launches per run)]},
-  `kernel_plan.kernel_launches` of the same module), a trace with such instructions is charged
-  by kernel name instead (`table` made with top=None): a kernel's time is split over the
-  instructions that launch it (identical fusions share one kernel) by their launch counts. A
-  library's kernel (cuBLAS's `nvjet_*`) is named by the library, not the module: its time stays
-  in a row of its own."""
+  `kernel_plan.kernel_launches` of the same module), a trace none of whose instructions is the
+  module's is charged by kernel name instead (`table` made with top=None): a kernel's time is
+  split over the instructions that launch it (identical fusions share one kernel) by their
+  launch counts. A library's kernel (cuBLAS's `nvjet_*`) is named by the library, not the
+  module: its time stays in a row of its own. Names are far less reliable than instructions
+  (on an H100 they charged 20% of a step): trace a program compiled without command buffers
+  (`experiments/throughput.py --profile-dir` does)."""
+  known = {instruction_key(k): v for k, v in op_names.items()}
   ops = table.get("ops", {})
-  if kernel_launches is not None and any(op.lstrip("%") not in op_names for op in ops):
+  if kernel_launches is not None and ops and not any(instruction_key(op) in known for op in ops):
     return _charged_by_kernel_name(table, kernel_launches)
   out = collections.defaultdict(lambda: {"ms_per_call": 0.0, "count_per_call": 0.0})
   for op, r in ops.items():
-    name = op_names.get(op.lstrip("%"))
-    key = model_component(name) if name is not None else "(instruction not in the module)"
+    op = instruction_key(op)
+    key = ("(instruction not in the module)" if op not in known
+           else "(no op_name)" if known[op] is None else model_component(known[op]))
     out[key]["ms_per_call"] += r["ms_per_call"]
     out[key]["count_per_call"] += r["count_per_call"]
   named = sum(r["ms_per_call"] for r in table.get("ops", {}).values())
