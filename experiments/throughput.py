@@ -29,10 +29,11 @@ reports:
                      (CUDA graphs hide each kernel's HLO instruction from the tracer), the device
                      time by part of the model (each kernel's HLO instruction -> its op_name ->
                      `profiling.model_component`, forward and backward apart) and the bandwidth
-                     each family reaches (that program's bytes per kernel,
-                     `kernel_plan.achieved_bandwidth`, over its traced time) are printed and kept
-                     in the JSON ("profile", "families", "profile_without_command_buffers",
-                     "components", "achieved_bandwidth"); that program's text is written beside
+                     each family, and each layer part's family, reaches (that program's bytes
+                     per kernel, `kernel_plan.achieved_bandwidth`, over its traced time) are
+                     printed and kept in the JSON ("profile", "families",
+                     "profile_without_command_buffers", "components", "achieved_bandwidth",
+                     "achieved_bandwidth_by_layer_part"); that program's text is written beside
                      its trace (<profile-dir>/<row>/without_command_buffers/module.hlo.txt.gz),
                      to regroup the kernels later.
 Prints a table last; --json writes every row.
@@ -216,16 +217,22 @@ def time_step(run: RunConfig, *, warmup: int, iters: int, profile_dir: str | Non
     print(profiling.format_breakdown(
         dict(list(components.items())[:30]),
         title="model part (forward/backward; traced without command buffers)"), flush=True)
-    # The same program's bytes per kernel: how close each family runs to the bandwidth.
+    # The same program's bytes per kernel: how close each family, and each layer part's
+    # family, runs to the bandwidth.
     achieved = kernel_plan.achieved_bandwidth(text, plain_table["ops"], rows=plain_table["rows"])
-    print("\n".join([f"{'GB/s':>7} {'GB':>7} {'ms/call':>8}  family (planned bytes / traced time)"]
-                    + [f"{r['gb_per_s']:7.0f} {r['gb']:7.2f} {r['ms_per_call']:8.3f}  {name}"
-                       for name, r in achieved.items()]), flush=True)
+    by_part = kernel_plan.achieved_bandwidth(text, plain_table["ops"], by_layer_part=True)
+    for title, bandwidth in (("family", achieved),
+                             ("layer part: family", dict(list(by_part.items())[:30]))):
+      print("\n".join(
+          [f"{'GB/s':>7} {'GB':>7} {'ms/call':>8}  {title} (planned bytes / traced time)"]
+          + [f"{r['gb_per_s']:7.0f} {r['gb']:7.2f} {r['ms_per_call']:8.3f}  {name}"
+             for name, r in bandwidth.items()]), flush=True)
     row["profile"] = table
     row["families"] = families
     row["profile_without_command_buffers"] = plain_table
     row["components"] = components
     row["achieved_bandwidth"] = achieved
+    row["achieved_bandwidth_by_layer_part"] = by_part
     row["copy_share"] = table["groups"]["copies"]["share"]
     row["device_ms_per_step"] = table["total_ms_per_call"]
     row["device_ms_per_step_without_command_buffers"] = plain_table["total_ms_per_call"]
@@ -307,7 +314,8 @@ def main():
     rows.append(row)
     print(json.dumps({k: v for k, v in row.items()
                       if k not in ("profile", "families", "components", "top_kernels",
-                                   "achieved_bandwidth", "profile_without_command_buffers")}),
+                                   "achieved_bandwidth", "achieved_bandwidth_by_layer_part",
+                                   "profile_without_command_buffers")}),
           flush=True)
 
   device = (f"plan for {args.plan} (compiled without it)" if args.plan

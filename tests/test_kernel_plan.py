@@ -161,6 +161,11 @@ def test_achieved_bandwidth_divides_each_timed_kernels_bytes_by_its_time():
   assert by_name([buffered(kernel["kernel"], 0.5)] * 2
                  + [buffered("loop_add_fusion_9", 3.0)]) == ({}, got)
   assert by_name([buffered(kernel["kernel"], 0.25)] * 4) == ({}, {})  # 2 launches, 1 planned
+  # Names carry no op_name: a trace inside a command buffer has no layer parts to give.
+  table = profiling.summarize(profiling.device_events(_gpu_trace(
+      [buffered(kernel["kernel"], 0.5)] * 2)), calls=2, top=None)
+  assert kernel_plan.achieved_bandwidth(text, table["ops"], rows=table["rows"],
+                                        by_layer_part=True) == {}
 
 
 def test_command_buffer_traces_are_charged_to_model_parts_by_kernel_name():
@@ -218,6 +223,18 @@ def test_a_trace_naming_its_instructions_is_charged_per_instruction():
   achieved = kernel_plan.achieved_bandwidth(text, table["ops"], rows=table["rows"])
   assert achieved["total"]["ms_per_call"] == pytest.approx(3.0)
   assert achieved["total"]["gb"] == pytest.approx((fwd["bytes"] + bwd["bytes"]) / 1e9)
+  # By layer part: both kernels are the GDN layer's (its out norm), each in its own family row.
+  assert profiling.layer_part(fwd["op_name"]) == "gdn" and profiling.layer_part(None) == (
+      "(no op_name)")
+  parts = kernel_plan.achieved_bandwidth(text, table["ops"], by_layer_part=True)
+  assert parts["total"] == achieved["total"]
+  assert parts["gdn: all"] == pytest.approx(achieved["total"])
+  families = {f"gdn: {profiling.family_of(k['kernel'], profiling.STEP_FAMILIES)}": 0.0
+              for k in (fwd, bwd)}
+  for launch, ms in ((fwd, 2.0), (bwd, 1.0)):
+    families[f"gdn: {profiling.family_of(launch['kernel'], profiling.STEP_FAMILIES)}"] += ms
+  assert set(parts) == {"total", "gdn: all", *families}
+  assert {k: parts[k]["ms_per_call"] for k in families} == pytest.approx(families)
 
 _COMPILE_KERNELS = """
 import jax, jax.numpy as jnp

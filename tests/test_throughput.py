@@ -26,7 +26,7 @@ def test_a_row_times_trace_lower_and_compile_apart(tmp_path, monkeypatch):
   # A CPU trace has no device plane: the profile is empty but whole, every family present.
   assert list(row["families"]) == [f for f, _ in profiling.STEP_FAMILIES] + ["other"]
   assert row["copy_share"] == 0.0 and row["device_ms_per_step"] == 0.0
-  assert row["components"] == {}
+  assert row["components"] == {} and row["achieved_bandwidth_by_layer_part"] == {}
   # The model parts come from the step compiled without command buffers, traced apart; that
   # program is kept beside its trace, and the kernel plan reads it.
   assert row["device_ms_per_step_without_command_buffers"] == 0.0

@@ -258,7 +258,7 @@ def plan(hlo_text: str, *, bandwidth: float,
 
 def achieved_bandwidth(hlo_text: str, ops: dict,
                        families: Sequence[tuple[str, str]] = profiling.STEP_FAMILIES,
-                       rows: Sequence[dict] | None = None) -> dict:
+                       rows: Sequence[dict] | None = None, by_layer_part: bool = False) -> dict:
   """The plan's bytes against a trace's device time, per family: for each HLO instruction that
   the trace timed (`ops`: `profiling.summarize`'s {instruction: {"ms_per_call",
   "count_per_call"}} of a run of this same compiled program), its bytes per launch times its
@@ -267,7 +267,9 @@ def achieved_bandwidth(hlo_text: str, ops: dict,
   the timed and planned part). Where none of the trace's instructions is the program's (a
   command buffer's instruction tags the kernels, `profiling.component_table`), the kernels are
   matched by name (`rows`, the table's rows made with top=None): a kernel counts where the trace
-  launched it as often as the plan does."""
+  launched it as often as the plan does. With `by_layer_part`, per instruction only, rows are
+  "<layer part>: <family>" and "<layer part>: all" (`profiling.layer_part` of the instruction's
+  op_name): which layer's kernels run far from the bandwidth (empty for name matching)."""
   all_launches = launches(hlo_text)
   by_instruction = {profiling.instruction_key(launch["instruction"]): launch
                     for launch in all_launches}
@@ -280,17 +282,20 @@ def achieved_bandwidth(hlo_text: str, ops: dict,
       planned[launch["kernel"]][1] += launch["calls"]
     timed = [(row, planned.get(row["name"]) or planned.get(profiling.kernel_base_name(row["name"])))
              for row in rows]
-    timed = [(profiling.family_of(row["name"], families), plan[0], row["ms_per_call"])
-             for row, plan in timed if plan and plan[1] == round(row["count_per_call"])]
+    timed = [] if by_layer_part else [
+        ((profiling.family_of(row["name"], families),), plan[0], row["ms_per_call"])
+        for row, plan in timed if plan and plan[1] == round(row["count_per_call"])]
   else:
     timed = []
     for op, timing in ops.items():
       launch = by_instruction.get(profiling.instruction_key(op))
       if launch is not None:
-        timed.append((profiling.family_of(launch["kernel"], families),
-                      launch["bytes"] * timing["count_per_call"], timing["ms_per_call"]))
-  for family, nbytes, ms in timed:
-    for key in (family, "total"):
+        family = profiling.family_of(launch["kernel"], families)
+        part = profiling.layer_part(launch["op_name"])
+        keys = (f"{part}: {family}", f"{part}: all") if by_layer_part else (family,)
+        timed.append((keys, launch["bytes"] * timing["count_per_call"], timing["ms_per_call"]))
+  for keys, nbytes, ms in timed:
+    for key in (*keys, "total"):
       out[key][0] += nbytes
       out[key][1] += ms
   return {k: {"gb": b / 1e9, "ms_per_call": ms, "gb_per_s": b / 1e9 / (ms / 1e3) if ms else 0.0}

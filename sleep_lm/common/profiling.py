@@ -174,6 +174,15 @@ def model_component(op_name: str) -> str:
   return f"{'/'.join(parts) or 'outside the layers'} ({direction})"
 
 
+def layer_part(op_name: str | None) -> str:
+  """The layer part of `model_component`, sub-module and direction dropped ("gdn/out_norm
+  (backward)" -> "gdn", "block (residual adds) (forward)" -> "block (residual adds)"); an
+  instruction without an op_name is "(no op_name)"."""
+  if op_name is None:
+    return "(no op_name)"
+  return model_component(op_name).rsplit(" (", 1)[0].split("/")[0]
+
+
 def component_table(table: dict, op_names: Mapping[str, str | None],
                     kernel_launches: Mapping[str, list] | None = None) -> dict:
   """Device ms per call by `model_component` of each kernel's HLO instruction (`table["ops"]`
