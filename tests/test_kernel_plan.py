@@ -192,7 +192,6 @@ def test_command_buffer_traces_are_charged_to_model_parts_by_kernel_name():
   assert sum(r["share"] for r in got.values()) == pytest.approx(1.0)
 
 
-
 def test_a_trace_naming_its_instructions_is_charged_per_instruction():
   """The trace of a program compiled without command buffers names each kernel's instruction:
   charged by instruction even with `kernel_launches` at hand, whether the trace writes the name
@@ -235,6 +234,7 @@ def test_a_trace_naming_its_instructions_is_charged_per_instruction():
     families[f"gdn: {profiling.family_of(launch['kernel'], profiling.STEP_FAMILIES)}"] += ms
   assert set(parts) == {"total", "gdn: all", *families}
   assert {k: parts[k]["ms_per_call"] for k in families} == pytest.approx(families)
+
 
 _COMPILE_KERNELS = """
 import jax, jax.numpy as jnp
